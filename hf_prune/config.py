@@ -1,0 +1,151 @@
+"""`PruningArguments`: `TrainingArguments` plus the pruning, schedule and distillation fields of hf_prune."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+__all__ = ["PruningArguments", "PRUNING_METHODS", "PRUNING_TARGETS", "FFN_SPARSITY_RULES"]
+
+PRUNING_METHODS = ("movement", "taylor", "magnitude")
+PRUNING_TARGETS = ("attention", "ffn")
+FFN_SPARSITY_RULES = ("uniform", "global", "heads")
+
+
+@dataclass
+class PruningArguments(TrainingArguments):
+    """Training arguments of [`PruningTrainer`].
+
+    With the defaults (`pruning_method=None`, `distill_alpha=0.0`) they behave exactly as `TrainingArguments`. Every
+    field below is also settable from the command line through `HfArgumentParser` and from a recipe stage.
+    """
+
+    # --- distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network") ---
+    distill_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the distillation term: loss = (1 - alpha) * task_loss + alpha * T^2 * KL(teacher || "
+            "student). 0 turns distillation off even when a teacher is given; 1 trains on the teacher alone."
+        },
+    )
+    distill_temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature T of the distillation term (> 0). The KL term is scaled by T^2."},
+    )
+    distill_hidden_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an extra MSE between student and teacher hidden states of every layer (0 = off). "
+            "Pruning keeps the hidden size, so layers match one to one."
+        },
+    )
+
+    # --- what to prune and how ---
+    pruning_method: str | None = field(
+        default=None,
+        metadata={
+            "help": "None (no pruning), 'movement' (scores -W * dL/dW accumulated every optimizer step, Sanh et al. "
+            "2020), 'magnitude' (|W|, the cheap baseline) or 'taylor' (first-order Taylor importance of FFN "
+            "neurons, Molchanov et al. 2019)."
+        },
+    )
+    pruning_target: str = field(
+        default="attention",
+        metadata={
+            "help": "'attention' (block masks on the Q, K, V and attention output weights; heads whose blocks are "
+            "all masked can then be removed) or 'ffn' (FFN intermediate neurons). 'taylor' needs 'ffn'."
+        },
+    )
+    target_sparsity: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of the targeted weights (attention) or neurons (FFN) to remove, in [0, 1)."},
+    )
+    block_shape: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Block shape (rows cols) of attention masks; one number means a square block. Default: one "
+            "head's width, square (e.g. 64 64 for BERT-base), so that whole heads can be emptied."
+        },
+    )
+    pruning_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Cubic schedule: optimizer steps at sparsity 0 before pruning starts (Sanh et al. 2020)."},
+    )
+    pruning_cooldown_steps: int = field(
+        default=0,
+        metadata={"help": "Cubic schedule: final optimizer steps at the target sparsity, masks frozen."},
+    )
+    pruning_frequency: int = field(
+        default=10,
+        metadata={"help": "Recompute the masks every this many optimizer steps (scores accumulate every step)."},
+    )
+    taylor_iterations: int = field(
+        default=4,
+        metadata={"help": "Taylor: number of gradual pruning iterations; each removes an equal share of the target."},
+    )
+    taylor_interval_steps: int = field(
+        default=50,
+        metadata={
+            "help": "Taylor: optimizer steps between two pruning iterations; importance is accumulated over them "
+            "and the model trains (and distills) in between."
+        },
+    )
+    ffn_sparsity_rule: str = field(
+        default="uniform",
+        metadata={
+            "help": "Per-layer FFN sparsity: 'uniform' (every layer at target_sparsity), 'global' (one ranking of all "
+            "neurons of all layers) or 'heads' (NNI's rule: layer sparsity = 1 - kept_heads / heads * 0.5, tying "
+            "FFN width to the heads a layer kept; target_sparsity is then ignored)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(
+                f"distill_alpha={self.distill_alpha} is outside [0, 1]: it weighs the distillation term against the "
+                "task loss. Use 0 to turn distillation off, e.g. 0.9 to mostly follow the teacher."
+            )
+        if not self.distill_temperature > 0:
+            raise ValueError(
+                f"distill_temperature={self.distill_temperature} must be > 0 (it divides the logits). "
+                "Use 1 for plain softmax, 2 to 4 for the usual softened targets."
+            )
+        if self.distill_hidden_weight < 0:
+            raise ValueError(f"distill_hidden_weight={self.distill_hidden_weight} must be >= 0 (0 turns it off).")
+        if self.pruning_method is not None and self.pruning_method not in PRUNING_METHODS:
+            raise ValueError(
+                f"pruning_method={self.pruning_method!r} is not known. Use one of {PRUNING_METHODS}, or None."
+            )
+        if self.pruning_target not in PRUNING_TARGETS:
+            raise ValueError(f"pruning_target={self.pruning_target!r} is not known. Use one of {PRUNING_TARGETS}.")
+        if self.pruning_method == "taylor" and self.pruning_target != "ffn":
+            raise ValueError(
+                "pruning_method='taylor' scores FFN neurons: set pruning_target='ffn' (use 'movement' or 'magnitude' "
+                "for attention)."
+            )
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(
+                f"target_sparsity={self.target_sparsity} is outside [0, 1): it is the fraction removed, e.g. 0.5. "
+                "To remove a whole layer's heads or neurons, call prune_heads / prune_ffn_neurons directly."
+            )
+        if self.block_shape is not None:
+            shape = list(self.block_shape)
+            if len(shape) == 1:
+                shape = shape * 2
+            if len(shape) != 2 or any(int(s) <= 0 for s in shape):
+                raise ValueError(
+                    f"block_shape={self.block_shape} must be one or two positive integers (rows cols), e.g. [32, 32]."
+                )
+            self.block_shape = [int(s) for s in shape]
+        for name in ("pruning_warmup_steps", "pruning_cooldown_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+        for name in ("pruning_frequency", "taylor_iterations", "taylor_interval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.ffn_sparsity_rule not in FFN_SPARSITY_RULES:
+            raise ValueError(
+                f"ffn_sparsity_rule={self.ffn_sparsity_rule!r} is not known. Use one of {FFN_SPARSITY_RULES}."
+            )

@@ -1,0 +1,169 @@
+"""Knowledge distillation: the loss as a pure function of tensors, and the loading / freezing of the teacher."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["DistillationOutput", "distillation_loss", "load_teacher", "freeze_teacher"]
+
+
+@dataclass
+class DistillationOutput:
+    """Result of [`distillation_loss`]: the combined loss and its components (all scalar tensors).
+
+    Args:
+        loss: `(1 - alpha) * task_loss + alpha * kd_loss + hidden_weight * hidden_loss`.
+        task_loss: the task loss (cross-entropy against the labels, or the one given).
+        kd_loss: `T^2 * KL(softmax(teacher / T) || softmax(student / T))`, already scaled by `T^2`.
+        hidden_loss: mean over layers of the MSE between hidden states (0 when not asked for).
+    """
+
+    loss: torch.Tensor
+    task_loss: torch.Tensor
+    kd_loss: torch.Tensor
+    hidden_loss: torch.Tensor
+
+
+def _task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if logits.shape[-1] == 1:  # regression head (e.g. STS-B)
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    task_loss: torch.Tensor | None = None,
+    student_hidden_states: tuple[torch.Tensor, ...] | None = None,
+    teacher_hidden_states: tuple[torch.Tensor, ...] | None = None,
+    hidden_weight: float = 0.0,
+) -> DistillationOutput:
+    """Hinton et al. (2015) distillation loss, a pure function of tensors.
+
+    `loss = (1 - alpha) * task_loss + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))`. The `T^2`
+    factor keeps the gradient magnitude of the soft term independent of `T` (Hinton et al. 2015, section 2). For a
+    regression head (one logit) the soft term is the MSE between the logits. The teacher logits are detached, so no
+    gradient ever reaches the teacher.
+
+    Args:
+        student_logits: `(..., num_labels)` logits of the student.
+        teacher_logits: logits of the teacher, same shape.
+        labels: task labels; used to compute the task loss when `task_loss` is not given.
+        alpha: weight of the distillation term, in `[0, 1]`.
+        temperature: softmax temperature `T > 0`.
+        task_loss: a task loss computed elsewhere (e.g. by the model); takes precedence over `labels`.
+        student_hidden_states / teacher_hidden_states: per-layer hidden states for the optional MSE term.
+        hidden_weight: weight of the hidden-state MSE (0 = off).
+
+    Returns:
+        [`DistillationOutput`] with the combined loss and its components.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must be in [0, 1].")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0.")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ: "
+            "the teacher must be trained on the same labels as the student."
+        )
+    teacher_logits = teacher_logits.detach().to(student_logits.dtype)
+    if task_loss is None:
+        if labels is None:
+            task_loss = student_logits.new_zeros(())
+            if alpha < 1.0:
+                raise ValueError("distillation_loss needs `labels` or `task_loss` when alpha < 1.")
+        else:
+            task_loss = _task_loss(student_logits, labels)
+
+    num_labels = student_logits.shape[-1]
+    if num_labels == 1:
+        kd_loss = F.mse_loss(student_logits, teacher_logits)
+    else:
+        s = F.log_softmax(student_logits.reshape(-1, num_labels) / temperature, dim=-1)
+        t = F.log_softmax(teacher_logits.reshape(-1, num_labels) / temperature, dim=-1)
+        # batchmean over every position is the true KL per example (sum over classes, mean over rows).
+        kd_loss = F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+
+    hidden_loss = student_logits.new_zeros(())
+    if hidden_weight > 0:
+        if not student_hidden_states or not teacher_hidden_states:
+            raise ValueError("hidden_weight > 0 needs student_hidden_states and teacher_hidden_states.")
+        if len(student_hidden_states) != len(teacher_hidden_states):
+            raise ValueError(
+                f"Student has {len(student_hidden_states)} hidden states, teacher {len(teacher_hidden_states)}: "
+                "the hidden-state term needs the same number of layers."
+            )
+        pairs = zip(student_hidden_states, teacher_hidden_states)
+        hidden_loss = torch.stack([F.mse_loss(s_h, t_h.detach().to(s_h.dtype)) for s_h, t_h in pairs]).mean()
+
+    loss = (1.0 - alpha) * task_loss + alpha * kd_loss + hidden_weight * hidden_loss
+    return DistillationOutput(loss=loss, task_loss=task_loss, kd_loss=kd_loss, hidden_loss=hidden_loss)
+
+
+def freeze_teacher(teacher: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Puts the teacher in eval mode, turns its gradients off and moves it to `device`."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    if device is not None:
+        teacher.to(device)
+    return teacher
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """A Hub id is `name` or `org/name`; anything else (absolute, ~, ./, deeper paths) is meant as a folder."""
+    return _HUB_ID.match(name) is None
+
+
+def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> nn.Module:
+    """Returns the teacher as a module: loads it when given a path or Hub id, then checks it fits the student.
+
+    Args:
+        teacher: a model, a local folder, or a Hub model id.
+        student: the model being trained; the teacher is loaded with the same class and must predict the same labels.
+
+    Returns:
+        The teacher (not yet frozen: see [`freeze_teacher`]).
+    """
+    if isinstance(teacher, (str, os.PathLike)):
+        name = os.fspath(teacher)
+        if os.path.isdir(os.path.expanduser(name)):
+            name = os.path.expanduser(name)
+        elif os.path.exists(name) or _looks_like_local_path(name):
+            raise ValueError(
+                f"teacher_model={name!r} is not a folder holding a saved model. Pass the output folder of the "
+                "fine-tuning run (with config.json and model.safetensors), a Hub model id, or the model itself."
+            )
+        try:
+            teacher = type(student).from_pretrained(name)
+        except OSError as err:
+            raise ValueError(
+                f"Could not load the teacher from {name!r}: {err}. Pass a folder written by save_pretrained or a Hub "
+                "model id you can reach (check HF_HUB_OFFLINE and your network)."
+            ) from err
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher_model must be an nn.Module, a folder or a Hub id, not {type(teacher).__name__}.")
+    t_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
+    s_labels = getattr(getattr(student, "config", None), "num_labels", None)
+    if t_labels is not None and s_labels is not None and t_labels != s_labels:
+        raise ValueError(
+            f"The teacher predicts {t_labels} labels but the student {s_labels}: distillation compares their logits "
+            "label by label. Fine-tune the teacher on the student's task first (the `finetune` stage), or give the "
+            "student the teacher's `num_labels` and label mapping."
+        )
+    return teacher
