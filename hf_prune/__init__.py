@@ -1,9 +1,19 @@
 """hf_prune: structured pruning of Transformers as a drop-in part of the Hugging Face training stack."""
 
+from . import structure
 from .config import PruningArguments
 from .distill import distillation_loss
+from .surgery import prune_ffn_neurons, prune_heads
 from .trainer import PruningTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["PruningArguments", "PruningTrainer", "distillation_loss", "__version__"]
+__all__ = [
+    "PruningArguments",
+    "PruningTrainer",
+    "distillation_loss",
+    "prune_ffn_neurons",
+    "prune_heads",
+    "structure",
+    "__version__",
+]

@@ -6,20 +6,30 @@ The trainer only wires: the maths lives in `distill.py`, `scores.py`, `masks.py`
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from dataclasses import fields
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from . import structure
 from .config import PruningArguments
 from .distill import distillation_loss, freeze_teacher, load_teacher
+from .pruner import BlockMaskPruner, build_pruner
+from .surgery import prune_ffn_neurons, prune_heads
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["PruningTrainer"]
+
+PRUNING_STATE_NAME = "pruning_state.safetensors"
+PRUNING_META_NAME = "pruning_state.json"
 
 _PRUNING_DEFAULTS = {
     f.name: f.default for f in fields(PruningArguments) if f.name not in {g.name for g in fields(TrainingArguments)}
@@ -57,6 +67,11 @@ class PruningTrainer(Trainer):
         if self._distilling:
             self.loss_is_scaled_for_ga = False
         self._loss_components: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.pruner = None
+        if self.args.pruning_method is not None:
+            # Built now so that a block shape that does not tile the weights, or an unknown model type, fails here.
+            self.pruner = build_pruner(self.model, self.args)
+            self.add_callback(_PruningCallback(self))
 
     @property
     def _distilling(self) -> bool:
@@ -105,3 +120,132 @@ class PruningTrainer(Trainer):
             logs.update({n: round(v.item(), 6) for n, v in zip(names, reduced)})
             self._loss_components.clear()
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ pruning
+    def _require_pruner(self, what: str):
+        if self.pruner is None:
+            raise ValueError(f"{what} needs pruning: set pruning_method in PruningArguments (e.g. 'movement').")
+        return self.pruner
+
+    def head_masks(self) -> dict[int, list[int]]:
+        """`{layer: [heads]}` for the heads whose blocks are all masked in Q, K, V and the attention output."""
+        pruner = self._require_pruner("head_masks()")
+        if not isinstance(pruner, BlockMaskPruner):
+            raise ValueError("head_masks() needs attention block masks: use pruning_target='attention'.")
+        return pruner.head_masks(self.model)
+
+    def prune(self) -> dict:
+        """Physically removes what the current masks removed: heads whose blocks are all masked, masked FFN neurons.
+
+        Weights masked inside heads that stay are released (they train again if training continues), since scattered
+        zeros give no speedup. The optimizer is rebuilt on the next `train()`; pruning stops for this trainer.
+
+        Returns:
+            A summary: heads and FFN width per layer before and after, parameters before and after, removed indices.
+        """
+        pruner = self._require_pruner("prune()")
+        model = self.model
+        before = {"heads": structure.num_heads(model), "ffn": structure.ffn_size(model)}
+        params_before = sum(p.numel() for p in model.parameters())
+        heads = pruner.head_masks(model) if isinstance(pruner, BlockMaskPruner) else {}
+        neurons = {} if isinstance(pruner, BlockMaskPruner) else pruner.pruned_neurons()
+        if heads:
+            prune_heads(model, heads)
+        if neurons:
+            prune_ffn_neurons(model, neurons)
+        self.pruner = None
+        self.callback_handler.remove_callback(_PruningCallback)
+        self.model_wrapped = self.model
+        self.optimizer, self.lr_scheduler = None, None
+        summary = {
+            "heads_before": before["heads"],
+            "heads_after": structure.num_heads(model),
+            "ffn_before": before["ffn"],
+            "ffn_after": structure.ffn_size(model),
+            "params_before": params_before,
+            "params_after": sum(p.numel() for p in model.parameters()),
+            "pruned_heads": {int(k): v for k, v in heads.items()},
+            "pruned_neurons": {int(k): len(v) for k, v in neurons.items()},
+        }
+        logger.info(
+            "Pruned %d heads and %d FFN neurons: %d -> %d parameters.",
+            sum(map(len, heads.values())),
+            sum(summary["pruned_neurons"].values()),
+            summary["params_before"],
+            summary["params_after"],
+        )
+        return summary
+
+    def save_pruning_state(self, folder: str) -> None:
+        """Writes the scores, masks and schedule position into `folder` (safetensors + json, nothing pickled)."""
+        if self.pruner is None or not self.args.should_save:
+            return
+        os.makedirs(folder, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.pruner.state_dict().items()}
+        save_file(tensors, os.path.join(folder, PRUNING_STATE_NAME))
+        meta = {
+            "method": self.args.pruning_method,
+            "target": self.args.pruning_target,
+            "global_step": self.state.global_step,
+            "last_fraction": getattr(self.pruner, "last_fraction", None),
+        }
+        with open(os.path.join(folder, PRUNING_META_NAME), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    def load_pruning_state(self, folder: str) -> bool:
+        """Restores the state written by `save_pruning_state`; returns False when `folder` holds none."""
+        path = os.path.join(folder, PRUNING_STATE_NAME)
+        if self.pruner is None or not os.path.isfile(path):
+            return False
+        self.pruner.load_state_dict(load_file(path, device=str(self.args.device)))
+        with open(os.path.join(folder, PRUNING_META_NAME)) as f:
+            meta = json.load(f)
+        if hasattr(self.pruner, "last_fraction") and meta.get("last_fraction") is not None:
+            self.pruner.last_fraction = meta["last_fraction"]
+        self.pruner.apply_masks()
+        return True
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False and self.pruner is not None:
+            if isinstance(resume_from_checkpoint, bool):
+                last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+                resume_from_checkpoint = last if last is not None else resume_from_checkpoint
+            if isinstance(resume_from_checkpoint, str) and not self.load_pruning_state(resume_from_checkpoint):
+                logger.warning("%s holds no pruning state: scores and masks start afresh.", resume_from_checkpoint)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+
+class _PruningCallback(TrainerCallback):
+    """Forwards the Trainer's events to the pruner: scores where the gradients are final, masks after each step."""
+
+    def __init__(self, trainer: PruningTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pruner = self.trainer.pruner
+        if pruner is not None:
+            pruner.schedule.total_steps = state.max_steps
+            pruner.apply_masks()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # Gradients here are summed over accumulation steps, all-reduced across processes and clipped.
+        if self.trainer.pruner is not None:
+            self.trainer.pruner.accumulate()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Re-zero masked weights right after the update: weight decay and Adam moments must not revive them.
+        if self.trainer.pruner is not None:
+            self.trainer.pruner.apply_masks()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.pruner is not None:
+            self.trainer.pruner.update(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self.trainer.save_pruning_state(folder)

@@ -1,0 +1,332 @@
+"""Mask state of one pruning run: which weights are scored, their masks, and when the masks change.
+
+Two small classes, one per granularity: `BlockMaskPruner` (block masks on any list of Linear weights, e.g. Q/K/V/O)
+and `NeuronMaskPruner` (FFN intermediate neurons). Both take their scores from `scores.py` and their masks from
+`masks.py`, and expose the same four verbs the trainer calls: `accumulate`, `update`, `apply_masks` and
+`state_dict` / `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from . import structure
+from .masks import (
+    agp_iteration_sparsity,
+    check_block_shape,
+    cubic_sparsity,
+    dead_heads,
+    expand_blocks,
+    pool_blocks,
+    topk_mask,
+)
+from .scores import MovementScorer, NeuronScorer, magnitude_score, neuron_group_magnitude
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["BlockTarget", "Schedule", "BlockMaskPruner", "NeuronMaskPruner", "ffn_layer_sparsities"]
+
+
+@dataclass
+class Schedule:
+    """When masks are recomputed and how far towards the target they are.
+
+    Args:
+        kind: "cubic" (Sanh et al. 2020) or "iterative" (equal steps, Molchanov et al. 2019).
+        total_steps: optimizer steps of the run (cubic).
+        warmup_steps / cooldown_steps / frequency: cubic schedule parameters.
+        iterations / interval: iterative schedule: prune `1 / iterations` of the target every `interval` steps.
+    """
+
+    kind: str = "cubic"
+    total_steps: int = 0
+    warmup_steps: int = 0
+    cooldown_steps: int = 0
+    frequency: int = 10
+    iterations: int = 1
+    interval: int = 1
+
+    def fraction(self, step: int) -> float | None:
+        """Fraction of the target sparsity to reach at `step`, or None when the masks do not change at this step."""
+        if self.kind == "iterative":
+            if step > 0 and step % self.interval == 0 and step // self.interval <= self.iterations:
+                return agp_iteration_sparsity(step // self.interval, self.iterations, 1.0)
+            return None
+        end = self.total_steps - self.cooldown_steps
+        if step < self.warmup_steps or step > max(end, self.warmup_steps):
+            return None
+        if step % self.frequency == 0 or step in (end, self.total_steps):
+            return cubic_sparsity(step, self.total_steps, 1.0, self.warmup_steps, self.cooldown_steps)
+        return None
+
+
+@dataclass
+class BlockTarget:
+    """One Linear weight under a block mask.
+
+    Args:
+        name: the module's qualified name.
+        module: the `nn.Linear`.
+        block: (rows, cols) of one block.
+        sparsity: the target fraction of blocks to remove.
+        layer / role: where it sits in the architecture table (None for modules outside it).
+    """
+
+    name: str
+    module: nn.Linear
+    block: tuple[int, int]
+    sparsity: float
+    layer: int | None = None
+    role: str | None = None
+
+
+class BlockMaskPruner:
+    """Block masks on Linear weights, raised on a schedule from movement or magnitude scores.
+
+    Args:
+        targets: the weights to prune.
+        method: "movement" (accumulated `-W * dL/dW`) or "magnitude" (|W| at update time).
+        schedule: when and how far the masks move.
+        sparsity_mode: "per_layer" (every target reaches its sparsity) or "global" (one ranking of all blocks).
+    """
+
+    def __init__(self, targets: list[BlockTarget], method: str, schedule: Schedule, sparsity_mode: str = "per_layer"):
+        for t in targets:
+            check_block_shape(tuple(t.module.weight.shape), t.block, t.name)
+        self.targets, self.method, self.schedule, self.sparsity_mode = targets, method, schedule, sparsity_mode
+        weights = [t.module.weight for t in targets]
+        self.scorer = MovementScorer(weights) if method == "movement" else None
+        self.block_masks = [
+            torch.ones(w.shape[0] // t.block[0], w.shape[1] // t.block[1], dtype=torch.bool, device=w.device)
+            for w, t in zip(weights, targets)
+        ]
+        self._elem_masks: list[torch.Tensor] | None = None
+        self.last_fraction = 0.0
+
+    def accumulate(self) -> None:
+        if self.scorer is not None:
+            self.scorer.accumulate()
+
+    def _block_scores(self) -> list[torch.Tensor]:
+        if self.scorer is not None:
+            raw = self.scorer.scores
+        else:
+            raw = [magnitude_score(t.module.weight.detach().float()) for t in self.targets]
+        return [pool_blocks(s, t.block) for s, t in zip(raw, self.targets)]
+
+    @torch.no_grad()
+    def update(self, step: int) -> bool:
+        """Recomputes the masks if the schedule says so at `step`; returns whether they were recomputed."""
+        fraction = self.schedule.fraction(step)
+        if fraction is None:
+            return False
+        self.set_fraction(fraction)
+        return True
+
+    @torch.no_grad()
+    def set_fraction(self, fraction: float) -> None:
+        """Masks every target at `fraction` of its target sparsity."""
+        scores = self._block_scores()
+        if self.sparsity_mode == "global":
+            # One ranking over every block of every target, at the first target's sparsity scaled by the fraction.
+            # Block scores are summed over equal-size blocks, so they compare across modules.
+            flat = torch.cat([s.flatten() for s in scores])
+            pruned = torch.cat([(~m).flatten() for m in self.block_masks])
+            keep = topk_mask(flat, fraction * self.targets[0].sparsity, pruned)
+            self.block_masks = [
+                k.view(m.shape) for k, m in zip(keep.split([m.numel() for m in self.block_masks]), self.block_masks)
+            ]
+        else:
+            self.block_masks = [
+                topk_mask(s, fraction * t.sparsity, ~m) for s, t, m in zip(scores, self.targets, self.block_masks)
+            ]
+        self._elem_masks = None
+        self.last_fraction = fraction
+        self.apply_masks()
+
+    def element_masks(self) -> list[torch.Tensor]:
+        if self._elem_masks is None:
+            self._elem_masks = [expand_blocks(m, t.block) for m, t in zip(self.block_masks, self.targets)]
+        return self._elem_masks
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zeroes every masked weight (after the optimizer step, so Adam moments or weight decay cannot revive it)."""
+        if all(bool(m.all()) for m in self.block_masks):
+            return
+        for t, m in zip(self.targets, self.element_masks()):
+            t.module.weight.masked_fill_(~m, 0.0)
+
+    def sparsity(self) -> list[float]:
+        return [1.0 - m.float().mean().item() for m in self.block_masks]
+
+    def head_masks(self, model: nn.Module) -> dict[int, list[int]]:
+        """`{layer: [heads]}` whose blocks are all masked in Q, K, V and the attention output."""
+        by_layer: dict[int, dict[str, torch.Tensor]] = {}
+        for t, m in zip(self.targets, self.element_masks()):
+            if t.layer is not None and t.role in structure.ATTENTION_ROLES:
+                by_layer.setdefault(t.layer, {})[t.role] = m
+        size = structure.head_size(model)
+        heads = {}
+        for layer, masks in sorted(by_layer.items()):
+            if set(masks) != set(structure.ATTENTION_ROLES):
+                continue
+            dead = dead_heads(masks["query"], masks["key"], masks["value"], masks["attention_output"], size)
+            if dead:
+                heads[layer] = dead
+        return heads
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"mask.{t.name}": m.to(torch.uint8) for t, m in zip(self.targets, self.block_masks)}
+        if self.scorer is not None:
+            state.update({f"score.{t.name}": s for t, s in zip(self.targets, self.scorer.scores)})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, t in enumerate(self.targets):
+            self.block_masks[i] = state[f"mask.{t.name}"].to(torch.bool).to(self.block_masks[i].device)
+            if self.scorer is not None:
+                self.scorer.scores[i].copy_(state[f"score.{t.name}"])
+        self._elem_masks = None
+
+
+def ffn_layer_sparsities(model: nn.Module, rule: str, target: float) -> list[float]:
+    """Per-layer FFN sparsity: "uniform" (`target` everywhere; also the budget of "global") or "heads" (NNI's rule,
+    `1 - kept_heads / heads * 0.5`: a layer that lost its heads keeps half its FFN at most)."""
+    layers = len(structure.get_layers(model))
+    if rule == "heads":
+        dense = getattr(model.config, structure.get_spec(model).config_heads)
+        return [1.0 - (kept / dense) * 0.5 for kept in structure.num_heads(model)]
+    return [target] * layers
+
+
+class NeuronMaskPruner:
+    """Masks of FFN intermediate neurons, from Taylor, movement or magnitude importance.
+
+    Args:
+        model: the model (its FFN linears are read from the architecture table).
+        method: "taylor", "movement" or "magnitude".
+        schedule: when and how far the masks move.
+        layer_sparsities: target fraction of neurons removed, per layer.
+        global_ranking: one ranking of all neurons of all layers (budget: the mean of `layer_sparsities`).
+    """
+
+    def __init__(
+        self, model: nn.Module, method: str, schedule: Schedule, layer_sparsities: list[float], global_ranking=False
+    ):
+        spec = structure.get_spec(model)
+        self.groups = [
+            (structure.get_module(layer, spec.ffn_in), structure.get_module(layer, spec.ffn_out))
+            for layer in structure.get_layers(model)
+        ]
+        self.method, self.schedule = method, schedule
+        self.layer_sparsities, self.global_ranking = layer_sparsities, global_ranking
+        self.scorer = NeuronScorer(self.groups, method) if method in ("taylor", "movement") else None
+        self.masks = [torch.ones(up.out_features, dtype=torch.bool, device=up.weight.device) for up, _ in self.groups]
+
+    def accumulate(self) -> None:
+        if self.scorer is not None:
+            self.scorer.accumulate()
+
+    def _scores(self) -> list[torch.Tensor]:
+        if self.scorer is not None:
+            return [s / max(self.scorer.steps, 1) for s in self.scorer.scores]
+        return [
+            neuron_group_magnitude(up.weight.detach().float(), down.weight.detach().float())
+            for up, down in self.groups
+        ]
+
+    @torch.no_grad()
+    def update(self, step: int) -> bool:
+        fraction = self.schedule.fraction(step)
+        if fraction is None:
+            return False
+        self.set_fraction(fraction)
+        return True
+
+    @torch.no_grad()
+    def set_fraction(self, fraction: float) -> None:
+        scores = self._scores()
+        if self.global_ranking:
+            budget = fraction * sum(s * m.numel() for s, m in zip(self.layer_sparsities, self.masks))
+            total = sum(m.numel() for m in self.masks)
+            keep = topk_mask(torch.cat(scores), budget / max(total, 1), ~torch.cat(self.masks))
+            self.masks = list(keep.split([m.numel() for m in self.masks]))
+        else:
+            self.masks = [
+                topk_mask(s, fraction * sp, ~m) for s, sp, m in zip(scores, self.layer_sparsities, self.masks)
+            ]
+        if self.schedule.kind == "iterative" and self.scorer is not None:
+            self.scorer.reset()  # each iteration ranks on the importance gathered since the last one
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for (up, down), m in zip(self.groups, self.masks):
+            if bool(m.all()):
+                continue
+            up.weight[~m] = 0.0
+            if up.bias is not None:
+                up.bias[~m] = 0.0
+            down.weight[:, ~m] = 0.0
+
+    def sparsity(self) -> list[float]:
+        return [1.0 - m.float().mean().item() if m.numel() else 0.0 for m in self.masks]
+
+    def pruned_neurons(self) -> dict[int, list[int]]:
+        return {i: (~m).nonzero().flatten().tolist() for i, m in enumerate(self.masks) if not bool(m.all())}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"mask.{i}": m.to(torch.uint8) for i, m in enumerate(self.masks)}
+        if self.scorer is not None:
+            state.update({f"score.{i}": s for i, s in enumerate(self.scorer.scores)})
+            state["score_steps"] = torch.tensor(self.scorer.steps)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.masks = [state[f"mask.{i}"].to(torch.bool).to(m.device) for i, m in enumerate(self.masks)]
+        if self.scorer is not None:
+            for i, s in enumerate(self.scorer.scores):
+                s.copy_(state[f"score.{i}"])
+            self.scorer.steps = int(state["score_steps"])
+
+
+def attention_targets(model: nn.Module, sparsity: float, block: tuple[int, int] | None = None) -> list[BlockTarget]:
+    """The Q, K, V and attention-output weights of every layer, with a default block of one head's width, square."""
+    size = structure.head_size(model)
+    block = tuple(block) if block else (size, size)
+    targets = []
+    for i, layer in enumerate(structure.get_layers(model)):
+        for role, linear in structure.attention_linears(layer, structure.get_spec(model)).items():
+            if linear.weight.numel() == 0:  # a layer whose heads are all gone has nothing left to mask
+                continue
+            targets.append(BlockTarget(structure.module_name(model, i, role), linear, block, sparsity, i, role))
+    return targets
+
+
+def build_pruner(model: nn.Module, args) -> BlockMaskPruner | NeuronMaskPruner:
+    """The pruner that `args` (a `PruningArguments` with `pruning_method` set) asks for. Validates shapes up front."""
+    method = args.pruning_method
+    if method == "taylor":
+        schedule = Schedule("iterative", iterations=args.taylor_iterations, interval=args.taylor_interval_steps)
+    else:
+        schedule = Schedule(
+            "cubic",
+            warmup_steps=args.pruning_warmup_steps,
+            cooldown_steps=args.pruning_cooldown_steps,
+            frequency=args.pruning_frequency,
+        )
+    if args.pruning_target == "ffn":
+        rule = args.ffn_sparsity_rule
+        sparsities = ffn_layer_sparsities(model, rule, args.target_sparsity)
+        return NeuronMaskPruner(model, method, schedule, sparsities, global_ranking=rule == "global")
+    targets = attention_targets(model, args.target_sparsity, args.block_shape)
+    if not targets:
+        raise ValueError(
+            "pruning_target='attention' matches no module: every layer of this model has already lost all its heads."
+        )
+    return BlockMaskPruner(targets, method, schedule)
