@@ -19,7 +19,7 @@ def _env():
     return env
 
 
-def test_two_process_distillation_matches_one_process(tmp_path):
+def test_two_process_distillation_and_pruning_match_one_process(tmp_path):
     script = os.path.join(HERE, "ddp_train.py")
     _run([sys.executable, script, str(tmp_path / "single"), "8"], env=_env())
     _run(
@@ -47,3 +47,5 @@ def test_two_process_distillation_matches_one_process(tmp_path):
         assert [h["distill_loss"] for h in r["logs"]] == pytest.approx(
             [h["distill_loss"] for h in single["logs"]], rel=1e-4
         )
+        assert r["masks"] == single["masks"]
+    assert sum(map(sum, single["masks"])) == sum(len(m) for m in single["masks"]) // 2

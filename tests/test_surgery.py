@@ -18,9 +18,9 @@ def mask_heads(model, heads):
             lin = structure.attention_linears(layers[layer], spec)
             for h in hs:
                 for role in ("query", "key", "value"):
-                    lin[role].weight[h * size:(h + 1) * size] = 0
-                    lin[role].bias[h * size:(h + 1) * size] = 0
-                lin["attention_output"].weight[:, h * size:(h + 1) * size] = 0
+                    lin[role].weight[h * size : (h + 1) * size] = 0
+                    lin[role].bias[h * size : (h + 1) * size] = 0
+                lin["attention_output"].weight[:, h * size : (h + 1) * size] = 0
 
 
 def mask_neurons(model, neurons):
