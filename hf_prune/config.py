@@ -11,6 +11,7 @@ __all__ = ["PruningArguments", "PRUNING_METHODS", "PRUNING_TARGETS", "FFN_SPARSI
 PRUNING_METHODS = ("movement", "taylor", "magnitude")
 PRUNING_TARGETS = ("attention", "ffn")
 FFN_SPARSITY_RULES = ("uniform", "global", "heads")
+SPARSITY_MODES = ("per_layer", "global")
 
 
 @dataclass
@@ -100,8 +101,40 @@ class PruningArguments(TrainingArguments):
         },
     )
 
+    pruning_targets: list[dict] | str | None = field(
+        default=None,
+        metadata={
+            "help": "What to prune, NNI config_list style: a list of entries (or its JSON), each selecting Linear "
+            "modules by 'preset' ('attention', 'ffn' or 'linear' = every Linear), 'layers' (encoder layer indices), "
+            "'names' (exact module names) and/or 'patterns' (regular expressions searched in module names, so a "
+            "partial name works); all selectors given must match. Optional per entry: 'sparsity' (default "
+            "target_sparsity) and 'block_shape' (default one head's width, square). Overrides pruning_target for "
+            "block masks; with pruning_target='ffn' the entries choose FFN layers and their neuron sparsity."
+        },
+    )
+    pruning_exclude: list[dict] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Entries (same selectors as pruning_targets) whose modules are removed from every target, e.g. "
+            "[{'layers': [11]}] or [{'patterns': ['classifier']}]."
+        },
+    )
+    sparsity_mode: str = field(
+        default="per_layer",
+        metadata={
+            "help": "'per_layer': every selected module reaches its sparsity. 'global': one ranking of all blocks of "
+            "all targets (NNI's total_sparsity), removing the same total number of weights."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        from .selection import parse_entries
+
+        self.pruning_targets = parse_entries(self.pruning_targets, "pruning_targets")
+        self.pruning_exclude = parse_entries(self.pruning_exclude, "pruning_exclude")
+        if self.sparsity_mode not in SPARSITY_MODES:
+            raise ValueError(f"sparsity_mode={self.sparsity_mode!r} is not known. Use one of {SPARSITY_MODES}.")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(
                 f"distill_alpha={self.distill_alpha} is outside [0, 1]: it weighs the distillation term against the "

@@ -17,6 +17,7 @@ __all__ = [
     "expand_blocks",
     "topk_mask",
     "dead_heads",
+    "global_topk_masks",
 ]
 
 
@@ -126,3 +127,31 @@ def dead_heads(
         alive |= m.reshape(heads, head_size, -1).any(dim=(1, 2))
     alive |= o_mask.reshape(o_mask.shape[0], heads, head_size).any(dim=(0, 2))
     return [h for h in range(heads) if not alive[h]]
+
+
+def global_topk_masks(
+    scores: list[torch.Tensor], block_sizes: list[int], budget: float, pruned: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """One ranking across several score tensors (NNI's total sparsity): removes the lowest blocks until `budget`
+    weights are gone.
+
+    Args:
+        scores: per tensor, one score per block (summed over the block).
+        block_sizes: number of weights in one block of each tensor; scores are compared per weight (score / size).
+        budget: number of weights to remove in total.
+        pruned: per tensor, blocks already removed; they stay removed and count towards the budget first.
+
+    Returns:
+        Per tensor, a bool keep-mask of its blocks.
+    """
+    flat = torch.cat([(s.detach().float() / b).flatten() for s, b in zip(scores, block_sizes)])
+    sizes = torch.cat([torch.full((s.numel(),), float(b), device=flat.device) for s, b in zip(scores, block_sizes)])
+    if pruned is not None:
+        flat[torch.cat([p.flatten() for p in pruned])] = float("-inf")
+    order = torch.sort(flat, stable=True).indices
+    removed = torch.cumsum(sizes[order], 0) <= budget + 1e-6
+    if pruned is not None:
+        removed |= torch.isinf(flat[order])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[order[removed]] = False
+    return [k.view(s.shape) for k, s in zip(keep.split([s.numel() for s in scores]), scores)]

@@ -21,10 +21,12 @@ from .masks import (
     cubic_sparsity,
     dead_heads,
     expand_blocks,
+    global_topk_masks,
     pool_blocks,
     topk_mask,
 )
 from .scores import MovementScorer, NeuronScorer, magnitude_score, neuron_group_magnitude
+from .selection import ffn_layer_selection, resolve_selection
 
 logger = logging.get_logger(__name__)
 
@@ -82,6 +84,7 @@ class BlockTarget:
     sparsity: float
     layer: int | None = None
     role: str | None = None
+    entry: int | None = None
 
 
 class BlockMaskPruner:
@@ -132,14 +135,9 @@ class BlockMaskPruner:
         """Masks every target at `fraction` of its target sparsity."""
         scores = self._block_scores()
         if self.sparsity_mode == "global":
-            # One ranking over every block of every target, at the first target's sparsity scaled by the fraction.
-            # Block scores are summed over equal-size blocks, so they compare across modules.
-            flat = torch.cat([s.flatten() for s in scores])
-            pruned = torch.cat([(~m).flatten() for m in self.block_masks])
-            keep = topk_mask(flat, fraction * self.targets[0].sparsity, pruned)
-            self.block_masks = [
-                k.view(m.shape) for k, m in zip(keep.split([m.numel() for m in self.block_masks]), self.block_masks)
-            ]
+            sizes = [t.block[0] * t.block[1] for t in self.targets]
+            budget = fraction * sum(t.sparsity * t.module.weight.numel() for t in self.targets)
+            self.block_masks = global_topk_masks(scores, sizes, budget, [~m for m in self.block_masks])
         else:
             self.block_masks = [
                 topk_mask(s, fraction * t.sparsity, ~m) for s, t, m in zip(scores, self.targets, self.block_masks)
@@ -163,6 +161,19 @@ class BlockMaskPruner:
 
     def sparsity(self) -> list[float]:
         return [1.0 - m.float().mean().item() for m in self.block_masks]
+
+    def describe(self) -> str:
+        """The resolved selection as a table: module, target entry, sparsity, block."""
+        width = max(len("module"), *(len(t.name) for t in self.targets))
+        lines = [
+            f"{self.method} block pruning, {self.sparsity_mode} sparsity",
+            f"{'module':<{width}} | entry | sparsity | block",
+            "-" * (width + 33),
+        ]
+        for t in self.targets:
+            entry = "-" if t.entry is None else t.entry
+            lines.append(f"{t.name:<{width}} | {entry:>5} | {t.sparsity:>8.3f} | {t.block[0]}x{t.block[1]}")
+        return "\n".join(lines)
 
     def head_masks(self, model: nn.Module) -> dict[int, list[int]]:
         """`{layer: [heads]}` whose blocks are all masked in Q, K, V and the attention output."""
@@ -277,6 +288,14 @@ class NeuronMaskPruner:
     def sparsity(self) -> list[float]:
         return [1.0 - m.float().mean().item() if m.numel() else 0.0 for m in self.masks]
 
+    def describe(self) -> str:
+        """Per layer: the FFN width and its target sparsity."""
+        ranking = "one global ranking" if self.global_ranking else "per layer"
+        lines = [f"{self.method} FFN neuron pruning, {ranking}", "layer | neurons | sparsity", "-" * 26]
+        for i, ((up, _), sp) in enumerate(zip(self.groups, self.layer_sparsities)):
+            lines.append(f"{i:>5} | {up.out_features:>7} | {sp:>8.3f}")
+        return "\n".join(lines)
+
     def pruned_neurons(self) -> dict[int, list[int]]:
         return {i: (~m).nonzero().flatten().tolist() for i, m in enumerate(self.masks) if not bool(m.all())}
 
@@ -309,7 +328,10 @@ def attention_targets(model: nn.Module, sparsity: float, block: tuple[int, int] 
 
 
 def build_pruner(model: nn.Module, args) -> BlockMaskPruner | NeuronMaskPruner:
-    """The pruner that `args` (a `PruningArguments` with `pruning_method` set) asks for. Validates shapes up front."""
+    """The pruner that `args` (a `PruningArguments` with `pruning_method` set) asks for. Validates shapes up front.
+
+    Target entries (`pruning_targets` / `pruning_exclude`) are resolved here and logged once as a table.
+    """
     method = args.pruning_method
     if method == "taylor":
         schedule = Schedule("iterative", iterations=args.taylor_iterations, interval=args.taylor_interval_steps)
@@ -320,13 +342,27 @@ def build_pruner(model: nn.Module, args) -> BlockMaskPruner | NeuronMaskPruner:
             cooldown_steps=args.pruning_cooldown_steps,
             frequency=args.pruning_frequency,
         )
+    entries = getattr(args, "pruning_targets", None)
+    exclude = getattr(args, "pruning_exclude", None)
+    mode = getattr(args, "sparsity_mode", "per_layer")
     if args.pruning_target == "ffn":
         rule = args.ffn_sparsity_rule
         sparsities = ffn_layer_sparsities(model, rule, args.target_sparsity)
-        return NeuronMaskPruner(model, method, schedule, sparsities, global_ranking=rule == "global")
-    targets = attention_targets(model, args.target_sparsity, args.block_shape)
+        if entries or exclude:
+            selection = resolve_selection(model, entries or [{"preset": "ffn"}], exclude, args.target_sparsity)
+            chosen = ffn_layer_selection(model, selection)
+            sparsities = chosen if entries else [s if c > 0 else 0.0 for s, c in zip(sparsities, chosen)]
+        global_ranking = rule == "global" or mode == "global"
+        return NeuronMaskPruner(model, method, schedule, sparsities, global_ranking=global_ranking)
+    if entries or exclude:
+        selection = resolve_selection(
+            model, entries or [{"preset": "attention"}], exclude, args.target_sparsity, args.block_shape
+        )
+        targets = [BlockTarget(s.name, s.module, s.block, s.sparsity, s.layer, s.role, s.entry) for s in selection]
+    else:
+        targets = attention_targets(model, args.target_sparsity, args.block_shape)
     if not targets:
         raise ValueError(
             "pruning_target='attention' matches no module: every layer of this model has already lost all its heads."
         )
-    return BlockMaskPruner(targets, method, schedule)
+    return BlockMaskPruner(targets, method, schedule, sparsity_mode=mode)

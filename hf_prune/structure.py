@@ -24,6 +24,11 @@ __all__ = [
     "num_heads",
     "ffn_size",
     "supported_model_types",
+    "module_name",
+    "layer_of",
+    "role_modules",
+    "ATTENTION_ROLES",
+    "FFN_ROLES",
 ]
 
 
@@ -141,3 +146,22 @@ def module_name(model: nn.Module, layer_idx: int, role: str) -> str:
     prefix = getattr(model, "base_model_prefix", "")
     base = f"{prefix}." if prefix and getattr(model, prefix, None) is not None else ""
     return f"{base}{spec.layers}.{layer_idx}.{getattr(spec, role)}"
+
+
+def layer_prefixes(model: nn.Module) -> list[str]:
+    """Qualified-name prefix of every encoder layer (`"bert.encoder.layer.3."`), to place any module in its layer."""
+    leaf = get_spec(model).ffn_in
+    return [module_name(model, i, "ffn_in").rsplit(leaf, 1)[0] for i in range(len(get_layers(model)))]
+
+
+def layer_of(model: nn.Module, name: str) -> int | None:
+    """Index of the encoder layer holding the module `name`, or None when it is outside the layers."""
+    for i, prefix in enumerate(layer_prefixes(model)):
+        if name.startswith(prefix):
+            return i
+    return None
+
+
+def role_modules(model: nn.Module, roles: tuple[str, ...]) -> dict[str, tuple[int, str]]:
+    """`{qualified name: (layer, role)}` of the given roles in every layer (roles: see ATTENTION_ROLES, FFN_ROLES)."""
+    return {module_name(model, i, role): (i, role) for i in range(len(get_layers(model))) for role in roles}

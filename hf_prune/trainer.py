@@ -231,6 +231,9 @@ class _PruningCallback(TrainerCallback):
         if pruner is not None:
             pruner.schedule.total_steps = state.max_steps
             pruner.apply_masks()
+            if not getattr(self, "_described", False) and state.is_world_process_zero:
+                logger.info("Pruning targets:\n%s", pruner.describe())
+            self._described = True
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Gradients here are summed over accumulation steps, all-reduced across processes and clipped.
