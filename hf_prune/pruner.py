@@ -108,6 +108,7 @@ class BlockMaskPruner:
             for w, t in zip(weights, targets)
         ]
         self._elem_masks: list[torch.Tensor] | None = None
+        self._masked: list[bool] | None = None
         self.last_fraction = 0.0
 
     def accumulate(self) -> None:
@@ -142,7 +143,7 @@ class BlockMaskPruner:
             self.block_masks = [
                 topk_mask(s, fraction * t.sparsity, ~m) for s, t, m in zip(scores, self.targets, self.block_masks)
             ]
-        self._elem_masks = None
+        self._elem_masks, self._masked = None, None
         self.last_fraction = fraction
         self.apply_masks()
 
@@ -154,10 +155,11 @@ class BlockMaskPruner:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zeroes every masked weight (after the optimizer step, so Adam moments or weight decay cannot revive it)."""
-        if all(bool(m.all()) for m in self.block_masks):
-            return
-        for t, m in zip(self.targets, self.element_masks()):
-            t.module.weight.masked_fill_(~m, 0.0)
+        if self._masked is None:  # computed once per mask change: no device sync on every step
+            self._masked = [not bool(m.all()) for m in self.block_masks]
+        for t, m, masked in zip(self.targets, self.element_masks(), self._masked):
+            if masked:
+                t.module.weight.masked_fill_(~m, 0.0)
 
     def sparsity(self) -> list[float]:
         return [1.0 - m.float().mean().item() for m in self.block_masks]
@@ -202,7 +204,7 @@ class BlockMaskPruner:
             self.block_masks[i] = state[f"mask.{t.name}"].to(torch.bool).to(self.block_masks[i].device)
             if self.scorer is not None:
                 self.scorer.scores[i].copy_(state[f"score.{t.name}"])
-        self._elem_masks = None
+        self._elem_masks, self._masked = None, None
 
 
 def ffn_layer_sparsities(model: nn.Module, rule: str, target: float) -> list[float]:
@@ -238,6 +240,7 @@ class NeuronMaskPruner:
         self.layer_sparsities, self.global_ranking = layer_sparsities, global_ranking
         self.scorer = NeuronScorer(self.groups, method) if method in ("taylor", "movement") else None
         self.masks = [torch.ones(up.out_features, dtype=torch.bool, device=up.weight.device) for up, _ in self.groups]
+        self._masked: list[bool] | None = None
 
     def accumulate(self) -> None:
         if self.scorer is not None:
@@ -271,14 +274,17 @@ class NeuronMaskPruner:
             self.masks = [
                 topk_mask(s, fraction * sp, ~m) for s, sp, m in zip(scores, self.layer_sparsities, self.masks)
             ]
+        self._masked = None
         if self.schedule.kind == "iterative" and self.scorer is not None:
             self.scorer.reset()  # each iteration ranks on the importance gathered since the last one
         self.apply_masks()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        for (up, down), m in zip(self.groups, self.masks):
-            if bool(m.all()):
+        if self._masked is None:
+            self._masked = [not bool(m.all()) for m in self.masks]
+        for (up, down), m, masked in zip(self.groups, self.masks, self._masked):
+            if not masked:
                 continue
             up.weight[~m] = 0.0
             if up.bias is not None:
@@ -308,6 +314,7 @@ class NeuronMaskPruner:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.masks = [state[f"mask.{i}"].to(torch.bool).to(m.device) for i, m in enumerate(self.masks)]
+        self._masked = None
         if self.scorer is not None:
             for i, s in enumerate(self.scorer.scores):
                 s.copy_(state[f"score.{i}"])
