@@ -17,3 +17,7 @@ __all__ = [
     "structure",
     "__version__",
 ]
+
+from .persistence import load_pruned, save_pruned  # noqa: E402
+
+__all__ += ["load_pruned", "save_pruned"]

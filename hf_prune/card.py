@@ -1,0 +1,305 @@
+"""The model card of an export (huggingface_hub `ModelCard` from `templates/model_card.md`), its head-map figure,
+and uploads of an exported folder to the Hub."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
+from transformers.utils import logging
+
+from . import structure
+from .persistence import CARD_NAME, CONFIG_NAME, MODELING_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, export_files
+from .report import REPORT_NAME
+from .surgery import original_heads_kept
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["make_model_card", "plot_head_map", "push_to_hub", "cli_push", "TEMPLATE"]
+
+TEMPLATE = "model_card.md"
+REQUIRED_FILES = (WEIGHTS_NAME, CONFIG_NAME, MODELING_NAME, CARD_NAME)
+
+_PIPELINE_TAGS = {
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModel": "feature-extraction",
+}
+_GLUE_TASKS = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "ax"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _get(config, key, default=None):
+    return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+
+
+def _auto_class(config) -> str:
+    """The Auto class that builds the export's own class (from `auto_map`), else `AutoModel`."""
+    architectures = _get(config, "architectures") or []
+    for auto_name, ref in (_get(config, "auto_map") or {}).items():
+        if architectures and ref.endswith(f".Pruned{architectures[0]}"):
+            return auto_name
+    return "AutoModel"
+
+
+def _datasets(report: Mapping) -> list[str] | None:
+    dataset = report.get("dataset")
+    if dataset:
+        return [dataset] if isinstance(dataset, str) else list(dataset)
+    task = report.get("task")
+    if not task:
+        return None
+    if task.lower() in _GLUE_TASKS:
+        return ["nyu-mll/glue"]
+    if "/" in task:
+        return [task.split(":")[0]]
+    return None
+
+
+def _hub_id(name) -> str | None:
+    """`name` if it can be a Hub model id (not a local path), else None."""
+    if not name or not isinstance(name, str) or os.path.exists(name) or not _HUB_ID.match(name):
+        return None
+    return name
+
+
+def _fmt(x, digits: int = 2, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:,.{digits}f}{suffix}"
+
+
+def _fmt_int(n) -> str:
+    return "-" if n is None else f"{int(n):,}"
+
+
+def _scaled(x, scale: float):
+    return None if x is None else x / scale
+
+
+def _results(report: Mapping) -> tuple[list[tuple[str, ...]], str]:
+    params, size, flops = report.get("parameters") or {}, report.get("file_size") or {}, report.get("flops") or {}
+    rows = []
+    if params:
+        for label, key in (("parameters", "total"), ("encoder parameters", "encoder")):
+            before, after = params.get(f"{key}_before"), params.get(f"{key}_after")
+            rows.append((label, _fmt_int(before), _fmt_int(after), _fmt(params.get(f"{key}_ratio"))))
+    if size:
+        before, after = _scaled(size.get("before_bytes"), 2**20), _scaled(size.get("after_bytes"), 2**20)
+        rows.append(("weights (MiB)", _fmt(before), _fmt(after), _fmt(size.get("ratio"))))
+    if flops:
+        dense, pruned = _scaled(flops.get("dense"), 1e9), _scaled(flops.get("pruned"), 1e9)
+        label = f"GFLOPs, 1 x {flops.get('seq_len', '?')} tokens"
+        rows.append((label, _fmt(dense, 3), _fmt(pruned, 3), _fmt(flops.get("ratio"))))
+    latency = report.get("latency") or {}
+    for b in latency.get("batches", []):
+        rows.append(
+            (
+                f"CPU latency, batch {b.get('batch_size', '?')} (ms)",
+                _fmt(b.get("dense_ms")),
+                _fmt(b.get("pruned_ms")),
+                _fmt(b.get("speedup")),
+            )
+        )
+    env = report.get("environment") or {}
+    note = (
+        f"parameters counted once per tensor, FLOPs with `torch.utils.flop_counter.FlopCounterMode`, CPU latency as "
+        f"the median of {latency.get('repeats', '?')} runs per model with dense and pruned timed interleaved in one "
+        f"process ({env.get('num_threads', '?')} threads)."
+    )
+    return rows, note
+
+
+def _layer_rows(config) -> list[tuple[str, str, str]]:
+    spec = structure.get_spec(config)
+    dense_heads, dense_ffn = _get(config, spec.config_heads), _get(config, spec.config_ffn)
+    n = _get(config, spec.config_layers)
+    heads = _get(config, "layer_num_attention_heads") or [dense_heads] * n
+    ffn = _get(config, "layer_intermediate_sizes") or [dense_ffn] * n
+    return [(str(i), f"{heads[i]} / {dense_heads}", f"{ffn[i]} / {dense_ffn}") for i in range(n)]
+
+
+def make_model_card(
+    report: dict | None, config, *, repo_id: str | None = None, figure_name: str | None = "head_map.png"
+) -> ModelCard:
+    """Builds the model card of an export from the packaged template.
+
+    Args:
+        report: the dict from `hf_prune.report.build_report` (or None: the card then has no results section).
+        config: the exported model's config (per-layer shapes recorded by `hf_prune.surgery.record_shapes`).
+        repo_id: the Hub repo the card is for; used in the loading snippet and as the model name.
+        figure_name: file name of the head-map figure next to the card, or None to leave the figure out.
+
+    Returns:
+        A `huggingface_hub.ModelCard`; `.save(path)` writes it.
+    """
+    report = report or {}
+    base_model = report.get("base_model") or _get(config, "_name_or_path")
+    auto_class = _auto_class(config)
+    metrics = report.get("metrics") or {}
+    metric_name = report.get("metric_name") or "accuracy"
+    teacher, pruned = metrics.get("teacher", {}), metrics.get("pruned", {})
+    datasets = _datasets(report)
+    pipeline_tag = _PIPELINE_TAGS.get(auto_class)
+    model_name = (repo_id or f"{base_model or _get(config, 'model_type')}-pruned").split("/")[-1]
+    eval_results = None
+    if pruned and datasets and pipeline_tag:
+        eval_results = [
+            EvalResult(
+                task_type=pipeline_tag,
+                dataset_type=datasets[0],
+                dataset_name=report.get("task") or datasets[0],
+                dataset_config=report.get("task") if datasets[0] == "nyu-mll/glue" else None,
+                dataset_split=split,
+                metric_type=metric_name,
+                metric_value=value,
+            )
+            for split, value in pruned.items()
+        ]
+    card_data = ModelCardData(
+        base_model=_hub_id(base_model),
+        datasets=datasets,
+        metrics=[metric_name] if metrics else None,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=["pruning", "hf-prune", "structured-pruning", _get(config, "model_type")],
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    rows = _layer_rows(config)
+    heads_kept = sum(int(r[1].split(" / ")[0]) for r in rows)
+    heads_dense = sum(int(r[1].split(" / ")[1]) for r in rows)
+    origin = f"`{base_model}`" if base_model else f"a model of type `{_get(config, 'model_type')}`"
+    summary = f"A structurally pruned version of {origin}"
+    summary += f", fine-tuned on {report['task']}." if report.get("task") else "."
+    summary += " Attention heads and FFN neurons were removed physically, so the model is smaller and faster as is."
+    results_rows, note = _results(report) if report else ([], "")
+    stages = report.get("stages") or []
+    env = report.get("environment") or {}
+    template = resources.files("hf_prune").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+    card = ModelCard.from_template(
+        card_data,
+        template_str=template,
+        title=repo_id or model_name,
+        summary=summary,
+        results_rows=results_rows,
+        measurement_note=note,
+        metric_name=metric_name,
+        metric_rows=[(s, _fmt(teacher.get(s), 4), _fmt(pruned.get(s), 4)) for s in dict.fromkeys([*teacher, *pruned])],
+        structure_summary=f"{heads_kept} of {heads_dense} attention heads kept over {len(rows)} layers.",
+        figure_name=figure_name,
+        layer_rows=rows,
+        model_path=repo_id or "path/to/export",
+        auto_class=auto_class,
+        stage_rows=[(s["name"], _fmt(s["wall_time_s"], 1)) for s in stages],
+        environment=", ".join(f"{k} {v}" for k, v in env.items()) if env else None,
+        repo_id=repo_id,
+    )
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
+
+
+def plot_head_map(config, path: str | os.PathLike) -> Path:
+    """Draws which attention heads each layer kept (layers x heads grid) with the FFN width kept per layer.
+
+    Args:
+        config: a config with the per-layer shapes recorded by `hf_prune.surgery.record_shapes`.
+        path: the PNG file to write.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
+
+    spec = structure.get_spec(config)
+    n_layers, n_heads = _get(config, spec.config_layers), _get(config, spec.config_heads)
+    dense_ffn = _get(config, spec.config_ffn)
+    ffn = _get(config, "layer_intermediate_sizes") or [dense_ffn] * n_layers
+    grid = [[0.0] * n_heads for _ in range(n_layers)]
+    for layer in range(n_layers):
+        for head in original_heads_kept(config, layer):
+            grid[layer][head] = 1.0
+    fig = Figure(figsize=(max(4.0, 0.35 * n_heads + 3.0), max(2.5, 0.32 * n_layers + 1.5)))
+    ax = fig.add_subplot()
+    ax.imshow(grid, cmap=ListedColormap(["#e8e8e8", "#1f5fa8"]), vmin=0, vmax=1, aspect="auto")
+    ax.set_xlabel("attention head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(n_heads))
+    ax.set_yticks(range(n_layers))
+    ax.set_xticks([x - 0.5 for x in range(1, n_heads)], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(1, n_layers)], minor=True)
+    ax.grid(which="minor", color="white", linewidth=1)
+    ax.tick_params(which="minor", length=0)
+    for layer in range(n_layers):
+        kept = int(sum(grid[layer]))
+        ax.text(
+            n_heads - 0.3, layer, f"  {kept}/{n_heads} heads, FFN {ffn[layer]}/{dense_ffn}", va="center", fontsize=8
+        )
+    ax.set_xlim(-0.5, n_heads - 0.5)
+    ax.set_title(f"Attention heads kept (blue): {int(sum(map(sum, grid)))} of {n_layers * n_heads}", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return Path(path)
+
+
+def _resolve_token(token: str | None) -> str:
+    token = token or os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise ValueError(
+            "No Hugging Face token found. Run `hf auth login`, set the HF_TOKEN environment variable, or pass "
+            "token=... (--token on the command line)."
+        )
+    return token
+
+
+def push_to_hub(
+    folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None, api=None
+) -> str:
+    """Creates a model repo (if needed) and uploads an exported folder to it.
+
+    Args:
+        folder: a folder written by `hf_prune.save_pruned` (with its model card).
+        repo_id: the Hub repo, e.g. `"my-org/bert-base-mnli-pruned"`.
+        private: create the repo as private.
+        token: a Hub token; default: the HF_TOKEN environment variable, then the cached `hf auth login` token.
+        api: a `huggingface_hub.HfApi` to use (default: `HfApi(token=token)`).
+
+    Returns:
+        The URL of the repo.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder. Pass the folder written by hf_prune.save_pruned.")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"{folder} is not a complete hf_prune export: it lacks {', '.join(missing)}. Export the model with "
+            "hf_prune.save_pruned(model, folder, tokenizer, report=...) (card=True, the default) and push that folder."
+        )
+    pickled = [f for f in export_files(folder) if f.endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        raise ValueError(f"{folder} holds pickled files {pickled}; exports are safetensors only. Remove them first.")
+    if not (folder / REPORT_NAME).is_file():
+        logger.warning("%s has no %s; the upload has no measured pruning report.", folder, REPORT_NAME)
+    token = _resolve_token(token)
+    api = api or HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message="Upload pruned model exported with hf-prune",
+    )
+    url = str(repo_url) if isinstance(repo_url, str) and repo_url else f"{constants.ENDPOINT}/{repo_id}"
+    logger.info("Uploaded %s to %s.", folder, url)
+    return url
+
+
+def cli_push(args) -> int:
+    """`hf-prune push DIR --repo-id ID [--private] [--token T]`."""
+    url = push_to_hub(args.dir, args.repo_id, private=args.private, token=args.token)
+    print(f"Uploaded {args.dir} to {url}")
+    return 0

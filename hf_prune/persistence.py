@@ -1,0 +1,368 @@
+"""Exports of pruned models that load anywhere: safetensors weights, per-layer shapes in the config, remote code.
+
+An export folder holds:
+
+- `model.safetensors` and `config.json`: `architectures` names the transformers class (e.g.
+  `BertForSequenceClassification`), the per-layer head counts / FFN widths are recorded by
+  `hf_prune.surgery.record_shapes`, and `auto_map` points the Auto classes at `modeling_hf_prune.py`;
+- `modeling_hf_prune.py`: `hf_prune/modeling_pruned.py` (torch and transformers only) plus one `Pruned<Class>` per Auto
+  class, so `AutoModelFor...from_pretrained(folder, trust_remote_code=True)` works without hf_prune installed;
+- the tokenizer files, `pruning_report.json`, `README.md` (the model card) and `head_map.png` when asked for.
+
+Exports are atomic: everything is written to a temporary folder beside the target and renamed into place, so an export
+that fails or is interrupted leaves the previous folder as it was. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import inspect
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import SafetensorError, safe_open
+from transformers.modeling_utils import unwrap_model
+from transformers.models.auto import modeling_auto
+from transformers.utils import logging
+
+from . import modeling_pruned, structure
+from .modeling_pruned import PrunedModelMixin
+from .report import REPORT_NAME
+from .surgery import record_shapes
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["save_pruned", "load_pruned", "pruned_class", "export_files"]
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+MODELING_NAME = "modeling_hf_prune.py"
+CARD_NAME = "README.md"
+FIGURE_NAME = "head_map.png"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_TMP_MARK = ".hf-prune-tmp-"
+_OLD_MARK = ".hf-prune-old-"
+
+# Auto class name -> mapping from model_type to the transformers class it builds.
+_AUTO_MAPPINGS = {
+    "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
+    "AutoModelForPreTraining": modeling_auto.MODEL_FOR_PRETRAINING_MAPPING_NAMES,
+    "AutoModelForMaskedLM": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    "AutoModelForTokenClassification": modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+    "AutoModelForQuestionAnswering": modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
+    "AutoModelForMultipleChoice": modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES,
+    "AutoModelForNextSentencePrediction": modeling_auto.MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES,
+}
+_PRUNED_CLASSES: dict[type, type] = {}
+
+
+def export_files(folder: str | Path) -> list[str]:
+    """Sorted relative paths of the files in an export folder."""
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def pruned_class(base: type) -> type:
+    """`Pruned<Base>`: `base` with `PrunedModelMixin` in front, which builds the recorded shapes before loading."""
+    if issubclass(base, PrunedModelMixin):
+        return base
+    if base not in _PRUNED_CLASSES:
+        _PRUNED_CLASSES[base] = type(f"Pruned{base.__name__}", (PrunedModelMixin, base), {"__module__": __name__})
+    return _PRUNED_CLASSES[base]
+
+
+def _base_class(model) -> type:
+    """The transformers class a (possibly `Pruned...`) model is an instance of."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and getattr(transformers, cls.__name__, None) is cls:
+            return cls
+    raise ValueError(
+        f"{type(model).__name__} does not derive from a transformers model class; save_pruned exports transformers "
+        "models (e.g. BertForSequenceClassification) and their pruned versions."
+    )
+
+
+def _auto_map(model_type: str, base_name: str) -> dict[str, str]:
+    """`{Auto class: "modeling_hf_prune.Pruned<Class>"}` for every Auto class that builds `base_name` or the base."""
+    auto_map = {}
+    for auto_name, mapping in _AUTO_MAPPINGS.items():
+        target = mapping.get(model_type)
+        if isinstance(target, str) and (target == base_name or auto_name == "AutoModel"):
+            if hasattr(transformers, target):
+                auto_map[auto_name] = f"{MODELING_NAME[:-3]}.Pruned{target}"
+    return auto_map
+
+
+def modeling_source(auto_map: dict[str, str]) -> str:
+    """The remote-code modeling file: `modeling_pruned.py` plus one `Pruned<Class>` per class in `auto_map`."""
+    source = inspect.getsource(modeling_pruned).rstrip() + "\n"
+    classes = sorted({ref.rpartition(".Pruned")[2] for ref in auto_map.values()})
+    source += "\n\n# Classes of this export (loaded by the Auto classes through config.json's auto_map).\n"
+    source += f"from transformers import {', '.join(classes)}  # noqa: E402\n"
+    for name in classes:
+        source += f"\n\nclass Pruned{name}(PrunedModelMixin, {name}):\n    pass\n"
+    return source
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file; save_pruned needs a folder path. Pass another path.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{target} already exists and is not empty. Pass overwrite=True to replace it (the old folder is only "
+            "removed once the new export is complete), or choose another path."
+        )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover_interrupted(target: Path) -> None:
+    """Cleans up after exports to `target` whose process died mid-export (killed, power loss).
+
+    A temporary export is deleted. A previous export moved aside just before the swap is moved back when the target
+    is missing (the process died between the two renames), and deleted otherwise.
+    """
+    for mark in (_TMP_MARK, _OLD_MARK):
+        for path in sorted(target.parent.glob(f".{glob.escape(target.name)}{mark}*")):
+            match = re.fullmatch(rf"\.{re.escape(target.name)}{re.escape(mark)}(\d+)-[^-]*", path.name)
+            if not match or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+                continue
+            if mark == _OLD_MARK and not target.exists():
+                logger.warning("Restoring %s from %s, moved aside by an interrupted export.", target, path)
+                os.replace(path, target)
+            else:
+                logger.info("Removing %s, left behind by an interrupted export.", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_weights_and_config(model, folder: Path):
+    """Writes the weights, `config.json` and the modeling file; returns the config as written."""
+    base = _base_class(model)
+    architectures = model.config.architectures
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        model.save_pretrained(folder)
+    model.config.architectures = architectures
+    config_path = folder / CONFIG_NAME
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["architectures"] = [base.__name__]
+    config["auto_map"] = _auto_map(model.config.model_type, base.__name__)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / MODELING_NAME).write_text(modeling_source(config["auto_map"]), encoding="utf-8")
+    written = copy.deepcopy(model.config)
+    written.architectures, written.auto_map = config["architectures"], config["auto_map"]
+    return written
+
+
+def _write_extras(config, folder: Path, tokenizer, report: dict | None, card: bool, figure: bool) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if report is not None:
+        (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    figure_name = None
+    if figure:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            logger.warning(
+                "matplotlib is not installed, so no %s is written: pip install 'hf-prune[plot]'.", FIGURE_NAME
+            )
+        else:
+            from .card import plot_head_map
+
+            plot_head_map(config, folder / FIGURE_NAME)
+            figure_name = FIGURE_NAME
+    if card:
+        from .card import make_model_card
+
+        make_model_card(report, config, figure_name=figure_name).save(folder / CARD_NAME)
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}{_OLD_MARK}{os.getpid()}-", dir=target.parent))
+    old.rmdir()
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pruned(
+    model,
+    path: str | os.PathLike,
+    tokenizer=None,
+    *,
+    report: dict | None = None,
+    overwrite: bool = False,
+    card: bool = True,
+    figure: bool = True,
+) -> Path:
+    """Exports a (pruned) model to a folder that plain transformers can load.
+
+    Args:
+        model: a model of a type in `hf_prune.structure.ARCHITECTURES`, pruned or not.
+        path: the export folder. It must not exist or be empty, unless `overwrite=True`.
+        tokenizer: saved with the model when given.
+        report: a report from `hf_prune.report.build_report`, written as `pruning_report.json`.
+        overwrite: replace an existing non-empty folder. The old folder is removed only once the new export is
+            complete.
+        card: write the model card `README.md`.
+        figure: write the head-map figure `head_map.png` (needs matplotlib; skipped with a warning without it).
+
+    Returns:
+        The export folder.
+    """
+    model = unwrap_model(model)
+    structure.get_spec(model)
+    target = Path(path).absolute()
+    _recover_interrupted(target)
+    _check_target(target, overwrite)
+    if report is not None:
+        try:
+            json.dumps(report)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"report is not JSON-serialisable ({err}); pass the dict from build_report.") from err
+    record_shapes(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_MARK}{os.getpid()}-", dir=target.parent))
+    try:
+        config = _write_weights_and_config(model, tmp)
+        _write_extras(config, tmp, tokenizer, report, card, figure)
+        pickled = [f for f in export_files(tmp) if f.endswith(PICKLE_SUFFIXES)]
+        if pickled:
+            raise RuntimeError(f"The export would contain pickled files {pickled}; exports hold safetensors only.")
+        _check_target(target, overwrite)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Saved the pruned model to %s (%s).", target, ", ".join(export_files(target)))
+    return target
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise ValueError(f"{index} is not a valid safetensors index ({err}); export the model again.") from err
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks the weight shards {missing} listed in {index.name}.")
+        return [folder / s for s in shards]
+    raise FileNotFoundError(
+        f"{folder} has no {WEIGHTS_NAME}. Export the model with hf_prune.save_pruned(model, folder), which writes "
+        "its weights as safetensors (pickled .bin checkpoints are not loaded)."
+    )
+
+
+def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{file} is not a readable safetensors file ({err}); it is truncated or corrupt. Export the model "
+                "again with hf_prune.save_pruned, or copy the file again."
+            ) from err
+    return shapes
+
+
+def _check_shapes(cls: type, config, checkpoint: dict[str, tuple[int, ...]], folder: Path) -> None:
+    """Raises if the shapes `config.json` describes disagree with the shapes stored in the weights."""
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    bad = [(k, expected[k], shape) for k, shape in checkpoint.items() if k in expected and expected[k] != shape]
+    if bad:
+        listed = "; ".join(f"{k}: config {list(e)} vs weights {list(s)}" for k, e, s in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        heads = getattr(config, modeling_pruned.HEADS_KEY, None)
+        ffn = getattr(config, modeling_pruned.FFN_KEY, None)
+        raise ValueError(
+            f"{folder / CONFIG_NAME} disagrees with the weights in {folder}: {listed}{more}. The config records "
+            f"{modeling_pruned.HEADS_KEY}={heads} and {modeling_pruned.FFN_KEY}={ffn}. Use the config.json that was "
+            "exported with these weights, or export the model again with hf_prune.save_pruned."
+        )
+
+
+def load_pruned(path: str | os.PathLike, **from_pretrained_kwargs):
+    """Loads a folder written by `save_pruned`, rebuilding every layer's shapes before the weights are loaded.
+
+    Args:
+        path: the export folder.
+        from_pretrained_kwargs: passed to `from_pretrained` (e.g. `dtype`, `device_map`, `attn_implementation`).
+
+    Returns:
+        The model, an instance of `Pruned<Class>` (a subclass of the transformers class in `config.json`).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder. Pass the folder written by hf_prune.save_pruned.")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {CONFIG_NAME}, so it is not a model export. Export the model with "
+            "hf_prune.save_pruned(model, folder)."
+        )
+    try:
+        config_dict = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); export the model again.") from err
+    architectures = config_dict.get("architectures") or []
+    base = getattr(transformers, architectures[0], None) if architectures else None
+    if not isinstance(base, type):
+        raise ValueError(
+            f"{config_path} must name a transformers model class in `architectures` (e.g. "
+            f'["BertForSequenceClassification"]), got {architectures!r}. Export the model with hf_prune.save_pruned, '
+            "which writes it."
+        )
+    checkpoint = _checkpoint_shapes(_weight_files(folder))
+    cls = pruned_class(base)
+    config = from_pretrained_kwargs.pop("config", None) or cls.config_class.from_pretrained(folder)
+    structure.get_spec(config)
+    _check_shapes(cls, config, checkpoint, folder)
+    want_info = from_pretrained_kwargs.pop("output_loading_info", False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        model, info = cls.from_pretrained(folder, config=config, output_loading_info=True, **from_pretrained_kwargs)
+    problems = {k: info.get(k) for k in ("missing_keys", "mismatched_keys") if info.get(k)}
+    if problems:
+        raise ValueError(
+            f"The weights in {folder} do not match the model {config_path.name} describes: {problems}. Export the "
+            "model again with hf_prune.save_pruned."
+        )
+    return (model, info) if want_info else model

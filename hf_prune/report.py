@@ -1,0 +1,436 @@
+"""Measurements of a dense/pruned pair: parameters, file size, FLOPs, CPU latency, task metrics and stage times.
+
+`build_report` returns a JSON-serialisable dict; `save_pruned(..., report=...)` writes it as `pruning_report.json`
+next to the weights, and `hf-prune report DIR` prints it as a table. Every number is measured here, on the two models
+given, in one process:
+
+- `parameters`: encoder (the base model's encoder layers) and total, before (dense) and after (pruned).
+- `file_size`: bytes of the weights each model writes (`method` says how they were measured).
+- `flops`: `torch.utils.flop_counter.FlopCounterMode` over one forward pass of a batch of `seq_len` tokens, counted
+  with the eager attention implementation (the fused CPU SDPA kernel is invisible to the counter).
+- `latency`: CPU forward time per batch size, median of `repeats` runs, dense and pruned interleaved (d, p, d, p, ...)
+  after `warmup` runs of each; `speedup` is dense / pruned.
+- `layers`: heads and FFN width per layer, dense and kept; `metrics`, `stages`, `base_model` and `task` as given.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers.utils import logging
+
+from . import structure
+from .modeling_pruned import PRUNED_HEADS_KEY
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["REPORT_NAME", "build_report", "format_report", "load_report", "cli_report"]
+
+REPORT_NAME = "pruning_report.json"
+REPORT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _count(params: Iterable[nn.Parameter]) -> int:
+    seen, total = set(), 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _parameters(model: nn.Module) -> tuple[int, int]:
+    """(encoder, total) parameter counts; shared (tied) parameters count once."""
+    return _count(structure.get_layers(model).parameters()), _count(model.parameters())
+
+
+def _weights_bytes(model: nn.Module, path: str | Path | None) -> tuple[int, str]:
+    """Bytes of the weights file of `path` if it holds one, else the bytes of the model's unique state-dict tensors."""
+    if path is not None:
+        files = sorted(Path(path).glob("model*.safetensors"))
+        if files:
+            return sum(f.stat().st_size for f in files), "safetensors_file"
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total, "state_dict_nbytes"
+
+
+def _inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    config = model.config
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(
+            f"seq_len={seq_len} is longer than the model's max_position_embeddings={max_pos}; pass a smaller seq_len."
+        )
+    special = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    low = max((t for t in special if isinstance(t, int)), default=-1) + 1
+    low = low if low < config.vocab_size else 0
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(low, config.vocab_size, (batch_size, seq_len), generator=g)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    devices = {p.device.type for p in model.parameters()}
+    if devices <= {"cpu"}:
+        return model
+    logger.info("Measuring a CPU copy of a model that lives on %s.", ", ".join(sorted(devices)))
+    return copy.deepcopy(model).to("cpu")
+
+
+@torch.no_grad()
+def _flops(model: nn.Module, seq_len: int) -> int:
+    """FLOPs of one forward pass over a batch of one sequence of `seq_len` tokens (eager attention)."""
+    inputs = _inputs(model, 1, seq_len)
+    previous = getattr(model.config, "_attn_implementation", None)
+    switch = previous not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(**inputs)
+    finally:
+        if switch:
+            model.set_attn_implementation(previous)
+    return int(counter.get_total_flops())
+
+
+@torch.inference_mode()
+def _latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int, warmup: int) -> dict:
+    """Median forward time (ms) of both models, timed interleaved in this process."""
+    inputs = _inputs(dense, batch_size, seq_len)
+    for _ in range(warmup):
+        dense(**inputs)
+        pruned(**inputs)
+    times = {"dense": [], "pruned": []}
+    for _ in range(repeats):
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            start = time.perf_counter()
+            model(**inputs)
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    dense_ms, pruned_ms = statistics.median(times["dense"]), statistics.median(times["pruned"])
+    return {
+        "batch_size": batch_size,
+        "dense_ms": dense_ms,
+        "pruned_ms": pruned_ms,
+        "speedup": dense_ms / pruned_ms if pruned_ms > 0 else math.inf,
+        "dense_runs_ms": times["dense"],
+        "pruned_runs_ms": times["pruned"],
+    }
+
+
+def _ratio(before: float, after: float) -> float | None:
+    return before / after if after else None
+
+
+def _check_metrics(metrics: Mapping | None) -> dict:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping) or not all(isinstance(v, Mapping) for v in metrics.values()):
+        raise ValueError(
+            'metrics must look like {"teacher": {split: value}, "pruned": {split: value}}, '
+            f"got {type(metrics).__name__}: {metrics!r}."
+        )
+    unknown = set(metrics) - {"teacher", "pruned"}
+    if unknown:
+        raise ValueError(f'metrics keys must be "teacher" and/or "pruned", got unexpected {sorted(unknown)}.')
+    return {who: {str(split): float(value) for split, value in values.items()} for who, values in metrics.items()}
+
+
+def _check_stages(stages: Sequence[Mapping] | None) -> list[dict]:
+    checked = []
+    for stage in stages or []:
+        if not isinstance(stage, Mapping) or "name" not in stage or "wall_time_s" not in stage:
+            raise ValueError(f'Each stage must be a dict with "name" and "wall_time_s", got {stage!r}.')
+        checked.append({**stage, "name": str(stage["name"]), "wall_time_s": float(stage["wall_time_s"])})
+    return checked
+
+
+def build_report(
+    dense_model: nn.Module,
+    pruned_model: nn.Module,
+    *,
+    seq_len: int = 128,
+    batch_sizes: Sequence[int] = (1, 32),
+    repeats: int = 10,
+    warmup: int = 2,
+    base_model: str | None = None,
+    task: str | None = None,
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    metric_name: str = "accuracy",
+    stages: Sequence[Mapping] | None = None,
+    dense_path: str | Path | None = None,
+    pruned_path: str | Path | None = None,
+) -> dict:
+    """Measures a dense model and its pruned version on CPU.
+
+    Args:
+        dense_model: the unpruned model (e.g. the fine-tuned teacher).
+        pruned_model: the pruned model, same architecture.
+        seq_len: tokens per sequence for FLOPs and latency.
+        batch_sizes: batch sizes to time.
+        repeats: timed runs per model and batch size (the median is reported).
+        warmup: untimed runs per model and batch size before timing.
+        base_model: Hub id or path of the model pruning started from (default: the dense model's `name_or_path`).
+        task: the task or dataset, e.g. `"mnli"`.
+        metrics: `{"teacher": {split: value}, "pruned": {split: value}}` task metrics, stored as given.
+        metric_name: what the values of `metrics` are (a metric id such as `"accuracy"` or `"f1"`).
+        stages: `[{"name": ..., "wall_time_s": ...}, ...]` of the run that produced the pruned model.
+        dense_path / pruned_path: folders holding the models' saved weights; when given, file sizes are the sizes of
+            their `model*.safetensors` files instead of the bytes of the state dicts.
+
+    Returns:
+        A JSON-serialisable dict (see the module docstring for its sections).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    for name, model in (("dense_model", dense_model), ("pruned_model", pruned_model)):
+        structure.get_spec(model)
+        if not hasattr(model, "config"):
+            raise ValueError(f"{name} must be a transformers model with a config.")
+    if dense_model.config.model_type != pruned_model.config.model_type:
+        raise ValueError(
+            f"dense_model is a {dense_model.config.model_type!r} model but pruned_model a "
+            f"{pruned_model.config.model_type!r} one; pass the pruned version of the dense model."
+        )
+    dense, pruned = _on_cpu(dense_model), _on_cpu(pruned_model)
+    modes = (dense.training, pruned.training)
+    dense.eval()
+    pruned.eval()
+    try:
+        enc_before, total_before = _parameters(dense)
+        enc_after, total_after = _parameters(pruned)
+        size_before, method_before = _weights_bytes(dense, dense_path)
+        size_after, method_after = _weights_bytes(pruned, pruned_path)
+        flops_dense, flops_pruned = _flops(dense, seq_len), _flops(pruned, seq_len)
+        latency = [_latency(dense, pruned, int(b), seq_len, repeats, warmup) for b in batch_sizes]
+    finally:
+        dense.train(modes[0])
+        pruned.train(modes[1])
+
+    heads_dense, heads_kept = structure.num_heads(dense), structure.num_heads(pruned)
+    ffn_dense, ffn_kept = structure.ffn_size(dense), structure.ffn_size(pruned)
+    removed = getattr(pruned.config, PRUNED_HEADS_KEY, None) or {}
+    report = {
+        "format_version": REPORT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": base_model or getattr(dense.config, "name_or_path", None) or None,
+        "task": task,
+        "model_type": pruned.config.model_type,
+        "architecture": type(pruned).__name__.removeprefix("Pruned"),
+        "layers": [
+            {
+                "layer": i,
+                "heads_dense": heads_dense[i],
+                "heads_kept": heads_kept[i],
+                "heads_removed": sorted(int(h) for h in removed.get(str(i), [])),
+                "ffn_dense": ffn_dense[i],
+                "ffn_kept": ffn_kept[i],
+            }
+            for i in range(len(heads_kept))
+        ],
+        "heads": {"dense": sum(heads_dense), "kept": sum(heads_kept)},
+        "ffn": {"dense": sum(ffn_dense), "kept": sum(ffn_kept)},
+        "parameters": {
+            "encoder_before": enc_before,
+            "encoder_after": enc_after,
+            "total_before": total_before,
+            "total_after": total_after,
+            "encoder_ratio": _ratio(enc_before, enc_after),
+            "total_ratio": _ratio(total_before, total_after),
+        },
+        "file_size": {
+            "before_bytes": size_before,
+            "after_bytes": size_after,
+            "ratio": _ratio(size_before, size_after),
+            "method": method_before if method_before == method_after else f"{method_before}/{method_after}",
+        },
+        "flops": {
+            "batch_size": 1,
+            "seq_len": seq_len,
+            "dense": flops_dense,
+            "pruned": flops_pruned,
+            "ratio": _ratio(flops_dense, flops_pruned),
+            "counter": "torch.utils.flop_counter.FlopCounterMode",
+            "attn_implementation": "eager",
+        },
+        "latency": {
+            "device": "cpu",
+            "seq_len": seq_len,
+            "repeats": repeats,
+            "warmup": warmup,
+            "statistic": "median",
+            "order": "interleaved",
+            "attn_implementation": getattr(pruned.config, "_attn_implementation", None),
+            "batches": latency,
+        },
+        "metrics": _check_metrics(metrics),
+        "metric_name": metric_name,
+        "stages": _check_stages(stages),
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "num_threads": torch.get_num_threads(),
+        },
+        "dense_path": str(dense_path) if dense_path is not None else None,
+        "pruned_path": str(pruned_path) if pruned_path is not None else None,
+    }
+    report["total_wall_time_s"] = sum(s["wall_time_s"] for s in report["stages"]) if report["stages"] else None
+    json.dumps(report, allow_nan=True)  # fails here, not at export time, if something is not serialisable
+    return report
+
+
+def _fmt_int(n) -> str:
+    return "-" if n is None else f"{int(n):,}"
+
+
+def _fmt_float(x, digits: int = 2, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_report(report: Mapping) -> str:
+    """Renders a report dict (from `build_report` or `pruning_report.json`) as a plain-text table.
+
+    Args:
+        report: the report dict.
+
+    Returns:
+        The table, lines separated by newlines.
+    """
+    title = f"Pruning report: {report.get('base_model') or 'unknown base model'}"
+    if report.get("task"):
+        title += f" on {report['task']}"
+    lines = [title, ""]
+    params, size, flops = report.get("parameters", {}), report.get("file_size", {}), report.get("flops", {})
+    mib = {k: None if size.get(k) is None else size[k] / 2**20 for k in ("before_bytes", "after_bytes")}
+    gflops = {k: None if flops.get(k) is None else flops[k] / 1e9 for k in ("dense", "pruned")}
+    rows = [
+        ("", "dense", "pruned", "dense/pruned"),
+        (
+            "parameters (total)",
+            _fmt_int(params.get("total_before")),
+            _fmt_int(params.get("total_after")),
+            _fmt_float(params.get("total_ratio"), suffix="x"),
+        ),
+        (
+            "parameters (encoder)",
+            _fmt_int(params.get("encoder_before")),
+            _fmt_int(params.get("encoder_after")),
+            _fmt_float(params.get("encoder_ratio"), suffix="x"),
+        ),
+        (
+            "file size (MiB)",
+            _fmt_float(mib["before_bytes"]),
+            _fmt_float(mib["after_bytes"]),
+            _fmt_float(size.get("ratio"), suffix="x"),
+        ),
+        (
+            f"GFLOPs (1 x {flops.get('seq_len', '?')} tokens)",
+            _fmt_float(gflops["dense"], 3),
+            _fmt_float(gflops["pruned"], 3),
+            _fmt_float(flops.get("ratio"), suffix="x"),
+        ),
+    ]
+    latency = report.get("latency", {})
+    for b in latency.get("batches", []):
+        rows.append(
+            (
+                f"CPU latency batch {b['batch_size']} (ms)",
+                _fmt_float(b.get("dense_ms")),
+                _fmt_float(b.get("pruned_ms")),
+                _fmt_float(b.get("speedup"), suffix="x"),
+            )
+        )
+    metrics = report.get("metrics") or {}
+    teacher, pruned = metrics.get("teacher", {}), metrics.get("pruned", {})
+    for split in list(dict.fromkeys([*teacher, *pruned])):
+        rows.append(
+            (
+                f"{report.get('metric_name') or 'metric'} {split}",
+                _fmt_float(teacher.get(split), 4),
+                _fmt_float(pruned.get(split), 4),
+                "",
+            )
+        )
+    lines += _table(rows)
+    if latency:
+        lines.append(
+            f"(latency: median of {latency.get('repeats')} interleaved runs, {latency.get('seq_len')} tokens, "
+            f"{report.get('environment', {}).get('num_threads')} threads)"
+        )
+    layers = report.get("layers") or []
+    if layers:
+        lines += [""]
+        layer_rows = [("layer", "heads kept", "FFN kept")]
+        for layer in layers:
+            heads = f"{layer['heads_kept']}/{layer['heads_dense']}"
+            layer_rows.append((str(layer["layer"]), heads, f"{layer['ffn_kept']}/{layer['ffn_dense']}"))
+        lines += _table(layer_rows)
+    stages = report.get("stages") or []
+    if stages:
+        lines += [""]
+        stage_rows = [(s["name"], _fmt_float(s["wall_time_s"], 1)) for s in stages]
+        lines += _table([("stage", "wall time (s)"), *stage_rows])
+    return "\n".join(lines)
+
+
+def load_report(folder: str | Path) -> dict:
+    """Reads `pruning_report.json` from an exported folder.
+
+    Args:
+        folder: a folder written by `save_pruned(..., report=...)`.
+
+    Returns:
+        The report dict.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder. Pass the folder written by hf_prune.save_pruned.")
+    path = folder / REPORT_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"{folder} has no {REPORT_NAME}, so it is not an hf_prune export with a report. Make one with "
+            "`save_pruned(model, folder, tokenizer, report=build_report(dense, pruned))` or run a recipe with "
+            "`hf-prune run`, whose export stage writes it."
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); export the model again with save_pruned.") from err
+
+
+def cli_report(args) -> int:
+    """`hf-prune report DIR`: prints the report of an exported folder as a table."""
+    print(format_report(load_report(args.dir)))
+    return 0
