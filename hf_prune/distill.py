@@ -150,7 +150,13 @@ def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> 
                 "fine-tuning run (with config.json and model.safetensors), a Hub model id, or the model itself."
             )
         try:
-            teacher = type(student).from_pretrained(name)
+            if os.path.isdir(name):
+                # load_pruned also rebuilds a teacher that was itself pruned (per-layer shapes in its config.json)
+                from .persistence import load_pruned
+
+                teacher = load_pruned(name)
+            else:
+                teacher = type(student).from_pretrained(name)
         except OSError as err:
             raise ValueError(
                 f"Could not load the teacher from {name!r}: {err}. Pass a folder written by save_pretrained or a Hub "
