@@ -12,6 +12,7 @@ PRUNING_METHODS = ("movement", "taylor", "magnitude")
 PRUNING_TARGETS = ("attention", "ffn")
 FFN_SPARSITY_RULES = ("uniform", "global", "heads")
 SPARSITY_MODES = ("per_layer", "global")
+ATTENTION_GRANULARITIES = ("block", "head")
 
 
 @dataclass
@@ -67,6 +68,15 @@ class PruningArguments(TrainingArguments):
         metadata={
             "help": "Block shape (rows cols) of attention masks; one number means a square block. Default: one "
             "head's width, square (e.g. 64 64 for BERT-base), so that whole heads can be emptied."
+        },
+    )
+    attention_granularity: str = field(
+        default="block",
+        metadata={
+            "help": "'block': block masks on each of Q, K, V and the attention output (block_shape); a head is "
+            "removed once all its blocks in the four are masked. 'head': one score per head, summed over its Q/K/V "
+            "rows and attention-output columns, so whole heads are masked together and every masked head can be "
+            "removed."
         },
     )
     pruning_warmup_steps: int = field(
@@ -178,6 +188,11 @@ class PruningArguments(TrainingArguments):
         for name in ("pruning_frequency", "taylor_iterations", "taylor_interval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.attention_granularity not in ATTENTION_GRANULARITIES:
+            raise ValueError(
+                f"attention_granularity={self.attention_granularity!r} is not known. Use one of "
+                f"{ATTENTION_GRANULARITIES}."
+            )
         if self.ffn_sparsity_rule not in FFN_SPARSITY_RULES:
             raise ValueError(
                 f"ffn_sparsity_rule={self.ffn_sparsity_rule!r} is not known. Use one of {FFN_SPARSITY_RULES}."

@@ -6,10 +6,12 @@ Pure functions of tensors; nothing here knows about models or the Trainer.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "Schedule",
     "cubic_sparsity",
     "agp_iteration_sparsity",
     "check_block_shape",
@@ -155,3 +157,36 @@ def global_topk_masks(
     keep = torch.ones_like(flat, dtype=torch.bool)
     keep[order[removed]] = False
     return [k.view(s.shape) for k, s in zip(keep.split([s.numel() for s in scores]), scores)]
+
+
+@dataclass
+class Schedule:
+    """When masks are recomputed and how far towards the target they are.
+
+    Args:
+        kind: "cubic" (Sanh et al. 2020) or "iterative" (equal steps, Molchanov et al. 2019).
+        total_steps: optimizer steps of the run (cubic).
+        warmup_steps / cooldown_steps / frequency: cubic schedule parameters.
+        iterations / interval: iterative schedule: prune `1 / iterations` of the target every `interval` steps.
+    """
+
+    kind: str = "cubic"
+    total_steps: int = 0
+    warmup_steps: int = 0
+    cooldown_steps: int = 0
+    frequency: int = 10
+    iterations: int = 1
+    interval: int = 1
+
+    def fraction(self, step: int) -> float | None:
+        """Fraction of the target sparsity to reach at `step`, or None when the masks do not change at this step."""
+        if self.kind == "iterative":
+            if step > 0 and step % self.interval == 0 and step // self.interval <= self.iterations:
+                return agp_iteration_sparsity(step // self.interval, self.iterations, 1.0)
+            return None
+        end = self.total_steps - self.cooldown_steps
+        if step < self.warmup_steps or step > max(end, self.warmup_steps):
+            return None
+        if step % self.frequency == 0 or step in (end, self.total_steps):
+            return cubic_sparsity(step, self.total_steps, 1.0, self.warmup_steps, self.cooldown_steps)
+        return None

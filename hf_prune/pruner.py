@@ -16,9 +16,8 @@ from transformers.utils import logging
 
 from . import structure
 from .masks import (
-    agp_iteration_sparsity,
+    Schedule,
     check_block_shape,
-    cubic_sparsity,
     dead_heads,
     expand_blocks,
     global_topk_masks,
@@ -26,44 +25,19 @@ from .masks import (
     topk_mask,
 )
 from .scores import MovementScorer, NeuronScorer, magnitude_score, neuron_group_magnitude
-from .selection import ffn_layer_selection, resolve_selection
+from .selection import layer_sparsities, resolve_selection
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["BlockTarget", "Schedule", "BlockMaskPruner", "NeuronMaskPruner", "ffn_layer_sparsities"]
-
-
-@dataclass
-class Schedule:
-    """When masks are recomputed and how far towards the target they are.
-
-    Args:
-        kind: "cubic" (Sanh et al. 2020) or "iterative" (equal steps, Molchanov et al. 2019).
-        total_steps: optimizer steps of the run (cubic).
-        warmup_steps / cooldown_steps / frequency: cubic schedule parameters.
-        iterations / interval: iterative schedule: prune `1 / iterations` of the target every `interval` steps.
-    """
-
-    kind: str = "cubic"
-    total_steps: int = 0
-    warmup_steps: int = 0
-    cooldown_steps: int = 0
-    frequency: int = 10
-    iterations: int = 1
-    interval: int = 1
-
-    def fraction(self, step: int) -> float | None:
-        """Fraction of the target sparsity to reach at `step`, or None when the masks do not change at this step."""
-        if self.kind == "iterative":
-            if step > 0 and step % self.interval == 0 and step // self.interval <= self.iterations:
-                return agp_iteration_sparsity(step // self.interval, self.iterations, 1.0)
-            return None
-        end = self.total_steps - self.cooldown_steps
-        if step < self.warmup_steps or step > max(end, self.warmup_steps):
-            return None
-        if step % self.frequency == 0 or step in (end, self.total_steps):
-            return cubic_sparsity(step, self.total_steps, 1.0, self.warmup_steps, self.cooldown_steps)
-        return None
+__all__ = [
+    "BlockTarget",
+    "Schedule",
+    "BlockMaskPruner",
+    "HeadMaskPruner",
+    "NeuronMaskPruner",
+    "ffn_layer_sparsities",
+    "build_pruner",
+]
 
 
 @dataclass
@@ -321,6 +295,122 @@ class NeuronMaskPruner:
             self.scorer.steps = int(state["score_steps"])
 
 
+class HeadMaskPruner:
+    """Whole-head masks: one score per head, summed over its Q/K/V rows and attention-output columns.
+
+    Movement scores pooled per head estimate the loss change of removing the head (Sanh et al. 2020 pooled as in
+    Lagunas et al. 2021; the head-level view of Michel et al. 2019). Every masked head can be removed by `prune()`.
+
+    Args:
+        model: the model (the attention linears are read from the architecture table).
+        method: "movement" or "magnitude".
+        schedule: when and how far the masks move.
+        layer_sparsities: per layer, the target fraction of heads to remove.
+        sparsity_mode: "per_layer" or "global" (one ranking of all heads, the same total number removed).
+    """
+
+    def __init__(
+        self, model, method: str, schedule: Schedule, layer_sparsities: list[float], sparsity_mode="per_layer"
+    ):
+        spec = structure.get_spec(model)
+        self.size = structure.head_size(model)
+        self.method, self.schedule, self.sparsity_mode = method, schedule, sparsity_mode
+        self.layers = [
+            (i, structure.attention_linears(layer, spec))
+            for i, layer in enumerate(structure.get_layers(model))
+            if structure.get_module(layer, spec.query).out_features > 0
+        ]
+        self.layer_sparsities = [layer_sparsities[i] for i, _ in self.layers]
+        weights = [lin[r].weight for _, lin in self.layers for r in structure.ATTENTION_ROLES]
+        self.scorer = MovementScorer(weights) if method == "movement" else None
+        self.masks = [torch.ones(lin["query"].out_features // self.size, dtype=torch.bool) for _, lin in self.layers]
+        self._masked: list[bool] | None = None
+        self.last_fraction = 0.0
+
+    def accumulate(self) -> None:
+        if self.scorer is not None:
+            self.scorer.accumulate()
+
+    def _head_scores(self) -> list[torch.Tensor]:
+        if self.scorer is not None:
+            raw = iter(self.scorer.scores)
+            per_layer = [[next(raw) for _ in structure.ATTENTION_ROLES] for _ in self.layers]
+        else:
+            per_layer = [
+                [magnitude_score(lin[r].weight.detach().float()) for r in structure.ATTENTION_ROLES]
+                for _, lin in self.layers
+            ]
+        scores = []
+        for (q, k, v, o), m in zip(per_layer, self.masks):
+            heads = m.numel()
+            rows = sum(s.reshape(heads, -1).sum(dim=1) for s in (q, k, v))
+            scores.append((rows + o.reshape(o.shape[0], heads, self.size).sum(dim=(0, 2))).cpu())
+        return scores
+
+    @torch.no_grad()
+    def update(self, step: int) -> bool:
+        fraction = self.schedule.fraction(step)
+        if fraction is None:
+            return False
+        self.set_fraction(fraction)
+        return True
+
+    @torch.no_grad()
+    def set_fraction(self, fraction: float) -> None:
+        scores = self._head_scores()
+        if self.sparsity_mode == "global":
+            budget = fraction * sum(sp * m.numel() for sp, m in zip(self.layer_sparsities, self.masks))
+            total = sum(m.numel() for m in self.masks)
+            keep = topk_mask(torch.cat(scores), budget / max(total, 1), ~torch.cat(self.masks))
+            self.masks = list(keep.split([m.numel() for m in self.masks]))
+        else:
+            per_layer = zip(scores, self.layer_sparsities, self.masks)
+            self.masks = [topk_mask(s, fraction * sp, ~m) for s, sp, m in per_layer]
+        self._masked = None
+        self.last_fraction = fraction
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        if self._masked is None:
+            self._masked = [not bool(m.all()) for m in self.masks]
+        for (_, lin), m, masked in zip(self.layers, self.masks, self._masked):
+            if not masked:
+                continue
+            rows = (~m).repeat_interleave(self.size).to(lin["query"].weight.device)
+            for role in ("query", "key", "value"):
+                lin[role].weight[rows] = 0.0
+            lin["attention_output"].weight[:, rows] = 0.0
+
+    def sparsity(self) -> list[float]:
+        return [1.0 - m.float().mean().item() for m in self.masks]
+
+    def head_masks(self, model=None) -> dict[int, list[int]]:
+        """`{layer: [masked heads]}`: with whole-head masks every masked head can be removed."""
+        return {
+            i: (~m).nonzero().flatten().tolist() for (i, _), m in zip(self.layers, self.masks) if not bool(m.all())
+        }
+
+    def describe(self) -> str:
+        lines = [f"{self.method} head pruning, {self.sparsity_mode} sparsity", "layer | heads | sparsity", "-" * 24]
+        for (i, _), m, sp in zip(self.layers, self.masks, self.layer_sparsities):
+            lines.append(f"{i:>5} | {m.numel():>5} | {sp:>8.3f}")
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"mask.{i}": m.to(torch.uint8) for (i, _), m in zip(self.layers, self.masks)}
+        if self.scorer is not None:
+            state.update({f"score.{k}": s for k, s in enumerate(self.scorer.scores)})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.masks = [state[f"mask.{i}"].to(torch.bool).cpu() for i, _ in self.layers]
+        if self.scorer is not None:
+            for k, s in enumerate(self.scorer.scores):
+                s.copy_(state[f"score.{k}"])
+        self._masked = None
+
+
 def attention_targets(model: nn.Module, sparsity: float, block: tuple[int, int] | None = None) -> list[BlockTarget]:
     """The Q, K, V and attention-output weights of every layer, with a default block of one head's width, square."""
     size = structure.head_size(model)
@@ -357,10 +447,22 @@ def build_pruner(model: nn.Module, args) -> BlockMaskPruner | NeuronMaskPruner:
         sparsities = ffn_layer_sparsities(model, rule, args.target_sparsity)
         if entries or exclude:
             selection = resolve_selection(model, entries or [{"preset": "ffn"}], exclude, args.target_sparsity)
-            chosen = ffn_layer_selection(model, selection)
+            chosen = layer_sparsities(model, selection, structure.FFN_ROLES)
             sparsities = chosen if entries else [s if c > 0 else 0.0 for s, c in zip(sparsities, chosen)]
         global_ranking = rule == "global" or mode == "global"
         return NeuronMaskPruner(model, method, schedule, sparsities, global_ranking=global_ranking)
+    if getattr(args, "attention_granularity", "block") == "head":
+        sparsities = [args.target_sparsity] * len(structure.get_layers(model))
+        if entries or exclude:
+            selection = resolve_selection(model, entries or [{"preset": "attention"}], exclude, args.target_sparsity)
+            sparsities = layer_sparsities(model, selection, structure.ATTENTION_ROLES)
+        pruner = HeadMaskPruner(model, method, schedule, sparsities, sparsity_mode=mode)
+        if not pruner.layers:
+            raise ValueError(
+                "pruning_target='attention' matches no module: every layer of this model has already lost all its "
+                "heads."
+            )
+        return pruner
     if entries or exclude:
         selection = resolve_selection(
             model, entries or [{"preset": "attention"}], exclude, args.target_sparsity, args.block_shape

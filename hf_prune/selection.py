@@ -26,7 +26,7 @@ from . import structure
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["PRESETS", "parse_entries", "Selection", "resolve_selection", "ffn_layer_selection"]
+__all__ = ["PRESETS", "parse_entries", "Selection", "resolve_selection", "layer_sparsities"]
 
 PRESETS = ("attention", "ffn", "linear")
 SELECTORS = ("preset", "layers", "names", "patterns")
@@ -206,13 +206,12 @@ def resolve_selection(
     return sorted(selected, key=lambda s: order[s.name])
 
 
-def ffn_layer_selection(model: nn.Module, selection: list[Selection]) -> list[float]:
-    """Per-layer FFN neuron sparsity from a selection.
-
-    A layer is pruned when its FFN up or down projection is selected; layers not selected keep all their neurons.
+def layer_sparsities(model: nn.Module, selection: list[Selection], roles: tuple[str, ...]) -> list[float]:
+    """Per-layer sparsity of a structure pruned per layer (FFN neurons with `FFN_ROLES`, whole heads with
+    `ATTENTION_ROLES`): a layer is pruned when one of its modules of those roles is selected; others keep everything.
     """
     sparsities = [0.0] * len(structure.get_layers(model))
     for s in selection:
-        if s.role in structure.FFN_ROLES:
+        if s.role in roles:
             sparsities[s.layer] = s.sparsity
     return sparsities

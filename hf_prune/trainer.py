@@ -21,7 +21,7 @@ from transformers.utils import logging
 from . import structure
 from .config import PruningArguments
 from .distill import distillation_loss, freeze_teacher, load_teacher
-from .pruner import BlockMaskPruner, build_pruner
+from .pruner import build_pruner
 from .surgery import prune_ffn_neurons, prune_heads
 
 logger = logging.get_logger(__name__)
@@ -63,26 +63,35 @@ class PruningTrainer(Trainer):
                     "A teacher was given but distill_alpha=0 and distill_hidden_weight=0: it will not be used. "
                     "Set distill_alpha (e.g. 0.9) to distill."
                 )
-        # Per-batch means for the distillation path: the Trainer must divide them by the accumulation steps itself.
-        if self._distilling:
-            self.loss_is_scaled_for_ga = False
         self._loss_components: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.pruner = None
         if self.args.pruning_method is not None:
             # Built now so that a block shape that does not tile the weights, or an unknown model type, fails here.
             self.pruner = build_pruner(self.model, self.args)
             self.add_callback(_PruningCallback(self))
+        # When pruning or distilling, the loss is a per-batch mean that the Trainer divides by the accumulation steps
+        # and DDP averages. The upstream path, for models that take loss kwargs, skips that division and multiplies
+        # by the world size (average_tokens_across_devices), which is only right for losses normalised by a global
+        # token count, not for the mean losses of classification heads.
+        if self._owns_loss:
+            self.loss_is_scaled_for_ga = False
 
     @property
     def _distilling(self) -> bool:
         return self.teacher is not None and (self.args.distill_alpha > 0 or self.args.distill_hidden_weight > 0)
 
+    @property
+    def _owns_loss(self) -> bool:
+        return self._distilling or self.args.pruning_method is not None
+
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not (self._distilling and model.training):
+        if not (self._owns_loss and model.training):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        if not self._distilling:  # pruning alone: the task loss as a per-batch mean (see __init__)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
         args = self.args
         want_hidden = args.distill_hidden_weight > 0
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else inputs
@@ -130,8 +139,8 @@ class PruningTrainer(Trainer):
     def head_masks(self) -> dict[int, list[int]]:
         """`{layer: [heads]}` for the heads whose blocks are all masked in Q, K, V and the attention output."""
         pruner = self._require_pruner("head_masks()")
-        if not isinstance(pruner, BlockMaskPruner):
-            raise ValueError("head_masks() needs attention block masks: use pruning_target='attention'.")
+        if not hasattr(pruner, "head_masks"):
+            raise ValueError("head_masks() needs attention masks: use pruning_target='attention'.")
         return pruner.head_masks(self.model)
 
     def prune(self) -> dict:
@@ -147,8 +156,8 @@ class PruningTrainer(Trainer):
         model = self.model
         before = {"heads": structure.num_heads(model), "ffn": structure.ffn_size(model)}
         params_before = sum(p.numel() for p in model.parameters())
-        heads = pruner.head_masks(model) if isinstance(pruner, BlockMaskPruner) else {}
-        neurons = {} if isinstance(pruner, BlockMaskPruner) else pruner.pruned_neurons()
+        heads = pruner.head_masks(model) if hasattr(pruner, "head_masks") else {}
+        neurons = pruner.pruned_neurons() if hasattr(pruner, "pruned_neurons") else {}
         if heads:
             prune_heads(model, heads)
         if neurons:

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from hf_prune.masks import check_block_shape, cubic_sparsity, dead_heads, expand_blocks, pool_blocks, topk_mask
-from hf_prune.pruner import Schedule
+from hf_prune.masks import (
+    Schedule,
+    check_block_shape,
+    cubic_sparsity,
+    dead_heads,
+    expand_blocks,
+    pool_blocks,
+    topk_mask,
+)
 
 
 def test_cubic_schedule_shape():

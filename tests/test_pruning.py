@@ -195,3 +195,45 @@ def test_head_masks_without_pruning_is_an_error(tmp_path):
     trainer = PruningTrainer(model=tiny_model(), args=train_args(tmp_path), train_dataset=TinyDataset(8))
     with pytest.raises(ValueError, match="pruning_method"):
         trainer.head_masks()
+
+
+@pytest.mark.parametrize("mode", ["per_layer", "global"])
+def test_head_granularity_masks_whole_heads(tmp_path, mode):
+    trainer = _movement_trainer(tmp_path, attention_granularity="head", target_sparsity=0.5, sparsity_mode=mode)
+    trainer.train()
+    heads = trainer.head_masks()
+    assert sum(map(len, heads.values())) == 4  # half of 2 x 4 heads
+    if mode == "per_layer":
+        assert {k: len(v) for k, v in heads.items()} == {0: 2, 1: 2}
+    expected = _eval_logits(trainer.model)
+    summary = trainer.prune()
+    assert sum(summary["heads_after"]) == 4
+    torch.testing.assert_close(_eval_logits(trainer.model), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_head_granularity_resumes(tmp_path):
+    overrides = dict(save_strategy="steps", save_steps=6, max_steps=12, attention_granularity="head")
+    full = _movement_trainer(tmp_path / "full", **overrides)
+    full.train()
+    resumed = _movement_trainer(tmp_path / "full", **overrides)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    assert full.head_masks() == resumed.head_masks()
+    for a, b in zip(full.pruner.masks, resumed.pruner.masks):
+        assert torch.equal(a, b)
+
+
+def test_pruning_loss_is_correct_under_gradient_accumulation(tmp_path):
+    runs = []
+    for bs, ga in ((8, 1), (4, 2)):
+        trainer = _movement_trainer(
+            tmp_path / f"ga{ga}",
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            max_steps=6,
+            weight_decay=0.0,
+        )
+        trainer.train()
+        runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], trainer.model.state_dict()))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-4)
+    for k, v in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][k], v, atol=1e-5, rtol=1e-4)
