@@ -40,6 +40,40 @@ __all__ = [
 ]
 
 
+class _ScheduledPruner:
+    """What every pruner shares: scores accumulated where the gradients are final, masks moved on a schedule."""
+
+    scorer = None
+    schedule: Schedule
+
+    def accumulate(self) -> None:
+        if self.scorer is not None:
+            self.scorer.accumulate()
+
+    @torch.no_grad()
+    def update(self, step: int) -> bool:
+        """Recomputes the masks if the schedule says so at `step`; returns whether they were recomputed."""
+        fraction = self.schedule.fraction(step)
+        if fraction is None:
+            return False
+        self.set_fraction(fraction)
+        return True
+
+    def set_fraction(self, fraction: float) -> None:
+        raise NotImplementedError
+
+
+def _unit_masks(scores, sparsities, masks, fraction: float, global_ranking: bool) -> list[torch.Tensor]:
+    """Keep-masks of equal units (heads, neurons) per layer: each layer at `fraction` of its sparsity, or one global
+    ranking removing the same total number of units."""
+    if global_ranking:
+        budget = fraction * sum(sp * m.numel() for sp, m in zip(sparsities, masks))
+        total = sum(m.numel() for m in masks)
+        keep = topk_mask(torch.cat(scores), budget / max(total, 1), ~torch.cat(masks))
+        return list(keep.split([m.numel() for m in masks]))
+    return [topk_mask(s, fraction * sp, ~m) for s, sp, m in zip(scores, sparsities, masks)]
+
+
 @dataclass
 class BlockTarget:
     """One Linear weight under a block mask.
@@ -61,7 +95,7 @@ class BlockTarget:
     entry: int | None = None
 
 
-class BlockMaskPruner:
+class BlockMaskPruner(_ScheduledPruner):
     """Block masks on Linear weights, raised on a schedule from movement or magnitude scores.
 
     Args:
@@ -85,25 +119,12 @@ class BlockMaskPruner:
         self._masked: list[bool] | None = None
         self.last_fraction = 0.0
 
-    def accumulate(self) -> None:
-        if self.scorer is not None:
-            self.scorer.accumulate()
-
     def _block_scores(self) -> list[torch.Tensor]:
         if self.scorer is not None:
             raw = self.scorer.scores
         else:
             raw = [magnitude_score(t.module.weight.detach().float()) for t in self.targets]
         return [pool_blocks(s, t.block) for s, t in zip(raw, self.targets)]
-
-    @torch.no_grad()
-    def update(self, step: int) -> bool:
-        """Recomputes the masks if the schedule says so at `step`; returns whether they were recomputed."""
-        fraction = self.schedule.fraction(step)
-        if fraction is None:
-            return False
-        self.set_fraction(fraction)
-        return True
 
     @torch.no_grad()
     def set_fraction(self, fraction: float) -> None:
@@ -191,7 +212,7 @@ def ffn_layer_sparsities(model: nn.Module, rule: str, target: float) -> list[flo
     return [target] * layers
 
 
-class NeuronMaskPruner:
+class NeuronMaskPruner(_ScheduledPruner):
     """Masks of FFN intermediate neurons, from Taylor, movement or magnitude importance.
 
     Args:
@@ -216,10 +237,6 @@ class NeuronMaskPruner:
         self.masks = [torch.ones(up.out_features, dtype=torch.bool, device=up.weight.device) for up, _ in self.groups]
         self._masked: list[bool] | None = None
 
-    def accumulate(self) -> None:
-        if self.scorer is not None:
-            self.scorer.accumulate()
-
     def _scores(self) -> list[torch.Tensor]:
         if self.scorer is not None:
             return [s / max(self.scorer.steps, 1) for s in self.scorer.scores]
@@ -229,25 +246,9 @@ class NeuronMaskPruner:
         ]
 
     @torch.no_grad()
-    def update(self, step: int) -> bool:
-        fraction = self.schedule.fraction(step)
-        if fraction is None:
-            return False
-        self.set_fraction(fraction)
-        return True
-
-    @torch.no_grad()
     def set_fraction(self, fraction: float) -> None:
         scores = self._scores()
-        if self.global_ranking:
-            budget = fraction * sum(s * m.numel() for s, m in zip(self.layer_sparsities, self.masks))
-            total = sum(m.numel() for m in self.masks)
-            keep = topk_mask(torch.cat(scores), budget / max(total, 1), ~torch.cat(self.masks))
-            self.masks = list(keep.split([m.numel() for m in self.masks]))
-        else:
-            self.masks = [
-                topk_mask(s, fraction * sp, ~m) for s, sp, m in zip(scores, self.layer_sparsities, self.masks)
-            ]
+        self.masks = _unit_masks(scores, self.layer_sparsities, self.masks, fraction, self.global_ranking)
         self._masked = None
         if self.schedule.kind == "iterative" and self.scorer is not None:
             self.scorer.reset()  # each iteration ranks on the importance gathered since the last one
@@ -295,7 +296,7 @@ class NeuronMaskPruner:
             self.scorer.steps = int(state["score_steps"])
 
 
-class HeadMaskPruner:
+class HeadMaskPruner(_ScheduledPruner):
     """Whole-head masks: one score per head, summed over its Q/K/V rows and attention-output columns.
 
     Movement scores pooled per head estimate the loss change of removing the head (Sanh et al. 2020 pooled as in
@@ -327,10 +328,6 @@ class HeadMaskPruner:
         self._masked: list[bool] | None = None
         self.last_fraction = 0.0
 
-    def accumulate(self) -> None:
-        if self.scorer is not None:
-            self.scorer.accumulate()
-
     def _head_scores(self) -> list[torch.Tensor]:
         if self.scorer is not None:
             raw = iter(self.scorer.scores)
@@ -348,24 +345,10 @@ class HeadMaskPruner:
         return scores
 
     @torch.no_grad()
-    def update(self, step: int) -> bool:
-        fraction = self.schedule.fraction(step)
-        if fraction is None:
-            return False
-        self.set_fraction(fraction)
-        return True
-
-    @torch.no_grad()
     def set_fraction(self, fraction: float) -> None:
         scores = self._head_scores()
-        if self.sparsity_mode == "global":
-            budget = fraction * sum(sp * m.numel() for sp, m in zip(self.layer_sparsities, self.masks))
-            total = sum(m.numel() for m in self.masks)
-            keep = topk_mask(torch.cat(scores), budget / max(total, 1), ~torch.cat(self.masks))
-            self.masks = list(keep.split([m.numel() for m in self.masks]))
-        else:
-            per_layer = zip(scores, self.layer_sparsities, self.masks)
-            self.masks = [topk_mask(s, fraction * sp, ~m) for s, sp, m in per_layer]
+        global_ranking = self.sparsity_mode == "global"
+        self.masks = _unit_masks(scores, self.layer_sparsities, self.masks, fraction, global_ranking)
         self._masked = None
         self.last_fraction = fraction
         self.apply_masks()
