@@ -178,3 +178,31 @@ def test_bad_selection_fails_before_training(tmp_path, kwargs, match):
 def test_bad_entries_in_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         PruningArguments(output_dir=str(tmp_path), **kwargs)
+
+
+def test_target_entries_in_recipe_stages(tmp_path):
+    from hf_prune.recipe import check_recipe, load_recipe
+
+    text = """
+model: builtin:tiny-bert
+task: demo
+stages:
+  - stage: finetune
+  - stage: movement
+    args:
+      pruning_targets:
+        - {preset: attention, layers: [0], sparsity: 0.5}
+        - {patterns: ['intermediate'], sparsity: 0.3, block_shape: [8, 8]}
+      pruning_exclude: [{names: [classifier]}]
+      sparsity_mode: global
+  - stage: export
+"""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    recipe = load_recipe(str(path), output_dir=str(tmp_path / "out"))
+    args = recipe.stage_arguments(2)
+    assert args.pruning_targets[1] == {"patterns": ["intermediate"], "sparsity": 0.3, "block_shape": [8, 8]}
+    assert args.sparsity_mode == "global"
+    path.write_text(text.replace("sparsity: 0.3", "sparsity: 1.3"))
+    with pytest.raises(ValueError, match=r"Stage 2 \(movement\): pruning_targets\[1\]: sparsity=1.3"):
+        check_recipe(load_recipe(str(path), output_dir=str(tmp_path / "out2")))
