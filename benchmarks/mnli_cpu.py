@@ -82,7 +82,11 @@ def main() -> None:
     parser.add_argument("--max-eval-samples", type=int, default=None, help="Default: the full validation_matched.")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "mnli_cpu.json"))
     parser.add_argument("--cards", default=str(ROOT / "model_cards"))
+    parser.add_argument("--table", action="store_true", help="Only print the results file as a markdown table.")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.results).read_text())))
+        return
     enable_progress_logging()
 
     data = Path(args.data_dir)
@@ -194,6 +198,35 @@ def summary_table(results: dict) -> str:
         )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(" | ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def markdown_table(results: dict) -> str:
+    """The results as the markdown table of the README: one row for the teacher, one per operating point."""
+    rows = [
+        "| model | accuracy (validation_matched) | parameters | file (MiB) | CPU speedup b1 | CPU speedup b32 "
+        "| FLOPs ratio | heads kept | FFN kept | stage wall time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    teacher = results["teacher"]
+    for i, (name, point) in enumerate(results["points"].items()):
+        r = point["report"]
+        t_acc = next(iter(r["metrics"]["teacher"].values()))
+        p_acc = next(iter(r["metrics"]["pruned"].values()))
+        if i == 0:
+            t_wall = " + ".join(f"{s['name']} {s['wall_time_s']:.0f}" for s in teacher["stages"])
+            rows.append(
+                f"| dense, fine-tuned (teacher) | {t_acc:.4f} | {r['parameters']['total_before']:,} | "
+                f"{r['file_size']['before_bytes'] / 2**20:.1f} | 1.00x | 1.00x | 1.00x | "
+                f"{r['heads']['dense']} | {r['ffn']['dense']} | {t_wall} |"
+            )
+        wall = " + ".join(f"{s['name']} {s['wall_time_s']:.0f}" for s in r["stages"] if s.get("wall_time_s"))
+        rows.append(
+            f"| pruned {name} | {p_acc:.4f} ({(p_acc - t_acc) * 100:+.2f} pt) | "
+            f"{r['parameters']['total_after']:,} | {r['file_size']['after_bytes'] / 2**20:.1f} | "
+            f"{_speedup(r, 1):.2f}x | {_speedup(r, 32):.2f}x | {r['flops']['ratio']:.2f}x | "
+            f"{r['heads']['kept']} | {r['ffn']['kept']} | {wall} |"
+        )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
