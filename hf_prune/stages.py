@@ -84,11 +84,23 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 
 
 # ----------------------------------------------------------------------------------------------------- models
+BASE_MODEL_KEY = "hf_prune_base_model"
+
+
 def base_model_name(recipe) -> str:
-    """The name the report and model card give the starting model."""
+    """The name the report and model card give the starting model.
+
+    A folder written by an earlier run (e.g. its fine-tuned teacher) carries the name of the model that run started
+    from, so a chain of runs still credits the original model rather than a local path.
+    """
     if recipe.model.startswith("builtin:"):
         kind, _ = builtin_source(recipe.model)
         return "sentence-transformers/all-MiniLM-L6-v2" if kind == "minilm" else "builtin:tiny-bert"
+    config = Path(recipe.model, "config.json")
+    if config.is_file():
+        name = json.loads(config.read_text(encoding="utf-8")).get(BASE_MODEL_KEY)
+        if name:
+            return name
     return recipe.model
 
 
@@ -253,6 +265,8 @@ class StageContext:
         if self.is_main:
             from .persistence import save_pruned
 
+            if not getattr(model.config, BASE_MODEL_KEY, None):
+                setattr(model.config, BASE_MODEL_KEY, base_model_name(self.recipe))
             save_pruned(model, folder, self.tokenizer, overwrite=True, card=False, figure=False)
         return str(folder.relative_to(self.output_dir))
 

@@ -318,3 +318,14 @@ def test_accuracy_without_the_evaluate_hub_metric():
     compute = build_compute_metrics()
     logits = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0]])
     assert compute(EvalPrediction(predictions=logits, label_ids=np.array([0, 1, 2, 2]))) == {"accuracy": 0.75}
+
+
+def test_base_model_name_follows_a_chain_of_runs(tmp_path):
+    from hf_prune.stages import BASE_MODEL_KEY, base_model_name
+
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", BASE_MODEL_KEY: "org/original-model"}))
+    recipe = load_recipe(base(model=str(folder), output_dir=str(tmp_path / "out")))
+    assert base_model_name(recipe) == "org/original-model"
+    assert base_model_name(load_recipe(base(output_dir=str(tmp_path / "o2")))) == "builtin:tiny-bert"
