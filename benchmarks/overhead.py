@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -132,7 +131,10 @@ def main():
     if args.only:
         with tempfile.TemporaryDirectory() as out:
             run_once(args.only, config, data, args.steps, args.batch, out)
-        print(f"peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent process
+        with open("/proc/self/status") as f:
+            hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        print(f"peak_rss={hwm_kib * 1024}")
         return
     times = {k: [] for k in kinds}
     peaks = {k: [] for k in kinds}
