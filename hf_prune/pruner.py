@@ -235,7 +235,7 @@ class NeuronMaskPruner(_ScheduledPruner):
         self.layer_sparsities, self.global_ranking = layer_sparsities, global_ranking
         self.scorer = NeuronScorer(self.groups, method) if method in ("taylor", "movement") else None
         self.masks = [torch.ones(up.out_features, dtype=torch.bool, device=up.weight.device) for up, _ in self.groups]
-        self._masked: list[bool] | None = None
+        self._masked: list[torch.Tensor] | None = None
 
     def _scores(self) -> list[torch.Tensor]:
         if self.scorer is not None:
@@ -256,15 +256,17 @@ class NeuronMaskPruner(_ScheduledPruner):
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        if self._masked is None:
-            self._masked = [not bool(m.all()) for m in self.masks]
-        for (up, down), m, masked in zip(self.groups, self.masks, self._masked):
-            if not masked:
+        if self._masked is None:  # indices computed once per mask change, not with a boolean gather every step
+            self._masked = [
+                (~m).nonzero().flatten().to(up.weight.device) for (up, _), m in zip(self.groups, self.masks)
+            ]
+        for (up, down), prune_idx in zip(self.groups, self._masked):
+            if prune_idx.numel() == 0:
                 continue
-            up.weight[~m] = 0.0
+            up.weight.index_fill_(0, prune_idx, 0.0)
             if up.bias is not None:
-                up.bias[~m] = 0.0
-            down.weight[:, ~m] = 0.0
+                up.bias.index_fill_(0, prune_idx, 0.0)
+            down.weight.index_fill_(1, prune_idx, 0.0)
 
     def sparsity(self) -> list[float]:
         return [1.0 - m.float().mean().item() if m.numel() else 0.0 for m in self.masks]
@@ -325,7 +327,7 @@ class HeadMaskPruner(_ScheduledPruner):
         weights = [lin[r].weight for _, lin in self.layers for r in structure.ATTENTION_ROLES]
         self.scorer = MovementScorer(weights) if method == "movement" else None
         self.masks = [torch.ones(lin["query"].out_features // self.size, dtype=torch.bool) for _, lin in self.layers]
-        self._masked: list[bool] | None = None
+        self._masked: list[torch.Tensor] | None = None
         self.last_fraction = 0.0
 
     def _head_scores(self) -> list[torch.Tensor]:
@@ -355,15 +357,17 @@ class HeadMaskPruner(_ScheduledPruner):
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        if self._masked is None:
-            self._masked = [not bool(m.all()) for m in self.masks]
-        for (_, lin), m, masked in zip(self.layers, self.masks, self._masked):
-            if not masked:
+        if self._masked is None:  # row indices computed once per mask change, not on every step
+            self._masked = [
+                (~m).repeat_interleave(self.size).nonzero().flatten().to(lin["query"].weight.device)
+                for (_, lin), m in zip(self.layers, self.masks)
+            ]
+        for (_, lin), rows in zip(self.layers, self._masked):
+            if rows.numel() == 0:
                 continue
-            rows = (~m).repeat_interleave(self.size).to(lin["query"].weight.device)
             for role in ("query", "key", "value"):
-                lin[role].weight[rows] = 0.0
-            lin["attention_output"].weight[:, rows] = 0.0
+                lin[role].weight.index_fill_(0, rows, 0.0)
+            lin["attention_output"].weight.index_fill_(1, rows, 0.0)
 
     def sparsity(self) -> list[float]:
         return [1.0 - m.float().mean().item() for m in self.masks]
