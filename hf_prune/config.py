@@ -2,17 +2,47 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
+from transformers.utils import logging
 
-__all__ = ["PruningArguments", "PRUNING_METHODS", "PRUNING_TARGETS", "FFN_SPARSITY_RULES"]
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "PruningArguments",
+    "PRUNING_METHODS",
+    "PRUNING_TARGETS",
+    "FFN_SPARSITY_RULES",
+    "multi_process_launch",
+    "has_accelerator",
+]
 
 PRUNING_METHODS = ("movement", "taylor", "magnitude")
 PRUNING_TARGETS = ("attention", "ffn")
 FFN_SPARSITY_RULES = ("uniform", "global", "heads")
 SPARSITY_MODES = ("per_layer", "global")
 ATTENTION_GRANULARITIES = ("block", "head")
+
+
+# Variables a launcher (torchrun, accelerate launch, mpirun) sets to the number of processes: the same ones accelerate
+# reads to decide that a CPU run is distributed.
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def multi_process_launch() -> bool:
+    """Whether this process is one of several started by a launcher (`torchrun`, `accelerate launch`, `mpirun`)."""
+    return any(int(os.environ.get(name, "1") or 1) > 1 for name in _WORLD_SIZE_VARS)
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a device to train on other than the CPU (CUDA, XPU, MPS, ...)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -138,6 +168,17 @@ class PruningArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if multi_process_launch() and not self.use_cpu and not has_accelerator():
+            # Without use_cpu, TrainingArguments sets up a multi-process launch on a CPU-only machine as a
+            # non-distributed run: every process then trains its own replica on its own batches, with no gradient
+            # all-reduce, and their pruning masks drift apart silently. Training on the CPU with gloo is what such a
+            # launch can only mean.
+            logger.warning_once(
+                "Several processes were launched on a machine without GPU: training runs on the CPU with the gloo "
+                "backend (use_cpu=True), so that the processes average their gradients and keep the same masks."
+            )
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
         from .selection import parse_entries
 

@@ -8,6 +8,7 @@ and `NeuronMaskPruner` (FFN intermediate neurons). Both take their scores from `
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,15 @@ class _ScheduledPruner:
 
     def set_fraction(self, fraction: float) -> None:
         raise NotImplementedError
+
+    def fingerprint(self) -> int:
+        """A 63-bit digest of the current masks: equal on every process of a correctly synchronised run."""
+        digest = hashlib.sha256()
+        for name, mask in sorted(self.state_dict().items()):
+            if name.startswith("mask."):
+                digest.update(name.encode())
+                digest.update(mask.to(torch.uint8).cpu().numpy().tobytes())
+        return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
 def _unit_masks(scores, sparsities, masks, fraction: float, global_ranking: bool) -> list[torch.Tensor]:

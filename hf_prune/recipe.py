@@ -158,8 +158,6 @@ class Recipe:
         < the stage's `args`."""
         spec = self.stages[index - 1]
         kwargs = dict(RUNNER_ARGS, seed=self.seed)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-            kwargs["ddp_backend"] = "gloo"
         if not torch.cuda.is_available():
             kwargs["dataloader_pin_memory"] = False
         kwargs.update(self.defaults)
@@ -486,14 +484,13 @@ def _check_output_dir(recipe: Recipe) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------- runner
-def _init_distributed() -> bool:
-    """Sets up the process group under torchrun / accelerate (gloo without CUDA); returns whether this is rank 0."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return True
-    from accelerate import PartialState
-
-    state = PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo"}))
-    return state.is_main_process
+def _init_distributed(recipe: Recipe) -> bool:
+    """Sets up the processes under torchrun / accelerate launch exactly as the stages' trainers will (the first stage's
+    `PruningArguments` decide the device and backend: gloo on a machine without GPU); returns whether this is the
+    main process."""
+    args = recipe.stage_arguments(1)
+    _ = args.device  # the process group and the accelerate state are set up on first use of the device
+    return args.process_index == 0
 
 
 def _now() -> str:
@@ -549,7 +546,7 @@ def run_recipe(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, output_dir)
-    is_main = _init_distributed()
+    is_main = _init_distributed(recipe)
     check_recipe(recipe)
     out = Path(recipe.output_dir)
     state = _check_output_dir(recipe)

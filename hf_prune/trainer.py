@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import fields
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -19,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from . import structure
-from .config import PruningArguments
+from .config import PruningArguments, multi_process_launch
 from .distill import distillation_loss, freeze_teacher, load_teacher
 from .pruner import build_pruner
 from .surgery import prune_ffn_neurons, prune_heads
@@ -64,6 +65,8 @@ class PruningTrainer(Trainer):
                     "Set distill_alpha (e.g. 0.9) to distill."
                 )
         self._loss_components: dict[str, list[torch.Tensor]] = defaultdict(list)
+        if self._owns_loss:
+            _check_replicas_synchronised(self.accelerator.distributed_type)
         self.pruner = None
         if self.args.pruning_method is not None:
             # Built now so that a block shape that does not tile the weights, or an unknown model type, fails here.
@@ -229,6 +232,45 @@ class PruningTrainer(Trainer):
         )
 
 
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _check_replicas_synchronised(distributed_type) -> None:
+    """Refuses a multi-process launch that the Trainer set up as a single-process run: every process would train its
+    own replica, unsynchronised, and prune different weights."""
+    if distributed_type == DistributedType.NO and (multi_process_launch() or _world_size() > 1):
+        raise ValueError(
+            "Several processes were launched, but the Trainer runs each one on its own (no gradient all-reduce): "
+            "their masks and weights would drift apart. On a machine without GPU, pass use_cpu=True (PruningArguments "
+            "does so by itself; a plain TrainingArguments does not) or launch one process."
+        )
+
+
+def _check_same_masks(pruner, device, step: int) -> None:
+    """After a mask update, compares the masks of all processes (one 8-byte all-gather) and stops on a difference.
+
+    Under data parallelism every process sees the same all-reduced gradients and weights, so it computes the same
+    scores and masks without communicating; a difference means the replicas are no longer the same model (NNI's
+    unsynchronised TaylorFO scores, NNI #5205, were this failure).
+    """
+    world = _world_size()
+    if world == 1:
+        return
+    local = torch.tensor([pruner.fingerprint()], dtype=torch.int64, device=device)
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    torch.distributed.all_gather(gathered, local)
+    differ = [rank for rank, fp in enumerate(gathered) if int(fp) != int(gathered[0])]
+    if differ:
+        raise RuntimeError(
+            f"At step {step} the pruning masks of process(es) {differ} differ from those of process 0: the replicas "
+            "do not train the same model (gradients not all-reduced, or weights changed on one process only). "
+            "Launch with torchrun / accelerate launch and let the Trainer wrap the model (on CPU: use_cpu=True)."
+        )
+
+
 class _PruningCallback(TrainerCallback):
     """Forwards the Trainer's events to the pruner: scores where the gradients are final, masks after each step."""
 
@@ -255,8 +297,9 @@ class _PruningCallback(TrainerCallback):
             self.trainer.pruner.apply_masks()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.pruner is not None:
-            self.trainer.pruner.update(state.global_step)
+        pruner = self.trainer.pruner
+        if pruner is not None and pruner.update(state.global_step):
+            _check_same_masks(pruner, args.device, state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 from utils import tiny_config  # noqa: E402
@@ -92,10 +94,49 @@ def model_shapes(model) -> dict:
     return {"heads": structure.num_heads(model), "ffn": structure.ffn_size(model)}
 
 
+def zeroed_units(model) -> dict:
+    """Per layer, the heads whose query rows are all zero and the FFN neurons whose up-projection rows are all zero:
+    the masks as the weights carry them, read without the pruner."""
+    import torch
+
+    from hf_prune import structure
+
+    spec, size, units = structure.get_spec(model), structure.head_size(model), {}
+    for i, layer in enumerate(structure.get_layers(model)):
+        query = structure.get_module(layer, spec.query).weight.detach()
+        up = structure.get_module(layer, spec.ffn_in).weight.detach()
+        heads = (query.reshape(-1, size * query.shape[1]) == 0).all(dim=1)
+        units[str(i)] = {
+            "heads": heads.nonzero().flatten().tolist(),
+            "neurons": (up == 0).all(dim=1).nonzero().flatten().tolist(),
+        }
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    return {"units": units, "sum": flat.sum().item(), "abs": flat.abs().sum().item()}
+
+
+class StepRecorder(TrainerCallback):
+    """Records `zeroed_units` of the model at every step of every training stage, keyed by the stage folder: at each
+    step's start (the masks of the update made at the end of the step before) and at the end of training."""
+
+    def __init__(self):
+        self.stages = {}
+
+    def _record(self, args, state, model):
+        stage = Path(args.output_dir).parent.name
+        self.stages.setdefault(stage, []).append({"step": state.global_step, **zeroed_units(model)})
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._record(args, state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._record(args, state, model)
+
+
 def main(recipe_path: str, out_json: str) -> None:
     from hf_prune.recipe import run_recipe
 
-    result = run_recipe(recipe_path)
+    recorder = StepRecorder()
+    result = run_recipe(recipe_path, callbacks=[recorder])
     rank = int(os.environ.get("RANK", 0))
     record = {
         "rank": rank,
@@ -103,6 +144,7 @@ def main(recipe_path: str, out_json: str) -> None:
         "shapes": model_shapes(result.model),
         "finished": [r["name"] for r in result.state["finished"]],
         "head_masks": next(r["summary"]["head_masks"] for r in result.state["finished"] if r["stage"] == "movement"),
+        "steps": recorder.stages,
     }
     with open(f"{out_json}.rank{rank}", "w") as f:
         json.dump(record, f)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from recipe_run import make_tiny_assets, model_shapes, tiny_recipe
+from recipe_run import StepRecorder, make_tiny_assets, model_shapes, tiny_recipe
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -157,15 +157,28 @@ def test_resume_after_sigkill(assets, reference, tmp_path):
     _assert_same_final(out, ref)
 
 
-def test_two_processes_end_with_the_same_masks_and_shapes(assets, tmp_path):
-    out = tmp_path / "run"
+def _ddp_recipe(assets, out, world: int) -> dict:
+    """The pruning stages as a user would launch them on a machine without GPU (no use_cpu): whole heads by global
+    movement with a teacher, Taylor FFN with gradient accumulation; the same global batch for any `world`."""
     raw = tiny_recipe(assets, out)
+    raw["defaults"].pop("use_cpu")
+    raw["defaults"]["per_device_train_batch_size"] = 8 // world
     raw["stages"] = [s for s in raw["stages"] if s["stage"] in ("finetune", "movement", "prune_heads", "taylor_ffn")]
+    movement = raw["stages"][1]["args"]
+    movement.update(attention_granularity="head", sparsity_mode="global", target_sparsity=0.5)
+    movement.update(pruning_warmup_steps=1, pruning_cooldown_steps=1)
+    raw["stages"][3]["args"].update(gradient_accumulation_steps=2, per_device_train_batch_size=4 // world)
     raw["stages"].insert(3, {"stage": "evaluate"})
+    return raw
+
+
+def test_two_processes_keep_the_same_masks_and_weights_at_every_step(assets, tmp_path):
+    out = tmp_path / "run"
     recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(raw))
+    recipe_path.write_text(yaml.safe_dump(_ddp_recipe(assets, out, world=2)))
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    env.pop("RANK", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
     proc = subprocess.run(
         [*cmd, str(HERE / "recipe_run.py"), str(recipe_path), str(tmp_path / "shapes.json")],
@@ -177,6 +190,24 @@ def test_two_processes_end_with_the_same_masks_and_shapes(assets, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"shapes.json.rank{r}").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    # every step of every training stage, recorded by each rank from its own weights before anything is reloaded
+    steps = ranks[0]["steps"]
+    assert set(steps) == {"01-finetune", "02-movement", "05-taylor_ffn"}
+    assert steps == ranks[1]["steps"]
+    # the masks did move within the stages, and match one process on the same global batch
+    ref_recorder = StepRecorder()
+    run_recipe(_ddp_recipe(assets, tmp_path / "single", world=1), callbacks=[ref_recorder])
+    for stage, records in steps.items():
+        ref = ref_recorder.stages[stage]
+        assert [r["step"] for r in records] == [r["step"] for r in ref]
+        for a, b in zip(records, ref):
+            assert a["units"] == b["units"], f"{stage}: masks differ from one process at step {a['step']}"
+            assert a["sum"] == pytest.approx(b["sum"], rel=1e-5, abs=1e-4)
+            assert a["abs"] == pytest.approx(b["abs"], rel=1e-5)
+    heads_masked = [sum(len(u["heads"]) for u in r["units"].values()) for r in steps["02-movement"]]
+    assert heads_masked[0] == 0 and heads_masked[-1] == 4  # half the 8 heads of the tiny model, masked gradually
+    neurons_masked = [sum(len(u["neurons"]) for u in r["units"].values()) for r in steps["05-taylor_ffn"]]
+    assert neurons_masked[0] == 0 and neurons_masked[-1] > 0
     assert ranks[0]["shapes"] == ranks[1]["shapes"]
     assert ranks[0]["head_masks"] == ranks[1]["head_masks"]
     assert (
