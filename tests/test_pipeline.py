@@ -163,12 +163,13 @@ def _ddp_recipe(assets, out, world: int) -> dict:
     raw = tiny_recipe(assets, out)
     raw["defaults"].pop("use_cpu")
     raw["defaults"]["per_device_train_batch_size"] = 8 // world
-    raw["stages"] = [s for s in raw["stages"] if s["stage"] in ("finetune", "movement", "prune_heads", "taylor_ffn")]
+    keep = ("finetune", "movement", "prune_heads", "distill", "taylor_ffn")
+    raw["stages"] = [s for s in raw["stages"] if s["stage"] in keep]
     movement = raw["stages"][1]["args"]
     movement.update(attention_granularity="head", sparsity_mode="global", target_sparsity=0.5)
     movement.update(pruning_warmup_steps=1, pruning_cooldown_steps=1)
-    raw["stages"][3]["args"].update(gradient_accumulation_steps=2, per_device_train_batch_size=4 // world)
-    raw["stages"].insert(3, {"stage": "evaluate"})
+    raw["stages"][4]["args"].update(gradient_accumulation_steps=2, per_device_train_batch_size=4 // world)
+    raw["stages"].insert(4, {"stage": "evaluate"})
     return raw
 
 
@@ -192,7 +193,7 @@ def test_two_processes_keep_the_same_masks_and_weights_at_every_step(assets, tmp
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     # every step of every training stage, recorded by each rank from its own weights before anything is reloaded
     steps = ranks[0]["steps"]
-    assert set(steps) == {"01-finetune", "02-movement", "05-taylor_ffn"}
+    assert set(steps) == {"01-finetune", "02-movement", "04-distill", "06-taylor_ffn"}
     assert steps == ranks[1]["steps"]
     # the masks did move within the stages, and match one process on the same global batch
     ref_recorder = StepRecorder()
@@ -206,20 +207,20 @@ def test_two_processes_keep_the_same_masks_and_weights_at_every_step(assets, tmp
             assert a["abs"] == pytest.approx(b["abs"], rel=1e-5)
     heads_masked = [sum(len(u["heads"]) for u in r["units"].values()) for r in steps["02-movement"]]
     assert heads_masked[0] == 0 and heads_masked[-1] == 4  # half the 8 heads of the tiny model, masked gradually
-    neurons_masked = [sum(len(u["neurons"]) for u in r["units"].values()) for r in steps["05-taylor_ffn"]]
+    neurons_masked = [sum(len(u["neurons"]) for u in r["units"].values()) for r in steps["06-taylor_ffn"]]
     assert neurons_masked[0] == 0 and neurons_masked[-1] > 0
     assert ranks[0]["shapes"] == ranks[1]["shapes"]
     assert ranks[0]["head_masks"] == ranks[1]["head_masks"]
     assert (
         ranks[0]["finished"]
         == ranks[1]["finished"]
-        == ["finetune", "movement", "prune_heads", "evaluate", "taylor_ffn"]
+        == ["finetune", "movement", "prune_heads", "distill", "evaluate", "taylor_ffn"]
     )
-    saved = load_pruned(out / "05-taylor_ffn" / "model")
+    saved = load_pruned(out / "06-taylor_ffn" / "model")
     assert model_shapes(saved) == ranks[0]["shapes"]
     state = read_state(out)
     assert [r["name"] for r in state["finished"]] == ranks[0]["finished"]
-    assert set(state["finished"][3]["metrics"]["pruned"]) == {"validation_matched"}
+    assert set(state["finished"][4]["metrics"]["pruned"]) == {"validation_matched"}
     # only the main process wrote: one state, no stray temporary files
     assert not list(out.rglob(".*tmp*"))
 
