@@ -13,7 +13,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constan
 from transformers.utils import logging
 
 from . import structure
-from .persistence import CARD_NAME, CONFIG_NAME, MODELING_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, export_files
+from .files import CARD_NAME, CONFIG_NAME, EVAL_CACHE_NAME, MODELING_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, export_files
 from .report import REPORT_NAME
 from .surgery import original_heads_kept
 
@@ -292,6 +292,7 @@ def push_to_hub(
         repo_id=repo_id,
         repo_type="model",
         commit_message="Upload pruned model exported with hf-prune",
+        ignore_patterns=[EVAL_CACHE_NAME],
     )
     url = str(repo_url) if isinstance(repo_url, str) and repo_url else f"{constants.ENDPOINT}/{repo_id}"
     logger.info("Uploaded %s to %s.", folder, url)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +11,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DistillationOutput", "distillation_loss", "load_teacher", "freeze_teacher"]
+__all__ = ["DistillationOutput", "distillation_loss", "freeze_teacher"]
 
 
 @dataclass
@@ -119,57 +117,4 @@ def freeze_teacher(teacher: nn.Module, device: torch.device | str | None = None)
     teacher.requires_grad_(False)
     if device is not None:
         teacher.to(device)
-    return teacher
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def _looks_like_local_path(name: str) -> bool:
-    """A Hub id is `name` or `org/name`; anything else (absolute, ~, ./, deeper paths) is meant as a folder."""
-    return _HUB_ID.match(name) is None
-
-
-def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module) -> nn.Module:
-    """Returns the teacher as a module: loads it when given a path or Hub id, then checks it fits the student.
-
-    Args:
-        teacher: a model, a local folder, or a Hub model id.
-        student: the model being trained; the teacher is loaded with the same class and must predict the same labels.
-
-    Returns:
-        The teacher (not yet frozen: see [`freeze_teacher`]).
-    """
-    if isinstance(teacher, (str, os.PathLike)):
-        name = os.fspath(teacher)
-        if os.path.isdir(os.path.expanduser(name)):
-            name = os.path.expanduser(name)
-        elif os.path.exists(name) or _looks_like_local_path(name):
-            raise ValueError(
-                f"teacher_model={name!r} is not a folder holding a saved model. Pass the output folder of the "
-                "fine-tuning run (with config.json and model.safetensors), a Hub model id, or the model itself."
-            )
-        try:
-            if os.path.isdir(name):
-                # load_pruned also rebuilds a teacher that was itself pruned (per-layer shapes in its config.json)
-                from .persistence import load_pruned
-
-                teacher = load_pruned(name)
-            else:
-                teacher = type(student).from_pretrained(name)
-        except OSError as err:
-            raise ValueError(
-                f"Could not load the teacher from {name!r}: {err}. Pass a folder written by save_pretrained or a Hub "
-                "model id you can reach (check HF_HUB_OFFLINE and your network)."
-            ) from err
-    if not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher_model must be an nn.Module, a folder or a Hub id, not {type(teacher).__name__}.")
-    t_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
-    s_labels = getattr(getattr(student, "config", None), "num_labels", None)
-    if t_labels is not None and s_labels is not None and t_labels != s_labels:
-        raise ValueError(
-            f"The teacher predicts {t_labels} labels but the student {s_labels}: distillation compares their logits "
-            "label by label. Fine-tune the teacher on the student's task first (the `finetune` stage), or give the "
-            "student the teacher's `num_labels` and label mapping."
-        )
     return teacher

@@ -29,26 +29,32 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import AutoModelForSequenceClassification
 from transformers.modeling_utils import unwrap_model
 from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
+from . import card as cards
 from . import modeling_pruned, structure
+from .files import (
+    CARD_NAME,
+    CONFIG_NAME,
+    FIGURE_NAME,
+    MODELING_NAME,
+    PICKLE_SUFFIXES,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    export_files,
+)
 from .modeling_pruned import PrunedModelMixin
 from .report import REPORT_NAME
 from .surgery import record_shapes
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["save_pruned", "load_pruned", "pruned_class", "export_files"]
+__all__ = ["save_pruned", "load_pruned", "load_teacher", "pruned_class", "export_files"]
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
-MODELING_NAME = "modeling_hf_prune.py"
-CARD_NAME = "README.md"
-FIGURE_NAME = "head_map.png"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _TMP_MARK = ".hf-prune-tmp-"
 _OLD_MARK = ".hf-prune-old-"
 
@@ -65,12 +71,6 @@ _AUTO_MAPPINGS = {
     "AutoModelForNextSentencePrediction": modeling_auto.MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES,
 }
 _PRUNED_CLASSES: dict[type, type] = {}
-
-
-def export_files(folder: str | Path) -> list[str]:
-    """Sorted relative paths of the files in an export folder."""
-    folder = Path(folder)
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 def pruned_class(base: type) -> type:
@@ -187,14 +187,10 @@ def _write_extras(config, folder: Path, tokenizer, report: dict | None, card: bo
                 "matplotlib is not installed, so no %s is written: pip install 'hf-prune[plot]'.", FIGURE_NAME
             )
         else:
-            from .card import plot_head_map
-
-            plot_head_map(config, folder / FIGURE_NAME)
+            cards.plot_head_map(config, folder / FIGURE_NAME)
             figure_name = FIGURE_NAME
     if card:
-        from .card import make_model_card
-
-        make_model_card(report, config, figure_name=figure_name).save(folder / CARD_NAME)
+        cards.make_model_card(report, config, figure_name=figure_name).save(folder / CARD_NAME)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
@@ -366,3 +362,59 @@ def load_pruned(path: str | os.PathLike, **from_pretrained_kwargs):
             "model again with hf_prune.save_pruned."
         )
     return (model, info) if want_info else model
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """A Hub id is `name` or `org/name`; anything else (absolute, ~, ./, deeper paths) is meant as a folder."""
+    return _HUB_ID.match(name) is None
+
+
+def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module | None = None) -> nn.Module:
+    """The teacher as a module: loaded when given a folder or Hub id, then checked against the student.
+
+    The one loader of teachers, for `PruningTrainer(teacher_model=...)` and the recipe stages alike.
+
+    Args:
+        teacher: a model, a local folder (dense, or pruned by hf_prune: its per-layer shapes are rebuilt), or a Hub
+            model id.
+        student: the model being trained, if known: a Hub teacher is loaded with its class (else as
+            `AutoModelForSequenceClassification`) and must predict the same labels.
+
+    Returns:
+        The teacher (not yet frozen: see [`distill.freeze_teacher`]).
+    """
+    if isinstance(teacher, (str, os.PathLike)):
+        name = os.fspath(teacher)
+        if os.path.isdir(os.path.expanduser(name)):
+            name = os.path.expanduser(name)
+        elif os.path.exists(name) or _looks_like_local_path(name):
+            raise ValueError(
+                f"teacher_model={name!r} is not a folder holding a saved model. Pass the output folder of the "
+                "fine-tuning run (with config.json and model.safetensors), a Hub model id, or the model itself."
+            )
+        try:
+            if os.path.isdir(name):
+                # load_pruned also rebuilds a teacher that was itself pruned (per-layer shapes in its config.json)
+                teacher = load_pruned(name)
+            else:
+                model_class = type(student) if student is not None else AutoModelForSequenceClassification
+                teacher = model_class.from_pretrained(name)
+        except OSError as err:
+            raise ValueError(
+                f"Could not load the teacher from {name!r}: {err}. Pass a folder written by save_pretrained or a Hub "
+                "model id you can reach (check HF_HUB_OFFLINE and your network)."
+            ) from err
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher_model must be an nn.Module, a folder or a Hub id, not {type(teacher).__name__}.")
+    t_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
+    s_labels = getattr(getattr(student, "config", None), "num_labels", None)
+    if t_labels is not None and s_labels is not None and t_labels != s_labels:
+        raise ValueError(
+            f"The teacher predicts {t_labels} labels but the student {s_labels}: distillation compares their logits "
+            "label by label. Fine-tune the teacher on the student's task first (the `finetune` stage), or give the "
+            "student the teacher's `num_labels` and label mapping."
+        )
+    return teacher

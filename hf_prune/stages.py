@@ -23,7 +23,8 @@ from . import structure
 from .config import PruningArguments
 from .data import build_compute_metrics, builtin_source, demo_bert_config, label_kwargs
 from .data import load_tokenizer as data_load_tokenizer
-from .modeling_pruned import LAYOUT_KEY
+from .metrics_cache import CACHE_NAME, MetricsCache, cache_key, dataset_digest, model_digest
+from .persistence import load_pruned, load_teacher, save_pruned
 from .surgery import prune_heads
 from .trainer import PRUNING_META_NAME, PruningTrainer
 
@@ -79,6 +80,7 @@ RUNNER_ARGS = {
     "average_tokens_across_devices": False,
 }
 MASKS_NAME = "head_masks.json"
+METRIC = "accuracy"
 MODEL_SUBDIR = "model"
 CHECKPOINTS_SUBDIR = "checkpoints"
 
@@ -121,12 +123,6 @@ def load_start_model(recipe, tokenizer):
         logger.info("Model %s: a small BERT (4 layers, 8 heads of 16, FFN 256) built in code.", name)
         return AutoModelForSequenceClassification.from_config(demo_bert_config(tokenizer))
     return AutoModelForSequenceClassification.from_pretrained(name, **label_kwargs())
-
-
-def _load_saved(folder: str | os.PathLike):
-    from .persistence import load_pruned
-
-    return load_pruned(folder)
 
 
 def looks_like_path(name: str) -> bool:
@@ -237,7 +233,7 @@ class StageContext:
 
     def load_current_model(self):
         folder = self.current_model_dir()
-        return _load_saved(folder) if folder else load_start_model(self.recipe, self.tokenizer)
+        return load_pruned(folder) if folder else load_start_model(self.recipe, self.tokenizer)
 
     def teacher_source(self) -> str | None:
         """The teacher's folder or Hub id: `teacher` of the recipe, else the last finished finetune stage."""
@@ -247,14 +243,9 @@ class StageContext:
         return str(self.output_dir / dirs[-1]) if dirs else None
 
     def load_teacher(self):
-        """The frozen teacher as a model (None when the recipe has none)."""
+        """The teacher as a model (None when the recipe has none)."""
         source = self.teacher_source()
-        if source is None:
-            return None
-        config = Path(source, "config.json")
-        if config.is_file() and LAYOUT_KEY in json.loads(config.read_text(encoding="utf-8")):
-            return _load_saved(source)
-        return AutoModelForSequenceClassification.from_pretrained(source)
+        return load_teacher(source) if source is not None else None
 
     def collator(self):
         return DataCollatorWithPadding(self.tokenizer)
@@ -263,8 +254,6 @@ class StageContext:
         """Saves the stage's model to `NN-name/model` (main process) and returns its path relative to the run."""
         folder = self.stage_dir / MODEL_SUBDIR
         if self.is_main:
-            from .persistence import save_pruned
-
             if not getattr(model.config, BASE_MODEL_KEY, None):
                 setattr(model.config, BASE_MODEL_KEY, base_model_name(self.recipe))
             save_pruned(model, folder, self.tokenizer, overwrite=True, card=False, figure=False)
@@ -420,24 +409,57 @@ def stage_taylor_ffn(ctx: StageContext) -> dict:
     }
 
 
+def _evaluate(ctx: StageContext, model, args, splits: dict) -> dict[str, float]:
+    trainer = _trainer(ctx, model, args, train=False)
+    results = {
+        split: float(trainer.evaluate(eval_dataset=ds, metric_key_prefix=split)[f"{split}_{METRIC}"])
+        for split, ds in splits.items()
+    }
+    del trainer
+    return results
+
+
+def teacher_cache_path(ctx: StageContext) -> Path:
+    """Where the teacher's metrics are cached: in the teacher's own folder (so every run distilling from it shares
+    them), or in the run folder when the teacher comes from the Hub."""
+    source = ctx.teacher_source()
+    folder = Path(source) if source is not None and Path(source).is_dir() else ctx.output_dir
+    return folder / CACHE_NAME
+
+
+def teacher_metrics(ctx: StageContext, teacher, args, splits: dict) -> dict[str, float]:
+    """The teacher's metric on every split, evaluated only for the splits the cache does not hold for these weights
+    and this split content."""
+    cache = MetricsCache(teacher_cache_path(ctx))
+    model_key = model_digest(teacher)
+    keys = {split: cache_key(model_key, dataset_digest(ds), METRIC) for split, ds in splits.items()}
+    results = {split: cache.get(key) for split, key in keys.items()}
+    missing = {split: splits[split] for split, value in results.items() if value is None}
+    if missing:
+        results.update(_evaluate(ctx, teacher, args, missing))
+        if ctx.is_main:
+            for split in missing:
+                cache.put(keys[split], results[split], split, METRIC)
+    if len(missing) < len(splits):
+        logger.info(
+            "Teacher %s on %s read from %s.", METRIC, sorted(set(splits) - set(missing)), teacher_cache_path(ctx)
+        )
+    return {split: results[split] for split in splits}
+
+
 def evaluate_models(ctx: StageContext, model) -> dict:
-    """`{"teacher": {split: accuracy}, "pruned": {split: accuracy}}` on every validation split."""
+    """`{"teacher": {split: accuracy}, "pruned": {split: accuracy}}` on every validation split (the teacher's from
+    the metrics cache when these weights were evaluated on these splits before)."""
     args = ctx.arguments()
     splits = ctx.eval_splits()
     if not splits:
         raise ValueError("There is no validation split to evaluate on: set data.validation_file in the recipe.")
     results = {}
     teacher = ctx.load_teacher()
-    for who, candidate in (("teacher", teacher), ("pruned", model)):
-        if candidate is None:
-            continue
-        trainer = _trainer(ctx, candidate, args, train=False)
-        results[who] = {
-            split: float(trainer.evaluate(eval_dataset=ds, metric_key_prefix=split)[f"{split}_accuracy"])
-            for split, ds in splits.items()
-        }
-        del trainer
+    if teacher is not None:
+        results["teacher"] = teacher_metrics(ctx, teacher, args, splits)
     del teacher
+    results["pruned"] = _evaluate(ctx, model, args, splits)
     gc.collect()
     logger.info("Stage %s: accuracy %s.", ctx.spec["name"], results)
     return results
@@ -451,7 +473,6 @@ def stage_evaluate(ctx: StageContext) -> dict:
 
 def stage_export(ctx: StageContext) -> dict:
     """Measures the current model against the dense teacher and exports it with its report and model card."""
-    from .persistence import save_pruned
     from .report import build_report
 
     opts = ctx.spec

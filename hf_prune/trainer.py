@@ -21,7 +21,8 @@ from transformers.utils import logging
 
 from . import structure
 from .config import PruningArguments, multi_process_launch
-from .distill import distillation_loss, freeze_teacher, load_teacher
+from .distill import distillation_loss, freeze_teacher
+from .persistence import load_teacher
 from .pruner import build_pruner
 from .surgery import prune_ffn_neurons, prune_heads
 

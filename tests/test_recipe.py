@@ -11,15 +11,8 @@ from recipe_run import make_tiny_assets, tiny_recipe
 
 from hf_prune import PruningArguments
 from hf_prune.data import build_compute_metrics, load_task_data, make_demo_data, read_local_file
-from hf_prune.recipe import (
-    STATE_NAME,
-    apply_overrides,
-    argument_names,
-    check_recipe,
-    load_recipe,
-    packaged_recipe,
-    run_recipe,
-)
+from hf_prune.recipe import STATE_NAME, run_recipe
+from hf_prune.recipe_schema import apply_overrides, argument_names, check_recipe, load_recipe, packaged_recipe
 from hf_prune.stages import STAGE_TYPES, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,0 +1,34 @@
+"""The names of the files in an export folder, shared by the code that writes them (`persistence.py`) and the code
+that reads or publishes them (`card.py`, `report.py`), so that neither imports the other for a file name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "WEIGHTS_NAME",
+    "WEIGHTS_INDEX_NAME",
+    "CONFIG_NAME",
+    "MODELING_NAME",
+    "CARD_NAME",
+    "FIGURE_NAME",
+    "PICKLE_SUFFIXES",
+    "EVAL_CACHE_NAME",
+    "export_files",
+]
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+MODELING_NAME = "modeling_hf_prune.py"
+CARD_NAME = "README.md"
+FIGURE_NAME = "head_map.png"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Written beside a teacher's weights by the metrics cache; local bookkeeping, never uploaded.
+EVAL_CACHE_NAME = "hf_prune_eval_cache.json"
+
+
+def export_files(folder: str | Path) -> list[str]:
+    """Sorted relative paths of the files in an export folder."""
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
