@@ -45,10 +45,10 @@ from .recipe_schema import (
     packaged_recipe,
     validate_recipe,
 )
+from .sources import load_tokenizer
 from .stages import (
     StageContext,
     _barrier,
-    load_tokenizer,
     remove_checkpoints,
     run_stage,
     stage_folder,

@@ -22,14 +22,13 @@ import yaml
 
 from .config import PruningArguments
 from .data import TASKS
+from .sources import check_model_source, looks_like_path
 from .stages import (
     CHECKPOINTS_SUBDIR,
     RUNNER_ARGS,
     STAGE_ARG_RULES,
     STAGE_OPTIONS,
     STAGE_TYPES,
-    check_model_source,
-    looks_like_path,
     stage_folder,
 )
 

@@ -314,7 +314,7 @@ def test_accuracy_without_the_evaluate_hub_metric():
 
 
 def test_base_model_name_follows_a_chain_of_runs(tmp_path):
-    from hf_prune.stages import BASE_MODEL_KEY, base_model_name
+    from hf_prune.sources import BASE_MODEL_KEY, base_model_name
 
     folder = tmp_path / "teacher"
     folder.mkdir()
