@@ -19,5 +19,6 @@ __all__ = [
 ]
 
 from .persistence import load_pruned, save_pruned  # noqa: E402
+from .posttrain import prune_to_speedup  # noqa: E402
 
-__all__ += ["load_pruned", "save_pruned"]
+__all__ += ["load_pruned", "save_pruned", "prune_to_speedup"]

@@ -1,4 +1,5 @@
-"""`hf-prune` command line: `run` a staged recipe, print a `report`, `push` an export to the Hub."""
+"""`hf-prune` command line: `run` a staged recipe, `compress` a fine-tuned model to a speed without training, print a
+`report`, `push` an export to the Hub."""
 
 from __future__ import annotations
 
@@ -29,6 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="Override a recipe value, e.g. --set model=path/to/model or --set stages.movement.target_sparsity=0.6.",
     )
 
+    compress = sub.add_parser(
+        "compress",
+        help="Prune a fine-tuned model to a speedup without training (Fisher mask search and least-squares tuning), "
+        "evaluate it against the dense model and export it with its report and card.",
+    )
+    compress.add_argument("model", help="The fine-tuned model: a folder or a Hub id.")
+    compress.add_argument("--speedup", type=float, required=True, help="Target FLOPs ratio, dense / pruned (e.g. 2).")
+    compress.add_argument("--task", default="mnli", help="The task of the model and its data (default: mnli).")
+    compress.add_argument("--train-file", action="append", default=None, help="Local file(s) to sample from.")
+    compress.add_argument("--validation-file", action="append", default=None, help="Local validation file(s).")
+    compress.add_argument("--output-dir", default=None, help="Run folder (default: runs/compress-<model name>).")
+    compress.add_argument("--num-samples", type=int, default=2048, help="Examples for the Fisher information.")
+    compress.add_argument("--tune-samples", type=int, default=512, help="Examples for the least-squares tuning.")
+    compress.add_argument("--no-tune", action="store_true", help="Skip the least-squares mask tuning.")
+    compress.add_argument("--seq-len", type=int, default=128, help="Sequence length of the FLOPs cost model.")
+    compress.add_argument("--max-seq-length", type=int, default=128, help="Truncation of the tokenized examples.")
+    compress.add_argument("--max-eval-samples", type=int, default=None, help="Evaluate on a random subset.")
+    compress.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a value of the generated recipe, e.g. --set defaults.per_device_eval_batch_size=64.",
+    )
+
     report = sub.add_parser("report", help="Print the pruning report of an exported folder as a table.")
     report.add_argument("dir", help="An exported folder (holds pruning_report.json).")
 
@@ -47,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             from .recipe import cli_run
 
             return cli_run(args)
+        if args.command == "compress":
+            from .recipe import cli_compress
+
+            return cli_compress(args)
         if args.command == "report":
             from .report import cli_report
 

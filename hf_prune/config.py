@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 PRUNING_METHODS = ("movement", "taylor", "magnitude")
-PRUNING_TARGETS = ("attention", "ffn")
+PRUNING_TARGETS = ("attention", "ffn", "heads_and_ffn")
 FFN_SPARSITY_RULES = ("uniform", "global", "heads")
 SPARSITY_MODES = ("per_layer", "global")
 ATTENTION_GRANULARITIES = ("block", "head")
@@ -86,12 +86,29 @@ class PruningArguments(TrainingArguments):
         default="attention",
         metadata={
             "help": "'attention' (block masks on the Q, K, V and attention output weights; heads whose blocks are "
-            "all masked can then be removed) or 'ffn' (FFN intermediate neurons). 'taylor' needs 'ffn'."
+            "all masked can then be removed), 'ffn' (FFN intermediate neurons) or 'heads_and_ffn' (whole heads and "
+            "FFN neurons together, under one FLOPs budget set by target_speedup). 'taylor' needs 'ffn' or "
+            "'heads_and_ffn'."
         },
     )
-    target_sparsity: float = field(
-        default=0.5,
-        metadata={"help": "Fraction of the targeted weights (attention) or neurons (FFN) to remove, in [0, 1)."},
+    target_sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of the targeted weights (attention) or neurons (FFN) to remove, in [0, 1). Default 0.5 "
+            "unless target_speedup is given instead."
+        },
+    )
+    target_speedup: float | None = field(
+        default=None,
+        metadata={
+            "help": "The speed to reach instead of sparsities: dense FLOPs / pruned FLOPs of one forward pass at "
+            "speedup_seq_len tokens (> 1, e.g. 2). Heads and FFN neurons are allocated across all layers by "
+            "importance per FLOP (pruning_target='heads_and_ffn', or the prune_to_speedup recipe stage)."
+        },
+    )
+    speedup_seq_len: int = field(
+        default=128,
+        metadata={"help": "Sequence length at which the FLOPs of target_speedup are counted."},
     )
     block_shape: list[int] | None = field(
         default=None,
@@ -204,12 +221,36 @@ class PruningArguments(TrainingArguments):
             )
         if self.pruning_target not in PRUNING_TARGETS:
             raise ValueError(f"pruning_target={self.pruning_target!r} is not known. Use one of {PRUNING_TARGETS}.")
-        if self.pruning_method == "taylor" and self.pruning_target != "ffn":
+        if self.pruning_method == "taylor" and self.pruning_target == "attention":
             raise ValueError(
-                "pruning_method='taylor' scores FFN neurons: set pruning_target='ffn' (use 'movement' or 'magnitude' "
-                "for attention)."
+                "pruning_method='taylor' scores FFN neurons and whole units: set pruning_target='ffn' or "
+                "'heads_and_ffn' (use 'movement' or 'magnitude' for attention blocks)."
             )
-        if not 0.0 <= self.target_sparsity < 1.0:
+        if self.target_speedup is not None:
+            if self.target_sparsity is not None:
+                raise ValueError(
+                    f"Both target_speedup={self.target_speedup} and target_sparsity={self.target_sparsity} are given: "
+                    "the speed target decides the sparsities. Give one of them."
+                )
+            if not self.target_speedup > 1.0:
+                raise ValueError(
+                    f"target_speedup={self.target_speedup} must be > 1: it is dense FLOPs / pruned FLOPs, e.g. 2."
+                )
+            if self.pruning_method is not None and self.pruning_target != "heads_and_ffn":
+                raise ValueError(
+                    "target_speedup allocates heads and FFN neurons together: set pruning_target='heads_and_ffn' "
+                    "(or give target_sparsity for attention or ffn alone)."
+                )
+        else:
+            if self.pruning_method is not None and self.pruning_target == "heads_and_ffn":
+                raise ValueError(
+                    "pruning_target='heads_and_ffn' spends one FLOPs budget: set target_speedup (e.g. 2.0)."
+                )
+            if self.target_sparsity is None:
+                self.target_sparsity = 0.5
+        if self.speedup_seq_len < 1:
+            raise ValueError(f"speedup_seq_len={self.speedup_seq_len} must be >= 1.")
+        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
             raise ValueError(
                 f"target_sparsity={self.target_sparsity} is outside [0, 1): it is the fraction removed, e.g. 0.5. "
                 "To remove a whole layer's heads or neurons, call prune_heads / prune_ffn_neurons directly."

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -139,6 +139,20 @@ def read_local_file(path: str | os.PathLike) -> Dataset:
     columns = {c: [str(r[c]) for r in rows] for c in TEXT_COLUMNS}
     columns["label"] = [normalize_label(r["label"], path, i) for i, r in enumerate(rows, start=1)]
     return Dataset.from_dict(columns)
+
+
+def train_files(spec) -> list[str]:
+    """`train_file` as a path or a list of paths (read one after the other) -> a list of paths."""
+    if spec is None:
+        return []
+    return [str(spec)] if isinstance(spec, (str, os.PathLike)) else [str(p) for p in spec]
+
+
+def read_train_files(spec) -> Dataset:
+    """The training rows of one or several local files, in order."""
+    files = train_files(spec)
+    parts = [read_local_file(path) for path in files]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def validation_files(spec) -> dict[str, str]:
@@ -333,8 +347,9 @@ def load_task_data(task: str, data: Mapping | None = None, seed: int = 0) -> Dat
 
     Args:
         task: a key of `TASKS` ("mnli" or "demo").
-        data: the recipe's `data` section: `train_file` and `validation_file` (local files override the Hub data; a
-            validation file's split is named after its stem, or give `{split: path}`), `max_train_samples`,
+        data: the recipe's `data` section: `train_file` (a path or a list of paths, concatenated) and `validation_file`
+            (local files override the Hub data; a validation file's split is named after its stem, or give
+            `{split: path}`), `max_train_samples`,
             `max_eval_samples` (random subsets, drawn with `seed`), `demo_train_size` / `demo_eval_size` (demo task).
         seed: seed of the subsets and of the demo generator.
 
@@ -350,14 +365,14 @@ def load_task_data(task: str, data: Mapping | None = None, seed: int = 0) -> Dat
             make_demo_data(int(data.get("demo_train_size", 2000)), int(data.get("demo_eval_size", 400)), seed)
         )
     elif train_file and val_files:
-        splits = {"train": read_local_file(train_file)}
+        splits = {"train": read_train_files(train_file)}
         splits.update({name: read_local_file(path) for name, path in val_files.items()})
     elif train_file or val_files:
         if TASKS[task]["source"] != "hub":
             raise ValueError(f"Task {task!r} with local files needs both data.train_file and data.validation_file.")
         splits = dict(_load_hub(task))
         if train_file:
-            splits["train"] = read_local_file(train_file)
+            splits["train"] = read_train_files(train_file)
         if val_files:
             splits = {"train": splits["train"], **{n: read_local_file(p) for n, p in val_files.items()}}
     else:

@@ -439,6 +439,15 @@ def build_pruner(model: nn.Module, args) -> BlockMaskPruner | NeuronMaskPruner:
     entries = getattr(args, "pruning_targets", None)
     exclude = getattr(args, "pruning_exclude", None)
     mode = getattr(args, "sparsity_mode", "per_layer")
+    if args.pruning_target == "heads_and_ffn":
+        if entries or exclude:
+            raise ValueError(
+                "pruning_target='heads_and_ffn' prunes every layer's heads and neurons under one FLOPs budget; "
+                "pruning_targets / pruning_exclude select modules for 'attention' or 'ffn' only. Remove them."
+            )
+        from .unit_pruner import UnitMaskPruner
+
+        return UnitMaskPruner(model, method, schedule, args.target_speedup, args.speedup_seq_len)
     if args.pruning_target == "ffn":
         rule = args.ffn_sparsity_rule
         sparsities = ffn_layer_sparsities(model, rule, args.target_sparsity)

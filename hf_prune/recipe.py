@@ -69,6 +69,8 @@ __all__ = [
     "packaged_recipe",
     "format_summary",
     "cli_run",
+    "cli_compress",
+    "compress_recipe",
     "STATE_NAME",
 ]
 
@@ -297,6 +299,50 @@ def cli_run(args) -> int:
     path = args.recipe or packaged_recipe("demo")
     start = time.perf_counter()
     result = run_recipe(path, overrides=args.overrides, output_dir=args.output_dir)
+    if result.is_main:
+        print(format_summary(result))
+        print(f"wall time of this command: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def compress_recipe(args) -> dict:
+    """The recipe `hf-prune compress` runs: prune_to_speedup, evaluate (the model given is the dense teacher) and
+    export."""
+    model = str(Path(args.model).absolute()) if Path(args.model).exists() else args.model
+    data = {"max_seq_length": args.max_seq_length, "max_eval_samples": args.max_eval_samples}
+    if args.train_file:
+        data["train_file"] = [str(Path(f).absolute()) for f in args.train_file]
+    if args.validation_file:
+        files = [str(Path(f).absolute()) for f in args.validation_file]
+        data["validation_file"] = files[0] if len(files) == 1 else files
+    name = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    return {
+        "description": f"{args.model} pruned to {args.speedup}x FLOPs without training.",
+        "model": model,
+        "teacher": model,
+        "task": args.task,
+        "data": data,
+        "output_dir": args.output_dir or f"runs/compress-{name}-{args.speedup:g}x",
+        "defaults": {"per_device_eval_batch_size": 64},
+        "stages": [
+            {
+                "stage": "prune_to_speedup",
+                "args": {"target_speedup": args.speedup, "speedup_seq_len": args.seq_len},
+                "num_samples": args.num_samples,
+                "tune_samples": args.tune_samples,
+                "tune": not args.no_tune,
+            },
+            {"stage": "evaluate"},
+            {"stage": "export", "seq_len": args.seq_len},
+        ],
+    }
+
+
+def cli_compress(args) -> int:
+    """`hf-prune compress MODEL --speedup S [...]`: retraining-free pruning ending in an export."""
+    enable_progress_logging()
+    start = time.perf_counter()
+    result = run_recipe(compress_recipe(args), overrides=args.overrides)
     if result.is_main:
         print(format_summary(result))
         print(f"wall time of this command: {time.perf_counter() - start:.1f} s")

@@ -26,6 +26,7 @@ from .sources import check_model_source, looks_like_path
 from .stages import (
     CHECKPOINTS_SUBDIR,
     RUNNER_ARGS,
+    SPEEDUP_STAGES,
     STAGE_ARG_RULES,
     STAGE_OPTIONS,
     STAGE_TYPES,
@@ -169,6 +170,11 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
     for key, (_, allowed) in STAGE_ARG_RULES.get(kind, {}).items():
         if key in args and args[key] not in allowed:
             raise ValueError(f"{where}: a {kind} stage needs {key} in {list(allowed)}, got {args[key]!r}.")
+    if kind == "prune_to_speedup":
+        for key in ("num_samples", "tune_samples", "batch_size"):
+            value = entry.get(key, options[key])
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: {key}={value!r} must be a positive integer.")
     if kind == "prune_heads" and not 0.0 < float(entry.get("min_masked", 1.0)) <= 1.0:
         raise ValueError(f"{where}: min_masked={entry['min_masked']} must be in (0, 1]; 1 removes fully masked heads.")
     spec = {"stage": kind, "name": name, "args": args}
@@ -221,6 +227,11 @@ def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Re
                 "stage before it."
             )
         merged = {**defaults, **spec["args"]}
+        if spec["stage"] in SPEEDUP_STAGES and merged.get("target_speedup") is None:
+            raise ValueError(
+                f"Stage {spec['name']!r} ({spec['stage']}) prunes to a speed: set target_speedup in its args, e.g. "
+                "{target_speedup: 2.0}."
+            )
         rules = STAGE_ARG_RULES.get(spec["stage"], {})
         alpha = merged.get("distill_alpha", 0.0) if "distill_alpha" not in rules else rules["distill_alpha"][0]
         hidden = merged.get("distill_hidden_weight", 0.0)
@@ -378,9 +389,10 @@ def check_recipe(recipe: Recipe) -> None:
     """Everything that can be checked before training: models, data files, and every stage's arguments."""
     for what in ("model", "teacher", "tokenizer"):
         check_model_source(what, getattr(recipe, what))
-    from .data import validation_files
+    from .data import train_files, validation_files
 
-    files = [recipe.data.get("train_file"), *validation_files(recipe.data.get("validation_file")).values()]
+    data = recipe.data
+    files = [*train_files(data.get("train_file")), *validation_files(data.get("validation_file")).values()]
     for path in filter(None, files):
         if not os.path.isfile(path):
             raise FileNotFoundError(

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging
 
 from . import structure
+from .costs import count_flops, dummy_inputs
 from .modeling_pruned import PRUNED_HEADS_KEY
 
 logger = logging.get_logger(__name__)
@@ -73,21 +73,6 @@ def _weights_bytes(model: nn.Module, path: str | Path | None) -> tuple[int, str]
     return total, "state_dict_nbytes"
 
 
-def _inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    config = model.config
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise ValueError(
-            f"seq_len={seq_len} is longer than the model's max_position_embeddings={max_pos}; pass a smaller seq_len."
-        )
-    special = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
-    low = max((t for t in special if isinstance(t, int)), default=-1) + 1
-    low = low if low < config.vocab_size else 0
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(low, config.vocab_size, (batch_size, seq_len), generator=g)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-
-
 def _on_cpu(model: nn.Module) -> nn.Module:
     devices = {p.device.type for p in model.parameters()}
     if devices <= {"cpu"}:
@@ -96,27 +81,10 @@ def _on_cpu(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to("cpu")
 
 
-@torch.no_grad()
-def _flops(model: nn.Module, seq_len: int) -> int:
-    """FLOPs of one forward pass over a batch of one sequence of `seq_len` tokens (eager attention)."""
-    inputs = _inputs(model, 1, seq_len)
-    previous = getattr(model.config, "_attn_implementation", None)
-    switch = previous not in (None, "eager") and hasattr(model, "set_attn_implementation")
-    if switch:
-        model.set_attn_implementation("eager")
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(**inputs)
-    finally:
-        if switch:
-            model.set_attn_implementation(previous)
-    return int(counter.get_total_flops())
-
-
 @torch.inference_mode()
 def _latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int, warmup: int) -> dict:
     """Median forward time (ms) of both models, timed interleaved in this process."""
-    inputs = _inputs(dense, batch_size, seq_len)
+    inputs = dummy_inputs(dense, batch_size, seq_len)
     for _ in range(warmup):
         dense(**inputs)
         pruned(**inputs)
@@ -220,7 +188,7 @@ def build_report(
         enc_after, total_after = _parameters(pruned)
         size_before, method_before = _weights_bytes(dense, dense_path)
         size_after, method_after = _weights_bytes(pruned, pruned_path)
-        flops_dense, flops_pruned = _flops(dense, seq_len), _flops(pruned, seq_len)
+        flops_dense, flops_pruned = count_flops(dense, seq_len), count_flops(pruned, seq_len)
         latency = [_latency(dense, pruned, int(b), seq_len, repeats, warmup) for b in batch_sizes]
     finally:
         dense.train(modes[0])

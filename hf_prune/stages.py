@@ -24,6 +24,7 @@ from .config import PruningArguments
 from .data import build_compute_metrics
 from .metrics_cache import CACHE_NAME, MetricsCache, cache_key, dataset_digest, model_digest
 from .persistence import load_pruned, load_teacher, save_pruned
+from .posttrain import prune_to_speedup
 from .sources import BASE_MODEL_KEY, base_model_name, load_start_model, load_tokenizer
 from .surgery import prune_heads
 from .trainer import PRUNING_META_NAME, PruningTrainer
@@ -35,6 +36,7 @@ __all__ = [
     "MODEL_STAGES",
     "STAGE_OPTIONS",
     "STAGE_ARG_RULES",
+    "SPEEDUP_STAGES",
     "StageContext",
     "run_stage",
     "last_complete_checkpoint",
@@ -42,13 +44,19 @@ __all__ = [
     "load_start_model",
 ]
 
-STAGE_TYPES = ("finetune", "movement", "prune_heads", "distill", "taylor_ffn", "evaluate", "export")
+STAGE_TYPES = (
+    "finetune", "movement", "prune_heads", "distill", "taylor_ffn", "joint_prune", "prune_to_speedup", "evaluate",
+    "export",
+)  # fmt: skip
 # Stages whose result is a new model (the next stage starts from it).
-MODEL_STAGES = ("finetune", "movement", "prune_heads", "distill", "taylor_ffn")
-TRAINING_STAGES = ("finetune", "movement", "distill", "taylor_ffn")
+MODEL_STAGES = ("finetune", "movement", "prune_heads", "distill", "taylor_ffn", "joint_prune", "prune_to_speedup")
+TRAINING_STAGES = ("finetune", "movement", "distill", "taylor_ffn", "joint_prune")
+# Stages that need `target_speedup` in their arguments.
+SPEEDUP_STAGES = ("joint_prune", "prune_to_speedup")
 # Stage keys besides `stage`, `name` and `args`, with their defaults.
 STAGE_OPTIONS = {
     "prune_heads": {"min_masked": 1.0},
+    "prune_to_speedup": {"num_samples": 2048, "tune": True, "tune_samples": 512, "batch_size": 32},
     "export": {"path": "final", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10, "card": True, "figure": True},
 }
 # Per stage: {argument: (default, allowed values)}. The default applies unless the stage's own `args` set another
@@ -62,6 +70,11 @@ STAGE_ARG_RULES = {
     },
     "distill": {"pruning_method": _OFF},
     "taylor_ffn": {"pruning_method": ("taylor", ("taylor",)), "pruning_target": ("ffn", ("ffn",))},
+    "joint_prune": {
+        "pruning_method": ("taylor", ("taylor", "movement")),
+        "pruning_target": ("heads_and_ffn", ("heads_and_ffn",)),
+    },
+    "prune_to_speedup": {"pruning_method": _OFF},
     "evaluate": {"pruning_method": _OFF},
     "export": {"pruning_method": _OFF},
     "prune_heads": {"pruning_method": _OFF},
@@ -318,13 +331,19 @@ def stage_prune_heads(ctx: StageContext) -> dict:
 
 
 def stage_taylor_ffn(ctx: StageContext) -> dict:
-    """Gradual Taylor pruning of FFN neurons with distillation, then their physical removal."""
+    """Gradual Taylor pruning of FFN neurons (or, as `joint_prune`, of heads and neurons under one FLOPs budget)
+    with distillation, then their physical removal."""
     trainer, metrics = _train(ctx)
     summary = trainer.prune()
     summary["pruned_neurons"] = {str(k): v for k, v in summary["pruned_neurons"].items()}
     summary["pruned_heads"] = {str(k): v for k, v in summary["pruned_heads"].items()}
     logger.info(
-        "Stage %s: FFN width per layer %s -> %s.", ctx.spec["name"], summary["ffn_before"], summary["ffn_after"]
+        "Stage %s: heads per layer %s -> %s, FFN width per layer %s -> %s.",
+        ctx.spec["name"],
+        summary["heads_before"],
+        summary["heads_after"],
+        summary["ffn_before"],
+        summary["ffn_after"],
     )
     return {
         "model_dir": ctx.save_model(trainer.model),
@@ -332,6 +351,26 @@ def stage_taylor_ffn(ctx: StageContext) -> dict:
         "summary": summary,
         "_model": trainer.model,
     }
+
+
+def stage_prune_to_speedup(ctx: StageContext) -> dict:
+    """Retraining-free pruning of heads and FFN neurons to `target_speedup` (see [`posttrain.prune_to_speedup`]) on
+    a sample of the training split."""
+    args, opts = ctx.arguments(), ctx.spec
+    model = ctx.load_current_model()
+    pruned, summary = prune_to_speedup(
+        model,
+        ctx.splits()["train"],
+        args.target_speedup,
+        int(opts["num_samples"]),
+        seq_len=args.speedup_seq_len,
+        tune=bool(opts["tune"]),
+        tune_samples=int(opts["tune_samples"]),
+        batch_size=int(opts["batch_size"]),
+        data_collator=ctx.collator(),
+        seed=args.seed,
+    )
+    return {"model_dir": ctx.save_model(pruned), "metrics": {}, "summary": summary, "_model": pruned}
 
 
 def _evaluate(ctx: StageContext, model, args, splits: dict) -> dict[str, float]:
@@ -437,6 +476,8 @@ STAGE_FUNCTIONS = {
     "prune_heads": stage_prune_heads,
     "distill": stage_distill,
     "taylor_ffn": stage_taylor_ffn,
+    "joint_prune": stage_taylor_ffn,
+    "prune_to_speedup": stage_prune_to_speedup,
     "evaluate": stage_evaluate,
     "export": stage_export,
 }
@@ -476,8 +517,12 @@ def write_json_atomic(path: Path, obj) -> None:
 def stage_result_text(record: dict) -> str:
     """One line saying what a finished stage did, for the closing summary."""
     summary, metrics = record.get("summary", {}), record.get("metrics", {})
-    if record.get("stage") == "taylor_ffn" and "ffn_after" in summary:
-        return f"FFN neurons {sum(summary['ffn_before'])} -> {sum(summary['ffn_after'])}"
+    if "flops_ratio" in summary:
+        return f"{summary['flops_ratio']:.2f}x FLOPs without training, {summary['wall_time_s']['total_s']:.0f} s"
+    if record.get("stage") in ("taylor_ffn", "joint_prune") and "ffn_after" in summary:
+        heads = f"heads {sum(summary['heads_before'])} -> {sum(summary['heads_after'])}, "
+        changed = summary["heads_before"] != summary["heads_after"]
+        return f"{heads if changed else ''}FFN neurons {sum(summary['ffn_before'])} -> {sum(summary['ffn_after'])}"
     if "heads_after" in summary:
         return f"heads {sum(summary['heads_before'])} -> {sum(summary['heads_after'])}"
     if "heads_masked" in summary:

@@ -1,0 +1,208 @@
+"""The cost model: FLOPs of one forward pass, of one attention head and of one FFN neuron, and the allocation of a
+speed budget across heads and neurons by importance.
+
+Everything is counted by `torch.utils.flop_counter.FlopCounterMode` (the counter of `report.py`), with eager
+attention, on one sequence of `seq_len` tokens. Every matmul of a head (its Q/K/V rows, its attention scores and
+context, its columns of the attention output) and of a neuron (its row of the up projection, its column of the down
+projection) scales with the number of heads or neurons, so a model's FLOPs are exactly
+`base + sum(heads_l * head_l) + sum(neurons_l * neuron_l)`; `unit_costs` reads the three from one counted pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import structure
+
+__all__ = ["dummy_inputs", "count_flops", "UnitCosts", "unit_costs", "speedup_budget", "allocate_units"]
+
+
+def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids (no special tokens) and a full attention mask, for counting and timing."""
+    config = model.config
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(
+            f"seq_len={seq_len} is longer than the model's max_position_embeddings={max_pos}; pass a smaller seq_len."
+        )
+    special = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    low = max((t for t in special if isinstance(t, int)), default=-1) + 1
+    low = low if low < config.vocab_size else 0
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(low, config.vocab_size, (batch_size, seq_len), generator=g)
+    device = next(model.parameters()).device
+    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
+
+
+@torch.no_grad()
+def _counted(model: nn.Module, seq_len: int) -> FlopCounterMode:
+    inputs = dummy_inputs(model, 1, seq_len)
+    previous = getattr(model.config, "_attn_implementation", None)
+    # the fused CPU SDPA kernel is invisible to the counter: count the eager attention, which does the same work
+    switch = previous not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(**inputs)
+    finally:
+        model.train(was_training)
+        if switch:
+            model.set_attn_implementation(previous)
+    return counter
+
+
+def count_flops(model: nn.Module, seq_len: int) -> int:
+    """FLOPs of one forward pass over a batch of one sequence of `seq_len` tokens (eager attention)."""
+    return int(_counted(model, seq_len).get_total_flops())
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """FLOPs of one forward pass at `seq_len`, split into what each head and neuron costs and the rest.
+
+    Args:
+        seq_len: the sequence length they were counted at.
+        head / neuron: per layer, the FLOPs of one head / one FFN neuron.
+        base: the FLOPs no head or neuron owns (embedding projections, pooler, classifier).
+        heads / neurons: per layer, the current counts.
+    """
+
+    seq_len: int
+    head: list[float]
+    neuron: list[float]
+    base: float
+    heads: list[int]
+    neurons: list[int]
+
+    def flops(self, heads: list[int] | None = None, neurons: list[int] | None = None) -> float:
+        """FLOPs of the model with `heads` / `neurons` per layer (default: the current counts)."""
+        heads = self.heads if heads is None else heads
+        neurons = self.neurons if neurons is None else neurons
+        return (
+            self.base + sum(h * c for h, c in zip(heads, self.head)) + sum(n * c for n, c in zip(neurons, self.neuron))
+        )
+
+    @property
+    def total(self) -> float:
+        return self.flops()
+
+    @property
+    def max_speedup(self) -> float:
+        """The FLOPs ratio of removing every head and neuron (only `base` is left)."""
+        return self.total / self.base if self.base > 0 else float("inf")
+
+
+def unit_costs(model: nn.Module, seq_len: int = 128) -> UnitCosts:
+    """Counts one forward pass of `model` at `seq_len` and splits it per head, per neuron and the rest.
+
+    Args:
+        model: a model of an architecture in `structure.ARCHITECTURES` (dense or pruned).
+        seq_len: the sequence length of the cost model.
+
+    Returns:
+        The [`UnitCosts`]; `costs.total` equals `count_flops(model, seq_len)`.
+    """
+    counter = _counted(model, seq_len)
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    prefix = type(model).__name__
+
+    def flops_of(layer: int, role: str) -> int:
+        return int(per_module.get(f"{prefix}.{structure.module_name(model, layer, role)}", 0))
+
+    heads, neurons = structure.num_heads(model), structure.ffn_size(model)
+    attn, ffn = [], []
+    for i in range(len(heads)):
+        attn.append(flops_of(i, "self_attention") + flops_of(i, "attention_output"))
+        ffn.append(flops_of(i, "ffn_in") + flops_of(i, "ffn_out"))
+    # Every layer has the same hidden and head sizes, so a layer without heads (or neurons) costs what the others do.
+    head_costs = [a / h for a, h in zip(attn, heads) if h > 0]
+    neuron_costs = [f / n for f, n in zip(ffn, neurons) if n > 0]
+    head = [a / h if h > 0 else (head_costs[0] if head_costs else 0.0) for a, h in zip(attn, heads)]
+    neuron = [f / n if n > 0 else (neuron_costs[0] if neuron_costs else 0.0) for f, n in zip(ffn, neurons)]
+    total = int(counter.get_total_flops())
+    return UnitCosts(seq_len, head, neuron, float(total - sum(attn) - sum(ffn)), heads, neurons)
+
+
+def speedup_budget(costs: UnitCosts, target_speedup: float, reference_flops: float | None = None) -> float:
+    """FLOPs left to heads and neurons for a model `target_speedup` times cheaper than `reference_flops` (default:
+    the model `costs` describes). Raises a `ValueError` naming the reachable range."""
+    reference = costs.total if reference_flops is None else float(reference_flops)
+    reachable = reference / costs.base if costs.base > 0 else float("inf")
+    if not target_speedup > 1.0:
+        raise ValueError(f"target_speedup={target_speedup} must be > 1 (it is dense FLOPs / pruned FLOPs, e.g. 2).")
+    if target_speedup >= reachable:
+        raise ValueError(
+            f"target_speedup={target_speedup} is out of reach: removing every head and FFN neuron leaves "
+            f"{costs.base:.3g} of {reference:.3g} FLOPs at seq_len={costs.seq_len}, a {reachable:.2f}x speedup. Ask "
+            "for less, or prune layers away."
+        )
+    return reference / target_speedup - costs.base
+
+
+def allocate_units(
+    head_scores: list[torch.Tensor],
+    neuron_scores: list[torch.Tensor],
+    costs: UnitCosts,
+    budget: float,
+    head_alive: list[torch.Tensor] | None = None,
+    neuron_alive: list[torch.Tensor] | None = None,
+    slack: float = 0.0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keep-masks of heads and neurons that spend at most `budget` FLOPs and keep the most importance.
+
+    The search of Kwon et al. (2022, Algorithm 1): units of one kind are kept in order of importance, so a solution is
+    a number of heads `h`; the neurons that fit in what the `h` best heads leave are kept in order of importance, and
+    the `h` with the largest total kept importance wins. A single ranking by importance per unit of cost is one of
+    these candidates, so the search never does worse. Only candidates that spend at least `budget - slack` take part
+    (when any does), so the speedup reached does not overshoot the target.
+
+    Args:
+        head_scores / neuron_scores: per layer, the importance of each head / neuron (higher is kept first).
+        costs: the [`UnitCosts`] of the model (per-layer FLOPs of one head and one neuron).
+        budget: FLOPs that the kept heads and neurons may spend together.
+        head_alive / neuron_alive: per layer, units that may be kept (default all); the others stay removed.
+        slack: how far under `budget` a solution may end.
+
+    Returns:
+        `(head_keep, neuron_keep)`: per layer, bool keep-masks.
+    """
+
+    def ranked(scores, unit_costs_, alive):
+        flat_scores, flat_costs, flat_ok = [], [], []
+        for i, s in enumerate(scores):
+            flat_scores.append(s.detach().double().flatten().cpu())
+            flat_costs.append(torch.full((s.numel(),), float(unit_costs_[i]), dtype=torch.float64))
+            ok = torch.ones(s.numel(), dtype=torch.bool) if alive is None else alive[i].flatten().cpu().bool()
+            flat_ok.append(ok)
+        s, c, ok = torch.cat(flat_scores), torch.cat(flat_costs), torch.cat(flat_ok)
+        idx = ok.nonzero().flatten()
+        order = idx[torch.sort(s[idx], descending=True, stable=True).indices]
+        zero = torch.zeros(1, dtype=torch.float64)
+        return order, torch.cat([zero, torch.cumsum(s[order], 0)]), torch.cat([zero, torch.cumsum(c[order], 0)])
+
+    h_order, h_imp, h_cost = ranked(head_scores, costs.head, head_alive)
+    n_order, n_imp, n_cost = ranked(neuron_scores, costs.neuron, neuron_alive)
+    fits = h_cost <= budget + 1e-6
+    left = (budget - h_cost).clamp(min=0)
+    n_count = (torch.searchsorted(n_cost, left + 1e-6, right=True) - 1).clamp(min=0)
+    spent = h_cost + n_cost[n_count]
+    importance = torch.where(fits, h_imp + n_imp[n_count], torch.tensor(float("-inf"), dtype=torch.float64))
+    full = fits & (spent >= budget - slack - 1e-6)
+    if bool(full.any()):
+        importance = torch.where(full, importance, torch.tensor(float("-inf"), dtype=torch.float64))
+    h = int(torch.argmax(importance))
+    n = int(n_count[h])
+
+    def masks(scores, order, count):
+        keep = torch.zeros(sum(s.numel() for s in scores), dtype=torch.bool)
+        keep[order[:count]] = True
+        return [k.view(s.shape) for k, s in zip(keep.split([s.numel() for s in scores]), scores)]
+
+    return masks(head_scores, h_order, h), masks(neuron_scores, n_order, n)

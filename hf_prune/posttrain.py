@@ -1,0 +1,500 @@
+"""Retraining-free pruning to a speed target: Fisher mask search, mask rearrangement and least-squares mask tuning
+(Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers"), ending in physical removal.
+
+1. Importance: mask variables multiply the output of every head (the input columns of the attention output
+   projection) and of every FFN neuron (the input of the down projection). Their gradients are taken per example
+   (each example gets its own copy of the masks, so the gradient of the summed loss with respect to that copy is the
+   example's own gradient) and the Fisher information of a unit is the sum of its squared per-example gradients.
+2. Search: `costs.allocate_units` keeps the heads and neurons with the most Fisher information that fit in the FLOPs
+   budget of the target speedup; then, within each layer, a greedy swap picks the set to remove that minimises
+   `sum_examples (sum_removed g)^2`, the loss increase the layer's block of the Fisher matrix predicts.
+3. Tuning: layer by layer, the kept heads' and neurons' contributions are rescaled by least squares
+   (`torch.linalg.lstsq` on the normal equations) so the layer's pre-LayerNorm sums match the dense model's on the
+   sample; a scale is kept only if it lowers the error on held-out examples of the sample.
+4. Removal: the scales are folded into the output projections and the pruned units are removed (`prune_heads`,
+   `prune_ffn_neurons`); nothing is left masked.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from . import structure
+from .costs import allocate_units, speedup_budget, unit_costs
+from .surgery import prune_ffn_neurons, prune_heads
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["mask_gradients", "mask_fisher", "rearrange_layer", "least_squares_scales", "prune_to_speedup"]
+
+_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def _examples(dataset, count: int, seed: int) -> list[dict]:
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: pass tokenized examples with labels.")
+    first = dataset[0]
+    if "labels" not in first and "label" not in first:
+        raise ValueError(
+            f"The dataset has no `labels` (or `label`) column, but the Fisher information needs the loss: its columns "
+            f"are {sorted(first)}. Pass tokenized examples with their labels."
+        )
+    if "input_ids" not in first:
+        raise ValueError(f"The dataset has no `input_ids` column (its columns: {sorted(first)}); tokenize it first.")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    rows = []
+    for i in order:
+        row = dataset[int(i)]
+        row = {("labels" if k == "label" else k): v for k, v in row.items()}
+        rows.append({k: row[k] for k in _INPUT_KEYS if k in row})
+    return rows
+
+
+def _pad_collate(pad_id: int):
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(r["input_ids"]) for r in rows)
+        batch = {}
+        for key in rows[0]:
+            if key == "labels":
+                batch[key] = torch.as_tensor([torch.as_tensor(r[key]).tolist() for r in rows])
+                continue
+            fill = pad_id if key == "input_ids" else 0
+            values = [torch.as_tensor(r[key]).tolist() for r in rows]
+            batch[key] = torch.tensor([v + [fill] * (length - len(v)) for v in values])
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = torch.tensor(
+                [[1] * len(r["input_ids"]) + [0] * (length - len(r["input_ids"])) for r in rows]
+            )
+        return batch
+
+    return collate
+
+
+def _batches(rows: list[dict], batch_size: int, collate, device) -> list[dict[str, torch.Tensor]]:
+    # Similar lengths together: less padding, the same examples.
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size])
+        out.append({k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- importance
+def _layer_units(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]:
+    spec, size = structure.get_spec(model), structure.head_size(model)
+    return [
+        (structure.get_module(layer, spec.attention_output), structure.get_module(layer, spec.ffn_out), size)
+        for layer in structure.get_layers(model)
+    ]
+
+
+@contextmanager
+def _unit_masks(model: nn.Module, head_masks: list[torch.Tensor], neuron_masks: list[torch.Tensor]):
+    """Multiplies each head's and neuron's output by its mask, per example (`(batch, units)` masks)."""
+    handles = []
+
+    def head_hook(mask, size):
+        def hook(module, args):
+            x = args[0]
+            shape = x.shape
+            scaled = x.view(*shape[:-1], -1, size) * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), -1, 1)
+            return (scaled.view(shape), *args[1:])
+
+        return hook
+
+    def neuron_hook(mask):
+        def hook(module, args):
+            x = args[0]
+            return (x * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), -1), *args[1:])
+
+        return hook
+
+    try:
+        for (attn_out, ffn_out, size), hm, nm in zip(_layer_units(model), head_masks, neuron_masks):
+            if hm.shape[-1] > 0:
+                handles.append(attn_out.register_forward_pre_hook(head_hook(hm, size)))
+            if nm.shape[-1] > 0:
+                handles.append(ffn_out.register_forward_pre_hook(neuron_hook(nm)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def mask_gradients(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-example gradients of the loss with respect to every head's and every neuron's mask, at masks of one.
+
+    Args:
+        model: a model with a loss (the batches carry `labels`), in eval mode for deterministic outputs.
+        batches: collated batches on the model's device.
+
+    Returns:
+        `(head_grads, neuron_grads)`: per layer, a float tensor `(examples, heads)` / `(examples, neurons)`.
+    """
+    heads, neurons = structure.num_heads(model), structure.ffn_size(model)
+    head_grads, neuron_grads = [[] for _ in heads], [[] for _ in neurons]
+    requires = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)  # only the masks' gradients are needed
+    try:
+        for batch in batches:
+            size = batch["input_ids"].shape[0]
+            device = batch["input_ids"].device
+            hm = [torch.ones(size, h, device=device, requires_grad=True) for h in heads]
+            nm = [torch.ones(size, n, device=device, requires_grad=True) for n in neurons]
+            with _unit_masks(model, hm, nm):
+                loss = model(**batch).loss
+            # The loss is a batch mean: times the batch size it is the sum of per-example losses, whose gradient with
+            # respect to an example's own copy of the masks is that example's gradient.
+            wanted = [m for m in hm + nm if m.shape[-1] > 0]
+            grads = iter(torch.autograd.grad(loss * size, wanted))
+            for store, masks in ((head_grads, hm), (neuron_grads, nm)):
+                for i, m in enumerate(masks):
+                    store[i].append(next(grads).detach().float().cpu() if m.shape[-1] > 0 else torch.zeros(size, 0))
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    return [torch.cat(g) for g in head_grads], [torch.cat(g) for g in neuron_grads]
+
+
+def mask_fisher(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The diagonal Fisher information of each unit: the sum over examples of its squared gradient."""
+    return [g.pow(2).sum(dim=0) for g in grads]
+
+
+def rearrange_layer(keep: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Chooses which units of one layer to remove, keeping their number (Kwon et al. 2022, section 4.2).
+
+    The loss increase of removing a set `S` is estimated with the layer's block of the empirical Fisher matrix,
+    `sum_examples (sum_{j in S} g_j)^2`: units whose gradients cancel are cheaper together than their diagonal
+    terms say. Starting from the units of least diagonal Fisher, each other unit (in increasing order) is swapped in
+    if that lowers the estimate; it never rises.
+
+    Args:
+        keep: bool keep-mask of the layer's units (its number of False is kept).
+        grads: per-example gradients `(examples, units)`.
+
+    Returns:
+        The new keep-mask.
+    """
+    removed = int((~keep).sum())
+    if removed == 0 or removed == keep.numel():
+        return keep.clone()
+    g = grads.double().t().contiguous()  # (units, examples)
+    order = torch.sort(g.pow(2).sum(dim=1), stable=True).indices.tolist()
+    chosen = order[:removed]
+    total = g[chosen].sum(dim=0)
+    for unit in order[removed:]:
+        candidates = chosen + [unit]
+        with_unit = total + g[unit]
+        drop = int(torch.argmin((with_unit.unsqueeze(0) - g[candidates]).pow(2).sum(dim=1)))
+        if candidates[drop] != unit:
+            total = with_unit - g[candidates[drop]]
+            chosen = candidates[:drop] + candidates[drop + 1 :]
+    new_keep = torch.ones_like(keep)
+    new_keep[torch.tensor(chosen, dtype=torch.long)] = False
+    return new_keep
+
+
+# ----------------------------------------------------------------------------------------------------- tuning
+def least_squares_scales(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solves the normal equations `gram @ s = rhs` of `min_s ||A s - r||^2` with `torch.linalg.lstsq` (a tiny ridge
+    keeps units with no signal at a finite scale)."""
+    gram, rhs = gram.double(), rhs.double()
+    ridge = 1e-8 * gram.diagonal().abs().mean().clamp(min=1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.lstsq(gram + ridge * eye, rhs.unsqueeze(-1)).solution.squeeze(-1)
+
+
+def _quadratic(gram, rhs, rr, s) -> float:
+    """`||A s - r||^2` from its normal-equation statistics."""
+    return float(s @ gram @ s - 2 * rhs @ s + rr)
+
+
+class _Stats:
+    """Normal-equation statistics of the fit and the held-out part of the sample."""
+
+    def __init__(self, k: int, device):
+        self.fit = [
+            torch.zeros(k, k, dtype=torch.float64, device=device),
+            torch.zeros(k, dtype=torch.float64, device=device),
+            0.0,
+        ]
+        self.check = [
+            torch.zeros(k, k, dtype=torch.float64, device=device),
+            torch.zeros(k, dtype=torch.float64, device=device),
+            0.0,
+        ]
+
+    def add(self, held_out: bool, gram, rhs, rr) -> None:
+        part = self.check if held_out else self.fit
+        part[0] += gram.double()
+        part[1] += rhs.double()
+        part[2] += float(rr)
+
+    def solve(self) -> tuple[torch.Tensor | None, float, float]:
+        """The scales, or None when they do not lower the held-out error; and the held-out errors before / after."""
+        ones = torch.ones_like(self.fit[1])
+        before = _quadratic(*self.check, ones)
+        scales = least_squares_scales(self.fit[0], self.fit[1])
+        after = _quadratic(*self.check, scales)
+        if not torch.isfinite(scales).all() or after >= before:
+            return None, before, before
+        return scales, before, after
+
+
+def _capture(modules: dict[str, nn.Module]):
+    """Forward pre-hooks storing the first input of each module (by key) on each call."""
+    seen, handles = {}, []
+    for key, module in modules.items():
+        handles.append(module.register_forward_pre_hook(lambda m, args, key=key: seen.__setitem__(key, args[0])))
+    return seen, handles
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[tuple]]:
+    """Each batch's input to the first encoder layer, and the arguments the encoder passes to every layer."""
+    first = structure.get_layers(model)[0]
+    inputs, extras = [], []
+
+    def hook(module, args, kwargs):
+        inputs.append(args[0])
+        extras.append((args[1:], kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, extras
+
+
+def _call_layer(layer, x, extra):
+    out = layer(x, *extra[0], **extra[1])
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _tune(student: nn.Module, dense: nn.Module, batches: list[dict], keep_heads, keep_neurons) -> list[dict]:
+    """Least-squares scales of the kept heads and neurons, layer by layer, folded into the student's weights."""
+    spec, size = structure.get_spec(student), structure.head_size(student)
+    n_check = max(1, len(batches) // 5)
+    held_out = [i >= len(batches) - n_check for i in range(len(batches))]
+    xs, extras = _layer_inputs(dense, batches)
+    xd = list(xs)
+    tokens = [b["attention_mask"].bool() for b in batches]
+    report = []
+    for layer_idx, (s_layer, d_layer) in enumerate(zip(structure.get_layers(student), structure.get_layers(dense))):
+        s_lin = {r: structure.get_module(s_layer, getattr(spec, r)) for r in ("attention_output", "ffn_in", "ffn_out")}
+        d_lin = {r: structure.get_module(d_layer, getattr(spec, r)) for r in ("attention_output", "ffn_in", "ffn_out")}
+        entry = {"layer": layer_idx}
+        # dense targets: the pre-LayerNorm sums of the attention block (residual: the layer input) and of the FFN
+        # (residual: the FFN input)
+        seen, handles = _capture(d_lin)
+        attn_target, ffn_target, next_d = [], [], []
+        for b, x in enumerate(xd):
+            next_d.append(_call_layer(d_layer, x, extras[b]))
+            attn_target.append(d_lin["attention_output"](seen["attention_output"]) + x)
+            ffn_target.append(d_lin["ffn_out"](seen["ffn_out"]) + seen["ffn_in"])
+        for h in handles:
+            h.remove()
+        heads = keep_heads[layer_idx].nonzero().flatten().tolist()
+        neurons = keep_neurons[layer_idx].nonzero().flatten().tolist()
+        w_o = s_lin["attention_output"].weight
+        if heads:
+            stats = _Stats(len(heads), w_o.device)
+            seen, handles = _capture({"ctx": s_lin["attention_output"]})
+            for b, x in enumerate(xs):
+                _call_layer(s_layer, x, extras[b])
+                ctx = seen["ctx"][tokens[b]]  # (tokens, heads * size)
+                parts = torch.stack(
+                    [ctx[:, h * size : (h + 1) * size] @ w_o[:, h * size : (h + 1) * size].t() for h in heads]
+                )  # (k, tokens, hidden)
+                bias = s_lin["attention_output"].bias
+                r = attn_target[b][tokens[b]] - x[tokens[b]] - (bias if bias is not None else 0)
+                flat = parts.flatten(1).double()
+                stats.add(held_out[b], flat @ flat.t(), flat @ r.flatten().double(), r.double().pow(2).sum())
+            for h in handles:
+                h.remove()
+            scales, before, after = stats.solve()
+            if scales is not None:
+                for h, s in zip(heads, scales.tolist()):
+                    w_o[:, h * size : (h + 1) * size] *= s
+            entry["heads"] = {"tuned": scales is not None, "held_out_error": [before, after]}
+        w_down = s_lin["ffn_out"].weight
+        if neurons:
+            stats = _Stats(len(neurons), w_down.device)
+            kept = torch.tensor(neurons, device=w_down.device)
+            w = w_down[:, kept].double()
+            ww = w.t() @ w
+            seen, handles = _capture({"act": s_lin["ffn_out"], "res": s_lin["ffn_in"]})
+            for b, x in enumerate(xs):
+                _call_layer(s_layer, x, extras[b])
+                act = seen["act"][tokens[b]][:, kept].double()  # (tokens, k)
+                bias = s_lin["ffn_out"].bias
+                r = (ffn_target[b] - seen["res"] - (bias if bias is not None else 0))[tokens[b]].double()
+                # A = [act_j * w_j]: A^T A = (act^T act) * (w^T w), A^T r = sum_tokens act * (r @ w)
+                stats.add(held_out[b], (act.t() @ act) * ww, (act * (r @ w)).sum(dim=0), r.pow(2).sum())
+            for h in handles:
+                h.remove()
+            scales, before, after = stats.solve()
+            if scales is not None:
+                w_down[:, kept] *= scales.to(w_down.dtype)
+            entry["neurons"] = {"tuned": scales is not None, "held_out_error": [before, after]}
+        xs = [_call_layer(s_layer, x, extras[b]) for b, x in enumerate(xs)]
+        xd = next_d
+        report.append(entry)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------- the path
+def _check_samples(rows: list[dict], tune_rows: int, hidden: int, units: int) -> None:
+    tokens = sum(len(r["input_ids"]) for r in rows[:tune_rows])
+    needed = 10 * units
+    if tune_rows < 5 or tokens * hidden * 4 // 5 < needed:
+        raise ValueError(
+            f"Too few samples for the least-squares mask tuning: {tune_rows} examples ({tokens} tokens) give "
+            f"{tokens * hidden * 4 // 5} equations on the 80% fitted, for up to {units} scales per layer (at least "
+            f"{needed} and 5 examples are needed). Raise num_samples / tune_samples, or pass tune=False."
+        )
+
+
+def prune_to_speedup(
+    model: nn.Module,
+    dataset,
+    target_speedup: float,
+    num_samples: int = 2048,
+    *,
+    seq_len: int = 128,
+    tune: bool = True,
+    tune_samples: int = 512,
+    rearrange: bool = True,
+    batch_size: int = 32,
+    data_collator=None,
+    seed: int = 0,
+) -> tuple[nn.Module, dict]:
+    """Prunes heads and FFN neurons of a fine-tuned model to `target_speedup` times fewer FLOPs, without training.
+
+    Args:
+        model: a fine-tuned model of a supported architecture (it is left unchanged; a pruned copy is returned).
+        dataset: tokenized examples with `input_ids` and `labels` (a `datasets.Dataset` or any indexable of dicts);
+            a random sample of `num_samples` of them measures importance.
+        target_speedup: dense FLOPs / pruned FLOPs of one forward pass at `seq_len` tokens (> 1); the result reaches
+            it and exceeds it by at most 2%.
+        num_samples: examples for the Fisher information (Kwon et al. use 2048).
+        seq_len: sequence length of the FLOPs cost model.
+        tune: rescale the kept units by least squares against the dense model.
+        tune_samples: examples (of the sample) used for tuning; a fifth of them is held out to accept each layer's
+            scales.
+        rearrange: choose each layer's removed units with its block of the Fisher matrix.
+        batch_size: examples per forward pass.
+        data_collator: turns a list of examples into a batch (default: pads `input_ids` with the model's pad token).
+        seed: draws the sample.
+
+    Returns:
+        `(pruned_model, summary)`: the physically pruned copy, and what was done and measured (FLOPs before / after and
+        their ratio, heads and FFN width per layer, the removed units, the tuning per layer, the time of each phase).
+    """
+    structure.get_spec(model)
+    if not target_speedup > 1.0:
+        raise ValueError(f"target_speedup={target_speedup} must be > 1 (it is dense FLOPs / pruned FLOPs, e.g. 2).")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1 (Kwon et al. use 2048).")
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    costs = unit_costs(model, seq_len)
+    budget = speedup_budget(costs, target_speedup)
+    rows = _examples(dataset, num_samples, seed)
+    if len(rows) < num_samples:
+        logger.warning(
+            "The dataset has %d examples, fewer than num_samples=%d: using them all.", len(rows), num_samples
+        )
+    hidden = model.config.hidden_size
+    tune_rows = min(tune_samples, len(rows))
+    if tune:
+        _check_samples(rows, tune_rows, hidden, max([*costs.heads, *costs.neurons]))
+    device = next(model.parameters()).device
+    pad = getattr(model.config, "pad_token_id", None)
+    collate = data_collator or _pad_collate(pad if isinstance(pad, int) else 0)
+    batches = _batches(rows, batch_size, collate, device)
+    times = {}
+
+    t = time.perf_counter()
+    head_grads, neuron_grads = mask_gradients(model, batches)
+    head_fisher, neuron_fisher = mask_fisher(head_grads), mask_fisher(neuron_grads)
+    times["fisher_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    # at most 2% over the target: the kept units may spend down to budget - slack
+    slack = costs.total / target_speedup - costs.total / (1.02 * target_speedup)
+    keep_heads, keep_neurons = allocate_units(head_fisher, neuron_fisher, costs, budget, slack=slack / 2)
+    if rearrange:
+        keep_heads = [rearrange_layer(k, g) for k, g in zip(keep_heads, head_grads)]
+        keep_neurons = [rearrange_layer(k, g) for k, g in zip(keep_neurons, neuron_grads)]
+    times["search_s"] = time.perf_counter() - t
+
+    student = copy.deepcopy(model)
+    size = structure.head_size(student)
+    with torch.no_grad():
+        for (attn_out, ffn_out, _), kh, kn in zip(_layer_units(student), keep_heads, keep_neurons):
+            attn_out.weight[:, (~kh).repeat_interleave(size).to(device)] = 0.0
+            ffn_out.weight[:, (~kn).to(device)] = 0.0
+    tuning = []
+    t = time.perf_counter()
+    if tune:
+        tune_batches = _batches(rows[:tune_rows], batch_size, collate, device)
+        tuning = _tune(student, model, tune_batches, keep_heads, keep_neurons)
+    times["tune_s"] = time.perf_counter() - t
+
+    pruned_heads = {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keep_heads) if not bool(k.all())}
+    pruned_neurons = {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keep_neurons) if not bool(k.all())}
+    prune_heads(student, pruned_heads)
+    prune_ffn_neurons(student, pruned_neurons)
+    model.train(was_training)
+    after = unit_costs(student, seq_len)
+    times["total_s"] = time.perf_counter() - started
+    summary = {
+        "method": "fisher mask search, rearrangement and least-squares tuning (Kwon et al. 2022)",
+        "target_speedup": float(target_speedup),
+        "seq_len": seq_len,
+        "num_samples": len(rows),
+        "tune_samples": tune_rows if tune else 0,
+        "flops_before": costs.total,
+        "flops_after": after.total,
+        "flops_ratio": costs.total / after.total,
+        "heads_before": costs.heads,
+        "heads_after": after.heads,
+        "ffn_before": costs.neurons,
+        "ffn_after": after.neurons,
+        "pruned_heads": {str(k): v for k, v in pruned_heads.items()},
+        "pruned_neurons": {str(k): len(v) for k, v in pruned_neurons.items()},
+        "tuning": tuning,
+        "wall_time_s": {k: round(v, 3) for k, v in times.items()},
+    }
+    logger.info(
+        "Pruned without training to %.3fx FLOPs (target %.2fx) in %.1f s: heads %d -> %d, FFN %d -> %d.",
+        summary["flops_ratio"],
+        target_speedup,
+        times["total_s"],
+        sum(costs.heads),
+        sum(after.heads),
+        sum(costs.neurons),
+        sum(after.neurons),
+    )
+    return student, summary

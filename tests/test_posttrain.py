@@ -1,0 +1,221 @@
+"""The cost model, the speed budget and the retraining-free pruner on tiny models built in code."""
+
+import pytest
+import torch
+from utils import VOCAB, TinyDataset, tiny_model
+
+from hf_prune import PruningArguments, load_pruned, prune_ffn_neurons, prune_heads, prune_to_speedup, save_pruned
+from hf_prune.costs import allocate_units, count_flops, speedup_budget, unit_costs
+from hf_prune.posttrain import _layer_units, _pad_collate, _unit_masks, mask_fisher, mask_gradients, rearrange_layer
+
+SEQ = 16
+ARCHS = ["bert", "roberta", "xlm-roberta", "electra"]
+
+
+def _model(model_type="bert", **overrides):
+    kwargs = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3)
+    kwargs.update(overrides)
+    return tiny_model(model_type, seed=0, **kwargs).eval()
+
+
+class RaggedDataset(TinyDataset):
+    """TinyDataset with rows of different lengths (so batches carry padding)."""
+
+    def __getitem__(self, i):
+        n = 6 + i % 7
+        return {"input_ids": self.input_ids[i, :n].tolist(), "labels": int(self.labels[i])}
+
+
+# ----------------------------------------------------------------------------------------------------- costs
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_unit_costs_predict_the_counted_flops_of_any_pruned_shape(model_type):
+    model = _model(model_type)
+    costs = unit_costs(model, SEQ)
+    assert costs.total == count_flops(model, SEQ)
+    prune_heads(model, {0: [0, 1, 2, 3], 2: [1]})
+    prune_ffn_neurons(model, {1: list(range(20)), 2: list(range(64))})
+    assert costs.flops([0, 4, 3], [64, 44, 0]) == count_flops(model, SEQ) == unit_costs(model, SEQ).total
+
+
+def test_allocation_spends_the_budget_and_keeps_the_most_importance():
+    model = _model()
+    costs = unit_costs(model, SEQ)
+    g = torch.Generator().manual_seed(0)
+    heads = [torch.rand(4, generator=g) * 10 for _ in range(3)]
+    neurons = [torch.rand(64, generator=g) for _ in range(3)]
+    budget = speedup_budget(costs, 2.0)
+    keep_h, keep_n = allocate_units(heads, neurons, costs, budget, slack=0.01 * costs.total)
+    used = costs.flops([int(k.sum()) for k in keep_h], [int(k.sum()) for k in keep_n]) - costs.base
+    assert budget - 0.01 * costs.total <= used <= budget
+    kept = sum(float(s[k].sum()) for s, k in zip(heads + neurons, keep_h + keep_n))
+    # one ranking by importance per FLOP is among the candidates searched, so it never keeps more importance
+    units = [(float(s) / costs.head[0], costs.head[0], float(s)) for h in heads for s in h]
+    units += [(float(s) / costs.neuron[0], costs.neuron[0], float(s)) for n in neurons for s in n]
+    spent = greedy = 0.0
+    for _, cost, score in sorted(units, reverse=True):
+        if spent + cost <= budget:
+            spent, greedy = spent + cost, greedy + score
+    assert kept >= greedy - 1e-9
+    # removed units stay removed
+    alive_h = [torch.tensor([False, True, True, True])] + [torch.ones(4, dtype=torch.bool)] * 2
+    keep_h, _ = allocate_units(heads, neurons, costs, budget, alive_h, None)
+    assert not keep_h[0][0]
+
+
+def test_speedup_budget_names_what_is_reachable():
+    costs = unit_costs(_model(), SEQ)
+    with pytest.raises(ValueError, match="must be > 1"):
+        speedup_budget(costs, 1.0)
+    with pytest.raises(ValueError, match=r"out of reach.*leaves"):
+        speedup_budget(costs, costs.max_speedup * 1.01)
+
+
+# ----------------------------------------------------------------------------------------------------- importance
+def test_mask_fisher_is_the_sum_of_squared_per_example_mask_gradients():
+    model = _model()
+    rows = [RaggedDataset(8)[i] for i in range(8)]
+    batch = _pad_collate(0)(rows)
+    assert (batch["attention_mask"] == 0).any()  # padded rows in the batch
+    heads, neurons = mask_gradients(model, [batch])
+    # directly: one example at a time, unpadded, one mask per head and neuron
+    direct = []
+    for i, row in enumerate(rows):
+        single = _pad_collate(0)([row])
+        hm = [torch.ones(1, 4, requires_grad=True) for _ in range(3)]
+        nm = [torch.ones(1, 64, requires_grad=True) for _ in range(3)]
+        with _unit_masks(model, hm, nm):
+            loss = model(**single).loss
+        grads = torch.autograd.grad(loss, hm + nm)
+        direct.append(grads)
+        for layer in range(3):
+            torch.testing.assert_close(heads[layer][i], grads[layer][0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(neurons[layer][i], grads[3 + layer][0], atol=1e-5, rtol=1e-4)
+    fisher = mask_fisher(heads + neurons)
+    for unit_kind in range(6):
+        expected = sum(g[unit_kind][0].pow(2) for g in direct)
+        torch.testing.assert_close(fisher[unit_kind], expected, atol=1e-5, rtol=1e-4)
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_rearrangement_lowers_the_block_fisher_estimate_and_keeps_the_count():
+    # Units act on disjoint examples (no cross terms), except units 3 and 7, whose gradients cancel in part: 7 is
+    # too costly alone for the diagonal to remove it, but cheap together with 3.
+    grads = torch.zeros(65, 12)
+    others = [0, 1, 2, 4, 5, 6, 8, 9, 10, 11]
+    for unit, diag in zip(others, [6, 7, 8, 9, 10, 12, 13, 14, 15, 16]):
+        grads[5 * unit : 5 * unit + 5, unit] = (diag / 5) ** 0.5
+    grads[60:65, 3], grads[60:65, 7] = 1.0, -1.5  # diagonals 5 and 11.25; together 1.25
+    diag = grads.pow(2).sum(0)
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[torch.argsort(diag)[:4]] = False
+    assert sorted((~keep).nonzero().flatten().tolist()) == [0, 1, 2, 3]
+
+    def loss(k):
+        return float(grads[:, ~k].sum(dim=1).pow(2).sum())
+
+    new = rearrange_layer(keep, grads)
+    assert sorted((~new).nonzero().flatten().tolist()) == [0, 1, 3, 7]
+    assert loss(new) == pytest.approx(1.25 + 6 + 7) and loss(keep) == pytest.approx(5 + 6 + 7 + 8)
+    g = torch.Generator().manual_seed(0)
+    random = torch.randn(40, 30, generator=g)
+    start = torch.ones(30, dtype=torch.bool)
+    start[torch.argsort(random.pow(2).sum(0))[:12]] = False
+    assert int((~rearrange_layer(start, random)).sum()) == 12
+    assert loss_of(random, rearrange_layer(start, random)) <= loss_of(random, start)
+
+
+def loss_of(grads, keep):
+    return float(grads[:, ~keep].sum(dim=1).pow(2).sum())
+
+
+# ----------------------------------------------------------------------------------------------------- the path
+def _zero_masked(model, pruned_heads: dict, pruned_neurons: dict):
+    """The masked model: the pruned units' output columns set to zero, nothing removed."""
+    with torch.no_grad():
+        for layer, (attn_out, ffn_out, size) in enumerate(_layer_units(model)):
+            for h in pruned_heads.get(str(layer), []):
+                attn_out.weight[:, h * size : (h + 1) * size] = 0
+            ffn_out.weight[:, pruned_neurons.get(layer, [])] = 0
+    return model
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("target", [1.5, 2.0, 3.0])
+def test_prune_to_speedup_meets_the_target_and_matches_the_masked_model(model_type, target, tmp_path):
+    model = _model(model_type)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned, summary = prune_to_speedup(model, RaggedDataset(128), target, num_samples=128, seq_len=SEQ, tune=False)
+    ratio = count_flops(model, SEQ) / count_flops(pruned, SEQ)
+    assert target <= ratio <= 1.02 * target
+    assert summary["flops_ratio"] == pytest.approx(ratio)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input model is untouched
+    # the masked dense model and the physically pruned one compute the same function
+    kept = {int(k): v for k, v in summary["pruned_heads"].items()}
+    neurons = {
+        layer: sorted(set(range(64)) - set(_kept_neuron_ids(model, pruned, layer)))
+        for layer in range(3)
+    }
+    masked = _zero_masked(_model(model_type), {str(k): v for k, v in kept.items()}, neurons)
+    batch = _pad_collate(1 if model_type != "bert" else 0)([RaggedDataset(4)[i] for i in range(4)])
+    batch.pop("labels")
+    torch.testing.assert_close(pruned(**batch).logits, masked(**batch).logits, atol=1e-5, rtol=1e-4)
+    # and it saves and reloads as any pruned export
+    save_pruned(pruned, tmp_path / "export")
+    torch.testing.assert_close(load_pruned(tmp_path / "export")(**batch).logits, pruned(**batch).logits)
+
+
+def _kept_neuron_ids(dense, pruned, layer):
+    """Which dense neurons a pruned layer kept: rows of the up projection are copied unchanged."""
+    up_d = _ffn_in(dense, layer).weight
+    up_p = _ffn_in(pruned, layer).weight
+    return [int((up_d == row).all(dim=1).nonzero()[0]) for row in up_p]
+
+
+def _ffn_in(model, layer):
+    from hf_prune import structure
+
+    return structure.get_module(structure.get_layers(model)[layer], structure.get_spec(model).ffn_in)
+
+
+def test_mask_tuning_lowers_the_error_on_examples_it_did_not_see():
+    model = _model(num_hidden_layers=2)
+    data = RaggedDataset(400)
+    kwargs = dict(num_samples=256, seq_len=SEQ, tune_samples=256, seed=0)
+    untuned, s0 = prune_to_speedup(model, data, 2.0, tune=False, **kwargs)
+    tuned, s1 = prune_to_speedup(model, data, 2.0, tune=True, **kwargs)
+    assert s0["pruned_heads"] == s1["pruned_heads"] and s0["ffn_after"] == s1["ffn_after"]
+    assert any(e.get("neurons", {}).get("tuned") for e in s1["tuning"])
+    # examples outside the sample: the pruned models' last hidden states against the dense model's
+    fresh = TinyDataset(64, seed=123)
+    batch = {"input_ids": fresh.input_ids, "attention_mask": torch.ones_like(fresh.input_ids)}
+    with torch.no_grad():
+        ref = model(**batch, output_hidden_states=True).hidden_states[-1]
+        err = {
+            name: float((m(**batch, output_hidden_states=True).hidden_states[-1] - ref).pow(2).mean())
+            for name, m in (("untuned", untuned), ("tuned", tuned))
+        }
+    assert err["tuned"] < err["untuned"]
+
+
+def test_bad_input_fails_before_any_work():
+    model = _model()
+    data = RaggedDataset(64)
+    with pytest.raises(ValueError, match="must be > 1"):
+        prune_to_speedup(model, data, 0.9)
+    with pytest.raises(ValueError, match="out of reach"):
+        prune_to_speedup(model, data, 1000.0, seq_len=SEQ)
+    with pytest.raises(ValueError, match="Too few samples for the least-squares"):
+        prune_to_speedup(model, data, 2.0, num_samples=4, seq_len=SEQ)
+    unlabeled = [{"input_ids": [5, 6, 7]}] * 8
+    with pytest.raises(ValueError, match="no `labels`"):
+        prune_to_speedup(model, unlabeled, 2.0, seq_len=SEQ)
+    with pytest.raises(ValueError, match="Both target_speedup=2.0 and target_sparsity=0.5"):
+        PruningArguments(output_dir="x", target_speedup=2.0, target_sparsity=0.5, report_to=[])
+    with pytest.raises(ValueError, match="pruning_target='heads_and_ffn'"):
+        PruningArguments(output_dir="x", target_speedup=2.0, pruning_method="movement", report_to=[])
+    with pytest.raises(ValueError, match="set target_speedup"):
+        PruningArguments(output_dir="x", pruning_method="taylor", pruning_target="heads_and_ffn", report_to=[])
+
+
+def test_vocab_of_the_ragged_rows_fits_the_model():
+    assert max(max(RaggedDataset(8)[i]["input_ids"]) for i in range(8)) < VOCAB
