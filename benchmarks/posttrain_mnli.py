@@ -1,0 +1,211 @@
+"""Retraining-free pruning on MNLI: all-MiniLM-L6-v2 fine-tuned densely, then pruned to 1.5x, 2x and 3x FLOPs without
+training, against one-shot magnitude pruning to the same shapes.
+
+    python benchmarks/posttrain_mnli.py                       # teacher (trained once) + every row, resumable
+    python benchmarks/posttrain_mnli.py --targets 2           # one target
+    python benchmarks/posttrain_mnli.py --table               # print the results as a markdown table
+
+The teacher is all-MiniLM-L6-v2 fine-tuned for 2 epochs on the 9,999 shared MNLI training pairs
+(`train_subset_8999.jsonl` + `train_subset_extra_1000.jsonl`) by an `hf-prune` recipe under `--output-dir`. For each
+target speedup, rows are:
+
+- `fisher`: `hf_prune.prune_to_speedup` (mask Fisher on 2,048 training pairs, search, rearrangement, least-squares
+  tuning on 512 of them, physical removal);
+- `fisher-no-tune`: the same without the least-squares tuning (what the tuning is worth);
+- `magnitude`: one-shot magnitude pruning of heads (L1 of their Q/K/V rows and attention-output columns) and FFN
+  neurons (L1 of their up row and down column) to exactly the shapes `fisher` chose, no training (the naive baseline).
+
+Each row is evaluated on the full validation_matched split (9,815 pairs) and timed against the dense teacher on CPU
+(batch 1 and 32, 128 tokens, interleaved in one process, median), with its FLOPs ratio and the wall time of the
+pruning. Results go to `benchmarks/results/posttrain_mnli.json`, written after each row; a rerun skips finished rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorWithPadding
+
+from hf_prune import prune_ffn_neurons, prune_heads, prune_to_speedup, structure
+from hf_prune.data import load_tokenizer, read_local_file, read_train_files, tokenize_splits
+from hf_prune.persistence import load_pruned
+from hf_prune.recipe import enable_progress_logging, run_recipe
+from hf_prune.report import build_report
+from hf_prune.scores import neuron_group_magnitude
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "mnli"
+
+
+def teacher_recipe(data: Path, epochs: float) -> dict:
+    return {
+        "description": "all-MiniLM-L6-v2 fine-tuned densely on the 9,999 shared MNLI training pairs.",
+        "model": "builtin:demo",
+        "task": "mnli",
+        "data": {
+            "train_file": [str(data / "train_subset_8999.jsonl"), str(data / "train_subset_extra_1000.jsonl")],
+            "validation_file": str(data / "validation_matched.jsonl"),
+            "max_seq_length": 128,
+        },
+        "seed": 42,
+        "defaults": {
+            "per_device_train_batch_size": 32,
+            "per_device_eval_batch_size": 128,
+            "learning_rate": 5e-5,
+            "warmup_steps": 0.06,
+            "logging_steps": 20,
+            "save_steps": 100,
+        },
+        "stages": [{"stage": "finetune", "args": {"num_train_epochs": epochs}}],
+    }
+
+
+@torch.inference_mode()
+def accuracy(model, dataset, collator, batch_size: int = 128) -> float:
+    model.eval()
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        batch = collator([dataset[i] for i in order[start : start + batch_size]])
+        labels = batch.pop("labels")
+        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return correct / len(dataset)
+
+
+@torch.no_grad()
+def magnitude_prune(model, heads_after: list[int], ffn_after: list[int]):
+    """One-shot magnitude pruning to the given per-layer shapes (a pruned copy is made by the caller)."""
+    spec, size = structure.get_spec(model), structure.head_size(model)
+    heads, neurons = {}, {}
+    for i, layer in enumerate(structure.get_layers(model)):
+        lin = structure.attention_linears(layer, spec)
+        n_heads = lin["query"].out_features // size
+        score = sum(lin[r].weight.abs().view(n_heads, -1).sum(1) for r in ("query", "key", "value"))
+        score = score + lin["attention_output"].weight.abs().view(-1, n_heads, size).sum((0, 2))
+        heads[i] = torch.argsort(score)[: n_heads - heads_after[i]].tolist()
+        up, down = (structure.get_module(layer, getattr(spec, r)) for r in ("ffn_in", "ffn_out"))
+        score = neuron_group_magnitude(up.weight, down.weight)
+        neurons[i] = torch.argsort(score)[: up.out_features - ffn_after[i]].tolist()
+    prune_heads(model, {k: v for k, v in heads.items() if v})
+    prune_ffn_neurons(model, {k: v for k, v in neurons.items() if v})
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/posttrain-mnli")
+    parser.add_argument("--data-dir", default=str(DATA))
+    parser.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 3.0])
+    parser.add_argument("--teacher-epochs", type=float, default=2.0)
+    parser.add_argument("--num-samples", type=int, default=2048)
+    parser.add_argument("--tune-samples", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10, help="Timed runs per model and batch size.")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "posttrain_mnli.json"))
+    parser.add_argument("--table", action="store_true", help="Only print the results file as a markdown table.")
+    args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.results).read_text())))
+        return
+    enable_progress_logging()
+    torch.manual_seed(0)
+    data = Path(args.data_dir)
+    out = Path(args.output_dir)
+    teacher_run = run_recipe(teacher_recipe(data, args.teacher_epochs), output_dir=str(out / "teacher"))
+    teacher_dir = out / "teacher" / teacher_run.state["finished"][0]["dir"] / "model"
+    teacher = load_pruned(teacher_dir).eval()
+    tokenizer = load_tokenizer(str(teacher_dir))
+    raw = {
+        "train": read_train_files([data / "train_subset_8999.jsonl", data / "train_subset_extra_1000.jsonl"]),
+        "validation_matched": read_local_file(data / "validation_matched.jsonl"),
+    }
+    splits = tokenize_splits(raw, tokenizer, 128)
+    collator = DataCollatorWithPadding(tokenizer)
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.update(
+        model="sentence-transformers/all-MiniLM-L6-v2",
+        teacher={"epochs": args.teacher_epochs, "train_pairs": len(splits["train"]), "dir": str(teacher_dir)},
+        eval_split="validation_matched",
+        eval_pairs=len(splits["validation_matched"]),
+        machine={
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
+        num_samples=args.num_samples,
+        tune_samples=args.tune_samples,
+    )
+    rows = results.setdefault("rows", {})
+
+    def save():
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, results_path)
+
+    if "dense_accuracy" not in results:
+        results["dense_accuracy"] = accuracy(teacher, splits["validation_matched"], collator)
+        save()
+    for target in args.targets:
+        shapes = None
+        for method in ("fisher", "fisher-no-tune", "magnitude"):
+            key = f"{target:g}x/{method}"
+            if key in rows:
+                shapes = shapes or rows[key].get("shapes")
+                continue
+            start = time.perf_counter()
+            if method == "magnitude":
+                import copy
+
+                pruned = magnitude_prune(copy.deepcopy(teacher), shapes["heads"], shapes["ffn"])
+                summary = {}
+            else:
+                pruned, summary = prune_to_speedup(
+                    teacher, splits["train"], target, args.num_samples, tune=method == "fisher",
+                    tune_samples=args.tune_samples, data_collator=collator,
+                )  # fmt: skip
+            wall = time.perf_counter() - start
+            shapes = shapes or {"heads": structure.num_heads(pruned), "ffn": structure.ffn_size(pruned)}
+            acc = accuracy(pruned, splits["validation_matched"], collator)
+            report = build_report(teacher, pruned, seq_len=128, batch_sizes=(1, 32), repeats=args.repeats)
+            rows[key] = {
+                "target_speedup": target,
+                "method": method,
+                "accuracy": acc,
+                "delta_pt": 100 * (acc - results["dense_accuracy"]),
+                "flops_ratio": report["flops"]["ratio"],
+                "speedup_b1": report["latency"]["batches"][0]["speedup"],
+                "speedup_b32": report["latency"]["batches"][1]["speedup"],
+                "params": report["parameters"]["total"]["pruned"],
+                "prune_wall_s": round(wall, 1),
+                "phases_s": summary.get("wall_time_s"),
+                "shapes": {"heads": structure.num_heads(pruned), "ffn": structure.ffn_size(pruned)},
+            }
+            print(json.dumps({key: rows[key]}, indent=1), flush=True)
+            save()
+    print(markdown_table(results))
+
+
+def markdown_table(results: dict) -> str:
+    dense = results["dense_accuracy"]
+    lines = [
+        "| target | method | validation_matched | FLOPs | CPU b1 / b32 | heads | FFN | pruning wall time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| - | dense teacher | {100 * dense:.2f} | 1.00x | 1.00x / 1.00x | 72 | 9216 | - |",
+    ]
+    for r in results["rows"].values():
+        lines.append(
+            f"| {r['target_speedup']:g}x | {r['method']} | {100 * r['accuracy']:.2f} ({r['delta_pt']:+.2f}) | "
+            f"{r['flops_ratio']:.2f}x | {r['speedup_b1']:.2f}x / {r['speedup_b32']:.2f}x | "
+            f"{sum(r['shapes']['heads'])} | {sum(r['shapes']['ffn'])} | {r['prune_wall_s']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

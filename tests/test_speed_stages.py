@@ -1,0 +1,98 @@
+"""Speed targets in the pipeline: `hf-prune compress` (retraining-free, ending in an export), the prune_to_speedup and
+joint_prune stages, and `PruningTrainer` pruning heads and neurons jointly to a FLOPs ratio."""
+
+import json
+
+import pytest
+from recipe_run import make_tiny_assets, tiny_recipe
+from utils import TinyDataset, tiny_model, train_args
+
+from hf_prune import PruningTrainer
+from hf_prune.cli import main as cli_main
+from hf_prune.costs import count_flops
+from hf_prune.recipe import read_state, run_recipe
+from hf_prune.recipe_schema import load_recipe
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_tiny_assets(tmp_path_factory.mktemp("speed-assets"))
+
+
+def test_compress_cli_prunes_to_the_speedup_and_exports(assets, tmp_path, capsys):
+    out = tmp_path / "compressed"
+    code = cli_main(
+        [
+            "compress", str(assets["model"]), "--speedup", "2",
+            "--train-file", str(assets["train"]), "--validation-file", str(assets["validation"]),
+            "--output-dir", str(out), "--num-samples", "96", "--tune-samples", "96", "--seq-len", "16",
+            "--max-seq-length", "32", "--set", "defaults.per_device_eval_batch_size=16",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "final" / "pruning_report.json").read_text())
+    assert 2.0 <= report["flops"]["ratio"] <= 2.04 and report["flops"]["seq_len"] == 16
+    assert set(report["metrics"]) == {"teacher", "pruned"}
+    state = read_state(out)
+    assert [r["stage"] for r in state["finished"]] == ["prune_to_speedup", "evaluate", "export"]
+    summary = state["finished"][0]["summary"]
+    assert summary["flops_ratio"] == pytest.approx(report["flops"]["ratio"])
+    assert (out / "final" / "README.md").is_file()
+    assert "FLOPs without training" in capsys.readouterr().out
+
+
+def test_speed_stages_need_a_target_speedup(assets, tmp_path):
+    raw = tiny_recipe(assets, tmp_path / "x")
+    raw["stages"] = [{"stage": "finetune"}, {"stage": "prune_to_speedup"}]
+    with pytest.raises(ValueError, match="set target_speedup in its args"):
+        load_recipe(raw)
+    speed = {"stage": "prune_to_speedup", "num_samples": 0, "args": {"target_speedup": 2}}
+    raw["stages"] = [{"stage": "finetune"}, speed]
+    with pytest.raises(ValueError, match="num_samples=0 must be a positive integer"):
+        load_recipe(raw)
+    joint = {"stage": "joint_prune", "args": {"target_speedup": 2, "target_sparsity": 0.5}}
+    raw["stages"] = [{"stage": "finetune"}, joint]
+    with pytest.raises(ValueError, match="Both target_speedup"):
+        run_recipe(raw)
+
+
+def test_joint_prune_stage_removes_heads_and_neurons_to_the_speedup(assets, tmp_path):
+    raw = tiny_recipe(assets, tmp_path / "joint")
+    raw["stages"] = [
+        {"stage": "finetune", "args": {"max_steps": 2}},
+        {
+            "stage": "joint_prune",
+            "args": {
+                "target_speedup": 2.0, "speedup_seq_len": 16, "max_steps": 6,
+                "taylor_iterations": 3, "taylor_interval_steps": 2,
+            },
+        },
+        {"stage": "export", "seq_len": 16, "batch_sizes": [1], "repeats": 1, "figure": False},
+    ]  # fmt: skip
+    result = run_recipe(raw)
+    assert 2.0 <= result.report["flops"]["ratio"] <= 2.04
+    summary = read_state(tmp_path / "joint")["finished"][1]["summary"]
+    assert sum(summary["heads_after"]) < sum(summary["heads_before"])
+    assert sum(summary["ffn_after"]) < sum(summary["ffn_before"])
+
+
+@pytest.mark.parametrize("method", ["taylor", "movement"])
+def test_trainer_prunes_heads_and_neurons_jointly_to_the_flops_ratio(tmp_path, method):
+    model = tiny_model()
+    dense = count_flops(model, 16)
+    schedule = (
+        {"taylor_iterations": 3, "taylor_interval_steps": 2}
+        if method == "taylor"
+        else {"pruning_frequency": 1, "pruning_cooldown_steps": 2}
+    )
+    args = train_args(
+        tmp_path, pruning_method=method, pruning_target="heads_and_ffn", target_speedup=3.0, speedup_seq_len=16,
+        max_steps=8, **schedule,
+    )  # fmt: skip
+    trainer = PruningTrainer(model=model, args=args, train_dataset=TinyDataset(64))
+    trainer.train()
+    expected = trainer.pruner.expected_flops()
+    summary = trainer.prune()
+    assert count_flops(trainer.model, 16) == expected
+    assert 3.0 <= dense / expected <= 3.0 * 1.02
+    assert summary["heads_after"] != summary["heads_before"] or summary["ffn_after"] != summary["ffn_before"]
