@@ -290,19 +290,32 @@ def _call_layer(layer, x, extra):
 
 
 @torch.no_grad()
-def _tune(student: nn.Module, dense: nn.Module, batches: list[dict], keep_heads, keep_neurons) -> list[dict]:
-    """Least-squares scales of the kept heads and neurons, layer by layer, folded into the student's weights."""
+def _tune(
+    student: nn.Module, dense: nn.Module, batches: list[dict], keep_heads, keep_neurons, first_token_last: bool
+) -> list[dict]:
+    """Least-squares scales of the kept heads and neurons, layer by layer, folded into the student's weights.
+
+    With `first_token_last`, the last layer is fitted on the first token alone: a sequence classifier reads nothing
+    else of it (Kwon et al. fit the last FFN of classifiers on the CLS token too).
+    """
     spec, size = structure.get_spec(student), structure.head_size(student)
     n_check = max(1, len(batches) // 5)
     held_out = [i >= len(batches) - n_check for i in range(len(batches))]
     xs, extras = _layer_inputs(dense, batches)
     xd = list(xs)
-    tokens = [b["attention_mask"].bool() for b in batches]
+    all_tokens = [b["attention_mask"].bool() for b in batches]
+    first_tokens = []
+    for mask in all_tokens:
+        first = torch.zeros_like(mask)
+        first[:, 0] = True
+        first_tokens.append(first)
+    last_layer = len(structure.get_layers(student)) - 1
     report = []
     for layer_idx, (s_layer, d_layer) in enumerate(zip(structure.get_layers(student), structure.get_layers(dense))):
         s_lin = {r: structure.get_module(s_layer, getattr(spec, r)) for r in ("attention_output", "ffn_in", "ffn_out")}
         d_lin = {r: structure.get_module(d_layer, getattr(spec, r)) for r in ("attention_output", "ffn_in", "ffn_out")}
         entry = {"layer": layer_idx}
+        tokens = first_tokens if first_token_last and layer_idx == last_layer else all_tokens
         # dense targets: the pre-LayerNorm sums of the attention block (residual: the layer input) and of the FFN
         # (residual: the FFN input)
         seen, handles = _capture(d_lin)
@@ -459,7 +472,9 @@ def prune_to_speedup(
     t = time.perf_counter()
     if tune:
         tune_batches = _batches(rows[:tune_rows], batch_size, collate, device)
-        tuning = _tune(student, model, tune_batches, keep_heads, keep_neurons)
+        # a sequence classifier reads the first token of the last layer alone
+        first_token = type(model).__name__.endswith("ForSequenceClassification")
+        tuning = _tune(student, model, tune_batches, keep_heads, keep_neurons, first_token)
     times["tune_s"] = time.perf_counter() - t
 
     pruned_heads = {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keep_heads) if not bool(k.all())}

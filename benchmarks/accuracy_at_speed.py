@@ -1,0 +1,232 @@
+"""Accuracy at a speed on MNLI: every method from the same dense teacher, with the same number of training steps after
+it, measured on the full validation_matched split and timed on CPU.
+
+    python benchmarks/accuracy_at_speed.py --rows staged fisher-distill --steps 626      # resumable, row by row
+    python benchmarks/accuracy_at_speed.py --table
+
+The teacher is the one of `benchmarks/posttrain_mnli.py` (all-MiniLM-L6-v2, 2 epochs on the 9,999 shared MNLI
+training pairs), trained once under `--teacher-dir`'s run. Rows (each an `hf-prune` recipe run under
+`--output-dir/<target>x/<row>`, so an interrupted row resumes from its last checkpoint):
+
+- `naive-a`: one-shot magnitude pruning of heads and FFN neurons to the shapes `fisher` chooses at the target, then
+  plain fine-tuning (no teacher) for `--steps` steps;
+- `naive-b`: the same one-shot pruning, then distillation from the teacher (alpha 0.9, T 2) for `--steps` steps;
+- `staged`: the staged pipeline as in `recipes/mnli-minilm-cpu.yaml` (movement pruning of whole heads with
+  distillation, head removal, distillation, gradual Taylor FFN pruning with distillation), its steps split 48% / 16%
+  / 36% as there, head and FFN sparsities from the FLOPs model;
+- `fisher-distill`: `prune_to_speedup` (no training) to the target, then distillation for `--steps` steps;
+- `joint`: gradual joint pruning of heads and neurons under one FLOPs budget with distillation (`joint_prune`, 60% of
+  the steps), then distillation.
+
+Every row ends with `evaluate` (validation_matched, 9,815 pairs) and `export` (FLOPs ratio and CPU latency at batch 1
+and 32 against the teacher, interleaved in one process). Results: `benchmarks/results/accuracy_at_speed.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from hf_prune import prune_ffn_neurons, prune_heads, save_pruned, structure
+from hf_prune.costs import unit_costs
+from hf_prune.data import load_tokenizer
+from hf_prune.persistence import load_pruned
+from hf_prune.recipe import enable_progress_logging, run_recipe
+from hf_prune.scores import neuron_group_magnitude
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "mnli"
+ROWS = ("naive-a", "naive-b", "staged", "fisher-distill", "joint")
+DISTILL = {"distill_alpha": 0.9, "distill_temperature": 2.0}
+
+
+def base_recipe(model: str, teacher: str, data: Path, max_eval: int | None) -> dict:
+    return {
+        "model": model,
+        "teacher": teacher,
+        "task": "mnli",
+        "data": {
+            "train_file": [str(data / "train_subset_8999.jsonl"), str(data / "train_subset_extra_1000.jsonl")],
+            "validation_file": str(data / "validation_matched.jsonl"),
+            "max_seq_length": 128,
+            "max_eval_samples": max_eval,
+        },
+        "seed": 42,
+        "defaults": {
+            "per_device_train_batch_size": 32,
+            "per_device_eval_batch_size": 128,
+            "learning_rate": 5e-5,
+            "warmup_steps": 0.06,
+            "logging_steps": 20,
+            "save_steps": 100,
+            **DISTILL,
+        },
+        "stages": [],
+    }
+
+
+def closing_stages() -> list[dict]:
+    return [{"stage": "evaluate"}, {"stage": "export", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10}]
+
+
+def staged_sparsities(teacher, target: float) -> tuple[float, float]:
+    """Head and FFN sparsities giving `target` FLOPs with the same share of the removed FLOPs on heads as the 2x point
+    of the README's results (36 of 72 heads, FFN 55%), solved on the cost model."""
+    costs = unit_costs(teacher, 128)
+    removed = costs.total * (1 - 1 / target)
+    head_total, ffn_total = costs.head[0] * sum(costs.heads), costs.neuron[0] * sum(costs.neurons)
+    share = 0.5 * head_total / (0.5 * head_total + 0.55 * ffn_total)
+    return min(0.95, share * removed / head_total), min(0.95, (1 - share) * removed / ffn_total)
+
+
+@torch.no_grad()
+def magnitude_to_shapes(model, heads_after: list[int], ffn_after: list[int]):
+    spec, size = structure.get_spec(model), structure.head_size(model)
+    heads, neurons = {}, {}
+    for i, layer in enumerate(structure.get_layers(model)):
+        lin = structure.attention_linears(layer, spec)
+        n_heads = lin["query"].out_features // size
+        score = sum(lin[r].weight.abs().view(n_heads, -1).sum(1) for r in ("query", "key", "value"))
+        score = score + lin["attention_output"].weight.abs().view(-1, n_heads, size).sum((0, 2))
+        heads[i] = torch.argsort(score)[: n_heads - heads_after[i]].tolist()
+        up, down = (structure.get_module(layer, getattr(spec, r)) for r in ("ffn_in", "ffn_out"))
+        neurons[i] = torch.argsort(neuron_group_magnitude(up.weight, down.weight))[: up.out_features - ffn_after[i]]
+    prune_heads(model, {k: v for k, v in heads.items() if v})
+    prune_ffn_neurons(model, {k: v.tolist() for k, v in neurons.items() if len(v)})
+    return model
+
+
+def row_stages(row: str, target: float, steps: int, teacher) -> list[dict]:
+    if row in ("naive-a", "naive-b"):
+        args = {"max_steps": steps} if row == "naive-b" else {"max_steps": steps, "distill_alpha": 0.0}
+        return [{"stage": "distill" if row == "naive-b" else "finetune", "args": args}]
+    if row == "fisher-distill":
+        return [
+            {"stage": "prune_to_speedup", "args": {"target_speedup": target}},
+            {"stage": "distill", "args": {"max_steps": steps}},
+        ]
+    if row == "joint":
+        prune = int(steps * 0.6)
+        return [
+            {
+                "stage": "joint_prune",
+                "args": {
+                    "target_speedup": target, "max_steps": prune, "taylor_iterations": 8,
+                    "taylor_interval_steps": max(1, prune * 3 // 4 // 8),
+                },
+            },
+            {"stage": "distill", "args": {"max_steps": steps - prune}},
+        ]  # fmt: skip
+    heads, ffn = staged_sparsities(teacher, target)
+    movement, distill = int(steps * 0.48), int(steps * 0.16)
+    taylor = steps - movement - distill
+    return [
+        {
+            "stage": "movement",
+            "args": {
+                "attention_granularity": "head", "sparsity_mode": "global", "target_sparsity": round(heads, 4),
+                "max_steps": movement, "pruning_warmup_steps": movement // 10, "pruning_cooldown_steps": movement // 4,
+                "pruning_frequency": 10,
+            },
+        },
+        {"stage": "prune_heads"},
+        {"stage": "distill", "args": {"max_steps": distill}},
+        {
+            "stage": "taylor_ffn",
+            "args": {
+                "target_sparsity": round(ffn, 4), "max_steps": taylor, "taylor_iterations": 4,
+                "taylor_interval_steps": max(1, taylor * 3 // 5 // 4),
+            },
+        },
+    ]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/accuracy-at-speed")
+    parser.add_argument("--teacher-dir", default="runs/posttrain-mnli/teacher/01-finetune/model")
+    parser.add_argument("--data-dir", default=str(DATA))
+    parser.add_argument("--targets", nargs="+", type=float, default=[2.0])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--steps", type=int, default=626, help="Training steps after the teacher, for every row.")
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="Default: all of validation_matched.")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy_at_speed.json"))
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
+    if args.table:
+        print(markdown_table(results))
+        return
+    enable_progress_logging()
+    teacher_dir = Path(args.teacher_dir).absolute()
+    if not (teacher_dir / "config.json").is_file():
+        raise SystemExit(f"{teacher_dir} holds no model: run benchmarks/posttrain_mnli.py or pass --teacher-dir.")
+    teacher = load_pruned(teacher_dir).eval()
+    data, out = Path(args.data_dir), Path(args.output_dir).absolute()
+    for target in args.targets:
+        for row in args.rows:
+            key = f"{target:g}x/{row}/{args.steps}"
+            if key in results["rows"]:
+                continue
+            start_model = str(teacher_dir)
+            if row.startswith("naive"):
+                # the shapes of the retraining-free pruner at this target, reached by weight magnitude in one shot
+                fisher = out / f"{target:g}x" / f"fisher-distill-{args.steps}"
+                state = json.loads((fisher / "state.json").read_text()) if (fisher / "state.json").is_file() else None
+                if state is None:
+                    raise SystemExit(f"Run the fisher-distill row at {target:g}x first: naive rows take its shapes.")
+                shapes = state["finished"][0]["summary"]
+                start = out / f"{target:g}x" / f"magnitude-{args.steps}"
+                if not (start / "config.json").is_file():
+                    pruned = magnitude_to_shapes(copy.deepcopy(teacher), shapes["heads_after"], shapes["ffn_after"])
+                    save_pruned(pruned, start, load_tokenizer(str(teacher_dir)), overwrite=True, card=False)
+                start_model = str(start)
+            recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples)
+            recipe["stages"] = row_stages(row, target, args.steps, teacher) + closing_stages()
+            began = time.perf_counter()
+            run = run_recipe(recipe, output_dir=str(out / f"{target:g}x" / f"{row}-{args.steps}"))
+            report = run.report
+            metrics = report["metrics"]
+            results["rows"][key] = {
+                "target_speedup": target,
+                "row": row,
+                "steps": args.steps,
+                "accuracy": metrics["pruned"]["validation_matched"],
+                "teacher_accuracy": metrics["teacher"]["validation_matched"],
+                "flops_ratio": report["flops"]["ratio"],
+                "speedup_b1": report["latency"]["batches"][0]["speedup"],
+                "speedup_b32": report["latency"]["batches"][1]["speedup"],
+                "heads": sum(layer["heads_kept"] for layer in report["layers"]),
+                "ffn": sum(layer["ffn_kept"] for layer in report["layers"]),
+                "stages": [(s["name"], s["wall_time_s"]) for s in report["stages"]],
+                "wall_s_this_call": round(time.perf_counter() - began, 1),
+            }
+            tmp = results_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            os.replace(tmp, results_path)
+    print(markdown_table(results))
+
+
+def markdown_table(results: dict) -> str:
+    lines = [
+        "| target | row | steps | validation_matched | FLOPs | CPU b1 / b32 | heads | FFN |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"].values():
+        delta = 100 * (r["accuracy"] - r["teacher_accuracy"])
+        lines.append(
+            f"| {r['target_speedup']:g}x | {r['row']} | {r['steps']} | {100 * r['accuracy']:.2f} ({delta:+.2f}) | "
+            f"{r['flops_ratio']:.2f}x | {r['speedup_b1']:.2f}x / {r['speedup_b32']:.2f}x | {r['heads']} | {r['ffn']} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
