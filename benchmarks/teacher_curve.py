@@ -1,0 +1,97 @@
+"""How long to fine-tune the dense MiniLM teacher on the shared MNLI pairs, chosen without touching validation_matched.
+
+    python benchmarks/teacher_curve.py                 # the curve, then the teacher at the chosen epochs (resumable)
+    python benchmarks/teacher_curve.py --table
+
+1. The curve: all-MiniLM-L6-v2 fine-tuned on `train_subset_8999.jsonl` for `--max-epochs` epochs, evaluated after
+   every epoch on `train_subset_extra_1000.jsonl`, which this run never trains on (a slice held out of the training
+   pairs; validation_matched is never read).
+2. The epoch count with the best held-out accuracy (the smaller one on a tie).
+3. The teacher: fine-tuned on all 9,999 pairs for that many epochs (the recipe of `benchmarks/posttrain_mnli.py`, so
+   a 2-epoch choice reuses that teacher when it exists).
+
+Results (the curve, the choice, the teacher's folder) go to `benchmarks/results/teacher_curve.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from hf_prune.recipe import enable_progress_logging, run_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from posttrain_mnli import DATA, teacher_recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def curve_recipe(data: Path, max_epochs: int) -> dict:
+    recipe = teacher_recipe(data, float(max_epochs))
+    recipe["description"] = "Held-out curve of the MiniLM MNLI teacher: accuracy on 1,000 held-out training pairs."
+    recipe["data"].update(
+        train_file=str(data / "train_subset_8999.jsonl"),
+        validation_file={"heldout": str(data / "train_subset_extra_1000.jsonl")},
+    )
+    recipe["keep_checkpoints"] = True
+    recipe["stages"][0]["args"].update(eval_strategy="epoch", save_strategy="epoch")
+    return recipe
+
+
+def read_curve(stage_dir: Path) -> list[dict]:
+    checkpoints = sorted(stage_dir.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
+    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+    return [
+        {"epoch": round(h["epoch"], 3), "heldout_accuracy": h["eval_heldout_accuracy"], "step": h["step"]}
+        for h in history
+        if "eval_heldout_accuracy" in h
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/teacher-curve")
+    parser.add_argument("--teacher-output-dir", default="runs/posttrain-mnli/teacher")
+    parser.add_argument("--data-dir", default=str(DATA))
+    parser.add_argument("--max-epochs", type=int, default=5)
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "teacher_curve.json"))
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    results_path = Path(args.results)
+    if args.table:
+        results = json.loads(results_path.read_text())
+        print("| epoch | held-out accuracy (1,000 training pairs) |\n|---:|---:|")
+        for point in results["curve"]:
+            print(f"| {point['epoch']:g} | {100 * point['heldout_accuracy']:.2f} |")
+        print(f"\nchosen: {results['chosen_epochs']} epochs")
+        return
+    enable_progress_logging()
+    data = Path(args.data_dir)
+    run = run_recipe(curve_recipe(data, args.max_epochs), output_dir=args.output_dir)
+    curve = read_curve(Path(args.output_dir) / run.state["finished"][0]["dir"])
+    best = max(curve, key=lambda p: (p["heldout_accuracy"], -p["epoch"]))
+    epochs = int(round(best["epoch"]))
+    teacher = run_recipe(teacher_recipe(data, float(epochs)), output_dir=args.teacher_output_dir)
+    teacher_dir = Path(args.teacher_output_dir) / teacher.state["finished"][0]["dir"] / "model"
+    results = {
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "curve_train": "train_subset_8999.jsonl (8,999 pairs)",
+        "heldout": "train_subset_extra_1000.jsonl (1,000 pairs, not trained on by the curve run)",
+        "max_epochs": args.max_epochs,
+        "curve": curve,
+        "chosen_epochs": epochs,
+        "teacher_train": "train_subset_8999.jsonl + train_subset_extra_1000.jsonl (9,999 pairs)",
+        "teacher_dir": str(teacher_dir),
+    }
+    tmp = results_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, results_path)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
