@@ -28,20 +28,21 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from hf_prune import prune_ffn_neurons, prune_heads, save_pruned, structure
+from hf_prune import save_pruned
 from hf_prune.costs import unit_costs
 from hf_prune.data import load_tokenizer
 from hf_prune.persistence import load_pruned
 from hf_prune.recipe import enable_progress_logging, run_recipe
-from hf_prune.scores import neuron_group_magnitude
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from posttrain_mnli import DATA, magnitude_prune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "mnli"
 ROWS = ("naive-a", "naive-b", "staged", "fisher-distill", "joint")
 DISTILL = {"distill_alpha": 0.9, "distill_temperature": 2.0}
 
@@ -83,23 +84,6 @@ def staged_sparsities(teacher, target: float) -> tuple[float, float]:
     head_total, ffn_total = costs.head[0] * sum(costs.heads), costs.neuron[0] * sum(costs.neurons)
     share = 0.5 * head_total / (0.5 * head_total + 0.55 * ffn_total)
     return min(0.95, share * removed / head_total), min(0.95, (1 - share) * removed / ffn_total)
-
-
-@torch.no_grad()
-def magnitude_to_shapes(model, heads_after: list[int], ffn_after: list[int]):
-    spec, size = structure.get_spec(model), structure.head_size(model)
-    heads, neurons = {}, {}
-    for i, layer in enumerate(structure.get_layers(model)):
-        lin = structure.attention_linears(layer, spec)
-        n_heads = lin["query"].out_features // size
-        score = sum(lin[r].weight.abs().view(n_heads, -1).sum(1) for r in ("query", "key", "value"))
-        score = score + lin["attention_output"].weight.abs().view(-1, n_heads, size).sum((0, 2))
-        heads[i] = torch.argsort(score)[: n_heads - heads_after[i]].tolist()
-        up, down = (structure.get_module(layer, getattr(spec, r)) for r in ("ffn_in", "ffn_out"))
-        neurons[i] = torch.argsort(neuron_group_magnitude(up.weight, down.weight))[: up.out_features - ffn_after[i]]
-    prune_heads(model, {k: v for k, v in heads.items() if v})
-    prune_ffn_neurons(model, {k: v.tolist() for k, v in neurons.items() if len(v)})
-    return model
 
 
 def row_stages(row: str, target: float, steps: int, teacher) -> list[dict]:
@@ -185,7 +169,7 @@ def main() -> None:
                 shapes = state["finished"][0]["summary"]
                 start = out / f"{target:g}x" / f"magnitude-{args.steps}"
                 if not (start / "config.json").is_file():
-                    pruned = magnitude_to_shapes(copy.deepcopy(teacher), shapes["heads_after"], shapes["ffn_after"])
+                    pruned = magnitude_prune(copy.deepcopy(teacher), shapes["heads_after"], shapes["ffn_after"])
                     save_pruned(pruned, start, load_tokenizer(str(teacher_dir)), overwrite=True, card=False)
                 start_model = str(start)
             recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples)

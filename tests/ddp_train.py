@@ -41,6 +41,14 @@ SCENARIOS = {
     "ffn_taylor_teacher_ga": {**TAYLOR, "distill_alpha": 0.9, "gradient_accumulation_steps": 2},
     "ffn_taylor_global": {**TAYLOR, "ffn_sparsity_rule": "global"},
     "ffn_movement": {"pruning_method": "movement", "pruning_target": "ffn", **CUBIC},
+    "joint_taylor_teacher_ga": {
+        **TAYLOR,
+        "pruning_target": "heads_and_ffn",
+        "target_speedup": 2.0,
+        "speedup_seq_len": 12,
+        "distill_alpha": 0.5,
+        "gradient_accumulation_steps": 2,
+    },
 }
 
 
@@ -73,13 +81,14 @@ class TamperOnRank1(TrainerCallback):
 def run(name: str, overrides: dict, output_dir: str, world: int, tamper: bool = False) -> dict:
     overrides = dict(overrides)
     accumulation = overrides.pop("gradient_accumulation_steps", 1)
+    if "target_speedup" not in overrides:
+        overrides["target_sparsity"] = 0.5
     args = PruningArguments(
         output_dir=os.path.join(output_dir, name),
         per_device_train_batch_size=GLOBAL_BATCH // (world * accumulation),
         gradient_accumulation_steps=accumulation,
         learning_rate=1e-2,
         max_steps=8,
-        target_sparsity=0.5,
         logging_steps=1,
         save_strategy="no",
         report_to=[],

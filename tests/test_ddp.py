@@ -57,6 +57,7 @@ SCENARIOS = [
     "ffn_taylor_teacher_ga",
     "ffn_taylor_global",
     "ffn_movement",
+    "joint_taylor_teacher_ga",
 ]
 
 
