@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--tune-samples", type=int, default=512, help="Examples for the least-squares tuning.")
     compress.add_argument("--no-tune", action="store_true", help="Skip the least-squares mask tuning.")
     compress.add_argument("--seq-len", type=int, default=128, help="Sequence length of the FLOPs cost model.")
+    compress.add_argument(
+        "--cost-model",
+        choices=("flops", "latency"),
+        default="flops",
+        help="flops: --speedup is a FLOPs ratio; latency: head and neuron costs measured on this machine at batch 32.",
+    )
     compress.add_argument("--max-seq-length", type=int, default=128, help="Truncation of the tokenized examples.")
     compress.add_argument("--max-eval-samples", type=int, default=None, help="Evaluate on a random subset.")
     compress.add_argument(

@@ -26,7 +26,7 @@ from torch import nn
 from transformers.utils import logging
 
 from . import structure
-from .costs import allocate_units, speedup_budget, unit_costs
+from .costs import allocate_units, measured_unit_costs, speedup_budget, unit_costs
 from .surgery import prune_ffn_neurons, prune_heads
 
 logger = logging.get_logger(__name__)
@@ -400,6 +400,8 @@ def prune_to_speedup(
     batch_size: int = 32,
     data_collator=None,
     seed: int = 0,
+    cost_model: str = "flops",
+    latency_batch_size: int = 32,
 ) -> tuple[nn.Module, dict]:
     """Prunes heads and FFN neurons of a fine-tuned model to `target_speedup` times fewer FLOPs, without training.
 
@@ -418,6 +420,10 @@ def prune_to_speedup(
         batch_size: examples per forward pass.
         data_collator: turns a list of examples into a batch (default: pads `input_ids` with the model's pad token).
         seed: draws the sample.
+        cost_model: "flops" (counted, the default: `target_speedup` is a FLOPs ratio) or "latency" (head and neuron
+            costs fitted to forward times measured on this machine at `latency_batch_size` x `seq_len`, see
+            [`costs.measured_unit_costs`]: `target_speedup` is then a predicted speedup of this machine).
+        latency_batch_size: the batch size the latency costs are measured at.
 
     Returns:
         `(pruned_model, summary)`: the physically pruned copy, and what was done and measured (FLOPs before / after and
@@ -431,7 +437,10 @@ def prune_to_speedup(
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    costs = unit_costs(model, seq_len)
+    if cost_model not in ("flops", "latency"):
+        raise ValueError(f"cost_model={cost_model!r} is not known: use 'flops' or 'latency'.")
+    flops = unit_costs(model, seq_len)
+    costs = flops if cost_model == "flops" else measured_unit_costs(model, seq_len, latency_batch_size)
     budget = speedup_budget(costs, target_speedup)
     rows = _examples(dataset, num_samples, seed)
     if len(rows) < num_samples:
@@ -455,7 +464,7 @@ def prune_to_speedup(
 
     t = time.perf_counter()
     # at most 2% over the target: the kept units may spend down to budget - slack
-    slack = costs.total / target_speedup - costs.total / (1.02 * target_speedup)
+    slack = costs.total / target_speedup - costs.total / (1.02 * target_speedup)  # in the cost model's unit
     keep_heads, keep_neurons = allocate_units(head_fisher, neuron_fisher, costs, budget, slack=slack / 2)
     if rearrange:
         keep_heads = [rearrange_layer(k, g) for k, g in zip(keep_heads, head_grads)]
@@ -483,6 +492,7 @@ def prune_to_speedup(
     prune_ffn_neurons(student, pruned_neurons)
     model.train(was_training)
     after = unit_costs(student, seq_len)
+    predicted = costs.flops(after.heads, after.neurons)
     times["total_s"] = time.perf_counter() - started
     summary = {
         "method": "fisher mask search, rearrangement and least-squares tuning (Kwon et al. 2022)",
@@ -490,9 +500,11 @@ def prune_to_speedup(
         "seq_len": seq_len,
         "num_samples": len(rows),
         "tune_samples": tune_rows if tune else 0,
-        "flops_before": costs.total,
+        "cost_model": cost_model if cost_model == "flops" else f"latency (ms at {latency_batch_size} x {seq_len})",
+        "predicted_speedup": costs.total / predicted,
+        "flops_before": flops.total,
         "flops_after": after.total,
-        "flops_ratio": costs.total / after.total,
+        "flops_ratio": flops.total / after.total,
         "heads_before": costs.heads,
         "heads_after": after.heads,
         "ffn_before": costs.neurons,
@@ -503,9 +515,12 @@ def prune_to_speedup(
         "wall_time_s": {k: round(v, 3) for k, v in times.items()},
     }
     logger.info(
-        "Pruned without training to %.3fx FLOPs (target %.2fx) in %.1f s: heads %d -> %d, FFN %d -> %d.",
+        "Pruned without training to %.3fx FLOPs (target %.2fx, %s; predicted %.3fx) in %.1f s: heads %d -> %d, FFN "
+        "%d -> %d.",
         summary["flops_ratio"],
         target_speedup,
+        summary["cost_model"],
+        summary["predicted_speedup"],
         times["total_s"],
         sum(costs.heads),
         sum(after.heads),

@@ -331,6 +331,7 @@ def compress_recipe(args) -> dict:
                 "num_samples": args.num_samples,
                 "tune_samples": args.tune_samples,
                 "tune": not args.no_tune,
+                "cost_model": args.cost_model,
             },
             {"stage": "evaluate"},
             {"stage": "export", "seq_len": args.seq_len},

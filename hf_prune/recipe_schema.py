@@ -171,7 +171,9 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
         if key in args and args[key] not in allowed:
             raise ValueError(f"{where}: a {kind} stage needs {key} in {list(allowed)}, got {args[key]!r}.")
     if kind == "prune_to_speedup":
-        for key in ("num_samples", "tune_samples", "batch_size"):
+        if entry.get("cost_model", "flops") not in ("flops", "latency"):
+            raise ValueError(f"{where}: cost_model={entry['cost_model']!r} must be 'flops' or 'latency'.")
+        for key in ("num_samples", "tune_samples", "batch_size", "latency_batch_size"):
             value = entry.get(key, options[key])
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{where}: {key}={value!r} must be a positive integer.")

@@ -56,7 +56,10 @@ SPEEDUP_STAGES = ("joint_prune", "prune_to_speedup")
 # Stage keys besides `stage`, `name` and `args`, with their defaults.
 STAGE_OPTIONS = {
     "prune_heads": {"min_masked": 1.0},
-    "prune_to_speedup": {"num_samples": 2048, "tune": True, "tune_samples": 512, "batch_size": 32},
+    "prune_to_speedup": {
+        "num_samples": 2048, "tune": True, "tune_samples": 512, "batch_size": 32, "cost_model": "flops",
+        "latency_batch_size": 32,
+    },
     "export": {"path": "final", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10, "card": True, "figure": True},
 }
 # Per stage: {argument: (default, allowed values)}. The default applies unless the stage's own `args` set another
@@ -369,6 +372,8 @@ def stage_prune_to_speedup(ctx: StageContext) -> dict:
         batch_size=int(opts["batch_size"]),
         data_collator=ctx.collator(),
         seed=args.seed,
+        cost_model=str(opts["cost_model"]),
+        latency_batch_size=int(opts["latency_batch_size"]),
     )
     return {"model_dir": ctx.save_model(pruned), "metrics": {}, "summary": summary, "_model": pruned}
 

@@ -219,3 +219,20 @@ def test_bad_input_fails_before_any_work():
 
 def test_vocab_of_the_ragged_rows_fits_the_model():
     assert max(max(RaggedDataset(8)[i]["input_ids"]) for i in range(8)) < VOCAB
+
+
+def test_latency_cost_model_measures_units_and_reaches_its_predicted_speedup():
+    from hf_prune.costs import measured_unit_costs
+
+    model = _model()
+    costs = measured_unit_costs(model, SEQ, batch_size=16, repeats=3)
+    assert costs.unit == "ms" and costs.head[0] > 0 and costs.neuron[0] > 0 and costs.base > 0
+    pruned, summary = prune_to_speedup(
+        model, RaggedDataset(128), 1.5, num_samples=128, seq_len=SEQ, tune=False, cost_model="latency",
+        latency_batch_size=16,
+    )  # fmt: skip
+    assert summary["cost_model"] == "latency (ms at 16 x 16)"
+    assert 1.5 <= summary["predicted_speedup"] <= 1.5 * 1.02
+    assert summary["flops_ratio"] == pytest.approx(count_flops(model, SEQ) / count_flops(pruned, SEQ))
+    with pytest.raises(ValueError, match="cost_model='watts' is not known"):
+        prune_to_speedup(model, RaggedDataset(16), 1.5, seq_len=SEQ, cost_model="watts")
