@@ -52,7 +52,6 @@ from .stages import (
     remove_checkpoints,
     run_stage,
     stage_folder,
-    stage_result_text,
     write_json_atomic,
 )
 
@@ -263,6 +262,30 @@ def _load_data(recipe: Recipe, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
+def stage_result_text(record: dict) -> str:
+    """One line saying what a finished stage did, for the closing summary."""
+    summary, metrics = record.get("summary", {}), record.get("metrics", {})
+    if "flops_ratio" in summary:
+        return f"{summary['flops_ratio']:.2f}x FLOPs without training, {summary['wall_time_s']['total_s']:.0f} s"
+    if record.get("stage") in ("taylor_ffn", "joint_prune") and "ffn_after" in summary:
+        heads = f"heads {sum(summary['heads_before'])} -> {sum(summary['heads_after'])}, "
+        changed = summary["heads_before"] != summary["heads_after"]
+        return f"{heads if changed else ''}FFN neurons {sum(summary['ffn_before'])} -> {sum(summary['ffn_after'])}"
+    if "heads_after" in summary:
+        return f"heads {sum(summary['heads_before'])} -> {sum(summary['heads_after'])}"
+    if "heads_masked" in summary:
+        return f"{summary['heads_masked']} heads fully masked"
+    if "export_dir" in summary:
+        return f"exported to {summary['export_dir']}"
+    if "pruned" in metrics:
+        return ", ".join(
+            f"{who} {split} {v:.4f}" for who in ("teacher", "pruned") for split, v in metrics[who].items()
+        )
+    if "train_loss" in metrics:
+        return f"{metrics.get('global_step')} steps, train loss {metrics['train_loss']:.4f}"
+    return ""
+
+
 def format_summary(result: RunResult) -> str:
     """The closing summary: one row per stage (wall time, outcome), then the export's report table."""
     rows = [("#", "stage", "type", "wall time", "result")]

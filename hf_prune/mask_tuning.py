@@ -1,0 +1,184 @@
+"""Least-squares mask tuning (Kwon et al. 2022, section 4.3): layer by layer, the kept heads' and neurons'
+contributions are rescaled so each layer's pre-LayerNorm sums match the dense model's on a sample; the scales are
+folded into the output projections. Used by `posttrain.prune_to_speedup`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import structure
+
+__all__ = ["least_squares_scales", "tune_masks"]
+
+
+def least_squares_scales(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solves the normal equations `gram @ s = rhs` of `min_s ||A s - r||^2` with `torch.linalg.lstsq` (a tiny ridge
+    keeps units with no signal at a finite scale)."""
+    gram, rhs = gram.double(), rhs.double()
+    ridge = 1e-8 * gram.diagonal().abs().mean().clamp(min=1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.lstsq(gram + ridge * eye, rhs.unsqueeze(-1)).solution.squeeze(-1)
+
+
+def _quadratic(gram, rhs, rr, s) -> float:
+    """`||A s - r||^2` from its normal-equation statistics."""
+    return float(s @ gram @ s - 2 * rhs @ s + rr)
+
+
+class _Stats:
+    """Normal-equation statistics of the fit and the held-out part of the sample."""
+
+    def __init__(self, k: int, device):
+        self.fit = [
+            torch.zeros(k, k, dtype=torch.float64, device=device),
+            torch.zeros(k, dtype=torch.float64, device=device),
+            0.0,
+        ]
+        self.check = [
+            torch.zeros(k, k, dtype=torch.float64, device=device),
+            torch.zeros(k, dtype=torch.float64, device=device),
+            0.0,
+        ]
+
+    def add(self, held_out: bool, gram, rhs, rr) -> None:
+        part = self.check if held_out else self.fit
+        part[0] += gram.double()
+        part[1] += rhs.double()
+        part[2] += float(rr)
+
+    def solve(self) -> tuple[torch.Tensor | None, float, float]:
+        """The scales, or None when they do not lower the held-out error; and the held-out errors before / after."""
+        ones = torch.ones_like(self.fit[1])
+        before = _quadratic(*self.check, ones)
+        scales = least_squares_scales(self.fit[0], self.fit[1])
+        after = _quadratic(*self.check, scales)
+        if not torch.isfinite(scales).all() or after >= before:
+            return None, before, before
+        return scales, before, after
+
+
+def _capture(modules: dict[str, nn.Module]):
+    """Forward pre-hooks storing the first input of each module (by key) on each call."""
+    seen, handles = {}, []
+    for key, module in modules.items():
+        handles.append(module.register_forward_pre_hook(lambda m, args, key=key: seen.__setitem__(key, args[0])))
+    return seen, handles
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[tuple]]:
+    """Each batch's input to the first encoder layer, and the arguments the encoder passes to every layer."""
+    first = structure.get_layers(model)[0]
+    inputs, extras = [], []
+
+    def hook(module, args, kwargs):
+        inputs.append(args[0])
+        extras.append((args[1:], kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, extras
+
+
+def _call_layer(layer, x, extra):
+    out = layer(x, *extra[0], **extra[1])
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def tune_masks(
+    student: nn.Module, dense: nn.Module, batches: list[dict], keep_heads, keep_neurons, first_token_last: bool
+) -> list[dict]:
+    """Least-squares scales of the kept heads and neurons, layer by layer, folded into the student's weights.
+
+    With `first_token_last`, the last layer is fitted on the first token alone: a sequence classifier reads nothing
+    else of it (Kwon et al. fit the last FFN of classifiers on the CLS token too).
+    """
+    spec, size = structure.get_spec(student), structure.head_size(student)
+    n_check = max(1, len(batches) // 5)
+    held_out = [i >= len(batches) - n_check for i in range(len(batches))]
+    xs, extras = _layer_inputs(dense, batches)
+    xd = list(xs)
+    all_tokens = [b["attention_mask"].bool() for b in batches]
+    first_tokens = []
+    for mask in all_tokens:
+        first = torch.zeros_like(mask)
+        first[:, 0] = True
+        first_tokens.append(first)
+    last_layer = len(structure.get_layers(student)) - 1
+    report = []
+    for layer_idx, (s_layer, d_layer) in enumerate(zip(structure.get_layers(student), structure.get_layers(dense))):
+        s_lin = {r: structure.get_module(s_layer, getattr(spec, r)) for r in ("attention_output", "ffn_in", "ffn_out")}
+        d_lin = {r: structure.get_module(d_layer, getattr(spec, r)) for r in ("attention_output", "ffn_in", "ffn_out")}
+        entry = {"layer": layer_idx}
+        tokens = first_tokens if first_token_last and layer_idx == last_layer else all_tokens
+        # dense targets: the pre-LayerNorm sums of the attention block (residual: the layer input) and of the FFN
+        # (residual: the FFN input)
+        seen, handles = _capture(d_lin)
+        attn_target, ffn_target, next_d = [], [], []
+        for b, x in enumerate(xd):
+            next_d.append(_call_layer(d_layer, x, extras[b]))
+            attn_target.append(d_lin["attention_output"](seen["attention_output"]) + x)
+            ffn_target.append(d_lin["ffn_out"](seen["ffn_out"]) + seen["ffn_in"])
+        for h in handles:
+            h.remove()
+        heads = keep_heads[layer_idx].nonzero().flatten().tolist()
+        neurons = keep_neurons[layer_idx].nonzero().flatten().tolist()
+        w_o = s_lin["attention_output"].weight
+        if heads:
+            stats = _Stats(len(heads), w_o.device)
+            seen, handles = _capture({"ctx": s_lin["attention_output"]})
+            for b, x in enumerate(xs):
+                _call_layer(s_layer, x, extras[b])
+                ctx = seen["ctx"][tokens[b]]  # (tokens, heads * size)
+                parts = torch.stack(
+                    [ctx[:, h * size : (h + 1) * size] @ w_o[:, h * size : (h + 1) * size].t() for h in heads]
+                )  # (k, tokens, hidden)
+                bias = s_lin["attention_output"].bias
+                r = attn_target[b][tokens[b]] - x[tokens[b]] - (bias if bias is not None else 0)
+                flat = parts.flatten(1).double()
+                stats.add(held_out[b], flat @ flat.t(), flat @ r.flatten().double(), r.double().pow(2).sum())
+            for h in handles:
+                h.remove()
+            scales, before, after = stats.solve()
+            if scales is not None:
+                for h, s in zip(heads, scales.tolist()):
+                    w_o[:, h * size : (h + 1) * size] *= s
+            entry["heads"] = {"tuned": scales is not None, "held_out_error": [before, after]}
+        w_down = s_lin["ffn_out"].weight
+        if neurons:
+            stats = _Stats(len(neurons), w_down.device)
+            kept = torch.tensor(neurons, device=w_down.device)
+            w = w_down[:, kept].double()
+            ww = w.t() @ w
+            seen, handles = _capture({"act": s_lin["ffn_out"], "res": s_lin["ffn_in"]})
+            for b, x in enumerate(xs):
+                _call_layer(s_layer, x, extras[b])
+                act = seen["act"][tokens[b]][:, kept].double()  # (tokens, k)
+                bias = s_lin["ffn_out"].bias
+                r = (ffn_target[b] - seen["res"] - (bias if bias is not None else 0))[tokens[b]].double()
+                # A = [act_j * w_j]: A^T A = (act^T act) * (w^T w), A^T r = sum_tokens act * (r @ w)
+                stats.add(held_out[b], (act.t() @ act) * ww, (act * (r @ w)).sum(dim=0), r.pow(2).sum())
+            for h in handles:
+                h.remove()
+            scales, before, after = stats.solve()
+            if scales is not None:
+                w_down[:, kept] *= scales.to(w_down.dtype)
+            entry["neurons"] = {"tuned": scales is not None, "held_out_error": [before, after]}
+        xs = [_call_layer(s_layer, x, extras[b]) for b, x in enumerate(xs)]
+        xd = next_d
+        report.append(entry)
+    return report
