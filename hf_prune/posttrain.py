@@ -8,9 +8,9 @@
 2. Search: `costs.allocate_units` keeps the heads and neurons with the most Fisher information that fit in the FLOPs
    budget of the target speedup; then, within each layer, a greedy swap picks the set to remove that minimises
    `sum_examples (sum_removed g)^2`, the loss increase the layer's block of the Fisher matrix predicts.
-3. Tuning (`mask_tuning.py`): layer by layer, the kept heads' and neurons' contributions are rescaled by least squares
-   (`torch.linalg.lstsq` on the normal equations) so the layer's pre-LayerNorm sums match the dense model's on the
-   sample; a scale is kept only if it lowers the error on held-out examples of the sample.
+3. Tuning (`mask_tuning.py`): layer by layer, the kept heads' and neurons' contributions are rescaled by least
+   squares (`torch.linalg.lstsq` on the normal equations) so the layer's pre-LayerNorm sums match the dense model's
+   on the sample; a scale is kept only if it lowers the error on held-out examples of the sample.
 4. Removal: the scales are folded into the output projections and the pruned units are removed (`prune_heads`,
    `prune_ffn_neurons`); nothing is left masked.
 """
