@@ -14,7 +14,9 @@ training pairs), trained once under `--teacher-dir`'s run. Rows (each an `hf-pru
 - `staged`: the staged pipeline as in `recipes/mnli-minilm-cpu.yaml` (movement pruning of whole heads with
   distillation, head removal, distillation, gradual Taylor FFN pruning with distillation), its steps split 48% / 16%
   / 36% as there, head and FFN sparsities from the FLOPs model;
-- `fisher-distill`: `prune_to_speedup` (no training) to the target, then distillation for `--steps` steps;
+- `fisher-distill`: `prune_to_speedup` (no training) to the target FLOPs ratio, then distillation for `--steps` steps;
+- `fisher-latency-distill`: the same with `cost_model="latency"`: the target is a speedup at batch 32 measured on this
+  machine, not a FLOPs ratio;
 - `joint`: gradual joint pruning of heads and neurons under one FLOPs budget with distillation (`joint_prune`, 60% of
   the steps), then distillation.
 
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from posttrain_mnli import DATA, magnitude_prune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("naive-a", "naive-b", "staged", "fisher-distill", "joint")
+ROWS = ("naive-a", "naive-b", "staged", "fisher-distill", "fisher-latency-distill", "joint")
 DISTILL = {"distill_alpha": 0.9, "distill_temperature": 2.0}
 
 
@@ -90,9 +92,10 @@ def row_stages(row: str, target: float, steps: int, teacher) -> list[dict]:
     if row in ("naive-a", "naive-b"):
         args = {"max_steps": steps} if row == "naive-b" else {"max_steps": steps, "distill_alpha": 0.0}
         return [{"stage": "distill" if row == "naive-b" else "finetune", "args": args}]
-    if row == "fisher-distill":
+    if row in ("fisher-distill", "fisher-latency-distill"):
+        cost = "latency" if row == "fisher-latency-distill" else "flops"
         return [
-            {"stage": "prune_to_speedup", "args": {"target_speedup": target}},
+            {"stage": "prune_to_speedup", "args": {"target_speedup": target}, "cost_model": cost},
             {"stage": "distill", "args": {"max_steps": steps}},
         ]
     if row == "joint":
@@ -134,7 +137,15 @@ def row_stages(row: str, target: float, steps: int, teacher) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/accuracy-at-speed")
-    parser.add_argument("--teacher-dir", default="runs/posttrain-mnli/teacher/01-finetune/model")
+    parser.add_argument(
+        "--teacher-dir",
+        default=None,
+        help="Default: the teacher chosen by benchmarks/teacher_curve.py (its results file), else the 2-epoch teacher "
+        "of benchmarks/posttrain_mnli.py.",
+    )
+    parser.add_argument(
+        "--naive-shapes-from", default="fisher-distill", help="The row whose shapes the naive rows prune to."
+    )
     parser.add_argument("--data-dir", default=str(DATA))
     parser.add_argument("--targets", nargs="+", type=float, default=[2.0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
@@ -149,6 +160,10 @@ def main() -> None:
         print(markdown_table(results))
         return
     enable_progress_logging()
+    curve = ROOT / "benchmarks" / "results" / "teacher_curve.json"
+    if args.teacher_dir is None:
+        chosen = json.loads(curve.read_text())["teacher_dir"] if curve.is_file() else None
+        args.teacher_dir = chosen or "runs/posttrain-mnli/teacher/01-finetune/model"
     teacher_dir = Path(args.teacher_dir).absolute()
     if not (teacher_dir / "config.json").is_file():
         raise SystemExit(f"{teacher_dir} holds no model: run benchmarks/posttrain_mnli.py or pass --teacher-dir.")
@@ -162,10 +177,12 @@ def main() -> None:
             start_model = str(teacher_dir)
             if row.startswith("naive"):
                 # the shapes of the retraining-free pruner at this target, reached by weight magnitude in one shot
-                fisher = out / f"{target:g}x" / f"fisher-distill-{args.steps}"
+                fisher = out / f"{target:g}x" / f"{args.naive_shapes_from}-{args.steps}"
                 state = json.loads((fisher / "state.json").read_text()) if (fisher / "state.json").is_file() else None
                 if state is None:
-                    raise SystemExit(f"Run the fisher-distill row at {target:g}x first: naive rows take its shapes.")
+                    raise SystemExit(
+                        f"Run the {args.naive_shapes_from} row at {target:g}x first: naive rows take its shapes."
+                    )
                 shapes = state["finished"][0]["summary"]
                 start = out / f"{target:g}x" / f"magnitude-{args.steps}"
                 if not (start / "config.json").is_file():
