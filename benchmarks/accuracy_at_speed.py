@@ -37,6 +37,7 @@ from pathlib import Path
 from hf_prune import save_pruned
 from hf_prune.costs import unit_costs
 from hf_prune.data import load_tokenizer
+from hf_prune.metrics_cache import model_digest
 from hf_prune.persistence import load_pruned
 from hf_prune.recipe import enable_progress_logging, run_recipe
 
@@ -168,23 +169,24 @@ def main() -> None:
     if not (teacher_dir / "config.json").is_file():
         raise SystemExit(f"{teacher_dir} holds no model: run benchmarks/posttrain_mnli.py or pass --teacher-dir.")
     teacher = load_pruned(teacher_dir).eval()
+    tag = f"teacher-{model_digest(teacher)[:8]}"  # rows of different teachers never share a run folder or a key
     data, out = Path(args.data_dir), Path(args.output_dir).absolute()
     for target in args.targets:
         for row in args.rows:
-            key = f"{target:g}x/{row}/{args.steps}"
+            key = f"{tag}/{target:g}x/{row}/{args.steps}"
             if key in results["rows"]:
                 continue
             start_model = str(teacher_dir)
             if row.startswith("naive"):
                 # the shapes of the retraining-free pruner at this target, reached by weight magnitude in one shot
-                fisher = out / f"{target:g}x" / f"{args.naive_shapes_from}-{args.steps}"
+                fisher = out / tag / f"{target:g}x" / f"{args.naive_shapes_from}-{args.steps}"
                 state = json.loads((fisher / "state.json").read_text()) if (fisher / "state.json").is_file() else None
                 if state is None:
                     raise SystemExit(
                         f"Run the {args.naive_shapes_from} row at {target:g}x first: naive rows take its shapes."
                     )
                 shapes = state["finished"][0]["summary"]
-                start = out / f"{target:g}x" / f"magnitude-{args.steps}"
+                start = out / tag / f"{target:g}x" / f"magnitude-{args.steps}"
                 if not (start / "config.json").is_file():
                     pruned = magnitude_prune(copy.deepcopy(teacher), shapes["heads_after"], shapes["ffn_after"])
                     save_pruned(pruned, start, load_tokenizer(str(teacher_dir)), overwrite=True, card=False)
@@ -192,7 +194,7 @@ def main() -> None:
             recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples)
             recipe["stages"] = row_stages(row, target, args.steps, teacher) + closing_stages()
             began = time.perf_counter()
-            run = run_recipe(recipe, output_dir=str(out / f"{target:g}x" / f"{row}-{args.steps}"))
+            run = run_recipe(recipe, output_dir=str(out / tag / f"{target:g}x" / f"{row}-{args.steps}"))
             report = run.report
             metrics = report["metrics"]
             results["rows"][key] = {
@@ -201,6 +203,7 @@ def main() -> None:
                 "steps": args.steps,
                 "accuracy": metrics["pruned"]["validation_matched"],
                 "teacher_accuracy": metrics["teacher"]["validation_matched"],
+                "teacher": {"dir": str(teacher_dir), "digest": tag},
                 "flops_ratio": report["flops"]["ratio"],
                 "speedup_b1": report["latency"]["batches"][0]["speedup"],
                 "speedup_b32": report["latency"]["batches"][1]["speedup"],
