@@ -1,25 +1,31 @@
 """Accuracy at a speed on MNLI: every method from the same dense teacher, with the same number of training steps after
 it, measured on the full validation_matched split and timed on CPU.
 
-    python benchmarks/accuracy_at_speed.py --rows staged fisher-distill --steps 626      # resumable, row by row
+    python benchmarks/accuracy_at_speed.py                     # the whole plan, resumable row by row
+    python benchmarks/accuracy_at_speed.py --targets 2 --rows staged --steps 313
     python benchmarks/accuracy_at_speed.py --table
 
-The teacher is the one of `benchmarks/posttrain_mnli.py` (all-MiniLM-L6-v2, 2 epochs on the 9,999 shared MNLI
-training pairs), trained once under `--teacher-dir`'s run. Rows (each an `hf-prune` recipe run under
-`--output-dir/<target>x/<row>`, so an interrupted row resumes from its last checkpoint):
+The teacher is the one `benchmarks/teacher_curve.py` chose (all-MiniLM-L6-v2 fine-tuned on the shared MNLI training
+pairs for the epochs with the best accuracy on 1,000 held-out training pairs), or `--teacher-dir`. Rows (each an
+`hf-prune` recipe run under `--output-dir/teacher-<digest>/<target>x/<row>-<steps>`, so an interrupted row resumes
+from its last checkpoint, and rows of different teachers never mix):
 
-- `naive-a`: one-shot magnitude pruning of heads and FFN neurons to the shapes `fisher` chooses at the target, then
-  plain fine-tuning (no teacher) for `--steps` steps;
+- `fisher-latency-distill` (the best pipeline, `recipes/mnli-minilm-cpu.yaml`): `prune_to_speedup` with
+  `cost_model="latency"` (the target is a speedup at batch 32 measured on this machine, not a FLOPs ratio), then
+  distillation for `--steps` steps;
+- `naive-a`: one-shot magnitude pruning of heads and FFN neurons to the shapes of `--naive-shapes-from`'s row (by
+  default the one above) at the target, then plain fine-tuning (no teacher) for `--steps` steps;
 - `naive-b`: the same one-shot pruning, then distillation from the teacher (alpha 0.9, T 2) for `--steps` steps;
-- `staged`: the staged pipeline as in `recipes/mnli-minilm-cpu.yaml` (movement pruning of whole heads with
-  distillation, head removal, distillation, gradual Taylor FFN pruning with distillation), its steps split 48% / 16%
-  / 36% as there, head and FFN sparsities from the FLOPs model;
-- `fisher-distill`: `prune_to_speedup` (no training) to the target FLOPs ratio, then distillation for `--steps` steps;
-- `fisher-latency-distill`: the same with `cost_model="latency"`: the target is a speedup at batch 32 measured on this
-  machine, not a FLOPs ratio;
+- `staged`: the staged pipeline of earlier releases (movement pruning of whole heads with distillation, head
+  removal, distillation, gradual Taylor FFN pruning with distillation), its steps split 48% / 16% / 36%, head and FFN
+  sparsities from the FLOPs model at the target;
+- `fisher-distill`: `prune_to_speedup` to the target FLOPs ratio, then distillation (the ablation between the two:
+  Fisher masks as the start, FLOPs as the cost);
 - `joint`: gradual joint pruning of heads and neurons under one FLOPs budget with distillation (`joint_prune`, 60% of
   the steps), then distillation.
 
+Without `--targets` / `--rows`, the plan runs every row but `joint` at 2x, and `fisher-latency-distill` and `naive-b`
+at 3x.
 Every row ends with `evaluate` (validation_matched, 9,815 pairs) and `export` (FLOPs ratio and CPU latency at batch 1
 and 32 against the teacher, interleaved in one process). Results: `benchmarks/results/accuracy_at_speed.json`.
 """
@@ -46,7 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from posttrain_mnli import DATA, magnitude_prune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("naive-a", "naive-b", "staged", "fisher-distill", "fisher-latency-distill", "joint")
+ROWS = ("fisher-latency-distill", "naive-b", "naive-a", "staged", "fisher-distill", "joint")
+# The default plan (no --targets / --rows): every row of the comparison at 2x, the naive-B baseline and the best
+# pipeline at 3x. The row giving the naive rows their shapes comes first.
+PLAN = {2.0: ROWS[:5], 3.0: ("fisher-latency-distill", "naive-b")}
 DISTILL = {"distill_alpha": 0.9, "distill_temperature": 2.0}
 
 
@@ -145,11 +154,11 @@ def main() -> None:
         "of benchmarks/posttrain_mnli.py.",
     )
     parser.add_argument(
-        "--naive-shapes-from", default="fisher-distill", help="The row whose shapes the naive rows prune to."
+        "--naive-shapes-from", default="fisher-latency-distill", help="The row whose shapes the naive rows prune to."
     )
     parser.add_argument("--data-dir", default=str(DATA))
-    parser.add_argument("--targets", nargs="+", type=float, default=[2.0])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--targets", nargs="+", type=float, default=None, help="Default: the plan (2x and 3x).")
+    parser.add_argument("--rows", nargs="+", default=None, choices=ROWS, help="Default: the plan's rows.")
     parser.add_argument("--steps", type=int, default=626, help="Training steps after the teacher, for every row.")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="Default: all of validation_matched.")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy_at_speed.json"))
@@ -171,9 +180,14 @@ def main() -> None:
     teacher = load_pruned(teacher_dir).eval()
     tag = f"teacher-{model_digest(teacher)[:8]}"  # rows of different teachers never share a run folder or a key
     data, out = Path(args.data_dir), Path(args.output_dir).absolute()
-    for target in args.targets:
-        for row in args.rows:
-            key = f"{tag}/{target:g}x/{row}/{args.steps}"
+    if args.targets is None and args.rows is None:
+        plan = PLAN
+    else:
+        plan = {target: args.rows or ROWS[:5] for target in args.targets or [2.0]}
+    for target, rows in plan.items():
+        for row in rows:
+            shaped = f"{row}-as-{args.naive_shapes_from}" if row.startswith("naive") else row
+            key = f"{tag}/{target:g}x/{shaped}/{args.steps}"
             if key in results["rows"]:
                 continue
             start_model = str(teacher_dir)
@@ -186,7 +200,7 @@ def main() -> None:
                         f"Run the {args.naive_shapes_from} row at {target:g}x first: naive rows take its shapes."
                     )
                 shapes = state["finished"][0]["summary"]
-                start = out / tag / f"{target:g}x" / f"magnitude-{args.steps}"
+                start = out / tag / f"{target:g}x" / f"magnitude-as-{args.naive_shapes_from}-{args.steps}"
                 if not (start / "config.json").is_file():
                     pruned = magnitude_prune(copy.deepcopy(teacher), shapes["heads_after"], shapes["ffn_after"])
                     save_pruned(pruned, start, load_tokenizer(str(teacher_dir)), overwrite=True, card=False)
@@ -194,12 +208,13 @@ def main() -> None:
             recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples)
             recipe["stages"] = row_stages(row, target, args.steps, teacher) + closing_stages()
             began = time.perf_counter()
-            run = run_recipe(recipe, output_dir=str(out / tag / f"{target:g}x" / f"{row}-{args.steps}"))
+            run = run_recipe(recipe, output_dir=str(out / tag / f"{target:g}x" / f"{shaped}-{args.steps}"))
             report = run.report
             metrics = report["metrics"]
             results["rows"][key] = {
                 "target_speedup": target,
                 "row": row,
+                "shapes_from": args.naive_shapes_from if row.startswith("naive") else None,
                 "steps": args.steps,
                 "accuracy": metrics["pruned"]["validation_matched"],
                 "teacher_accuracy": metrics["teacher"]["validation_matched"],

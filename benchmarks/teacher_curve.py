@@ -7,8 +7,9 @@
    every epoch on `train_subset_extra_1000.jsonl`, which this run never trains on (a slice held out of the training
    pairs; validation_matched is never read).
 2. The epoch count with the best held-out accuracy (the smaller one on a tie).
-3. The teacher: fine-tuned on all 9,999 pairs for that many epochs (the recipe of `benchmarks/posttrain_mnli.py`, so
-   a 2-epoch choice reuses that teacher when it exists).
+3. The teacher: the curve run's checkpoint at that epoch, copied to `--output-dir/teacher` (the very model whose
+   held-out accuracy chose it). With `--refit`, a model fine-tuned on all 9,999 pairs for that many epochs instead
+   (the recipe of `benchmarks/posttrain_mnli.py`, so a 2-epoch choice reuses that teacher when it exists).
 
 Results (the curve, the choice, the teacher's folder) go to `benchmarks/results/teacher_curve.json`.
 """
@@ -21,6 +22,9 @@ import os
 import sys
 from pathlib import Path
 
+from hf_prune import save_pruned
+from hf_prune.data import load_tokenizer
+from hf_prune.persistence import load_pruned
 from hf_prune.recipe import enable_progress_logging, run_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,6 +63,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(DATA))
     parser.add_argument("--max-epochs", type=int, default=5)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "teacher_curve.json"))
+    parser.add_argument("--refit", action="store_true", help="Train the teacher again on all 9,999 pairs.")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     results_path = Path(args.results)
@@ -75,8 +80,17 @@ def main() -> None:
     curve = read_curve(Path(args.output_dir) / run.state["finished"][0]["dir"])
     best = max(curve, key=lambda p: (p["heldout_accuracy"], -p["epoch"]))
     epochs = int(round(best["epoch"]))
-    teacher = run_recipe(teacher_recipe(data, float(epochs)), output_dir=args.teacher_output_dir)
-    teacher_dir = Path(args.teacher_output_dir) / teacher.state["finished"][0]["dir"] / "model"
+    if args.refit:
+        teacher = run_recipe(teacher_recipe(data, float(epochs)), output_dir=args.teacher_output_dir)
+        teacher_dir = Path(args.teacher_output_dir) / teacher.state["finished"][0]["dir"] / "model"
+        teacher_train = "train_subset_8999.jsonl + train_subset_extra_1000.jsonl (9,999 pairs)"
+    else:
+        stage_dir = Path(args.output_dir) / run.state["finished"][0]["dir"]
+        teacher_dir = Path(args.output_dir) / "teacher"
+        if not (teacher_dir / "config.json").is_file():
+            checkpoint = stage_dir / "checkpoints" / f"checkpoint-{best['step']}"
+            save_pruned(load_pruned(checkpoint), teacher_dir, load_tokenizer("builtin:demo"), card=False)
+        teacher_train = f"train_subset_8999.jsonl (8,999 pairs), the curve's checkpoint at step {best['step']}"
     results = {
         "model": "sentence-transformers/all-MiniLM-L6-v2",
         "curve_train": "train_subset_8999.jsonl (8,999 pairs)",
@@ -84,7 +98,7 @@ def main() -> None:
         "max_epochs": args.max_epochs,
         "curve": curve,
         "chosen_epochs": epochs,
-        "teacher_train": "train_subset_8999.jsonl + train_subset_extra_1000.jsonl (9,999 pairs)",
+        "teacher_train": teacher_train,
         "teacher_dir": str(teacher_dir),
     }
     tmp = results_path.with_suffix(".tmp")

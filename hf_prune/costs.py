@@ -174,13 +174,18 @@ def measured_unit_costs(model: nn.Module, seq_len: int = 128, batch_size: int = 
         prune_ffn_neurons(copy_, {i: list(range(k, n)) for i, (k, n) in enumerate(zip(kept_n, neurons)) if k < n})
         variants.append((copy_, sum(kept_h), sum(kept_n)))
     inputs = dummy_inputs(model, batch_size, seq_len)
+    device = next(iter(inputs.values())).device
+    # kernels on an accelerator run asynchronously: without a sync the clock would time their launch only
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for copy_, _, _ in variants:  # warm-up
         copy_(**inputs)
     times = [[] for _ in variants]
     for _ in range(repeats):
         for i, (copy_, _, _) in enumerate(variants):
+            sync()
             start = time.perf_counter()
             copy_(**inputs)
+            sync()
             times[i].append((time.perf_counter() - start) * 1000.0)
     model.train(was_training)
     design = torch.tensor([[1.0, h, n] for _, h, n in variants], dtype=torch.float64)

@@ -403,5 +403,3 @@ def check_recipe(recipe: Recipe) -> None:
             )
     for i in range(1, len(recipe.stages) + 1):
         recipe.stage_arguments(i)
-
-

@@ -57,7 +57,11 @@ SPEEDUP_STAGES = ("joint_prune", "prune_to_speedup")
 STAGE_OPTIONS = {
     "prune_heads": {"min_masked": 1.0},
     "prune_to_speedup": {
-        "num_samples": 2048, "tune": True, "tune_samples": 512, "batch_size": 32, "cost_model": "flops",
+        "num_samples": 2048,
+        "tune": True,
+        "tune_samples": 512,
+        "batch_size": 32,
+        "cost_model": "flops",
         "latency_batch_size": 32,
     },
     "export": {"path": "final", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10, "card": True, "figure": True},
@@ -360,9 +364,23 @@ def stage_prune_to_speedup(ctx: StageContext) -> dict:
     """Retraining-free pruning of heads and FFN neurons to `target_speedup` (see [`posttrain.prune_to_speedup`]) on
     a sample of the training split."""
     args, opts = ctx.arguments(), ctx.spec
-    model = ctx.load_current_model()
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:
+        # One process chooses and the others load its choice: measured costs (cost_model="latency") and the order of
+        # reductions differ between processes, and ranks that prune differently cannot train together.
+        summary = [_prune_to_speedup(ctx, args, opts)[1] if ctx.is_main else None]
+        _barrier()  # the main process has written the model
+        torch.distributed.broadcast_object_list(summary, src=0)
+        folder = ctx.stage_dir / MODEL_SUBDIR
+        return {"model_dir": str(folder.relative_to(ctx.output_dir)), "metrics": {}, "summary": summary[0]}
+    pruned, summary = _prune_to_speedup(ctx, args, opts)
+    return {"model_dir": str((ctx.stage_dir / MODEL_SUBDIR).relative_to(ctx.output_dir)), "metrics": {},
+            "summary": summary, "_model": pruned}  # fmt: skip
+
+
+def _prune_to_speedup(ctx: StageContext, args, opts) -> tuple:
     pruned, summary = prune_to_speedup(
-        model,
+        ctx.load_current_model(),
         ctx.splits()["train"],
         args.target_speedup,
         int(opts["num_samples"]),
@@ -375,7 +393,8 @@ def stage_prune_to_speedup(ctx: StageContext) -> dict:
         cost_model=str(opts["cost_model"]),
         latency_batch_size=int(opts["latency_batch_size"]),
     )
-    return {"model_dir": ctx.save_model(pruned), "metrics": {}, "summary": summary, "_model": pruned}
+    ctx.save_model(pruned)
+    return pruned, summary
 
 
 def _evaluate(ctx: StageContext, model, args, splits: dict) -> dict[str, float]:

@@ -133,8 +133,17 @@ class StepRecorder(TrainerCallback):
 
 
 def main(recipe_path: str, out_json: str) -> None:
+    from hf_prune import stages
     from hf_prune.recipe import run_recipe
 
+    calls = []
+    prune_to_speedup = stages.prune_to_speedup
+
+    def counted(*args, **kwargs):  # which processes ran the retraining-free search
+        calls.append(1)
+        return prune_to_speedup(*args, **kwargs)
+
+    stages.prune_to_speedup = counted
     recorder = StepRecorder()
     result = run_recipe(recipe_path, callbacks=[recorder])
     rank = int(os.environ.get("RANK", 0))
@@ -143,8 +152,11 @@ def main(recipe_path: str, out_json: str) -> None:
         "world_size": int(os.environ.get("WORLD_SIZE", 1)),
         "shapes": model_shapes(result.model),
         "finished": [r["name"] for r in result.state["finished"]],
-        "head_masks": next(r["summary"]["head_masks"] for r in result.state["finished"] if r["stage"] == "movement"),
+        "head_masks": next(
+            (r["summary"]["head_masks"] for r in result.state["finished"] if r["stage"] == "movement"), None
+        ),
         "steps": recorder.stages,
+        "prune_to_speedup_calls": len(calls),
     }
     with open(f"{out_json}.rank{rank}", "w") as f:
         json.dump(record, f)

@@ -151,10 +151,7 @@ def test_prune_to_speedup_meets_the_target_and_matches_the_masked_model(model_ty
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input model is untouched
     # the masked dense model and the physically pruned one compute the same function
     kept = {int(k): v for k, v in summary["pruned_heads"].items()}
-    neurons = {
-        layer: sorted(set(range(64)) - set(_kept_neuron_ids(model, pruned, layer)))
-        for layer in range(3)
-    }
+    neurons = {layer: sorted(set(range(64)) - set(_kept_neuron_ids(model, pruned, layer))) for layer in range(3)}
     masked = _zero_masked(_model(model_type), {str(k): v for k, v in kept.items()}, neurons)
     batch = _pad_collate(1 if model_type != "bert" else 0)([RaggedDataset(4)[i] for i in range(4)])
     batch.pop("labels")

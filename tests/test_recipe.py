@@ -148,7 +148,13 @@ def test_shipped_recipes_validate_and_the_packaged_demo_matches():
         assert recipe.stages[-1]["stage"] == "export"
     assert packaged_recipe("demo").read_text() == (REPO / "recipes" / "demo.yaml").read_text()
     cpu = load_recipe(REPO / "recipes" / "mnli-minilm-cpu.yaml")
-    assert cpu.data["train_file"] == str((REPO.parent / "shared/data/mnli/train_subset_8999.jsonl").resolve())
+    shared = (REPO.parent / "shared/data/mnli").resolve()
+    assert cpu.data["train_file"] == [str(shared / f"train_subset_{n}.jsonl") for n in ("8999", "extra_1000")]
+    # the CPU recipe is driven by a speed target, the bert-base one too
+    for name in ("mnli-bert-base", "mnli-minilm-cpu"):
+        recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
+        (prune,) = [s for s in recipe.stages if s["stage"] == "prune_to_speedup"]
+        assert prune["args"]["target_speedup"] == 2.0
 
 
 def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch):

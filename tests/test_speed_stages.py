@@ -2,16 +2,23 @@
 joint_prune stages, and `PruningTrainer` pruning heads and neurons jointly to a FLOPs ratio."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from recipe_run import make_tiny_assets, tiny_recipe
+import yaml
+from recipe_run import make_tiny_assets, model_shapes, tiny_recipe
 from utils import TinyDataset, tiny_model, train_args
 
-from hf_prune import PruningTrainer
+from hf_prune import PruningTrainer, load_pruned
 from hf_prune.cli import main as cli_main
 from hf_prune.costs import count_flops
 from hf_prune.recipe import read_state, run_recipe
 from hf_prune.recipe_schema import load_recipe
+
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +81,42 @@ def test_joint_prune_stage_removes_heads_and_neurons_to_the_speedup(assets, tmp_
     summary = read_state(tmp_path / "joint")["finished"][1]["summary"]
     assert sum(summary["heads_after"]) < sum(summary["heads_before"])
     assert sum(summary["ffn_after"]) < sum(summary["ffn_before"])
+
+
+def test_two_processes_prune_to_speedup_once_and_train_the_same_model(assets, tmp_path):
+    """Measured costs differ between processes: the main process chooses the shapes, every rank trains them."""
+    raw = tiny_recipe(assets, tmp_path / "run")
+    raw["defaults"].update(per_device_train_batch_size=4)
+    raw["stages"] = [
+        {"stage": "finetune", "args": {"max_steps": 2}},
+        {
+            "stage": "prune_to_speedup", "cost_model": "latency", "num_samples": 32, "tune_samples": 32,
+            "latency_batch_size": 16, "args": {"target_speedup": 1.15, "speedup_seq_len": 64},
+        },
+        {"stage": "distill", "args": {"max_steps": 2}},
+    ]  # fmt: skip
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29553"]
+    proc = subprocess.run(
+        [*cmd, str(HERE / "recipe_run.py"), str(recipe_path), str(tmp_path / "shapes.json")],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"shapes.json.rank{r}").read_text()) for r in (0, 1)]
+    assert ranks[0]["finished"] == ranks[1]["finished"] == ["finetune", "prune_to_speedup", "distill"]
+    assert [r["prune_to_speedup_calls"] for r in ranks] == [1, 0]  # chosen once, by the main process
+    assert ranks[0]["shapes"] == ranks[1]["shapes"]
+    assert ranks[0]["steps"]["03-distill"] == ranks[1]["steps"]["03-distill"]  # the same weights at every step
+    chosen = read_state(tmp_path / "run")["finished"][1]["summary"]
+    assert ranks[0]["shapes"] == {"heads": chosen["heads_after"], "ffn": chosen["ffn_after"]}
+    assert model_shapes(load_pruned(tmp_path / "run" / "03-distill" / "model")) == ranks[0]["shapes"]
+    assert sum(chosen["heads_after"]) + sum(chosen["ffn_after"]) < sum(chosen["heads_before"]) + sum(
+        chosen["ffn_before"]
+    )
 
 
 @pytest.mark.parametrize("method", ["taylor", "movement"])
