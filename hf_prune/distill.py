@@ -37,6 +37,20 @@ def _task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
+def _hidden_mse(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """MSE between `(batch, seq, hidden)` states, over the real tokens of `attention_mask` when given."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"Hidden states {tuple(student.shape)} (student) and {tuple(teacher.shape)} (teacher) differ: the "
+            "hidden-state term needs the same hidden size."
+        )
+    teacher = teacher.detach().to(student.dtype)
+    if attention_mask is None:
+        return F.mse_loss(student, teacher)
+    weights = attention_mask.to(student.dtype).unsqueeze(-1)
+    return ((student - teacher) ** 2 * weights).sum() / (weights.sum() * student.shape[-1]).clamp_min(1.0)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -47,6 +61,7 @@ def distillation_loss(
     student_hidden_states: tuple[torch.Tensor, ...] | None = None,
     teacher_hidden_states: tuple[torch.Tensor, ...] | None = None,
     hidden_weight: float = 0.0,
+    attention_mask: torch.Tensor | None = None,
 ) -> DistillationOutput:
     """Hinton et al. (2015) distillation loss, a pure function of tensors.
 
@@ -64,6 +79,8 @@ def distillation_loss(
         task_loss: a task loss computed elsewhere (e.g. by the model); takes precedence over `labels`.
         student_hidden_states / teacher_hidden_states: per-layer hidden states for the optional MSE term.
         hidden_weight: weight of the hidden-state MSE (0 = off).
+        attention_mask: `(batch, seq)` mask of real tokens; when given, the hidden-state MSE is averaged over real
+            tokens only, so padding (whose states depend on the batch's longest row) carries no weight.
 
     Returns:
         [`DistillationOutput`] with the combined loss and its components.
@@ -105,7 +122,7 @@ def distillation_loss(
                 "the hidden-state term needs the same number of layers."
             )
         pairs = zip(student_hidden_states, teacher_hidden_states)
-        hidden_loss = torch.stack([F.mse_loss(s_h, t_h.detach().to(s_h.dtype)) for s_h, t_h in pairs]).mean()
+        hidden_loss = torch.stack([_hidden_mse(s_h, t_h, attention_mask) for s_h, t_h in pairs]).mean()
 
     loss = (1.0 - alpha) * task_loss + alpha * kd_loss + hidden_weight * hidden_loss
     return DistillationOutput(loss=loss, task_loss=task_loss, kd_loss=kd_loss, hidden_loss=hidden_loss)

@@ -116,6 +116,7 @@ class PruningTrainer(Trainer):
             student_hidden_states=outputs.hidden_states if want_hidden else None,
             teacher_hidden_states=teacher_outputs.hidden_states if want_hidden else None,
             hidden_weight=args.distill_hidden_weight,
+            attention_mask=inputs.get("attention_mask"),
         )
         self._loss_components["task_loss"].append(parts.task_loss.detach())
         self._loss_components["distill_loss"].append(parts.kd_loss.detach())

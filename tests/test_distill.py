@@ -58,6 +58,31 @@ def test_gradients_reach_student_not_teacher():
     assert out.hidden_loss > 0
 
 
+def test_hidden_state_term_ignores_padding_tokens():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3), torch.randn(2, 3)
+    hs, ht = [torch.randn(2, 5, 4) for _ in range(2)], [torch.randn(2, 5, 4) for _ in range(2)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    kwargs = dict(labels=torch.zeros(2, dtype=torch.long), hidden_weight=1.0, attention_mask=mask)
+    out = distillation_loss(s, t, student_hidden_states=hs, teacher_hidden_states=ht, **kwargs)
+    # by hand: squared differences over the 8 real tokens x 4 features of each layer, then the mean over layers
+    real = mask.bool()
+    expected = torch.stack([((a - b)[real] ** 2).mean() for a, b in zip(hs, ht)]).mean()
+    torch.testing.assert_close(out.hidden_loss, expected)
+    # whatever the padded positions hold, the term is the same
+    noisy = [h.clone() for h in hs]
+    for h in noisy:
+        h[0, 3:] += 100.0
+    again = distillation_loss(s, t, student_hidden_states=noisy, teacher_hidden_states=ht, **kwargs)
+    torch.testing.assert_close(again.hidden_loss, expected)
+    # without a mask every position counts, as before
+    plain = distillation_loss(s, t, labels=kwargs["labels"], student_hidden_states=hs, teacher_hidden_states=ht,
+                              hidden_weight=1.0)  # fmt: skip
+    torch.testing.assert_close(plain.hidden_loss, torch.stack([F.mse_loss(a, b) for a, b in zip(hs, ht)]).mean())
+    with pytest.raises(ValueError, match="same hidden size"):
+        distillation_loss(s, t, student_hidden_states=hs, teacher_hidden_states=[h[..., :2] for h in ht], **kwargs)
+
+
 def test_regression_head_uses_mse():
     s, t = torch.randn(8, 1), torch.randn(8, 1)
     out = distillation_loss(s, t, torch.randn(8), alpha=1.0, temperature=2.0)
