@@ -21,6 +21,9 @@ from its last checkpoint, and rows of different teachers never mix):
   sparsities from the FLOPs model at the target;
 - `fisher-distill`: `prune_to_speedup` to the target FLOPs ratio, then distillation (the ablation between the two:
   Fisher masks as the start, FLOPs as the cost);
+- `fisher-latency-hidden`: `fisher-latency-distill` with layer-wise distillation added: the MSE between every
+  hidden state of student and teacher (over real tokens, weight 1 beside the logits' KL, as TinyBERT and CoFi's
+  layer distillation do; pruning keeps the hidden size, so no projection is needed);
 - `joint`: gradual joint pruning of heads and neurons under one FLOPs budget with distillation (`joint_prune`, 60% of
   the steps), then distillation.
 
@@ -52,10 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from posttrain_mnli import DATA, magnitude_prune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("fisher-latency-distill", "naive-b", "naive-a", "staged", "fisher-distill", "joint")
+ROWS = ("fisher-latency-distill", "naive-b", "naive-a", "staged", "fisher-distill", "fisher-latency-hidden", "joint")
 # The default plan (no --targets / --rows): every row of the comparison at 2x, the naive-B baseline and the best
 # pipeline at 3x. The row giving the naive rows their shapes comes first.
-PLAN = {2.0: ROWS[:5], 3.0: ("fisher-latency-distill", "naive-b")}
+PLAN = {2.0: ROWS[:6], 3.0: ("fisher-latency-distill", "naive-b")}
+HIDDEN_WEIGHT = 1.0  # TinyBERT's weight of the hidden-state MSE beside the logits' KL
 DISTILL = {"distill_alpha": 0.9, "distill_temperature": 2.0}
 
 
@@ -102,11 +106,14 @@ def row_stages(row: str, target: float, steps: int, teacher) -> list[dict]:
     if row in ("naive-a", "naive-b"):
         args = {"max_steps": steps} if row == "naive-b" else {"max_steps": steps, "distill_alpha": 0.0}
         return [{"stage": "distill" if row == "naive-b" else "finetune", "args": args}]
-    if row in ("fisher-distill", "fisher-latency-distill"):
-        cost = "latency" if row == "fisher-latency-distill" else "flops"
+    if row in ("fisher-distill", "fisher-latency-distill", "fisher-latency-hidden"):
+        cost = "flops" if row == "fisher-distill" else "latency"
+        distill = {"max_steps": steps}
+        if row == "fisher-latency-hidden":
+            distill["distill_hidden_weight"] = HIDDEN_WEIGHT
         return [
             {"stage": "prune_to_speedup", "args": {"target_speedup": target}, "cost_model": cost},
-            {"stage": "distill", "args": {"max_steps": steps}},
+            {"stage": "distill", "args": distill},
         ]
     if row == "joint":
         prune = int(steps * 0.6)
