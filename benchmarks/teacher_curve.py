@@ -42,7 +42,8 @@ def curve_recipe(data: Path, max_epochs: int) -> dict:
         validation_file={"heldout": str(data / "train_subset_extra_1000.jsonl")},
     )
     recipe["keep_checkpoints"] = True
-    recipe["stages"][0]["args"].update(eval_strategy="epoch", save_strategy="epoch")
+    # a checkpoint at every epoch, all kept: the chosen one is the teacher
+    recipe["stages"][0]["args"].update(eval_strategy="epoch", save_strategy="epoch", save_total_limit=None)
     return recipe
 
 
