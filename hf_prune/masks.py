@@ -153,7 +153,7 @@ def global_topk_masks(
     order = torch.sort(flat, stable=True).indices
     removed = torch.cumsum(sizes[order], 0) <= budget + 1e-6
     if pruned is not None:
-        removed |= torch.isinf(flat[order])
+        removed |= torch.isneginf(flat[order])  # the blocks already removed; a +inf score is kept
     keep = torch.ones_like(flat, dtype=torch.bool)
     keep[order[removed]] = False
     return [k.view(s.shape) for k, s in zip(keep.split([s.numel() for s in scores]), scores)]

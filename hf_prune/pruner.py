@@ -51,6 +51,10 @@ class _ScheduledPruner:
         if self.scorer is not None:
             self.scorer.accumulate()
 
+    def scored_parameters(self) -> list[nn.Parameter]:
+        """The weights whose gradients the scores read (none for magnitude scores)."""
+        return self.scorer.parameters() if self.scorer is not None else []
+
     @torch.no_grad()
     def update(self, step: int) -> bool:
         """Recomputes the masks if the schedule says so at `step`; returns whether they were recomputed."""

@@ -18,6 +18,7 @@ __all__ = [
     "neuron_group_magnitude",
     "MovementScorer",
     "NeuronScorer",
+    "gradients_usable",
 ]
 
 
@@ -67,6 +68,38 @@ def neuron_group_magnitude(w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Ten
     return w_in.abs().sum(dim=1) + w_out.abs().sum(dim=0)
 
 
+def gradients_usable(scored: list[nn.Parameter], params: list[nn.Parameter]) -> bool:
+    """Whether this optimizer step's gradients may enter the scores.
+
+    Under fp16 with a gradient scaler, a step whose gradients overflowed is skipped by the optimizer (the scaler's
+    test: any non-finite gradient), but the gradients are still there when the scores read them; one such step would
+    leave inf / NaN scores for the rest of the run. Scores therefore accumulate exactly the steps the optimizer takes.
+
+    Args:
+        scored: the weights whose gradients the scores read.
+        params: every parameter the optimizer updates.
+
+    Returns:
+        False when a gradient of `params` is not finite (the step is skipped), else True.
+
+    Raises:
+        RuntimeError: when no gradient reached a scored weight: the scores would stay zero and the masks would remove
+            the first blocks in index order. Sharded training (FSDP, DeepSpeed ZeRO) and frozen weights do this.
+    """
+    missing = [p for p in scored if p.grad is None and p.numel() > 0]
+    if missing:
+        frozen = sum(not p.requires_grad for p in missing)
+        raise RuntimeError(
+            f"No gradient reached {len(missing)} of the {len(scored)} weights the pruning scores read ({frozen} of "
+            "them frozen): the scores would stay empty. Unfreeze the pruned weights, and train on one process or with "
+            "DDP (torchrun / accelerate launch); FSDP and DeepSpeed ZeRO shard the gradients and are not supported."
+        )
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 class MovementScorer:
     """Accumulates `-W * dL/dW` of a list of weights, one buffer per weight, at every optimizer step.
 
@@ -87,6 +120,10 @@ class MovementScorer:
     def reset(self) -> None:
         for s in self.scores:
             s.zero_()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The weights whose gradients the scores read."""
+        return list(self.weights)
 
 
 class NeuronScorer:
@@ -122,3 +159,8 @@ class NeuronScorer:
         for s in self.scores:
             s.zero_()
         self.steps = 0
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The weights whose gradients the scores read (the bias too, when the up projection has one)."""
+        params = [w for up, down in self.groups for w in (up.weight, down.weight)]
+        return params + [up.bias for up, _ in self.groups if up.bias is not None]

@@ -24,6 +24,7 @@ from .config import PruningArguments, multi_process_launch
 from .distill import distillation_loss, freeze_teacher
 from .persistence import load_teacher
 from .pruner import build_pruner
+from .scores import gradients_usable
 from .surgery import prune_ffn_neurons, prune_heads
 
 logger = logging.get_logger(__name__)
@@ -220,6 +221,15 @@ class PruningTrainer(Trainer):
         return True
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if self.pruner is not None and any(
+            getattr(self, flag, False) for flag in ("is_fsdp_enabled", "is_deepspeed_enabled")
+        ):
+            # Sharded parameters have no full `.grad` on any process: the scores would stay empty.
+            raise ValueError(
+                "Pruning under FSDP or DeepSpeed is not supported: they shard the gradients the pruning scores read. "
+                "Train on one process or with DDP (torchrun / accelerate launch --multi_gpu), which is what "
+                "`scripts/prune_mnli.py` and `hf-prune run` do; distillation without pruning may use either."
+            )
         if resume_from_checkpoint is not None and resume_from_checkpoint is not False and self.pruner is not None:
             if isinstance(resume_from_checkpoint, bool):
                 last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
@@ -278,6 +288,7 @@ class _PruningCallback(TrainerCallback):
 
     def __init__(self, trainer: PruningTrainer):
         self.trainer = trainer
+        self.skipped = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         pruner = self.trainer.pruner
@@ -289,9 +300,19 @@ class _PruningCallback(TrainerCallback):
             self._described = True
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # Gradients here are summed over accumulation steps, all-reduced across processes and clipped.
-        if self.trainer.pruner is not None:
-            self.trainer.pruner.accumulate()
+        # Gradients here are summed over accumulation steps, all-reduced across processes, unscaled and clipped.
+        pruner = self.trainer.pruner
+        if pruner is None:
+            return
+        params = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        if gradients_usable(pruner.scored_parameters(), params):
+            pruner.accumulate()
+        else:
+            self.skipped += 1
+            logger.warning(
+                "Step %d: non-finite gradients (an fp16 overflow; the optimizer skips this step): the pruning scores "
+                "skip it too (%d step(s) so far).", state.global_step + 1, self.skipped,
+            )  # fmt: skip
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Re-zero masked weights right after the update: weight decay and Adam moments must not revive them.

@@ -80,6 +80,10 @@ class UnitMaskPruner(_ScheduledPruner):
                 scores.add_(g.pow(2) if self.method == "taylor" else -g)
         self.steps += 1
 
+    def scored_parameters(self) -> list[nn.Parameter]:
+        """The weights whose gradients the scores read: every attention output and FFN down projection."""
+        return [lin.weight for attn, ffn in self.layers for lin in (attn["attention_output"], ffn["ffn_out"])]
+
     # --------------------------------------------------------------------------------------------- masks
     @torch.no_grad()
     def set_fraction(self, fraction: float) -> None:
