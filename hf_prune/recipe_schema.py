@@ -184,6 +184,35 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
     return spec
 
 
+def _check_prune_heads_order(stages: list[dict], i: int) -> None:
+    """`prune_heads` removes the heads of the movement stage's saved masks, by index: only right after that stage.
+
+    A training stage in between trains without those masks (masked heads grow back), and a stage that removes
+    heads or neurons in between (a first prune_heads, prune_to_speedup) shifts the indices the masks name.
+    """
+    spec = stages[i]
+    movements = [j for j in range(i) if stages[j]["stage"] == "movement"]
+    valid = "valid orders: movement -> prune_heads -> distill / taylor_ffn ..., with only evaluate or export between"
+    if not movements:
+        raise ValueError(
+            f"Stage {spec['name']!r} (prune_heads) removes the heads a movement stage masked: put a movement stage "
+            f"before it ({valid})."
+        )
+    between = [s for s in stages[movements[-1] + 1 : i] if s["stage"] not in ("evaluate", "export")]
+    if between:
+        other = between[0]
+        why = (
+            "removes units, so the masked head indices no longer name the same heads"
+            if other["stage"] in ("prune_heads", "prune_to_speedup")
+            else "trains without the movement masks, so masked heads grow back before they are removed"
+        )
+        raise ValueError(
+            f"Stage {spec['name']!r} (prune_heads) must follow movement stage {stages[movements[-1]]['name']!r} "
+            f"directly: {other['name']!r} ({other['stage']}) between them {why}. Use one prune_heads per movement "
+            f"stage ({valid})."
+        )
+
+
 def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Recipe:
     """Checks a recipe's structure and returns it as a [`Recipe`] (values are checked by `stage_arguments`).
 
@@ -223,11 +252,8 @@ def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Re
     teacher = raw.get("teacher")
     for i, spec in enumerate(stages):
         earlier = [s["stage"] for s in stages[:i]]
-        if spec["stage"] == "prune_heads" and "movement" not in earlier:
-            raise ValueError(
-                f"Stage {spec['name']!r} (prune_heads) removes the heads a movement stage masked: put a movement "
-                "stage before it."
-            )
+        if spec["stage"] == "prune_heads":
+            _check_prune_heads_order(stages, i)
         merged = {**defaults, **spec["args"]}
         if spec["stage"] in SPEEDUP_STAGES and merged.get("target_speedup") is None:
             raise ValueError(

@@ -66,6 +66,26 @@ def test_valid_args_come_from_the_dataclass():
         load_recipe(base(defaults={"output_dir": "x"}))
 
 
+@pytest.mark.parametrize(
+    "between, why",
+    [
+        ([{"stage": "distill"}], "trains without the movement masks"),
+        ([{"stage": "finetune", "name": "again"}], "masked heads grow back"),
+        ([{"stage": "prune_heads", "name": "first"}], "no longer name the same heads"),
+        ([{"stage": "prune_to_speedup", "args": {"target_speedup": 1.5}}], "no longer name the same heads"),
+    ],
+)
+def test_prune_heads_must_follow_its_movement_stage(between, why):
+    stages = [{"stage": "finetune"}, {"stage": "movement"}, *between, {"stage": "prune_heads"}, {"stage": "export"}]
+    with pytest.raises(ValueError, match=f"must follow movement stage 'movement' directly: .*{why}") as err:
+        load_recipe(base(stages=stages))
+    assert "valid orders: movement -> prune_heads" in str(err.value)
+    # evaluating or exporting the masked model in between changes nothing; a second movement stage starts afresh
+    ok = [{"stage": "finetune"}, {"stage": "movement"}, {"stage": "evaluate"}, {"stage": "prune_heads"}]
+    ok += [{"stage": "movement", "name": "m2"}, {"stage": "prune_heads", "name": "p2"}, {"stage": "export"}]
+    assert [s["stage"] for s in load_recipe(base(stages=ok)).stages][-3:] == ["movement", "prune_heads", "export"]
+
+
 def test_stage_order_and_teacher_are_checked():
     with pytest.raises(ValueError, match="put a movement stage before it"):
         load_recipe(base(stages=[{"stage": "prune_heads"}]))
