@@ -355,7 +355,8 @@ def load_pruned(path: str | os.PathLike, **from_pretrained_kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         model, info = cls.from_pretrained(folder, config=config, output_loading_info=True, **from_pretrained_kwargs)
-    problems = {k: info.get(k) for k in ("missing_keys", "mismatched_keys") if info.get(k)}
+    # every key counts: a weight the model has no place for means the file and the config describe different models
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if problems:
         raise ValueError(
             f"The weights in {folder} do not match the model {config_path.name} describes: {problems}. Export the "

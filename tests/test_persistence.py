@@ -302,6 +302,16 @@ def test_missing_inputs_are_named(export, tmp_path):
         load_pruned(folder)
 
 
+def test_weights_the_model_has_no_place_for_fail_loudly(export, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = copy_export(export, tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    save_file({**weights, "bert.encoder.layer.9.output.dense.weight": torch.zeros(2, 2)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"do not match the model .*unexpected_keys.*layer\.9\.output"):
+        load_pruned(folder)
+
+
 def test_corrupt_weights_are_named(export, tmp_path):
     folder = copy_export(export, tmp_path)
     data = (folder / "model.safetensors").read_bytes()
