@@ -16,7 +16,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from . import structure
@@ -196,16 +196,21 @@ class PruningTrainer(Trainer):
         if self.pruner is None or not self.args.should_save:
             return
         os.makedirs(folder, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.pruner.state_dict().items()}
-        save_file(tensors, os.path.join(folder, PRUNING_STATE_NAME))
         meta = {
             "method": self.args.pruning_method,
             "target": self.args.pruning_target,
             "global_step": self.state.global_step,
             "last_fraction": getattr(self.pruner, "last_fraction", None),
         }
-        with open(os.path.join(folder, PRUNING_META_NAME), "w") as f:
+        # each file written whole or not at all; the tensors last, since their presence marks a pruning state
+        meta_path = os.path.join(folder, PRUNING_META_NAME)
+        with open(meta_path + ".tmp", "w") as f:
             json.dump(meta, f, indent=2)
+        os.replace(meta_path + ".tmp", meta_path)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.pruner.state_dict().items()}
+        state_path = os.path.join(folder, PRUNING_STATE_NAME)
+        save_file(tensors, state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
 
     def load_pruning_state(self, folder: str) -> bool:
         """Restores the state written by `save_pruning_state`; returns False when `folder` holds none."""
@@ -219,6 +224,13 @@ class PruningTrainer(Trainer):
             self.pruner.last_fraction = meta["last_fraction"]
         self.pruner.apply_masks()
         return True
+
+    def _save_checkpoint(self, model, trial):
+        # The pruning state goes into the checkpoint folder before the Trainer's own files: a checkpoint whose
+        # trainer_state.json exists (what marks it complete) always holds the masks it was trained with.
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.save_pruning_state(folder)
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if self.pruner is not None and any(
@@ -235,7 +247,11 @@ class PruningTrainer(Trainer):
                 last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
                 resume_from_checkpoint = last if last is not None else resume_from_checkpoint
             if isinstance(resume_from_checkpoint, str) and not self.load_pruning_state(resume_from_checkpoint):
-                logger.warning("%s holds no pruning state: scores and masks start afresh.", resume_from_checkpoint)
+                raise ValueError(
+                    f"{resume_from_checkpoint} holds no pruning state ({PRUNING_STATE_NAME}): resuming would train on "
+                    "with fresh scores and no masks. Resume from a checkpoint this PruningTrainer wrote, or start "
+                    "over with resume_from_checkpoint=None."
+                )
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
@@ -323,7 +339,3 @@ class _PruningCallback(TrainerCallback):
         pruner = self.trainer.pruner
         if pruner is not None and pruner.update(state.global_step):
             _check_same_masks(pruner, args.device, state.global_step)
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        self.trainer.save_pruning_state(folder)

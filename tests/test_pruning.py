@@ -153,6 +153,38 @@ def test_resume_gives_same_masks(tmp_path):
         torch.testing.assert_close(resumed.model.state_dict()[name], w, atol=1e-6, rtol=1e-5)
 
 
+def test_checkpoints_hold_the_pruning_state_when_the_run_dies_right_after_them(tmp_path):
+    """A crash after the Trainer wrote a checkpoint (here: in an `on_save` callback) must not leave a checkpoint
+    without masks; resuming from it gives the masks of an uninterrupted run, and a checkpoint without them is
+    refused."""
+    overrides = dict(save_strategy="steps", save_steps=6, max_steps=12)
+    full = _movement_trainer(tmp_path / "full", **overrides)
+    full.train()
+
+    class Crash(Exception):
+        pass
+
+    class CrashOnSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise Crash(f"killed after checkpoint-{state.global_step}")
+
+    dying = _movement_trainer(tmp_path / "cut", **overrides)
+    dying.callback_handler.callbacks.insert(0, CrashOnSave())  # before any other callback hears of the save
+    with pytest.raises(Crash):
+        dying.train()
+    checkpoint = tmp_path / "cut" / "checkpoint-6"
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "pruning_state.safetensors").is_file()
+    assert not list(checkpoint.glob("*.tmp"))
+    resumed = _movement_trainer(tmp_path / "cut", **overrides)
+    resumed.train(resume_from_checkpoint=True)  # the last checkpoint
+    for a, b in zip(_final_masks(full), _final_masks(resumed)):
+        assert torch.equal(a, b)
+    (checkpoint / "pruning_state.safetensors").unlink()
+    again = _movement_trainer(tmp_path / "cut", **overrides)
+    with pytest.raises(ValueError, match="holds no pruning state.*resume_from_checkpoint=None"):
+        again.train(resume_from_checkpoint=str(checkpoint))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
