@@ -72,6 +72,16 @@ class PruningArguments(TrainingArguments):
             "Pruning keeps the hidden size, so layers match one to one."
         },
     )
+    mean_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on the per-batch mean loss, divided by the gradient accumulation steps and averaged across "
+            "processes, also when neither pruning nor distilling (which always do). Off, a plain run keeps the "
+            "upstream Trainer's loss path, which for models that take loss kwargs (most transformers 5 models) "
+            "skips that division and scales by the process count: their gradients under gradient accumulation k "
+            "are k times those of one batch k times larger. The pipeline's stages turn it on."
+        },
+    )
 
     # --- what to prune and how ---
     pruning_method: str | None = field(

@@ -98,6 +98,9 @@ RUNNER_ARGS = {
     # Classification losses are per-batch means: scaling them by the process count (the upstream default for models
     # that take loss kwargs) would double the loss and the gradients of a 2-process run.
     "average_tokens_across_devices": False,
+    # Every stage trains on the per-batch mean loss divided by the accumulation steps, the plain finetune stage too
+    # (the upstream path skips that division for models taking loss kwargs: see PruningArguments.mean_loss).
+    "mean_loss": True,
 }
 MASKS_NAME = "head_masks.json"
 METRIC = "accuracy"

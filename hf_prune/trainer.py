@@ -87,7 +87,7 @@ class PruningTrainer(Trainer):
 
     @property
     def _owns_loss(self) -> bool:
-        return self._distilling or self.args.pruning_method is not None
+        return self._distilling or self.args.pruning_method is not None or bool(self.args.mean_loss)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -6,8 +6,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from recipe_run import make_tiny_assets, tiny_recipe
+from transformers import TrainerCallback
 
 from hf_prune import PruningArguments
 from hf_prune.data import build_compute_metrics, load_task_data, make_demo_data, read_local_file
@@ -84,6 +86,32 @@ def test_prune_heads_must_follow_its_movement_stage(between, why):
     ok = [{"stage": "finetune"}, {"stage": "movement"}, {"stage": "evaluate"}, {"stage": "prune_heads"}]
     ok += [{"stage": "movement", "name": "m2"}, {"stage": "prune_heads", "name": "p2"}, {"stage": "export"}]
     assert [s["stage"] for s in load_recipe(base(stages=ok)).stages][-3:] == ["movement", "prune_heads", "export"]
+
+
+class GradientsAtFirstStep(TrainerCallback):
+    """The gradients of the first optimizer step, before the optimizer uses them."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_plain_stages_divide_the_loss_by_the_accumulation_steps(assets, tmp_path):
+    """4 x 8 with gradient accumulation gives the gradients of 1 x 32 in a finetune stage (no teacher, no pruning)."""
+    grads = []
+    for ga, bs in ((4, 8), (1, 32)):
+        raw = tiny_recipe(assets, tmp_path / f"ga{ga}", max_grad_norm=0.0, dataloader_drop_last=True)
+        args = {"max_steps": 1, "gradient_accumulation_steps": ga, "per_device_train_batch_size": bs}
+        raw["stages"] = [{"stage": "finetune", "args": args}]
+        callback = GradientsAtFirstStep()
+        run_recipe(raw, callbacks=[callback])
+        grads.append(callback.grads)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_stage_order_and_teacher_are_checked():
