@@ -202,6 +202,34 @@ class BlockMaskPruner(_ScheduledPruner):
                 heads[layer] = dead
         return heads
 
+    @torch.no_grad()
+    def removal_forecast(self, model: nn.Module, seq_len: int = 128) -> dict:
+        """What `prune()` will physically remove of the masked weights, and the FLOPs ratio that gives.
+
+        Block masks speed nothing up by themselves: `prune()` removes only heads masked in all of Q, K, V and the
+        attention output; every other masked block (inside heads that stay, or in FFN and other linears) is released.
+
+        Returns:
+            `masked_weights`, `removable_weights` (in the heads `prune()` removes), `removable_share` and
+            `expected_flops_ratio` (dense / after `prune()`, at `seq_len` tokens).
+        """
+        from .costs import unit_costs
+
+        heads = self.head_masks(model)
+        masked = sum(int((~m).sum()) for m in self.element_masks())
+        # a removed head takes its rows of Q, K and V and its columns of the attention output, all of them masked
+        per_head = 4 * structure.head_size(model) * model.config.hidden_size
+        removable = per_head * sum(len(v) for v in heads.values())
+        costs = unit_costs(model, seq_len)
+        after = [n - len(heads.get(i, [])) for i, n in enumerate(costs.heads)]
+        return {
+            "masked_weights": masked,
+            "removable_weights": removable,
+            "removable_share": removable / masked if masked else 1.0,
+            "expected_flops_ratio": costs.total / costs.flops(heads=after),
+            "heads_removed": sum(len(v) for v in heads.values()),
+        }
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"mask.{t.name}": m.to(torch.uint8) for t, m in zip(self.targets, self.block_masks)}
         if self.scorer is not None:

@@ -279,6 +279,9 @@ def stage_movement(ctx: StageContext) -> dict:
         "heads_masked": sum(len(v) for v in heads.values()),
         "masked_fraction": {str(k): v for k, v in fractions.items()},
     }
+    forecast = trainer.removal_forecast()
+    if forecast is not None:  # block masks: the share prune_heads will remove, and what it is worth
+        summary["removal_forecast"] = forecast
     model_dir = ctx.save_model(trainer.model)
     if ctx.is_main:
         masks = {"head_masks": summary["head_masks"], "masked_fraction": summary["masked_fraction"]}

@@ -149,6 +149,14 @@ class PruningTrainer(Trainer):
             raise ValueError("head_masks() needs attention masks: use pruning_target='attention'.")
         return pruner.head_masks(self.model)
 
+    def removal_forecast(self) -> dict | None:
+        """For block masks, what `prune()` will remove of the masked weights and the FLOPs ratio it gives (see
+        [`BlockMaskPruner.removal_forecast`]); None for pruners whose masked units are all removed."""
+        pruner = self._require_pruner("removal_forecast()")
+        if not hasattr(pruner, "removal_forecast"):
+            return None
+        return pruner.removal_forecast(self.model, self.args.speedup_seq_len)
+
     def prune(self) -> dict:
         """Physically removes what the current masks removed: heads whose blocks are all masked, masked FFN neurons.
 
@@ -313,7 +321,24 @@ class _PruningCallback(TrainerCallback):
             pruner.apply_masks()
             if not getattr(self, "_described", False) and state.is_world_process_zero:
                 logger.info("Pruning targets:\n%s", pruner.describe())
+                if hasattr(pruner, "removal_forecast"):
+                    logger.warning(
+                        "Block masks give a speedup only where they empty whole heads: prune() removes the heads "
+                        "masked in all of Q, K, V and the attention output and releases every other masked block. "
+                        "attention_granularity='head' (or pruning_target='heads_and_ffn', or the taylor FFN pruner) "
+                        "masks only what prune() removes."
+                    )
             self._described = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        pruner = self.trainer.pruner
+        if pruner is not None and hasattr(pruner, "removal_forecast") and state.is_world_process_zero:
+            forecast = pruner.removal_forecast(self.trainer.model, args.speedup_seq_len)
+            logger.warning(
+                "prune() will remove %.1f%% of the %d masked weights (%d whole heads); the rest is released. Expected "
+                "FLOPs ratio after prune(): %.2fx.", 100 * forecast["removable_share"], forecast["masked_weights"],
+                forecast["heads_removed"], forecast["expected_flops_ratio"],
+            )  # fmt: skip
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Gradients here are summed over accumulation steps, all-reduced across processes, unscaled and clipped.

@@ -41,6 +41,30 @@ def _movement_trainer(tmp_path, data=None, **overrides):
     )
 
 
+def test_block_masks_forecast_what_prune_removes(tmp_path, caplog):
+    """Only heads masked in all of Q/K/V/O are removed: the forecast says how much of the masked weights that is and
+    the FLOPs ratio it gives, both equal to what prune() then does."""
+    from hf_prune.costs import count_flops
+
+    trainer = _movement_trainer(tmp_path, target_sparsity=0.9, sparsity_mode="global", speedup_seq_len=16)
+    dense_flops = count_flops(trainer.model, 16)
+    with caplog.at_level("WARNING", logger="hf_prune.trainer"):
+        trainer.train()
+    assert "Block masks give a speedup only where they empty whole heads" in caplog.text
+    assert "prune() will remove" in caplog.text and "Expected FLOPs ratio after prune()" in caplog.text
+    forecast = trainer.removal_forecast()
+    masked = sum(int((~m).sum()) for m in trainer.pruner.element_masks())
+    assert forecast["masked_weights"] == masked
+    assert forecast["heads_removed"] > 0 and 0 < forecast["removable_share"] < 1
+    summary = trainer.prune()
+    removed_heads = sum(len(v) for v in summary["pruned_heads"].values())
+    assert removed_heads == forecast["heads_removed"]
+    # the weights prune() removed are the forecast ones, plus the Q/K/V biases of the removed heads (8 each)
+    assert summary["params_before"] - summary["params_after"] == forecast["removable_weights"] + 3 * 8 * removed_heads
+    assert forecast["removable_share"] == pytest.approx(forecast["removable_weights"] / masked)
+    assert forecast["expected_flops_ratio"] == pytest.approx(dense_flops / count_flops(trainer.model, 16))
+
+
 def test_movement_follows_cubic_schedule_and_zeroes_weights(tmp_path):
     trainer = _movement_trainer(tmp_path)
     rec = SparsityRecorder(trainer)
