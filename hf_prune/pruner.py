@@ -211,12 +211,13 @@ class BlockMaskPruner(_ScheduledPruner):
 
         Returns:
             `masked_weights`, `removable_weights` (in the heads `prune()` removes), `removable_share` and
-            `expected_flops_ratio` (dense / after `prune()`, at `seq_len` tokens).
+            `expected_flops_ratio` (dense / after `prune()`, at `seq_len` tokens, or the model's longest input).
         """
         from .costs import unit_costs
 
         heads = self.head_masks(model)
         masked = sum(int((~m).sum()) for m in self.element_masks())
+        seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", None) or seq_len)
         # a removed head takes its rows of Q, K and V and its columns of the attention output, all of them masked
         per_head = 4 * structure.head_size(model) * model.config.hidden_size
         removable = per_head * sum(len(v) for v in heads.values())
