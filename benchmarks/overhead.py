@@ -14,7 +14,11 @@ subprocess that runs only that configuration (a process's RSS never shrinks, so 
 Targets: <= 1.05x for movement tracking, <= 1.40x with distillation.
 
     python benchmarks/overhead.py                       # MiniLM-L6 shape (6 x 384, 12 heads), batch 16 x 128
-    python benchmarks/overhead.py --layers 12 --hidden 768 --heads 12 --ffn 3072 --batch 32   # BERT-base shape
+    python benchmarks/overhead.py --layers 12 --hidden 768 --heads 12 --ffn 3072 --batch 32 \
+        --json benchmarks/results/overhead_bert_base.json                                   # BERT-base shape
+
+Results go to `--json` (default `benchmarks/results/overhead_cpu.json`, or `overhead_cuda.json` on a GPU), written
+whole and atomically by this command; `--json ''` only prints them.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback
 
 from hf_prune import PruningArguments, PruningTrainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class StepTimer(TrainerCallback):
@@ -111,7 +118,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    parser.add_argument("--json", default=None, help="Where to write the results (see above); '' for nowhere.")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one run, print peak RSS
     args = parser.parse_args()
     shape_argv = [
@@ -150,10 +157,15 @@ def main():
         if not peaks[kind]:
             peaks[kind].append(peak_rss_subprocess(kind, shape_argv))
     base = statistics.median(times["trainer"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "device": device,
         "threads": torch.get_num_threads(),
-        "shape": vars(args),
+        "shape": {k: v for k, v in vars(args).items() if k not in ("json", "only")},
+        "peak_memory_method": "torch.cuda.max_memory_allocated of each run"
+        if device == "cuda"
+        else "VmHWM of a fresh process running one configuration for 4 steps",
         "results": {},
     }
     print(f"\n{'configuration':>17} | {'median step (ms)':>16} | {'ratio':>6} | {'peak memory (MiB)':>17}")
@@ -164,9 +176,14 @@ def main():
         results["results"][kind] = {"median_step_s": med, "ratio": med / base, "peak_memory_mib": peak}
         print(f"{kind:>17} | {med * 1e3:16.1f} | {med / base:6.3f} | {peak:17.1f}")
     print("\ntargets: movement <= 1.05x, movement+teacher <= 1.40x")
-    if args.json:
-        with open(args.json, "w") as f:
+    path = args.json if args.json is not None else str(RESULTS / f"overhead_{device}.json")
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
             json.dump(results, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+        print(f"results written to {path}")
 
 
 if __name__ == "__main__":
