@@ -141,7 +141,7 @@ def test_resume_after_sigkill(assets, reference, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    marker = out / "02-movement" / "checkpoints" / "checkpoint-2" / "pruning_state.json"
+    marker = out / "02-movement" / "checkpoints" / "checkpoint-2" / "trainer_state.json"  # written last
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
