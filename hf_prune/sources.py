@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from .data import builtin_source, demo_bert_config, label_kwargs
 from .data import load_tokenizer as data_load_tokenizer
+from .modeling_pruned import FFN_KEY, HEADS_KEY
 
 logger = logging.get_logger(__name__)
 
@@ -60,7 +61,17 @@ def load_start_model(recipe, tokenizer):
             return AutoModelForSequenceClassification.from_pretrained(path, **label_kwargs())
         logger.info("Model %s: a small BERT (4 layers, 8 heads of 16, FFN 256) built in code.", name)
         return AutoModelForSequenceClassification.from_config(demo_bert_config(tokenizer))
+    if os.path.isdir(name) and _per_layer_shapes(name):
+        # a pruned export: its per-layer shapes must be rebuilt before the weights load
+        from .persistence import load_pruned
+
+        return load_pruned(name)
     return AutoModelForSequenceClassification.from_pretrained(name, **label_kwargs())
+
+
+def _per_layer_shapes(folder: str) -> bool:
+    config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
+    return HEADS_KEY in config or FFN_KEY in config
 
 
 def looks_like_path(name: str) -> bool:

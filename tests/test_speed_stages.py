@@ -139,3 +139,20 @@ def test_trainer_prunes_heads_and_neurons_jointly_to_the_flops_ratio(tmp_path, m
     assert count_flops(trainer.model, 16) == expected
     assert 3.0 <= dense / expected <= 3.0 * 1.02
     assert summary["heads_after"] != summary["heads_before"] or summary["ffn_after"] != summary["ffn_before"]
+
+
+def test_a_recipe_starts_from_a_pruned_export(assets, tmp_path):
+    """`model:` may be a pruned export (per-layer shapes): naive baselines and further training start from one."""
+    from transformers import AutoTokenizer
+
+    from hf_prune import prune_ffn_neurons, prune_heads, save_pruned
+
+    model = load_pruned(assets["model"])
+    prune_heads(model, {0: [0, 1]})
+    prune_ffn_neurons(model, {1: list(range(10))})
+    export = save_pruned(model, tmp_path / "pruned", AutoTokenizer.from_pretrained(assets["model"]), card=False)
+    raw = tiny_recipe(assets, tmp_path / "run")
+    raw["model"] = str(export)
+    raw["stages"] = [{"stage": "finetune", "args": {"max_steps": 1}}]
+    result = run_recipe(raw)
+    assert model_shapes(result.model) == model_shapes(model)
