@@ -198,14 +198,19 @@ class StageContext:
     def collator(self):
         return DataCollatorWithPadding(self.tokenizer)
 
+    def model_dir(self) -> str:
+        """`NN-name/model`, where the stage's model is saved, relative to the run (the same on every process)."""
+        return str((self.stage_dir / MODEL_SUBDIR).relative_to(self.output_dir))
+
     def save_model(self, model) -> str:
         """Saves the stage's model to `NN-name/model` (main process) and returns its path relative to the run."""
-        folder = self.stage_dir / MODEL_SUBDIR
         if self.is_main:
             if not getattr(model.config, BASE_MODEL_KEY, None):
                 setattr(model.config, BASE_MODEL_KEY, base_model_name(self.recipe))
-            save_pruned(model, folder, self.tokenizer, overwrite=True, card=False, figure=False)
-        return str(folder.relative_to(self.output_dir))
+            save_pruned(
+                model, self.output_dir / self.model_dir(), self.tokenizer, overwrite=True, card=False, figure=False
+            )
+        return self.model_dir()
 
 
 def stage_folder(index: int, spec: dict) -> str:
@@ -375,13 +380,11 @@ def stage_prune_to_speedup(ctx: StageContext) -> dict:
         # One process chooses and the others load its choice: measured costs (cost_model="latency") and the order of
         # reductions differ between processes, and ranks that prune differently cannot train together.
         summary = [_prune_to_speedup(ctx, args, opts)[1] if ctx.is_main else None]
-        _barrier()  # the main process has written the model
+        _barrier()  # the main process has written the model; the next stage loads it from model_dir
         torch.distributed.broadcast_object_list(summary, src=0)
-        folder = ctx.stage_dir / MODEL_SUBDIR
-        return {"model_dir": str(folder.relative_to(ctx.output_dir)), "metrics": {}, "summary": summary[0]}
+        return {"model_dir": ctx.model_dir(), "metrics": {}, "summary": summary[0]}
     pruned, summary = _prune_to_speedup(ctx, args, opts)
-    return {"model_dir": str((ctx.stage_dir / MODEL_SUBDIR).relative_to(ctx.output_dir)), "metrics": {},
-            "summary": summary, "_model": pruned}  # fmt: skip
+    return {"model_dir": ctx.model_dir(), "metrics": {}, "summary": summary, "_model": pruned}
 
 
 def _prune_to_speedup(ctx: StageContext, args, opts) -> tuple:

@@ -88,6 +88,28 @@ def tiny_recipe(assets: dict, output_dir, movement_steps: int = 6, **defaults) -
     }
 
 
+def run_on_two_processes(recipe: dict, folder: Path, port: int) -> list[dict]:
+    """Runs `recipe` under `torchrun --nproc_per_node 2` on the CPU, as a user would launch it (no use_cpu, no
+    inherited launcher variables), and returns what each rank recorded (see `main`)."""
+    import subprocess
+
+    import yaml
+
+    recipe_path = Path(folder) / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    out_json = Path(folder) / "shapes.json"
+    proc = subprocess.run(
+        [*cmd, os.path.abspath(__file__), str(recipe_path), str(out_json)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads(Path(f"{out_json}.rank{r}").read_text()) for r in (0, 1)]
+
+
 def model_shapes(model) -> dict:
     from hf_prune import structure
 

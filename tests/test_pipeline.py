@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from recipe_run import StepRecorder, make_tiny_assets, model_shapes, tiny_recipe
+from recipe_run import StepRecorder, make_tiny_assets, model_shapes, run_on_two_processes, tiny_recipe
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_prune import load_pruned
 from hf_prune.cli import main as cli_main
 from hf_prune.recipe import STATE_NAME, read_state, run_recipe
-
-HERE = Path(__file__).resolve().parent
 
 
 class Interrupted(Exception):
@@ -175,21 +173,7 @@ def _ddp_recipe(assets, out, world: int) -> dict:
 
 def test_two_processes_keep_the_same_masks_and_weights_at_every_step(assets, tmp_path):
     out = tmp_path / "run"
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(_ddp_recipe(assets, out, world=2)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
-    proc = subprocess.run(
-        [*cmd, str(HERE / "recipe_run.py"), str(recipe_path), str(tmp_path / "shapes.json")],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [json.loads((tmp_path / f"shapes.json.rank{r}").read_text()) for r in (0, 1)]
+    ranks = run_on_two_processes(_ddp_recipe(assets, out, world=2), tmp_path, port=29547)
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     # every step of every training stage, recorded by each rank from its own weights before anything is reloaded
     steps = ranks[0]["steps"]

@@ -2,14 +2,9 @@
 joint_prune stages, and `PruningTrainer` pruning heads and neurons jointly to a FLOPs ratio."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
-from recipe_run import make_tiny_assets, model_shapes, tiny_recipe
+from recipe_run import make_tiny_assets, model_shapes, run_on_two_processes, tiny_recipe
 from utils import TinyDataset, tiny_model, train_args
 
 from hf_prune import PruningTrainer, load_pruned
@@ -17,8 +12,6 @@ from hf_prune.cli import main as cli_main
 from hf_prune.costs import count_flops
 from hf_prune.recipe import read_state, run_recipe
 from hf_prune.recipe_schema import load_recipe
-
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +88,7 @@ def test_two_processes_prune_to_speedup_once_and_train_the_same_model(assets, tm
         },
         {"stage": "distill", "args": {"max_steps": 2}},
     ]  # fmt: skip
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(raw))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29553"]
-    proc = subprocess.run(
-        [*cmd, str(HERE / "recipe_run.py"), str(recipe_path), str(tmp_path / "shapes.json")],
-        capture_output=True, text=True, timeout=240, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = [json.loads((tmp_path / f"shapes.json.rank{r}").read_text()) for r in (0, 1)]
+    ranks = run_on_two_processes(raw, tmp_path, port=29553)
     assert ranks[0]["finished"] == ranks[1]["finished"] == ["finetune", "prune_to_speedup", "distill"]
     assert [r["prune_to_speedup_calls"] for r in ranks] == [1, 0]  # chosen once, by the main process
     assert ranks[0]["shapes"] == ranks[1]["shapes"]
