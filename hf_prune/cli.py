@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cost-model",
         choices=("flops", "latency"),
         default="flops",
-        help="flops: --speedup is a FLOPs ratio; latency: head and neuron costs measured on this machine at batch 32.",
+        help="flops: --speedup is a FLOPs ratio; latency: --speedup is the speedup of this machine at batch 32 (unit "
+        "costs measured, the chosen shapes timed and searched again).",
     )
     compress.add_argument("--max-seq-length", type=int, default=128, help="Truncation of the tokenized examples.")
     compress.add_argument("--max-eval-samples", type=int, default=None, help="Evaluate on a random subset.")

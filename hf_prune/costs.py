@@ -10,6 +10,9 @@ projection) scales with the number of heads or neurons, so a model's FLOPs are e
 
 from __future__ import annotations
 
+import copy
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +26,7 @@ __all__ = [
     "count_flops",
     "UnitCosts",
     "unit_costs",
+    "time_interleaved",
     "measured_unit_costs",
     "speedup_budget",
     "allocate_units",
@@ -140,6 +144,37 @@ def unit_costs(model: nn.Module, seq_len: int = 128) -> UnitCosts:
 
 
 @torch.inference_mode()
+def time_interleaved(models: list[nn.Module], inputs: dict, repeats: int, warmup: int = 1) -> list[list[float]]:
+    """Forward times (ms) of each model on the same inputs, timed interleaved (model 1, 2, ..., 1, 2, ...) so that a
+    change of machine load during the measurement falls on all of them alike.
+
+    Args:
+        models: models on the device of `inputs`, in eval mode.
+        inputs: keyword inputs of one forward pass.
+        repeats: timed passes of each model.
+        warmup: untimed passes of each model first.
+
+    Returns:
+        Per model, its `repeats` times in milliseconds.
+    """
+    device = next(iter(inputs.values())).device
+    # kernels on an accelerator run asynchronously: without a sync the clock would time their launch only
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        for model in models:
+            model(**inputs)
+    times = [[] for _ in models]
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            sync()
+            start = time.perf_counter()
+            model(**inputs)
+            sync()
+            times[i].append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+@torch.inference_mode()
 def measured_unit_costs(model: nn.Module, seq_len: int = 128, batch_size: int = 32, repeats: int = 5) -> UnitCosts:
     """A cost model in milliseconds of this machine: forward time = base + heads x head + neurons x neuron, fitted by
     least squares to the median times of five copies of `model` (all units; no heads; no neurons; half of each; none),
@@ -157,10 +192,6 @@ def measured_unit_costs(model: nn.Module, seq_len: int = 128, batch_size: int = 
     Returns:
         [`UnitCosts`] with `unit="ms"`; `max_speedup` is the measured dense / base ratio.
     """
-    import copy
-    import statistics
-    import time
-
     from .surgery import prune_ffn_neurons, prune_heads
 
     heads, neurons = structure.num_heads(model), structure.ffn_size(model)
@@ -173,20 +204,7 @@ def measured_unit_costs(model: nn.Module, seq_len: int = 128, batch_size: int = 
         prune_heads(copy_, {i: list(range(k, h)) for i, (k, h) in enumerate(zip(kept_h, heads)) if k < h})
         prune_ffn_neurons(copy_, {i: list(range(k, n)) for i, (k, n) in enumerate(zip(kept_n, neurons)) if k < n})
         variants.append((copy_, sum(kept_h), sum(kept_n)))
-    inputs = dummy_inputs(model, batch_size, seq_len)
-    device = next(iter(inputs.values())).device
-    # kernels on an accelerator run asynchronously: without a sync the clock would time their launch only
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for copy_, _, _ in variants:  # warm-up
-        copy_(**inputs)
-    times = [[] for _ in variants]
-    for _ in range(repeats):
-        for i, (copy_, _, _) in enumerate(variants):
-            sync()
-            start = time.perf_counter()
-            copy_(**inputs)
-            sync()
-            times[i].append((time.perf_counter() - start) * 1000.0)
+    times = time_interleaved([v[0] for v in variants], dummy_inputs(model, batch_size, seq_len), repeats)
     model.train(was_training)
     design = torch.tensor([[1.0, h, n] for _, h, n in variants], dtype=torch.float64)
     observed = torch.tensor([statistics.median(t) for t in times], dtype=torch.float64)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from contextlib import contextmanager
 
@@ -26,7 +27,7 @@ from torch import nn
 from transformers.utils import logging
 
 from . import structure
-from .costs import allocate_units, measured_unit_costs, speedup_budget, unit_costs
+from .costs import allocate_units, dummy_inputs, measured_unit_costs, speedup_budget, time_interleaved, unit_costs
 from .mask_tuning import tune_masks
 from .surgery import prune_ffn_neurons, prune_heads
 
@@ -204,6 +205,32 @@ def rearrange_layer(keep: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return new_keep
 
 
+# ----------------------------------------------------------------------------------------------------- calibration
+def _shaped_copy(model: nn.Module, keep_heads: list[torch.Tensor], keep_neurons: list[torch.Tensor]) -> nn.Module:
+    """An untuned copy with the kept units only: its forward time is the pruned model's (tuning changes values)."""
+    shaped = copy.deepcopy(model).eval()
+    prune_heads(shaped, {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keep_heads) if not bool(k.all())})
+    prune_ffn_neurons(
+        shaped, {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keep_neurons) if not bool(k.all())}
+    )
+    return shaped
+
+
+def measured_speedup(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 10) -> float:
+    """Median forward time of `dense` over that of `pruned` at `batch_size` x `seq_len`, timed interleaved."""
+    inputs = dummy_inputs(dense, batch_size, seq_len)
+    dense_ms, pruned_ms = time_interleaved([dense, pruned], inputs, repeats, warmup=2)
+    return statistics.median(dense_ms) / statistics.median(pruned_ms)
+
+
+def _choose(candidates: list[dict], target: float) -> dict:
+    """The timed candidate to keep: the slowest one that reaches the target (the most units kept), else the fastest."""
+    reached = [c for c in candidates if c["measured_speedup"] >= target]
+    if reached:
+        return min(reached, key=lambda c: c["measured_speedup"])
+    return max(candidates, key=lambda c: c["measured_speedup"])
+
+
 # ----------------------------------------------------------------------------------------------------- the path
 def _check_samples(rows: list[dict], tune_rows: int, hidden: int, units: int) -> None:
     tokens = sum(len(r["input_ids"]) for r in rows[:tune_rows])
@@ -231,6 +258,7 @@ def prune_to_speedup(
     seed: int = 0,
     cost_model: str = "flops",
     latency_batch_size: int = 32,
+    calibration_rounds: int = 3,
 ) -> tuple[nn.Module, dict]:
     """Prunes heads and FFN neurons of a fine-tuned model to `target_speedup` times fewer FLOPs, without training.
 
@@ -253,6 +281,11 @@ def prune_to_speedup(
             costs fitted to forward times measured on this machine at `latency_batch_size` x `seq_len`, see
             [`costs.measured_unit_costs`]: `target_speedup` is then a predicted speedup of this machine).
         latency_batch_size: the batch size the latency costs are measured at.
+        calibration_rounds: with `cost_model="latency"`, the chosen shapes are timed against `model` (interleaved, at
+            `latency_batch_size` x `seq_len`) and, while the measured speedup misses `target_speedup` or passes it by
+            more than 3%, searched again with the goal scaled by 1.015 x target / measured, up to this many timings.
+            The linear cost model misses what uneven layers cost (odd widths, per-layer overheads): the timing sees it.
+            The slowest timed shapes that reach the target are kept (else the fastest). 0 trusts the cost model.
 
     Returns:
         `(pruned_model, summary)`: the physically pruned copy, and what was done and measured (FLOPs before / after and
@@ -268,9 +301,11 @@ def prune_to_speedup(
     model.eval()
     if cost_model not in ("flops", "latency"):
         raise ValueError(f"cost_model={cost_model!r} is not known: use 'flops' or 'latency'.")
+    if calibration_rounds < 0:
+        raise ValueError(f"calibration_rounds={calibration_rounds} must be >= 0 (0 trusts the cost model).")
     flops = unit_costs(model, seq_len)
     costs = flops if cost_model == "flops" else measured_unit_costs(model, seq_len, latency_batch_size)
-    budget = speedup_budget(costs, target_speedup)
+    speedup_budget(costs, target_speedup)  # an unreachable target fails here, before the Fisher pass
     rows = _examples(dataset, num_samples, seed)
     if len(rows) < num_samples:
         logger.warning(
@@ -292,13 +327,42 @@ def prune_to_speedup(
     times["fisher_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    # at most 2% over the target: the kept units may spend down to budget - slack
-    slack = costs.total / target_speedup - costs.total / (1.02 * target_speedup)  # in the cost model's unit
-    keep_heads, keep_neurons = allocate_units(head_fisher, neuron_fisher, costs, budget, slack=slack / 2)
+
+    def search(goal: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # at most 2% over the goal: the kept units may spend down to budget - slack
+        slack = costs.total / goal - costs.total / (1.02 * goal)  # in the cost model's unit
+        return allocate_units(head_fisher, neuron_fisher, costs, speedup_budget(costs, goal), slack=slack / 2)
+
+    keep_heads, keep_neurons = search(target_speedup)
+    times["search_s"] = time.perf_counter() - t
+    calibration = []
+    if cost_model == "latency" and calibration_rounds > 0:
+        t = time.perf_counter()
+        goal = float(target_speedup)
+        for _ in range(calibration_rounds):
+            measured = measured_speedup(
+                model, _shaped_copy(model, keep_heads, keep_neurons), latency_batch_size, seq_len
+            )
+            calibration.append({"goal": goal, "measured_speedup": measured, "keep": (keep_heads, keep_neurons)})
+            logger.info("Calibration: shapes searched for %.3fx measure %.3fx.", goal, measured)
+            if target_speedup <= measured <= 1.03 * target_speedup:
+                break
+            goal *= 1.015 * target_speedup / measured  # aim at the middle of the accepted window
+            if goal * 1.02 >= costs.max_speedup:
+                logger.warning(
+                    "Calibration stops: a measured %.2fx needs more than the %.2fx the cost model can reach.",
+                    target_speedup,
+                    costs.max_speedup,
+                )
+                break
+            keep_heads, keep_neurons = search(goal)
+        keep_heads, keep_neurons = _choose(calibration, target_speedup)["keep"]
+        times["calibration_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     if rearrange:
         keep_heads = [rearrange_layer(k, g) for k, g in zip(keep_heads, head_grads)]
         keep_neurons = [rearrange_layer(k, g) for k, g in zip(keep_neurons, neuron_grads)]
-    times["search_s"] = time.perf_counter() - t
+    times["search_s"] += time.perf_counter() - t
 
     student = copy.deepcopy(model)
     size = structure.head_size(student)
@@ -331,6 +395,8 @@ def prune_to_speedup(
         "tune_samples": tune_rows if tune else 0,
         "cost_model": cost_model if cost_model == "flops" else f"latency (ms at {latency_batch_size} x {seq_len})",
         "predicted_speedup": costs.total / predicted,
+        "measured_speedup": _choose(calibration, target_speedup)["measured_speedup"] if calibration else None,
+        "calibration": [{k: v for k, v in c.items() if k != "keep"} for c in calibration],
         "flops_before": flops.total,
         "flops_after": after.total,
         "flops_ratio": flops.total / after.total,

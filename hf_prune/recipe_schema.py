@@ -177,6 +177,11 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
             value = entry.get(key, options[key])
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{where}: {key}={value!r} must be a positive integer.")
+        rounds = entry.get("calibration_rounds", options["calibration_rounds"])
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(
+                f"{where}: calibration_rounds={rounds!r} must be an integer >= 0 (0 trusts the cost model)."
+            )
     if kind == "prune_heads" and not 0.0 < float(entry.get("min_masked", 1.0)) <= 1.0:
         raise ValueError(f"{where}: min_masked={entry['min_masked']} must be in (0, 1]; 1 removes fully masked heads.")
     spec = {"stage": kind, "name": name, "args": args}

@@ -20,7 +20,6 @@ import json
 import math
 import platform
 import statistics
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 from transformers.utils import logging
 
 from . import structure
-from .costs import count_flops, dummy_inputs
+from .costs import count_flops, dummy_inputs, time_interleaved
 from .modeling_pruned import PRUNED_HEADS_KEY
 
 logger = logging.get_logger(__name__)
@@ -84,16 +83,10 @@ def _on_cpu(model: nn.Module) -> nn.Module:
 @torch.inference_mode()
 def _latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int, warmup: int) -> dict:
     """Median forward time (ms) of both models, timed interleaved in this process."""
-    inputs = dummy_inputs(dense, batch_size, seq_len)
-    for _ in range(warmup):
-        dense(**inputs)
-        pruned(**inputs)
-    times = {"dense": [], "pruned": []}
-    for _ in range(repeats):
-        for name, model in (("dense", dense), ("pruned", pruned)):
-            start = time.perf_counter()
-            model(**inputs)
-            times[name].append((time.perf_counter() - start) * 1000.0)
+    dense_runs, pruned_runs = time_interleaved(
+        [dense, pruned], dummy_inputs(dense, batch_size, seq_len), repeats, warmup
+    )
+    times = {"dense": dense_runs, "pruned": pruned_runs}
     dense_ms, pruned_ms = statistics.median(times["dense"]), statistics.median(times["pruned"])
     return {
         "batch_size": batch_size,

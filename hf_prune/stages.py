@@ -63,6 +63,7 @@ STAGE_OPTIONS = {
         "batch_size": 32,
         "cost_model": "flops",
         "latency_batch_size": 32,
+        "calibration_rounds": 3,
     },
     "export": {"path": "final", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10, "card": True, "figure": True},
 }
@@ -401,6 +402,7 @@ def _prune_to_speedup(ctx: StageContext, args, opts) -> tuple:
         seed=args.seed,
         cost_model=str(opts["cost_model"]),
         latency_batch_size=int(opts["latency_batch_size"]),
+        calibration_rounds=int(opts["calibration_rounds"]),
     )
     ctx.save_model(pruned)
     return pruned, summary

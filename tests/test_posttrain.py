@@ -221,15 +221,71 @@ def test_vocab_of_the_ragged_rows_fits_the_model():
 def test_latency_cost_model_measures_units_and_reaches_its_predicted_speedup():
     from hf_prune.costs import measured_unit_costs
 
-    model = _model()
-    costs = measured_unit_costs(model, SEQ, batch_size=16, repeats=3)
+    # big enough that the units' matmuls, not Python's per-module overhead, dominate the time
+    model, seq = _model(hidden_size=128, intermediate_size=512, num_hidden_layers=2), 64
+    costs = measured_unit_costs(model, seq, batch_size=16, repeats=3)
     assert costs.unit == "ms" and costs.head[0] > 0 and costs.neuron[0] > 0 and costs.base > 0
     pruned, summary = prune_to_speedup(
-        model, RaggedDataset(128), 1.5, num_samples=128, seq_len=SEQ, tune=False, cost_model="latency",
-        latency_batch_size=16,
+        model, RaggedDataset(128), 1.5, num_samples=128, seq_len=seq, tune=False, cost_model="latency",
+        latency_batch_size=16, calibration_rounds=0,
     )  # fmt: skip
-    assert summary["cost_model"] == "latency (ms at 16 x 16)"
+    assert summary["cost_model"] == "latency (ms at 16 x 64)"
     assert 1.5 <= summary["predicted_speedup"] <= 1.5 * 1.02
-    assert summary["flops_ratio"] == pytest.approx(count_flops(model, SEQ) / count_flops(pruned, SEQ))
+    assert summary["measured_speedup"] is None and summary["calibration"] == []
+    assert summary["flops_ratio"] == pytest.approx(count_flops(model, seq) / count_flops(pruned, seq))
     with pytest.raises(ValueError, match="cost_model='watts' is not known"):
         prune_to_speedup(model, RaggedDataset(16), 1.5, seq_len=SEQ, cost_model="watts")
+
+
+def test_calibration_searches_again_until_the_measured_speedup_reaches_the_target(monkeypatch):
+    import hf_prune.posttrain as posttrain
+
+    model = _model()
+    dense_flops = count_flops(model, SEQ)
+    # A machine on which every pruned shape runs 10% slower than its FLOPs ratio, and whose fitted unit costs are the
+    # FLOPs: the cost model alone lands 10% short of the target.
+    monkeypatch.setattr(posttrain, "measured_unit_costs", lambda m, seq, batch: unit_costs(m, seq))
+    timed = []
+
+    def measured(dense, pruned, batch_size, seq_len):
+        timed.append(0.9 * dense_flops / count_flops(pruned, SEQ))
+        return timed[-1]
+
+    monkeypatch.setattr(posttrain, "measured_speedup", measured)
+    data = RaggedDataset(128)
+    kwargs = dict(num_samples=128, seq_len=SEQ, tune=False, cost_model="latency", latency_batch_size=16)
+    pruned, summary = prune_to_speedup(model, data, 1.5, calibration_rounds=3, **kwargs)
+    rounds = summary["calibration"]
+    assert [r["measured_speedup"] for r in rounds] == timed and 2 <= len(rounds) <= 3
+    assert rounds[0]["goal"] == 1.5 and rounds[0]["measured_speedup"] < 1.5
+    for before, after in zip(rounds, rounds[1:]):
+        assert after["goal"] == pytest.approx(before["goal"] * 1.015 * 1.5 / before["measured_speedup"])
+    assert max(timed) >= 1.5  # the search reached the target on this machine
+    # kept: the slowest timed shapes that reach the target, and the returned model has them
+    assert summary["measured_speedup"] == min(t for t in timed if t >= 1.5)
+    assert 0.9 * dense_flops / count_flops(pruned, SEQ) == pytest.approx(summary["measured_speedup"])
+    # the FLOPs cost model is exact by construction and is not timed; 0 rounds trusts the cost model
+    timed.clear()
+    assert prune_to_speedup(model, data, 1.5, **{**kwargs, "cost_model": "flops"})[1]["calibration"] == []
+    assert prune_to_speedup(model, data, 1.5, calibration_rounds=0, **kwargs)[1]["measured_speedup"] is None
+    assert timed == []
+    with pytest.raises(ValueError, match="calibration_rounds=-1 must be >= 0"):
+        prune_to_speedup(model, data, 1.5, calibration_rounds=-1, **kwargs)
+
+
+def test_calibration_keeps_the_slowest_shapes_that_reach_the_target_else_the_fastest():
+    from hf_prune.posttrain import _choose
+
+    timed = [{"measured_speedup": m} for m in (1.8, 2.3, 2.05, 1.95)]
+    assert _choose(timed, 2.0)["measured_speedup"] == 2.05
+    assert _choose(timed, 2.5)["measured_speedup"] == 2.3
+
+
+def test_measured_speedup_times_the_real_models():
+    from hf_prune.posttrain import measured_speedup
+
+    model = _model(num_hidden_layers=2)
+    pruned = _model(num_hidden_layers=2)
+    prune_ffn_neurons(pruned, {0: list(range(60)), 1: list(range(60))})
+    prune_heads(pruned, {0: [0, 1, 2], 1: [0, 1, 2]})
+    assert measured_speedup(model, pruned, 16, SEQ, repeats=5) > 0

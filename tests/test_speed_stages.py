@@ -50,6 +50,9 @@ def test_speed_stages_need_a_target_speedup(assets, tmp_path):
     raw["stages"] = [{"stage": "finetune"}, speed]
     with pytest.raises(ValueError, match="num_samples=0 must be a positive integer"):
         load_recipe(raw)
+    raw["stages"][1] = {"stage": "prune_to_speedup", "calibration_rounds": -1, "args": {"target_speedup": 2}}
+    with pytest.raises(ValueError, match="calibration_rounds=-1 must be an integer >= 0"):
+        load_recipe(raw)
     joint = {"stage": "joint_prune", "args": {"target_speedup": 2, "target_sparsity": 0.5}}
     raw["stages"] = [{"stage": "finetune"}, joint]
     with pytest.raises(ValueError, match="Both target_speedup"):
