@@ -32,7 +32,9 @@ from its last checkpoint, and rows of different teachers never mix):
 Without `--targets` / `--rows`, the plan runs every row but `joint` at 2x, and `fisher-latency-distill` and `naive-b`
 at 3x.
 Every row ends with `evaluate` (validation_matched, 9,815 pairs) and `export` (FLOPs ratio and CPU latency at batch 1
-and 32 against the teacher, interleaved in one process). Results: `benchmarks/results/accuracy_at_speed.json`.
+and 32 against the teacher, interleaved in one process). Results: `benchmarks/results/accuracy_at_speed.json`; the
+model card of the best row at each target (with its head map and `pruning_report.json`) is copied to
+`model_cards/minilm-mnli-<target>x/`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -174,6 +177,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=626, help="Training steps after the teacher, for every row.")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="Default: all of validation_matched.")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy_at_speed.json"))
+    parser.add_argument("--cards", default=str(ROOT / "model_cards"), help="Where the best rows' model cards go.")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     results_path = Path(args.results)
@@ -200,6 +204,7 @@ def main() -> None:
         for row in rows:
             shaped = f"{row}-as-{args.naive_shapes_from}" if row.startswith("naive") else row
             key = f"{tag}/{target:g}x/{shaped}/{args.steps}"
+            run_dir = out / tag / f"{target:g}x" / f"{shaped}-{args.steps}"
             if key in results["rows"]:
                 continue
             start_model = str(teacher_dir)
@@ -220,7 +225,7 @@ def main() -> None:
             recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples)
             recipe["stages"] = row_stages(row, target, args.steps, teacher) + closing_stages()
             began = time.perf_counter()
-            run = run_recipe(recipe, output_dir=str(out / tag / f"{target:g}x" / f"{shaped}-{args.steps}"))
+            run = run_recipe(recipe, output_dir=str(run_dir))
             report = run.report
             metrics = report["metrics"]
             results["rows"][key] = {
@@ -246,7 +251,21 @@ def main() -> None:
             tmp = results_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=2) + "\n")
             os.replace(tmp, results_path)
+            if row == ROWS[0]:
+                publish_card(run_dir / "final", Path(args.cards) / f"minilm-mnli-{target:g}x")
     print(markdown_table(results))
+
+
+def publish_card(export: Path, card_dir: Path) -> None:
+    """Copies an export's model card, head map and report (not its weights) to `card_dir`, replacing it whole."""
+    tmp = card_dir.with_name(card_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("README.md", "head_map.png", "pruning_report.json"):
+        if (export / name).is_file():
+            shutil.copy2(export / name, tmp / name)
+    shutil.rmtree(card_dir, ignore_errors=True)
+    os.replace(tmp, card_dir)
 
 
 def markdown_table(results: dict) -> str:
