@@ -273,6 +273,20 @@ def test_calibration_searches_again_until_the_measured_speedup_reaches_the_targe
         prune_to_speedup(model, data, 1.5, calibration_rounds=-1, **kwargs)
 
 
+def test_calibration_does_not_follow_timings_far_from_the_cost_model(monkeypatch, caplog):
+    import hf_prune.posttrain as posttrain
+
+    model = _model()
+    dense_flops = count_flops(model, SEQ)
+    monkeypatch.setattr(posttrain, "measured_unit_costs", lambda m, seq, batch: unit_costs(m, seq))
+    # a busy machine: every pruned shape measures half its speedup
+    monkeypatch.setattr(posttrain, "measured_speedup", lambda d, p, b, s: 0.5 * dense_flops / count_flops(p, SEQ))
+    kwargs = dict(num_samples=128, seq_len=SEQ, tune=False, cost_model="latency", latency_batch_size=16)
+    pruned, summary = prune_to_speedup(model, RaggedDataset(128), 1.5, calibration_rounds=3, **kwargs)
+    assert len(summary["calibration"]) == 1 and "Calibration stops" in caplog.text
+    assert 1.5 <= dense_flops / count_flops(pruned, SEQ) <= 1.53  # the cost model's shapes, not twice as small
+
+
 def test_calibration_keeps_the_slowest_shapes_that_reach_the_target_else_the_fastest():
     from hf_prune.posttrain import _choose
 
