@@ -18,7 +18,8 @@ __all__ = [
     "__version__",
 ]
 
+from .deploy import export_onnx, quantize_onnx  # noqa: E402
 from .persistence import load_pruned, save_pruned  # noqa: E402
 from .posttrain import prune_to_speedup  # noqa: E402
 
-__all__ += ["load_pruned", "save_pruned", "prune_to_speedup"]
+__all__ += ["load_pruned", "save_pruned", "prune_to_speedup", "export_onnx", "quantize_onnx"]

@@ -3,6 +3,7 @@ and uploads of an exported folder to the Hub."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from transformers.utils import logging
 
 from . import structure
 from .files import CARD_NAME, CONFIG_NAME, EVAL_CACHE_NAME, MODELING_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, export_files
-from .report import REPORT_NAME
+from .report import REPORT_NAME, deployment_table, metric_rows
 from .surgery import original_heads_kept
 
 logger = logging.get_logger(__name__)
@@ -142,7 +143,8 @@ def make_model_card(
     auto_class = _auto_class(config)
     metrics = report.get("metrics") or {}
     metric_name = report.get("metric_name") or "accuracy"
-    teacher, pruned = metrics.get("teacher", {}), metrics.get("pruned", {})
+    pruned = metrics.get("pruned", {})
+    scores = metric_rows({**report, "metric_name": metric_name})  # the task's main metric first, then its others
     datasets = _datasets(report)
     pipeline_tag = _PIPELINE_TAGS.get(auto_class)
     model_name = (repo_id or f"{base_model or _get(config, 'model_type')}-pruned").split("/")[-1]
@@ -155,15 +157,16 @@ def make_model_card(
                 dataset_name=report.get("task") or datasets[0],
                 dataset_config=report.get("task") if datasets[0] == "nyu-mll/glue" else None,
                 dataset_split=split,
-                metric_type=metric_name,
+                metric_type=name,
                 metric_value=value,
             )
-            for split, value in pruned.items()
+            for name, split, _, value in scores
+            if value is not None and math.isfinite(value)
         ]
     card_data = ModelCardData(
         base_model=_hub_id(base_model),
         datasets=datasets,
-        metrics=[metric_name] if metrics else None,
+        metrics=list(dict.fromkeys(name for name, *_ in scores)) if metrics else None,
         library_name="transformers",
         pipeline_tag=pipeline_tag,
         tags=["pruning", "hf-prune", "structured-pruning", _get(config, "model_type")],
@@ -189,17 +192,40 @@ def make_model_card(
         results_rows=results_rows,
         measurement_note=note,
         metric_name=metric_name,
-        metric_rows=[(s, _fmt(teacher.get(s), 4), _fmt(pruned.get(s), 4)) for s in dict.fromkeys([*teacher, *pruned])],
+        metric_rows=[
+            (split if name == metric_name else f"{split} ({name})", _fmt(teacher, 4), _fmt(value, 4))
+            for name, split, teacher, value in scores
+        ],
         structure_summary=f"{heads_kept} of {heads_dense} attention heads kept over {len(rows)} layers.",
         figure_name=figure_name,
         layer_rows=rows,
         model_path=repo_id or "path/to/export",
         auto_class=auto_class,
         stage_rows=[(s["name"], _fmt(s["wall_time_s"], 1)) for s in stages],
+        **_deployment(report, metric_name),
         environment=", ".join(f"{k} {v}" for k, v in env.items()) if env else None,
         repo_id=repo_id,
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
+
+
+def _deployment(report: Mapping, metric_name: str) -> dict:
+    """The template's deployed-forms table (see `hf_prune.deploy`): header, rows, and how they were measured."""
+    deployment = report.get("deployment") or {}
+    table = deployment_table(deployment, metric_name) if deployment else []
+    if len(table) < 2:
+        return {"deploy_header": None, "deploy_rows": [], "deploy_note": None, "deploy_onnx_file": None}
+    onnx = deployment.get("onnx") or {}
+    int8 = onnx.get("int8") or {}
+    note = (
+        f"Median of {deployment.get('repeats')} runs per form at {deployment.get('seq_len')} tokens, every form "
+        f"timed interleaved with the others in one process on {deployment.get('num_threads')} CPU threads (ONNX "
+        f"Runtime with as many threads as PyTorch); speedups against {table[1][0]}. ONNX: opset {onnx.get('opset')}"
+        + (f"; int8: `{int8.get('method')}`, {int8.get('weight_type')} weights" if int8 else "")
+        + "."
+    )
+    onnx_file = "onnx/model_int8.onnx" if int8 else "onnx/model.onnx"
+    return {"deploy_header": table[0], "deploy_rows": table[1:], "deploy_note": note, "deploy_onnx_file": onnx_file}
 
 
 def plot_head_map(config, path: str | os.PathLike) -> Path:

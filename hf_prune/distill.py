@@ -51,6 +51,28 @@ def _hidden_mse(student: torch.Tensor, teacher: torch.Tensor, attention_mask: to
     return ((student - teacher) ** 2 * weights).sum() / (weights.sum() * student.shape[-1]).clamp_min(1.0)
 
 
+def _token_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    labels: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """`T^2 * KL(teacher || student)` per token of `(batch, seq, num_labels)` logits, averaged over the tokens that
+    count (real tokens, labels other than -100). The mean is over this batch's tokens, as the task loss's is; under
+    DDP the gradients of the per-process means are averaged."""
+    keep = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device)
+    if attention_mask is not None:
+        keep &= attention_mask.to(student.device).bool()
+    if labels is not None and labels.shape == student.shape[:2]:
+        keep &= labels.to(student.device) != -100
+    s = F.log_softmax(student / temperature, dim=-1)
+    t = F.log_softmax(teacher / temperature, dim=-1)
+    per_token = (t.exp() * (t - s)).sum(dim=-1)
+    weights = keep.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0) * temperature**2
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -67,20 +89,25 @@ def distillation_loss(
 
     `loss = (1 - alpha) * task_loss + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))`. The `T^2`
     factor keeps the gradient magnitude of the soft term independent of `T` (Hinton et al. 2015, section 2). For a
-    regression head (one logit) the soft term is the MSE between the logits. The teacher logits are detached, so no
-    gradient ever reaches the teacher.
+    regression head (one logit) the soft term is the MSE between the logits. For token classification (`(batch, seq,
+    num_labels)` logits) the KL is taken per token and averaged over the tokens that count: real tokens of
+    `attention_mask`, and, when `labels` are given, those whose label is not -100 (special tokens and the later
+    sub-tokens of a word), so the soft term weighs the same tokens as the task loss. The teacher logits are detached,
+    so no gradient ever reaches the teacher.
 
     Args:
-        student_logits: `(..., num_labels)` logits of the student.
+        student_logits: `(batch, num_labels)` logits of the student, or `(batch, seq, num_labels)` per token.
         teacher_logits: logits of the teacher, same shape.
-        labels: task labels; used to compute the task loss when `task_loss` is not given.
+        labels: task labels; used to compute the task loss when `task_loss` is not given, and for per-token logits to
+            leave out the tokens labelled -100.
         alpha: weight of the distillation term, in `[0, 1]`.
         temperature: softmax temperature `T > 0`.
         task_loss: a task loss computed elsewhere (e.g. by the model); takes precedence over `labels`.
         student_hidden_states / teacher_hidden_states: per-layer hidden states for the optional MSE term.
         hidden_weight: weight of the hidden-state MSE (0 = off).
-        attention_mask: `(batch, seq)` mask of real tokens; when given, the hidden-state MSE is averaged over real
-            tokens only, so padding (whose states depend on the batch's longest row) carries no weight.
+        attention_mask: `(batch, seq)` mask of real tokens; when given, the hidden-state MSE (and the per-token KL) is
+            averaged over real tokens only, so padding (whose states depend on the batch's longest row) carries no
+            weight.
 
     Returns:
         [`DistillationOutput`] with the combined loss and its components.
@@ -106,6 +133,8 @@ def distillation_loss(
     num_labels = student_logits.shape[-1]
     if num_labels == 1:
         kd_loss = F.mse_loss(student_logits, teacher_logits)
+    elif student_logits.dim() == 3:
+        kd_loss = _token_kl(student_logits, teacher_logits, temperature, labels, attention_mask)
     else:
         s = F.log_softmax(student_logits.reshape(-1, num_labels) / temperature, dim=-1)
         t = F.log_softmax(teacher_logits.reshape(-1, num_labels) / temperature, dim=-1)

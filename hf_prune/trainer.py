@@ -111,6 +111,7 @@ class PruningTrainer(Trainer):
         parts = distillation_loss(
             student_logits,
             teacher_outputs.logits,
+            labels=inputs.get("labels"),  # per-token logits: the soft term skips tokens labelled -100
             alpha=args.distill_alpha,
             temperature=args.distill_temperature,
             task_loss=task_loss,

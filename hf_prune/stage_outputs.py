@@ -1,0 +1,183 @@
+"""The stages that measure and write: `evaluate` (the task's metrics of teacher and model, the teacher's read from its
+metrics cache when these weights met these splits before), `export` (the pruned model with its report and card) and
+`onnx` (the ONNX forms of an export, measured beside the PyTorch ones).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from transformers.utils import logging
+
+from .metrics_cache import CACHE_NAME, MetricsCache, cache_key, dataset_digest, model_digest
+from .persistence import save_pruned
+from .report import build_report
+from .sources import base_model_name, load_start_model
+
+if TYPE_CHECKING:
+    from .stages import StageContext
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "teacher_cache_path",
+    "teacher_metrics",
+    "evaluate_all",
+    "evaluate_models",
+    "stage_evaluate",
+    "stage_export",
+    "stage_onnx",
+]
+
+
+def _evaluate(ctx: StageContext, model, args, splits: dict) -> dict[str, dict[str, float]]:
+    """`{split: {metric: value}}` of `model`, every metric of the task."""
+    trainer = ctx.trainer(model, args, train=False)
+    names = ctx.task_spec().metric_names
+    results = {}
+    for split, ds in splits.items():
+        out = trainer.evaluate(eval_dataset=ds, metric_key_prefix=split)
+        results[split] = {name: float(out[f"{split}_{name}"]) for name in names}
+    del trainer
+    return results
+
+
+def teacher_cache_path(ctx: StageContext) -> Path:
+    """Where the teacher's metrics are cached: in the teacher's own folder (so every run distilling from it shares
+    them), or in the run folder when the teacher comes from the Hub."""
+    source = ctx.teacher_source()
+    folder = Path(source) if source is not None and Path(source).is_dir() else ctx.output_dir
+    return folder / CACHE_NAME
+
+
+def teacher_metrics(ctx: StageContext, teacher, args, splits: dict) -> dict[str, dict[str, float]]:
+    """The teacher's metrics on every split, evaluated only for the splits the cache does not hold for these weights,
+    this split content and every metric of the task (one cache entry per metric)."""
+    cache = MetricsCache(teacher_cache_path(ctx))
+    model_key, names = model_digest(teacher), ctx.task_spec().metric_names
+    keys = {split: {m: cache_key(model_key, dataset_digest(ds), m) for m in names} for split, ds in splits.items()}
+    results = {split: {m: cache.get(key) for m, key in split_keys.items()} for split, split_keys in keys.items()}
+    missing = {split: splits[split] for split, values in results.items() if None in values.values()}
+    if missing:
+        results.update(_evaluate(ctx, teacher, args, missing))
+        if ctx.is_main:
+            for split in missing:
+                for m in names:
+                    cache.put(keys[split][m], results[split][m], split, m)
+    if len(missing) < len(splits):
+        logger.info(
+            "Teacher %s on %s read from %s.", ", ".join(names), sorted(set(splits) - set(missing)),
+            teacher_cache_path(ctx),
+        )  # fmt: skip
+    return {split: results[split] for split in splits}
+
+
+def evaluate_all(ctx: StageContext, model) -> dict:
+    """`{"teacher": {split: {metric: value}}, "pruned": {...}}`: every metric of the task on every validation split
+    (the teacher's from the metrics cache when these weights were evaluated on these splits before)."""
+    args = ctx.arguments()
+    splits = ctx.eval_splits()
+    if not splits:
+        raise ValueError("There is no validation split to evaluate on: set data.validation_file in the recipe.")
+    results = {}
+    teacher = ctx.load_teacher()
+    if teacher is not None:
+        results["teacher"] = teacher_metrics(ctx, teacher, args, splits)
+    del teacher
+    results["pruned"] = _evaluate(ctx, model, args, splits)
+    gc.collect()
+    logger.info("Stage %s: %s.", ctx.spec["name"], results)
+    return results
+
+
+def main_metric_values(all_metrics: dict, metric: str) -> dict:
+    """`{"teacher": {split: value}, "pruned": {...}}` of one metric, from [`evaluate_all`]'s result."""
+    return {who: {split: values[metric] for split, values in splits.items()} for who, splits in all_metrics.items()}
+
+
+def evaluate_models(ctx: StageContext, model) -> dict:
+    """`{"teacher": {split: value}, "pruned": {split: value}}` of the task's main metric on every validation split."""
+    return main_metric_values(evaluate_all(ctx, model), ctx.task_spec().main_metric)
+
+
+def _evaluation_record(ctx: StageContext, model) -> dict:
+    """An evaluation as stages record it: the main metric's values as `metrics`, every metric in the summary."""
+    all_metrics, metric = evaluate_all(ctx, model), ctx.task_spec().main_metric
+    summary = {"metric": metric, "all_metrics": all_metrics}
+    return {"metrics": main_metric_values(all_metrics, metric), "summary": summary}
+
+
+def stage_evaluate(ctx: StageContext) -> dict:
+    """The task's metrics of the teacher and of the current model on every validation split."""
+    model = ctx.load_current_model()
+    return {"model_dir": None, **_evaluation_record(ctx, model), "_model": model}
+
+
+def stage_export(ctx: StageContext) -> dict:
+    """Measures the current model against the dense teacher and exports it with its report and model card."""
+    opts = ctx.spec
+    model = ctx.load_current_model()
+    last_model = max([i for i, r in enumerate(ctx.finished) if r.get("model_dir")], default=-1)
+    evaluated = [r for r in ctx.finished[last_model + 1 :] if r["stage"] == "evaluate"]
+    record = evaluated[-1] if evaluated else _evaluation_record(ctx, model)
+    task, metrics, summary = ctx.task_spec(), record["metrics"], record.get("summary") or {}
+    target = ctx.output_dir / opts["path"]
+    if ctx.is_main:
+        teacher_source = ctx.teacher_source()
+        dense = ctx.load_teacher() or load_start_model(ctx.recipe, ctx.tokenizer, task)
+        stages = [{"name": r["name"], "stage": r["stage"], "wall_time_s": r["wall_time_s"]} for r in ctx.finished]
+        report = build_report(
+            dense,
+            model,
+            seq_len=int(opts["seq_len"]),
+            batch_sizes=tuple(int(b) for b in opts["batch_sizes"]),
+            repeats=int(opts["repeats"]),
+            base_model=base_model_name(ctx.recipe),
+            task=task.name,
+            dataset=task.hub_dataset,
+            metrics=metrics,
+            metric_name=summary.get("metric", task.main_metric),
+            all_metrics=summary.get("all_metrics"),
+            stages=stages,
+            dense_path=teacher_source if teacher_source and Path(teacher_source).is_dir() else None,
+            pruned_path=ctx.current_model_dir(),
+        )
+        save_pruned(
+            model, target, ctx.tokenizer, report=report, overwrite=True, card=opts["card"], figure=opts["figure"]
+        )
+        logger.info("Stage %s: exported to %s.", ctx.spec["name"], target)
+    summary = {"export_dir": str(target.relative_to(ctx.output_dir))}
+    return {"model_dir": None, "metrics": metrics, "summary": summary, "_model": model}
+
+
+def stage_onnx(ctx: StageContext) -> dict:
+    """ONNX export (and int8 quantization) of an export stage's folder; every deployed form is then measured against
+    the dense teacher and added to that folder's report and model card (see [`hf_prune.deploy`])."""
+    from . import deploy
+
+    opts, task = ctx.spec, ctx.task_spec()
+    exported = [r["summary"]["export_dir"] for r in ctx.finished if r["stage"] == "export"]
+    target = ctx.output_dir / (opts["path"] or exported[-1])
+    summary = {"export_dir": str(target.relative_to(ctx.output_dir)), "onnx_dir": f"{target.name}/{deploy.ONNX_DIR}"}
+    if ctx.is_main:
+        # the run owns its export folder: an interrupted attempt's onnx/ is replaced
+        deploy.export_onnx(target, int8=bool(opts["int8"]), opset=int(opts["opset"]), overwrite=True)
+        teacher_source = ctx.teacher_source()
+        batch_size = ctx.arguments().per_device_eval_batch_size
+        evaluate = deploy.split_evaluator(ctx.eval_splits(), ctx.collator(), batch_size, task)
+        deployment = deploy.deployment_rows(
+            ctx.load_teacher() or load_start_model(ctx.recipe, ctx.tokenizer, task),
+            target,
+            evaluate if opts["evaluate"] else None,
+            batch_sizes=tuple(int(b) for b in opts["batch_sizes"]),
+            seq_len=int(opts["seq_len"]),
+            repeats=int(opts["repeats"]),
+            dense_path=teacher_source if teacher_source and Path(teacher_source).is_dir() else None,
+            metric_name=task.main_metric,
+        )
+        deploy.write_deployment(target, deployment)
+        files = deploy.read_export_info(target / deploy.ONNX_DIR)["files"]
+        summary.update(files=sorted(files.values()), speedups=deploy.speedups(deployment))
+    return {"model_dir": None, "metrics": {}, "summary": summary, "_model": ctx.load_current_model()}

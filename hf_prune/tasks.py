@@ -1,0 +1,415 @@
+"""Tasks of the staged pipeline: what a recipe's `task` names, how its labels are read, and its metrics.
+
+A task is a [`TaskSpec`]: the text columns (one or two), the label column, the problem type
+(`single_label_classification`, `regression` or `token_classification`), the label names, the metrics and where the
+data comes from. [`parse_task`] builds one from a recipe's `task` value:
+
+```yaml
+task: glue/sst2          # cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli: load_dataset("nyu-mll/glue", name)
+task: mnli               # a GLUE name alone works too; `demo` is the generated offline task
+task:                    # any dataset with its own columns, from the Hub or from data.train_file / validation_file
+  dataset: [imdb]                       # optional: the arguments of datasets.load_dataset
+  text_columns: [text]                  # one or two (token classification: one column of word lists)
+  label_column: label
+  problem_type: single_label_classification   # or regression, token_classification
+  label_names: [neg, pos]               # optional: read from the data when not given
+```
+
+Metrics are those GLUE defines (accuracy; F1 and accuracy for MRPC and QQP; Matthews correlation for CoLA; Pearson and
+Spearman for STS-B) and seqeval's entity-level precision, recall and F1 for token classification. They are computed
+through `evaluate` when it can load them, and with the same definitions here when it cannot (offline): see
+`metrics.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from transformers.utils import logging
+
+from .metrics import DEFAULT_METRICS, VALID_METRICS, is_iob_tagging
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "PROBLEM_TYPES",
+    "NLI_LABELS",
+    "GLUE_DATASET",
+    "GLUE_TASKS",
+    "TaskSpec",
+    "parse_task",
+    "task_names",
+    "LabelMap",
+    "infer_label_names",
+    "regression_value",
+]
+
+PROBLEM_TYPES = ("single_label_classification", "regression", "token_classification")
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+GLUE_DATASET = "nyu-mll/glue"
+TASK_KEYS = (
+    "name", "dataset", "text_columns", "label_column", "problem_type", "label_names", "metrics", "train_split",
+    "validation_splits",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Glue:
+    columns: tuple[str, ...]
+    labels: tuple[str, ...] | None  # None: regression
+    metrics: tuple[str, ...]  # the first is the task's main metric
+    validation: tuple[str, ...] = ("validation",)
+
+
+# The label names are those of the ClassLabel features of nyu-mll/glue (their order is the label ids').
+GLUE_TASKS = {
+    "cola": _Glue(("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",)),
+    "sst2": _Glue(("sentence",), ("negative", "positive"), ("accuracy",)),
+    "mrpc": _Glue(("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy")),
+    "qqp": _Glue(("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy")),
+    "stsb": _Glue(("sentence1", "sentence2"), None, ("pearson", "spearmanr")),
+    "mnli": _Glue(
+        ("premise", "hypothesis"), NLI_LABELS, ("accuracy",), ("validation_matched", "validation_mismatched")
+    ),
+    "qnli": _Glue(("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",)),
+    "rte": _Glue(("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",)),
+    "wnli": _Glue(("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",)),
+}
+
+
+def task_names() -> list[str]:
+    """The task names a recipe may give as a string."""
+    return ["demo", *(f"glue/{name}" for name in GLUE_TASKS)]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task is: its columns, problem type, labels, metrics and data source.
+
+    Args:
+        name: the task's name in reports and model cards (`"sst2"`, `"mnli"`, `"demo"`, a dataset id, `"custom"`).
+        text_columns: one or two text columns (token classification: one column of word lists).
+        label_column: the column holding the labels (class names or ids, scores, or per-word tags).
+        problem_type: `single_label_classification`, `regression` or `token_classification`.
+        label_names: class (or tag) names in label-id order; None until read from the data. None for regression.
+        metrics: metric names, the first being the main one; None for the problem type's defaults.
+        dataset: positional arguments of `datasets.load_dataset`, or None (local files or generated data).
+        dataset_kwargs: keyword arguments of `datasets.load_dataset`.
+        train_split: the dataset's training split.
+        validation_splits: the splits evaluated on; None for every `validation*` split of the dataset (else `test`).
+        glue: the GLUE task name (selects `evaluate.load("glue", name)`), or None.
+        generated: the offline demo task, whose data hf_prune generates.
+    """
+
+    name: str
+    text_columns: tuple[str, ...]
+    label_column: str = "label"
+    problem_type: str = "single_label_classification"
+    label_names: tuple[str, ...] | None = None
+    metrics: tuple[str, ...] | None = None
+    dataset: tuple | None = None
+    dataset_kwargs: dict = field(default_factory=dict, hash=False)
+    train_split: str = "train"
+    validation_splits: tuple[str, ...] | None = None
+    glue: str | None = None
+    generated: bool = False
+
+    @property
+    def is_regression(self) -> bool:
+        return self.problem_type == "regression"
+
+    @property
+    def is_token_classification(self) -> bool:
+        return self.problem_type == "token_classification"
+
+    @property
+    def num_labels(self) -> int | None:
+        """1 for regression, the number of label names otherwise (None while they are unknown)."""
+        if self.is_regression:
+            return 1
+        return None if self.label_names is None else len(self.label_names)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics computed on every validation split; the first is the main one.
+
+        Token classification reports seqeval's entity scores when the tags are IOB-style (`O`, `B-X`, `I-X`, ...), and
+        token accuracy alone otherwise (e.g. part-of-speech tags), since entity spans mean nothing there.
+        """
+        if self.metrics:
+            return self.metrics
+        if self.is_token_classification and self.label_names is not None and not is_iob_tagging(self.label_names):
+            return ("accuracy",)
+        return DEFAULT_METRICS[self.problem_type]
+
+    @property
+    def main_metric(self) -> str:
+        return self.metric_names[0]
+
+    @property
+    def hub_dataset(self) -> str | None:
+        """The Hub id of the task's dataset (for model cards), or None."""
+        if self.dataset:
+            return str(self.dataset[0])
+        return str(self.dataset_kwargs["path"]) if self.dataset_kwargs.get("path") else None
+
+    def with_label_names(self, names: Sequence[str]) -> TaskSpec:
+        return dataclasses.replace(self, label_names=tuple(str(n) for n in names))
+
+    def config_kwargs(self) -> dict:
+        """`num_labels`, `id2label`, `label2id` (and `problem_type` for regression) for `from_pretrained` / configs."""
+        if self.is_regression:  # one output; id2label given too, so a checkpoint's own label map cannot linger
+            return {"id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0}, "problem_type": "regression"}
+        if self.label_names is None:
+            raise ValueError(f"The label names of task {self.name!r} are not known yet: load its data first.")
+        # no num_labels: id2label sets it, and both given warn when the checkpoint's config has another count
+        return {
+            "id2label": dict(enumerate(self.label_names)),
+            "label2id": {n: i for i, n in enumerate(self.label_names)},
+        }
+
+    def column_hint(self) -> str:
+        """How to fix a file or dataset that lacks the task's columns."""
+        needed = ", ".join([*self.text_columns, self.label_column])
+        if self.glue or self.generated:
+            return f"Task {self.name!r} reads the columns {needed}."
+        return f"Set task.text_columns and task.label_column to the data's column names (now: {needed})."
+
+
+# ----------------------------------------------------------------------------------------------------- parsing
+def _glue_spec(name: str) -> TaskSpec:
+    glue = GLUE_TASKS[name]
+    return TaskSpec(
+        name=name,
+        text_columns=glue.columns,
+        problem_type="regression" if glue.labels is None else "single_label_classification",
+        label_names=glue.labels,
+        metrics=glue.metrics,
+        dataset=(GLUE_DATASET, name),
+        validation_splits=glue.validation,
+        glue=name,
+    )
+
+
+DEMO_TASK = TaskSpec(
+    name="demo",
+    text_columns=("premise", "hypothesis"),
+    label_names=NLI_LABELS,
+    metrics=("accuracy",),
+    validation_splits=("validation",),
+    generated=True,
+)
+
+
+def _unknown_task(raw) -> ValueError:
+    hint = difflib.get_close_matches(str(raw).lower(), [*task_names(), *GLUE_TASKS], n=1)
+    return ValueError(
+        f"Unknown task {raw!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}. Valid task names: "
+        f"{', '.join(task_names())} (a GLUE name alone, e.g. mnli, works too); for another dataset give a mapping, "
+        "e.g. task: {dataset: [imdb], text_columns: [text], label_column: label}."
+    )
+
+
+def _strings(value, key: str, min_len: int = 1, max_len: int | None = None) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not all(isinstance(v, str) and v for v in items):
+        raise ValueError(f"task.{key} must be a string or a list of strings, got {value!r}.")
+    if len(items) < min_len or (max_len is not None and len(items) > max_len):
+        if max_len is None:
+            count = f"at least {min_len}"
+        else:
+            count = f"exactly {min_len}" if max_len == min_len else f"{min_len} to {max_len}"
+        raise ValueError(f"task.{key} must list {count} name(s), got {list(items)}.")
+    return tuple(items)
+
+
+def _dataset_args(value) -> tuple[tuple | None, dict]:
+    if value is None:
+        return None, {}
+    if isinstance(value, Mapping):
+        if not value.get("path"):
+            raise ValueError(f"task.dataset as a mapping holds load_dataset keywords and needs `path`; got {value!r}.")
+        return None, dict(value)
+    args = _strings(value, "dataset", 1)
+    return args, {}
+
+
+def _parse_mapping(raw: Mapping) -> TaskSpec:
+    unknown = [k for k in raw if k not in TASK_KEYS]
+    if unknown:
+        raise ValueError(f"Unknown task key(s) {sorted(map(str, unknown))}. Valid task keys: {', '.join(TASK_KEYS)}.")
+    problem = raw.get("problem_type", "single_label_classification")
+    if problem not in PROBLEM_TYPES:
+        raise ValueError(f"task.problem_type={problem!r} is not supported. Valid: {', '.join(PROBLEM_TYPES)}.")
+    if raw.get("text_columns") in (None, "", []):
+        raise ValueError(
+            "The task mapping has no `text_columns`: name the one or two columns holding the text, e.g. "
+            "text_columns: [question, sentence] (token classification: the one column of word lists, e.g. [tokens])."
+        )
+    columns = _strings(raw["text_columns"], "text_columns", 1, 1 if problem == "token_classification" else 2)
+    label_column = raw.get("label_column", "label")
+    if not isinstance(label_column, str) or not label_column:
+        raise ValueError(f"task.label_column must be a column name, got {label_column!r}.")
+    names = raw.get("label_names")
+    if names is not None:
+        if problem == "regression":
+            raise ValueError("task.label_names does not apply to regression (one score per example): remove it.")
+        names = _strings(names, "label_names", 2)
+        if len(set(names)) != len(names):
+            raise ValueError(f"task.label_names lists a name twice: {list(names)}.")
+    metrics = raw.get("metrics")
+    if metrics is not None:
+        metrics = _strings(metrics, "metrics", 1)
+        valid = VALID_METRICS[problem]
+        bad = [m for m in metrics if m not in valid]
+        if bad:
+            raise ValueError(f"task.metrics {bad} do not apply to {problem}. Valid: {', '.join(valid)}.")
+    dataset, dataset_kwargs = _dataset_args(raw.get("dataset"))
+    splits = raw.get("validation_splits")
+    default_name = (dataset or (dataset_kwargs.get("path"),))[0] or "custom"
+    name = raw.get("name") or default_name
+    return TaskSpec(
+        name=str(name),
+        text_columns=columns,
+        label_column=label_column,
+        problem_type=problem,
+        label_names=names,
+        metrics=metrics,
+        dataset=dataset,
+        dataset_kwargs=dataset_kwargs,
+        train_split=str(raw.get("train_split", "train")),
+        validation_splits=None if splits is None else _strings(splits, "validation_splits", 1),
+    )
+
+
+def parse_task(raw) -> TaskSpec:
+    """The [`TaskSpec`] a recipe's `task` value names.
+
+    Args:
+        raw: `"demo"`, `"glue/<name>"` or a GLUE name alone (e.g. `"mnli"`), a mapping (`dataset`, `text_columns`,
+            `label_column`, `problem_type`, `label_names`, `metrics`, `name`, `train_split`, `validation_splits`), or a
+            `TaskSpec` (returned as is).
+
+    Returns:
+        The task's spec; label names stay None until the data is read, unless the task fixes them.
+    """
+    if isinstance(raw, TaskSpec):
+        return raw
+    if isinstance(raw, Mapping):
+        return _parse_mapping(raw)
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(
+            f"`task` must be a task name or a mapping, got {raw!r}. Valid names: {', '.join(task_names())}."
+        )
+    name = raw.strip().lower()
+    if name == "demo":
+        return DEMO_TASK
+    glue = name[len("glue/") :] if name.startswith("glue/") else name
+    if glue in GLUE_TASKS:
+        return _glue_spec(glue)
+    raise _unknown_task(raw)
+
+
+# ----------------------------------------------------------------------------------------------------- labels
+def _int_like(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+    try:  # numpy integers
+        import numpy as np
+
+        if isinstance(value, np.integer):
+            return int(value)
+    except ImportError:  # pragma: no cover - numpy comes with datasets
+        pass
+    return None
+
+
+class LabelMap:
+    """Maps raw labels (names, ids, digit strings) to label ids.
+
+    A name matches exactly, else without regard to case. An integer is a label id when the names are not themselves
+    integers (`["neg", "pos"]`: `1` is `pos`); when they are (names read from integer labels such as `[1, 2, 5]`), an
+    integer is matched as a name (`5` is id 2).
+
+    Args:
+        names: the label names in id order.
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.names = tuple(str(n) for n in names)
+        self.exact = {n: i for i, n in enumerate(self.names)}
+        self.folded = {n.lower(): i for i, n in reversed(list(enumerate(self.names)))}
+        self.numeric = all(_int_like(n) is not None for n in self.names)
+
+    def __call__(self, value, where: str) -> int:
+        text = str(value).strip() if not isinstance(value, float) or not value.is_integer() else str(int(value))
+        if text in self.exact:
+            return self.exact[text]
+        if text.lower() in self.folded:
+            return self.folded[text.lower()]
+        number = _int_like(value)
+        if number is not None and not self.numeric and 0 <= number < len(self.names):
+            return number
+        valid = ", ".join(f"{i} or {n!r}" for i, n in enumerate(self.names))
+        raise ValueError(
+            f"{where} has label {value!r}, which is not a known label. Valid labels: {valid}. Fix the data, drop "
+            "unlabelled rows (e.g. the GLUE test split's -1), or set task.label_names to the labels the data uses."
+        )
+
+
+def infer_label_names(values, where: str) -> tuple[str, ...]:
+    """Label names read from the labels themselves, as transformers' `run_glue.py` does: the sorted distinct values.
+
+    Integers sort by value (`[1, 2, 5]` -> names `"1", "2", "5"`), anything else as text.
+
+    Args:
+        values: every label of the training split (token classification: every tag).
+        where: the data they come from, for the error message.
+
+    Returns:
+        The label names in id order.
+    """
+    distinct = {v for v in values if v is not None and v != ""}
+    if not distinct:
+        raise ValueError(f"{where} holds no labels. Give labelled training data or set task.label_names.")
+    numbers = {v: _int_like(v) for v in distinct}
+    if all(n is not None for n in numbers.values()):
+        names = tuple(str(n) for n in sorted(set(numbers.values())))
+    else:
+        floats = [v for v in distinct if isinstance(v, float)]
+        if floats:
+            raise ValueError(
+                f"{where} has fractional labels (e.g. {floats[0]!r}): for scores set task.problem_type: regression."
+            )
+        names = tuple(sorted({str(v).strip() for v in distinct}))
+    if len(names) < 2:
+        raise ValueError(
+            f"{where} has a single label value {list(names)}: a classifier needs at least two. Check "
+            "task.label_column, or set task.label_names to every label of the task."
+        )
+    return names
+
+
+def regression_value(value, where: str) -> float:
+    """A regression target as a float, or an error naming where it was read."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{where} has label {value!r}, which is not a number: a regression task needs numeric scores. Fix the "
+            "data, or set task.problem_type to single_label_classification for class labels."
+        ) from None
+    if number != number:  # NaN: an unlabelled row
+        raise ValueError(f"{where} has no score (NaN). Drop unlabelled rows.")
+    return number
