@@ -212,13 +212,16 @@ def rearrange_layer(keep: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 MAX_CORRECTION = 1.25
 
 
+def _removed(keeps: list[torch.Tensor]) -> dict[int, list[int]]:
+    """`{layer: [unit indices to remove]}` of per-layer keep-masks (layers keeping every unit left out)."""
+    return {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keeps) if not bool(k.all())}
+
+
 def _shaped_copy(model: nn.Module, keep_heads: list[torch.Tensor], keep_neurons: list[torch.Tensor]) -> nn.Module:
     """An untuned copy with the kept units only: its forward time is the pruned model's (tuning changes values)."""
     shaped = copy.deepcopy(model).eval()
-    prune_heads(shaped, {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keep_heads) if not bool(k.all())})
-    prune_ffn_neurons(
-        shaped, {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keep_neurons) if not bool(k.all())}
-    )
+    prune_heads(shaped, _removed(keep_heads))
+    prune_ffn_neurons(shaped, _removed(keep_neurons))
     return shaped
 
 
@@ -396,8 +399,7 @@ def prune_to_speedup(
         tuning = tune_masks(student, model, tune_batches, keep_heads, keep_neurons, first_token)
     times["tune_s"] = time.perf_counter() - t
 
-    pruned_heads = {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keep_heads) if not bool(k.all())}
-    pruned_neurons = {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keep_neurons) if not bool(k.all())}
+    pruned_heads, pruned_neurons = _removed(keep_heads), _removed(keep_neurons)
     prune_heads(student, pruned_heads)
     prune_ffn_neurons(student, pruned_neurons)
     model.train(was_training)

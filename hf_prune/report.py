@@ -94,21 +94,20 @@ def on_cpu(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to("cpu")
 
 
-@torch.inference_mode()
 def _latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int, warmup: int) -> dict:
-    """Median forward time (ms) of both models, timed interleaved in this process."""
-    dense_runs, pruned_runs = time_interleaved(
-        [dense, pruned], dummy_inputs(dense, batch_size, seq_len), repeats, warmup
-    )
-    times = {"dense": dense_runs, "pruned": pruned_runs}
-    dense_ms, pruned_ms = statistics.median(times["dense"]), statistics.median(times["pruned"])
+    """Median forward time (ms) of both models, timed interleaved in this process (see [`time_forms`])."""
+    timed = time_forms(
+        {"dense": dense, "pruned": pruned}, dense, batch_sizes=(batch_size,), seq_len=seq_len, repeats=repeats,
+        warmup=warmup,
+    )  # fmt: skip
+    d, p = timed["dense"][0], timed["pruned"][0]
     return {
         "batch_size": batch_size,
-        "dense_ms": dense_ms,
-        "pruned_ms": pruned_ms,
-        "speedup": dense_ms / pruned_ms if pruned_ms > 0 else math.inf,
-        "dense_runs_ms": times["dense"],
-        "pruned_runs_ms": times["pruned"],
+        "dense_ms": d["ms"],
+        "pruned_ms": p["ms"],
+        "speedup": p["speedup"],
+        "dense_runs_ms": d["runs_ms"],
+        "pruned_runs_ms": p["runs_ms"],
     }
 
 

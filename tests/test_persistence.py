@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
-from utils import VOCAB, batch, tiny_config, tiny_model
+from utils import VOCAB, WITHOUT_HF_PRUNE, batch, tiny_config, tiny_model
 
 import hf_prune
 from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, save_pruned, structure
@@ -101,16 +101,8 @@ def test_loads_with_transformers_only(tmp_path):
         model = pruned_model(arch, seed=1)
         folders[arch] = str(save_pruned(model, tmp_path / arch, card=False, figure=False))
         save_file({arch: logits(model).contiguous()}, str(tmp_path / f"{arch}.logits.safetensors"))
-    code = textwrap.dedent(
+    code = WITHOUT_HF_PRUNE + textwrap.dedent(
         """
-        import importlib.abc, json, sys
-
-        class NoHfPrune(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] == "hf_prune":
-                    raise ModuleNotFoundError("hf_prune is blocked")
-
-        sys.meta_path.insert(0, NoHfPrune())
         import torch
         from safetensors.torch import load_file
         from transformers import AutoModelForSequenceClassification

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from transformers import AutoModelForTokenClassification, BertModel, EvalPrediction
-from utils import tiny_config
+from utils import WITHOUT_HF_PRUNE, tiny_config
 
 import hf_prune.metrics as metrics_module
 from hf_prune import distillation_loss, load_pruned, prune_ffn_neurons, prune_heads, save_pruned
@@ -464,16 +464,8 @@ def test_pruned_token_classifier_reloads_with_plain_transformers(tmp_path):
     with torch.no_grad():
         expected = model(**inputs).logits
         assert torch.equal(load_pruned(folder).eval()(**inputs).logits, expected)
-    code = textwrap.dedent(
+    code = WITHOUT_HF_PRUNE + textwrap.dedent(
         """
-        import importlib.abc, json, sys
-
-        class NoHfPrune(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] == "hf_prune":
-                    raise ModuleNotFoundError("hf_prune is blocked")
-
-        sys.meta_path.insert(0, NoHfPrune())
         import torch
         from transformers import AutoModelForTokenClassification
 

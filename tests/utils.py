@@ -6,6 +6,18 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 VOCAB = 64
+# The start of a script for a fresh interpreter in which `import hf_prune` fails: what loads there, loads without it.
+WITHOUT_HF_PRUNE = """import importlib.abc, json, sys
+
+
+class NoHfPrune(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "hf_prune":
+            raise ModuleNotFoundError("hf_prune is blocked")
+
+
+sys.meta_path.insert(0, NoHfPrune())
+"""
 
 
 def tiny_config(model_type: str = "bert", **overrides):
