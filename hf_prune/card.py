@@ -15,7 +15,8 @@ from transformers.utils import logging
 
 from . import structure
 from .files import CARD_NAME, CONFIG_NAME, EVAL_CACHE_NAME, MODELING_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, export_files
-from .report import REPORT_NAME, deployment_table, metric_rows
+from .report import REPORT_NAME
+from .report_format import deployment_table, metric_rows
 from .surgery import original_heads_kept
 
 logger = logging.get_logger(__name__)

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return cli_compress(args)
         if args.command == "report":
-            from .report import cli_report
+            from .report_format import cli_report
 
             return cli_report(args)
         if args.command == "onnx":

@@ -310,7 +310,7 @@ def format_summary(result: RunResult) -> str:
     total = sum(r["wall_time_s"] for r in result.state["finished"])
     lines.append(f"total stage time: {total:.1f} s")
     if result.report is not None:
-        from .report import format_report
+        from .report_format import format_report
 
         lines += ["", format_report(result.report), "", f"Exported model: {result.export_dir}"]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from hf_prune.cli import main
 from hf_prune.deploy import OnnxRuntimeModel, deployment_rows, quantized_ops, read_export_info
 from hf_prune.recipe import format_summary, run_recipe
 from hf_prune.recipe_schema import load_recipe
-from hf_prune.report import format_report
+from hf_prune.report_format import format_report
 
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra"]
 HEADS = {0: [1, 3], 1: [0, 1, 2, 3], 2: [2]}  # layer 1 keeps no head

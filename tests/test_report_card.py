@@ -11,7 +11,8 @@ from hf_prune import prune_ffn_neurons, prune_heads, save_pruned
 from hf_prune.card import make_model_card, plot_head_map, push_to_hub
 from hf_prune.cli import main
 from hf_prune.persistence import export_files
-from hf_prune.report import build_report, format_report
+from hf_prune.report import build_report
+from hf_prune.report_format import format_report
 
 TOKEN = "hf_secretTOKEN1234567890"
 METRICS = {

@@ -34,7 +34,8 @@ from hf_prune.metrics import (
 )
 from hf_prune.recipe import read_state, run_recipe
 from hf_prune.recipe_schema import load_recipe
-from hf_prune.report import build_report, format_report
+from hf_prune.report import build_report
+from hf_prune.report_format import format_report
 from hf_prune.tasks import GLUE_TASKS, parse_task
 
 REPO = Path(__file__).resolve().parent.parent

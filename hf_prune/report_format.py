@@ -1,0 +1,169 @@
+"""The report as text: the table `hf-prune report DIR` prints, and the rows the model card is built from.
+
+`hf_prune.report` measures and returns the report dict; this module only reads one (from `build_report` or a
+`pruning_report.json`, old versions included) and lays it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .report import load_report
+
+__all__ = ["format_report", "format_deployment", "deployment_table", "metric_rows", "cli_report"]
+
+
+def _fmt_int(n) -> str:
+    return "-" if n is None else f"{int(n):,}"
+
+
+def _fmt_float(x, digits: int = 2, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_report(report: Mapping) -> str:
+    """Renders a report dict (from `build_report` or `pruning_report.json`) as a plain-text table.
+
+    Args:
+        report: the report dict.
+
+    Returns:
+        The table, lines separated by newlines.
+    """
+    title = f"Pruning report: {report.get('base_model') or 'unknown base model'}"
+    if report.get("task"):
+        title += f" on {report['task']}"
+    lines = [title, ""]
+    params, size, flops = report.get("parameters", {}), report.get("file_size", {}), report.get("flops", {})
+    mib = {k: None if size.get(k) is None else size[k] / 2**20 for k in ("before_bytes", "after_bytes")}
+    gflops = {k: None if flops.get(k) is None else flops[k] / 1e9 for k in ("dense", "pruned")}
+    rows = [
+        ("", "dense", "pruned", "dense/pruned"),
+        (
+            "parameters (total)",
+            _fmt_int(params.get("total_before")),
+            _fmt_int(params.get("total_after")),
+            _fmt_float(params.get("total_ratio"), suffix="x"),
+        ),
+        (
+            "parameters (encoder)",
+            _fmt_int(params.get("encoder_before")),
+            _fmt_int(params.get("encoder_after")),
+            _fmt_float(params.get("encoder_ratio"), suffix="x"),
+        ),
+        (
+            "file size (MiB)",
+            _fmt_float(mib["before_bytes"]),
+            _fmt_float(mib["after_bytes"]),
+            _fmt_float(size.get("ratio"), suffix="x"),
+        ),
+        (
+            f"GFLOPs (1 x {flops.get('seq_len', '?')} tokens)",
+            _fmt_float(gflops["dense"], 3),
+            _fmt_float(gflops["pruned"], 3),
+            _fmt_float(flops.get("ratio"), suffix="x"),
+        ),
+    ]
+    latency = report.get("latency", {})
+    for b in latency.get("batches", []):
+        rows.append(
+            (
+                f"CPU latency batch {b['batch_size']} (ms)",
+                _fmt_float(b.get("dense_ms")),
+                _fmt_float(b.get("pruned_ms")),
+                _fmt_float(b.get("speedup"), suffix="x"),
+            )
+        )
+    for name, split, teacher, pruned in metric_rows(report):
+        rows.append((f"{name} {split}", _fmt_float(teacher, 4), _fmt_float(pruned, 4), ""))
+    lines += _table(rows)
+    if latency:
+        lines.append(
+            f"(latency: median of {latency.get('repeats')} interleaved runs, {latency.get('seq_len')} tokens, "
+            f"{report.get('environment', {}).get('num_threads')} threads)"
+        )
+    layers = report.get("layers") or []
+    if layers:
+        lines += [""]
+        layer_rows = [("layer", "heads kept", "FFN kept")]
+        for layer in layers:
+            heads = f"{layer['heads_kept']}/{layer['heads_dense']}"
+            layer_rows.append((str(layer["layer"]), heads, f"{layer['ffn_kept']}/{layer['ffn_dense']}"))
+        lines += _table(layer_rows)
+    stages = report.get("stages") or []
+    if stages:
+        lines += [""]
+        stage_rows = [(s["name"], _fmt_float(s["wall_time_s"], 1)) for s in stages]
+        lines += _table([("stage", "wall time (s)"), *stage_rows])
+    if report.get("deployment"):
+        lines += ["", *format_deployment(report["deployment"], report.get("metric_name"))]
+    return "\n".join(lines)
+
+
+def deployment_table(deployment: Mapping, metric_name: str | None = None) -> list[tuple[str, ...]]:
+    """The rows (header first) of the deployed forms: file size, latency and speedup per batch size, metrics."""
+    forms = deployment.get("forms") or []
+    batches = list(dict.fromkeys(b["batch_size"] for f in forms for b in f.get("latency") or []))
+    splits = list(dict.fromkeys(s for f in forms for s in f.get("metrics") or {}))
+    header = ["form", "file (MiB)"]
+    for b in batches:
+        header += [f"batch {b} (ms)", f"speedup b{b}"]
+    header += [f"{metric_name or deployment.get('metric_name') or 'metric'} {s}" for s in splits]
+    rows = [tuple(header)]
+    for form in forms:
+        latency = {b["batch_size"]: b for b in form.get("latency") or []}
+        size = form.get("file_bytes")
+        row = [str(form.get("name")), _fmt_float(None if size is None else size / 2**20)]
+        for b in batches:
+            timing = latency.get(b, {})
+            row += [_fmt_float(timing.get("ms")), _fmt_float(timing.get("speedup"), suffix="x")]
+        row += [_fmt_float((form.get("metrics") or {}).get(s), 4) for s in splits]
+        rows.append(tuple(row))
+    return rows
+
+
+def format_deployment(deployment: Mapping, metric_name: str | None = None) -> list[str]:
+    """The deployed forms of a report as text lines: a table, then how they were timed."""
+    rows = deployment_table(deployment, metric_name)
+    if len(rows) < 2:
+        return []
+    forms = deployment.get("forms") or []
+    note = (
+        f"(deployed forms: median of {deployment.get('repeats')} runs, every form interleaved in one process, "
+        f"{deployment.get('seq_len')} tokens, {deployment.get('num_threads')} threads; speedup against "
+        f"{forms[0].get('name')})"
+    )
+    return [*_table(rows), note]
+
+
+def metric_rows(report: Mapping) -> list[tuple[str, str, float | None, float | None]]:
+    """`(metric, split, teacher, pruned)` for every metric of a report: the main metric first, then the task's other
+    metrics (reports written before they were recorded have the main one alone)."""
+    main = report.get("metric_name") or "metric"
+    metrics = report.get("metrics") or {}
+    teacher, pruned = metrics.get("teacher", {}), metrics.get("pruned", {})
+    rows = [(main, split, teacher.get(split), pruned.get(split)) for split in dict.fromkeys([*teacher, *pruned])]
+    every = report.get("all_metrics") or {}
+    t_all, p_all = every.get("teacher", {}), every.get("pruned", {})
+    names = dict.fromkeys(m for values in [*t_all.values(), *p_all.values()] for m in values if m != main)
+    for name in names:
+        for split in dict.fromkeys([*t_all, *p_all]):
+            rows.append((name, split, t_all.get(split, {}).get(name), p_all.get(split, {}).get(name)))
+    return rows
+
+
+def cli_report(args) -> int:
+    """`hf-prune report DIR`: prints the report of an exported folder as a table."""
+    print(format_report(load_report(args.dir)))
+    return 0
