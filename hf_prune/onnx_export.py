@@ -360,7 +360,9 @@ def quantize_onnx(
         raise ValueError(f"output_path is the model itself ({source}); write the int8 model to another file.")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists. Pass overwrite=True (--overwrite) to quantize again.")
-    tmp = output.with_name(f".{output.stem}{_TMP_MARK}{os.getpid()}{output.suffix}")
+    _recover_interrupted(output)  # a quantization killed midway leaves its temporary file: removed here
+    # named as `_recover_interrupted` expects, the suffix kept last (the ONNX writer reads the format from it)
+    tmp = output.with_name(f".{output.name}{_TMP_MARK}{os.getpid()}-part{output.suffix}")
     try:
         _quantize_file(source, tmp, weight_type)
         os.replace(tmp, output)

@@ -136,7 +136,7 @@ def _process_alive(pid: int) -> bool:
 
 
 def _recover_interrupted(target: Path) -> None:
-    """Cleans up after exports to `target` whose process died mid-export (killed, power loss).
+    """Cleans up after exports to `target` (a folder or a file) whose process died mid-export (killed, power loss).
 
     A temporary export is deleted. A previous export moved aside just before the swap is moved back when the target
     is missing (the process died between the two renames), and deleted otherwise.
@@ -151,7 +151,10 @@ def _recover_interrupted(target: Path) -> None:
                 os.replace(path, target)
             else:
                 logger.info("Removing %s, left behind by an interrupted export.", path)
-                shutil.rmtree(path, ignore_errors=True)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:  # a single file written atomically (e.g. an int8 ONNX model)
+                    path.unlink(missing_ok=True)
 
 
 def _write_weights_and_config(model, folder: Path):

@@ -174,6 +174,26 @@ def test_a_failure_midway_leaves_no_onnx_folder_and_keeps_an_old_one(tmp_path, m
     assert read_export_info(folder / "onnx")["opset"] == 18
 
 
+def test_a_quantization_killed_midway_leaves_nothing_behind_the_next_call(exported, tmp_path):
+    """A process killed between writing the int8 file and moving it into place (no `finally` runs) leaves a hidden
+    temporary file; the next quantization to that path removes it."""
+    folder, _ = exported
+    output = tmp_path / "model_int8.onnx"
+    killed = (
+        "import os, sys\n"
+        "from hf_prune import onnx_export\n"
+        "onnx_export.os.replace = lambda *args: os._exit(9)\n"
+        "onnx_export.quantize_onnx(sys.argv[1], sys.argv[2])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killed, str(folder / "onnx" / "model.onnx"), str(output)])
+    assert done.returncode == 9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".model_int8.onnx.hf-prune-tmp-") and not output.exists()
+    quantize_onnx(folder / "onnx" / "model.onnx", output)
+    assert [p.name for p in tmp_path.iterdir()] == ["model_int8.onnx"]
+    assert quantized_ops(output)
+
+
 def test_missing_extra_names_the_install_command(tmp_path, monkeypatch, capsys):
     folder, _ = pruned_export(tmp_path / "export")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
