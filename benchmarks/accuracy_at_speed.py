@@ -40,7 +40,9 @@ model card of the best row at each target (with its head map and `pruning_report
 Each row is timed by its own export stage, at the time it ran; on a shared machine the load of that moment enters
 its speedups. `--retime` times the teacher and every row's export of this teacher again, interleaved in one process
 (median of `--repeats` runs at batch 1 and 32 x 128 tokens), and records those speedups in every row (`retimed`:
-when, how, and the speedups of the row's own run kept as `speedup_b1_at_run` / `speedup_b32_at_run`).
+when, how, and the speedups of the row's own run kept as `speedup_b1_at_run` / `speedup_b32_at_run`). Rows of
+identical shapes (a naive row and the row it took its shapes from) do the same computation, so the spread of their
+speedups in that one process is the timing noise; it is recorded as `retime_noise` and printed under the table.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from hf_prune import save_pruned
+from hf_prune import save_pruned, structure
 from hf_prune.costs import unit_costs
 from hf_prune.data import load_tokenizer
 from hf_prune.metrics_cache import model_digest
@@ -299,10 +301,30 @@ def retime(results: dict, results_path: Path, teacher, out: Path, tag: str, repe
             "at": when, "repeats": repeats, "models_interleaved": len(forms), "torch_threads": torch.get_num_threads(),
             "teacher_ms": {str(b["batch_size"]): b["ms"] for b in timed["teacher"]},
         }  # fmt: skip
+    on_disk["retime_noise"] = same_shape_spread(forms, timed, when)
     tmp = results_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(on_disk, indent=2) + "\n")
     os.replace(tmp, results_path)
     results.update(on_disk)
+
+
+def same_shape_spread(forms: dict, timed: dict, when: str) -> dict:
+    """The timing noise of one retime, read off the rows that share their shapes (per-layer heads and FFN widths:
+    the same computation, whatever weights they hold): per batch size, the largest relative spread of their
+    speedups."""
+    groups: dict[tuple, list[str]] = {}
+    for key, model in forms.items():
+        if key != "teacher":
+            groups.setdefault((tuple(structure.num_heads(model)), tuple(structure.ffn_size(model))), []).append(key)
+    shared = [keys for keys in groups.values() if len(keys) > 1]
+    spread = {}
+    for batch in ("1", "32"):
+        worst = 0.0
+        for keys in shared:
+            speedups = [b["speedup"] for key in keys for b in timed[key] if str(b["batch_size"]) == batch]
+            worst = max(worst, max(speedups) / min(speedups) - 1)
+        spread[f"b{batch}"] = round(worst, 4)
+    return {"at": when, "groups": [sorted(keys) for keys in shared], "largest_relative_spread": spread}
 
 
 def publish_card(export: Path, card_dir: Path) -> None:
@@ -327,6 +349,13 @@ def markdown_table(results: dict) -> str:
         lines.append(
             f"| {r['target_speedup']:g}x | {r['row']} | {r['steps']} | {100 * r['accuracy']:.2f} ({delta:+.2f}) | "
             f"{r['flops_ratio']:.2f}x | {r['speedup_b1']:.2f}x / {r['speedup_b32']:.2f}x | {r['heads']} | {r['ffn']} |"
+        )
+    noise = results.get("retime_noise")
+    if noise and noise["groups"]:
+        spread = noise["largest_relative_spread"]
+        lines.append(
+            f"\nTiming noise of the last --retime: rows of identical shapes differ by up to {100 * spread['b1']:.1f}% "
+            f"(batch 1) and {100 * spread['b32']:.1f}% (batch 32) in speedup ({len(noise['groups'])} groups)."
         )
     return "\n".join(lines)
 
