@@ -30,8 +30,8 @@ from its last checkpoint, and rows of different teachers never mix):
 - `joint`: gradual joint pruning of heads and neurons under one FLOPs budget with distillation (`joint_prune`, 60% of
   the steps), then distillation.
 
-Without `--targets` / `--rows`, the plan runs every row but `joint` at 2x, and `fisher-latency-distill` and `naive-b`
-at 3x.
+Without `--targets` / `--rows`, the plan runs every row but `joint` at 2x, and `fisher-latency-distill`, `naive-b`
+and `fisher-latency-nocal` at 3x.
 Every row ends with `evaluate` (validation_matched, 9,815 pairs) and `export` (FLOPs ratio and CPU latency at batch 1
 and 32 against the teacher, interleaved in one process). Results: `benchmarks/results/accuracy_at_speed.json`; the
 model card of the best row at each target (with its head map and `pruning_report.json`) is copied to
