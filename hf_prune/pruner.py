@@ -416,3 +416,12 @@ def build_pruner(model: nn.Module, args) -> BlockMaskPruner | NeuronMaskPruner:
             "pruning_target='attention' matches no module: every layer of this model has already lost all its heads."
         )
     return BlockMaskPruner(targets, method, schedule, sparsity_mode=mode)
+
+
+def __getattr__(name: str):
+    # `HeadMaskPruner` moved to `head_pruner.py`; the old import path keeps working (lazily: that module imports this)
+    if name == "HeadMaskPruner":
+        from .head_pruner import HeadMaskPruner
+
+        return HeadMaskPruner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -352,3 +352,16 @@ def load_report(folder: str | Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); export the model again with save_pruned.") from err
+
+
+_MOVED = ("format_report", "format_deployment", "deployment_table", "metric_rows", "cli_report")
+
+
+def __getattr__(name: str):
+    # the text layout moved to `report_format.py`; the old import path keeps working (imported lazily: that module
+    # reads reports through this one)
+    if name in _MOVED:
+        from . import report_format
+
+        return getattr(report_format, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -210,3 +210,13 @@ def test_push_refuses_incomplete_exports_and_missing_tokens(export, tmp_path, mo
     with pytest.raises(ValueError, match="hf auth login.*HF_TOKEN"):
         push_to_hub(export, "me/x", api=api)
     assert api.calls == []
+
+
+def test_names_moved_out_of_report_and_pruner_still_import_from_there():
+    from hf_prune import head_pruner, pruner, report, report_format
+
+    for name in ("format_report", "format_deployment", "deployment_table", "metric_rows", "cli_report"):
+        assert getattr(report, name) is getattr(report_format, name)
+    assert pruner.HeadMaskPruner is head_pruner.HeadMaskPruner
+    with pytest.raises(AttributeError, match="no attribute 'format_table'"):
+        _ = report.format_table
