@@ -4,6 +4,7 @@ it, measured on the full validation_matched split and timed on CPU.
     python benchmarks/accuracy_at_speed.py                     # the whole plan, resumable row by row
     python benchmarks/accuracy_at_speed.py --targets 2 --rows staged --steps 313
     python benchmarks/accuracy_at_speed.py --retime             # time every row's export again, all in one process
+    python benchmarks/accuracy_at_speed.py --targets 2 --paired fisher-latency-hidden fisher-latency-distill
     python benchmarks/accuracy_at_speed.py --table
 
 The teacher is the one `benchmarks/teacher_curve.py` chose (all-MiniLM-L6-v2 fine-tuned on the shared MNLI training
@@ -43,6 +44,8 @@ its speedups. `--retime` times the teacher and every row's export of this teache
 when, how, and the speedups of the row's own run kept as `speedup_b1_at_run` / `speedup_b32_at_run`). Rows of
 identical shapes (a naive row and the row it took its shapes from) do the same computation, so the spread of their
 speedups in that one process is the timing noise; it is recorded as `retime_noise` and printed under the table.
+`--paired A B` evaluates two rows' exports again on validation_matched (checking each accuracy against its run) and
+records McNemar's exact test on the pairs they disagree on, with a 95% interval of the accuracy difference (`paired`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -57,10 +61,11 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DataCollatorWithPadding
 
 from hf_prune import save_pruned, structure
 from hf_prune.costs import unit_costs
-from hf_prune.data import load_tokenizer
+from hf_prune.data import load_tokenizer, read_local_file, tokenize_splits
 from hf_prune.metrics_cache import model_digest
 from hf_prune.persistence import load_pruned
 from hf_prune.recipe import enable_progress_logging, run_recipe
@@ -192,6 +197,10 @@ def main() -> None:
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--retime", action="store_true", help="Time every row's export again in one process.")
     parser.add_argument("--repeats", type=int, default=20, help="Timed runs per model and batch size (--retime).")
+    parser.add_argument(
+        "--paired", nargs=2, metavar=("ROW_A", "ROW_B"), default=None,
+        help="Compare two rows' exports at the first --targets on the same pairs: McNemar's exact test.",
+    )  # fmt: skip
     args = parser.parse_args()
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
@@ -209,6 +218,10 @@ def main() -> None:
     teacher = load_pruned(teacher_dir).eval()
     tag = f"teacher-{model_digest(teacher)[:8]}"  # rows of different teachers never share a run folder or a key
     data, out = Path(args.data_dir), Path(args.output_dir).absolute()
+    if args.paired:
+        paired(results, results_path, out, tag, data, args.paired, (args.targets or [2.0])[0], args.steps)
+        print(markdown_table(results))
+        return
     if args.retime:
         retime(results, results_path, teacher, out, tag, args.repeats)
         print(markdown_table(results))
@@ -327,6 +340,68 @@ def same_shape_spread(forms: dict, timed: dict, when: str) -> dict:
     return {"at": when, "groups": [sorted(keys) for keys in shared], "largest_relative_spread": spread}
 
 
+def mcnemar(correct_a: torch.Tensor, correct_b: torch.Tensor) -> dict:
+    """McNemar's exact test of two classifiers on the same examples (boolean tensors: each one right or not).
+
+    Only the pairs where they disagree count: under the null hypothesis each of those is won by either side with
+    probability 1/2, so the two-sided p-value is twice the binomial tail of the smaller count. The accuracy difference
+    comes with a 95% interval from the paired per-example differences (normal approximation).
+    """
+    a_only, b_only = int((correct_a & ~correct_b).sum()), int((~correct_a & correct_b).sum())
+    n, k = a_only + b_only, min(a_only, b_only)
+    tail = sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)) for i in
+               range(k + 1)) if n else 1.0  # fmt: skip
+    diff = correct_a.float() - correct_b.float()
+    half = 1.96 * float(diff.std()) / math.sqrt(diff.numel())
+    return {
+        "examples": diff.numel(), "a_only_right": a_only, "b_only_right": b_only, "p_value": min(1.0, 2 * tail),
+        "accuracy_difference": float(diff.mean()), "ci95": [float(diff.mean()) - half, float(diff.mean()) + half],
+    }  # fmt: skip
+
+
+@torch.inference_mode()
+def correct_on(model, dataset, collator, batch_size: int = 128) -> torch.Tensor:
+    """Per example of `dataset` (in its order), whether `model` predicts its label."""
+    model.eval()
+    right = torch.zeros(len(dataset), dtype=torch.bool)
+    for start in range(0, len(dataset), batch_size):
+        rows = list(range(start, min(start + batch_size, len(dataset))))
+        batch = collator([dataset[i] for i in rows])
+        labels = batch.pop("labels")
+        right[rows] = model(**batch).logits.argmax(-1) == labels
+    return right
+
+
+def paired(results: dict, results_path: Path, out: Path, tag: str, data: Path, rows: list, target: float, steps: int):
+    """Evaluates two rows' exports on validation_matched, compares them pair by pair and records the test."""
+    keys = [f"{tag}/{target:g}x/{row}/{steps}" for row in rows]
+    missing = [key for key in keys if key not in results["rows"]]
+    if missing:
+        raise SystemExit(f"No result for {', '.join(missing)}: run those rows first (naive rows as naive-b-as-ROW).")
+    exports = [out / tag / f"{target:g}x" / f"{row}-{steps}" / "final" for row in rows]
+    tokenizer = load_tokenizer(str(exports[0]))
+    raw = {"validation_matched": read_local_file(data / "validation_matched.jsonl")}
+    dataset = tokenize_splits(raw, tokenizer, 128)["validation_matched"]
+    collator = DataCollatorWithPadding(tokenizer)
+    right = [correct_on(load_pruned(export), dataset, collator) for export in exports]
+    for key, r in zip(keys, right):  # the same accuracy as the row's own evaluate stage, or the pairs differ
+        if abs(float(r.float().mean()) - results["rows"][key]["accuracy"]) > 1e-3:
+            raise SystemExit(f"{key}: {float(r.float().mean()):.4f} here, {results['rows'][key]['accuracy']:.4f} run.")
+    test = mcnemar(*right)
+    on_disk = json.loads(results_path.read_text())
+    on_disk.setdefault("paired", {})[f"{tag}/{target:g}x/{rows[0]}~{rows[1]}/{steps}"] = {
+        "a": keys[0],
+        "b": keys[1],
+        "split": "validation_matched",
+        "test": "McNemar exact, two-sided",
+        **test,
+    }
+    tmp = results_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(on_disk, indent=2) + "\n")
+    os.replace(tmp, results_path)
+    results.update(on_disk)
+
+
 def publish_card(export: Path, card_dir: Path) -> None:
     """Copies an export's model card, head map and report (not its weights) to `card_dir`, replacing it whole."""
     tmp = card_dir.with_name(card_dir.name + ".tmp")
@@ -349,6 +424,12 @@ def markdown_table(results: dict) -> str:
         lines.append(
             f"| {r['target_speedup']:g}x | {r['row']} | {r['steps']} | {100 * r['accuracy']:.2f} ({delta:+.2f}) | "
             f"{r['flops_ratio']:.2f}x | {r['speedup_b1']:.2f}x / {r['speedup_b32']:.2f}x | {r['heads']} | {r['ffn']} |"
+        )
+    for name, test in (results.get("paired") or {}).items():
+        lines.append(
+            f"\n{name}: {100 * test['accuracy_difference']:+.2f} points (95% CI {100 * test['ci95'][0]:+.2f} to "
+            f"{100 * test['ci95'][1]:+.2f}), {test['a_only_right']} / {test['b_only_right']} pairs right by one "
+            f"only, McNemar p = {test['p_value']:.3g}"
         )
     noise = results.get("retime_noise")
     if noise and noise["groups"]:
