@@ -66,6 +66,7 @@ from transformers import DataCollatorWithPadding
 from hf_prune import save_pruned, structure
 from hf_prune.costs import unit_costs
 from hf_prune.data import load_tokenizer, read_local_file, tokenize_splits
+from hf_prune.deploy import dataset_predictions
 from hf_prune.metrics_cache import model_digest
 from hf_prune.persistence import load_pruned
 from hf_prune.recipe import enable_progress_logging, run_recipe
@@ -359,19 +360,6 @@ def mcnemar(correct_a: torch.Tensor, correct_b: torch.Tensor) -> dict:
     }  # fmt: skip
 
 
-@torch.inference_mode()
-def correct_on(model, dataset, collator, batch_size: int = 128) -> torch.Tensor:
-    """Per example of `dataset` (in its order), whether `model` predicts its label."""
-    model.eval()
-    right = torch.zeros(len(dataset), dtype=torch.bool)
-    for start in range(0, len(dataset), batch_size):
-        rows = list(range(start, min(start + batch_size, len(dataset))))
-        batch = collator([dataset[i] for i in rows])
-        labels = batch.pop("labels")
-        right[rows] = model(**batch).logits.argmax(-1) == labels
-    return right
-
-
 def paired(results: dict, results_path: Path, out: Path, tag: str, data: Path, rows: list, target: float, steps: int):
     """Evaluates two rows' exports on validation_matched, compares them pair by pair and records the test."""
     keys = [f"{tag}/{target:g}x/{row}/{steps}" for row in rows]
@@ -383,7 +371,10 @@ def paired(results: dict, results_path: Path, out: Path, tag: str, data: Path, r
     raw = {"validation_matched": read_local_file(data / "validation_matched.jsonl")}
     dataset = tokenize_splits(raw, tokenizer, 128)["validation_matched"]
     collator = DataCollatorWithPadding(tokenizer)
-    right = [correct_on(load_pruned(export), dataset, collator) for export in exports]
+    right = []
+    for export in exports:  # both in the same (length-sorted) order: the predictions stay paired
+        predictions, references = dataset_predictions(load_pruned(export), dataset, collator, batch_size=128)
+        right.append(torch.tensor(predictions) == torch.tensor(references))
     for key, r in zip(keys, right):  # the same accuracy as the row's own evaluate stage, or the pairs differ
         if abs(float(r.float().mean()) - results["rows"][key]["accuracy"]) > 1e-3:
             raise SystemExit(f"{key}: {float(r.float().mean()):.4f} here, {results['rows'][key]['accuracy']:.4f} run.")

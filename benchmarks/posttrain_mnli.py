@@ -34,6 +34,7 @@ from transformers import DataCollatorWithPadding
 
 from hf_prune import prune_ffn_neurons, prune_heads, prune_to_speedup, structure
 from hf_prune.data import load_tokenizer, read_local_file, read_train_files, tokenize_splits
+from hf_prune.deploy import dataset_metric
 from hf_prune.persistence import load_pruned
 from hf_prune.recipe import enable_progress_logging, run_recipe
 from hf_prune.report import build_report
@@ -65,18 +66,6 @@ def teacher_recipe(data: Path, epochs: float) -> dict:
         # a whole number of epochs as an int, so the recipe (and its hash) reads as a hand-written one would
         "stages": [{"stage": "finetune", "args": {"num_train_epochs": int(epochs) if epochs % 1 == 0 else epochs}}],
     }
-
-
-@torch.inference_mode()
-def accuracy(model, dataset, collator, batch_size: int = 128) -> float:
-    model.eval()
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
-    correct = 0
-    for start in range(0, len(order), batch_size):
-        batch = collator([dataset[i] for i in order[start : start + batch_size]])
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(dataset)
 
 
 @torch.no_grad()
@@ -150,7 +139,7 @@ def main() -> None:
         os.replace(tmp, results_path)
 
     if "dense_accuracy" not in results:
-        results["dense_accuracy"] = accuracy(teacher, splits["validation_matched"], collator)
+        results["dense_accuracy"] = dataset_metric(teacher, splits["validation_matched"], collator, batch_size=128)
         save()
     for target in args.targets:
         shapes = None
@@ -172,7 +161,7 @@ def main() -> None:
                 )  # fmt: skip
             wall = time.perf_counter() - start
             shapes = shapes or {"heads": structure.num_heads(pruned), "ffn": structure.ffn_size(pruned)}
-            acc = accuracy(pruned, splits["validation_matched"], collator)
+            acc = dataset_metric(pruned, splits["validation_matched"], collator, batch_size=128)
             report = build_report(teacher, pruned, seq_len=128, batch_sizes=(1, 32), repeats=args.repeats)
             rows[key] = {
                 "target_speedup": target,

@@ -44,6 +44,7 @@ __all__ = [
     "quantized_ops",
     "OnnxRuntimeModel",
     "read_export_info",
+    "dataset_predictions",
     "dataset_metric",
     "split_evaluator",
     "deployment_rows",
@@ -55,18 +56,23 @@ __all__ = [
 
 
 @torch.inference_mode()
-def dataset_metric(model, dataset, collator, batch_size: int = 64, task=None) -> float:
-    """The task's main metric (accuracy without a task) of a model, PyTorch or [`OnnxRuntimeModel`] alike, on a
-    tokenized dataset with `labels`.
+def dataset_predictions(model, dataset, collator, batch_size: int = 64, task=None) -> tuple[list, list]:
+    """Predictions and references of a model, PyTorch or [`OnnxRuntimeModel`] alike, on a tokenized dataset with
+    `labels`.
 
-    Batches are formed from examples of similar length (less padding); the result does not depend on the order.
+    Batches are formed from examples of similar length (less padding), so both lists follow the dataset's examples
+    sorted by length: the same order for every model on the same dataset, which keeps two models' predictions paired.
 
     Args:
         model: called as `model(**batch).logits`.
         dataset: tokenized examples with `labels`.
         collator: pads a list of examples into a batch (e.g. `DataCollatorWithPadding`).
         batch_size: examples per forward pass.
-        task: a `TaskSpec` (see `hf_prune.tasks`): its main metric, computed as the Trainer's evaluation does.
+        task: a `TaskSpec` (see `hf_prune.tasks`): predictions decoded as the Trainer's evaluation does (label ids,
+            regression values, or tag sequences); without one, the argmax of the logits.
+
+    Returns:
+        `(predictions, references)`, one entry per example.
     """
     model.eval()
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
@@ -84,6 +90,21 @@ def dataset_metric(model, dataset, collator, batch_size: int = 64, task=None) ->
             decoded = decode_predictions(task, logits.numpy(), labels.numpy())
             predictions += decoded[0]
             references += decoded[1]
+    return predictions, references
+
+
+def dataset_metric(model, dataset, collator, batch_size: int = 64, task=None) -> float:
+    """The task's main metric (accuracy without a task) of a model on a tokenized dataset with `labels` (see
+    [`dataset_predictions`]); the result does not depend on the order.
+
+    Args:
+        model: called as `model(**batch).logits`.
+        dataset: tokenized examples with `labels`.
+        collator: pads a list of examples into a batch (e.g. `DataCollatorWithPadding`).
+        batch_size: examples per forward pass.
+        task: a `TaskSpec` (see `hf_prune.tasks`): its main metric, computed as the Trainer's evaluation does.
+    """
+    predictions, references = dataset_predictions(model, dataset, collator, batch_size, task)
     if task is None:
         return sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)
     from .metrics import task_scores
