@@ -63,14 +63,15 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorWithPadding
 
-from hf_prune import save_pruned, structure
-from hf_prune.costs import unit_costs
-from hf_prune.data import load_tokenizer, read_local_file, tokenize_splits
-from hf_prune.deploy import dataset_predictions
-from hf_prune.metrics_cache import model_digest
-from hf_prune.persistence import load_pruned
-from hf_prune.recipe import enable_progress_logging, run_recipe
-from hf_prune.report import time_forms
+from hf_prune import save_pruned
+from hf_prune.export.deploy import dataset_predictions
+from hf_prune.export.persistence import load_pruned
+from hf_prune.export.report import time_forms
+from hf_prune.models import structure
+from hf_prune.models.costs import unit_costs
+from hf_prune.pipeline.data import load_tokenizer, read_local_file, tokenize_splits
+from hf_prune.pipeline.metrics_cache import model_digest
+from hf_prune.pipeline.recipe import enable_progress_logging, run_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -30,10 +30,10 @@ import transformers
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_prune import export_onnx, load_pruned
-from hf_prune.data import read_local_file, tokenize_splits
-from hf_prune.deploy import deployment_rows, read_export_info, split_evaluator, write_deployment
-from hf_prune.metrics_cache import model_digest
-from hf_prune.recipe import enable_progress_logging
+from hf_prune.export.deploy import deployment_rows, read_export_info, split_evaluator, write_deployment
+from hf_prune.pipeline.data import read_local_file, tokenize_splits
+from hf_prune.pipeline.metrics_cache import model_digest
+from hf_prune.pipeline.recipe import enable_progress_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "mnli"

@@ -32,13 +32,14 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorWithPadding
 
-from hf_prune import prune_ffn_neurons, prune_heads, prune_to_speedup, structure
-from hf_prune.data import load_tokenizer, read_local_file, read_train_files, tokenize_splits
-from hf_prune.deploy import dataset_metric
-from hf_prune.persistence import load_pruned
-from hf_prune.recipe import enable_progress_logging, run_recipe
-from hf_prune.report import build_report
-from hf_prune.scores import neuron_group_magnitude
+from hf_prune import prune_ffn_neurons, prune_heads, prune_to_speedup
+from hf_prune.export.deploy import dataset_metric
+from hf_prune.export.persistence import load_pruned
+from hf_prune.export.report import build_report
+from hf_prune.models import structure
+from hf_prune.pipeline.data import load_tokenizer, read_local_file, read_train_files, tokenize_splits
+from hf_prune.pipeline.recipe import enable_progress_logging, run_recipe
+from hf_prune.pruning.scores import neuron_group_magnitude
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "mnli"

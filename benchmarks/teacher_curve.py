@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 from hf_prune import save_pruned
-from hf_prune.data import load_tokenizer
-from hf_prune.persistence import load_pruned
-from hf_prune.recipe import enable_progress_logging, run_recipe
+from hf_prune.export.persistence import load_pruned
+from hf_prune.pipeline.data import load_tokenizer
+from hf_prune.pipeline.recipe import enable_progress_logging, run_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

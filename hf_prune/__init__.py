@@ -1,9 +1,13 @@
 """hf_prune: structured pruning of Transformers as a drop-in part of the Hugging Face training stack."""
 
-from . import structure
+from . import _deprecated
 from .config import PruningArguments
 from .distill import distillation_loss
-from .surgery import prune_ffn_neurons, prune_heads
+from .export.deploy import export_onnx, quantize_onnx
+from .export.persistence import load_pruned, save_pruned
+from .models import structure
+from .models.surgery import prune_ffn_neurons, prune_heads
+from .posttrain.search import prune_to_speedup
 from .trainer import PruningTrainer
 
 __version__ = "0.1.0"
@@ -14,12 +18,13 @@ __all__ = [
     "distillation_loss",
     "prune_ffn_neurons",
     "prune_heads",
+    "prune_to_speedup",
+    "save_pruned",
+    "load_pruned",
+    "export_onnx",
+    "quantize_onnx",
     "structure",
     "__version__",
 ]
 
-from .deploy import export_onnx, quantize_onnx  # noqa: E402
-from .persistence import load_pruned, save_pruned  # noqa: E402
-from .posttrain import prune_to_speedup  # noqa: E402
-
-__all__ += ["load_pruned", "save_pruned", "prune_to_speedup", "export_onnx", "quantize_onnx"]
+_deprecated.install()

@@ -100,23 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            from .recipe import cli_run
+            from .pipeline.recipe import cli_run
 
             return cli_run(args)
         if args.command == "compress":
-            from .recipe import cli_compress
+            from .pipeline.recipe import cli_compress
 
             return cli_compress(args)
         if args.command == "report":
-            from .report_format import cli_report
+            from .export.report_format import cli_report
 
             return cli_report(args)
         if args.command == "onnx":
-            from .deploy import cli_onnx
+            from .export.deploy import cli_onnx
 
             return cli_onnx(args)
         if args.command == "push":
-            from .card import cli_push
+            from .export.card import cli_push
 
             return cli_push(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:

@@ -207,7 +207,7 @@ class PruningArguments(TrainingArguments):
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
-        from .selection import parse_entries
+        from .pruning.selection import parse_entries
 
         self.pruning_targets = parse_entries(self.pruning_targets, "pruning_targets")
         self.pruning_exclude = parse_entries(self.pruning_exclude, "pruning_exclude")

@@ -19,13 +19,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from . import structure
 from .config import PruningArguments, multi_process_launch
 from .distill import distillation_loss, freeze_teacher
-from .persistence import load_teacher
-from .pruner import build_pruner
-from .scores import gradients_usable
-from .surgery import prune_ffn_neurons, prune_heads
+from .export.persistence import load_teacher
+from .models import structure
+from .models.surgery import prune_ffn_neurons, prune_heads
+from .pruning.pruners import build_pruner
+from .pruning.scores import gradients_usable
 
 logger = logging.get_logger(__name__)
 

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, prog: str, first: list[str] | None = None) -> 
     Returns:
         The exit status: 0, or 2 when the recipe, its data or its models are refused before training.
     """
-    from hf_prune.recipe import enable_progress_logging, format_summary, run_recipe
+    from hf_prune.pipeline.recipe import enable_progress_logging, format_summary, run_recipe
 
     enable_progress_logging()
     try:

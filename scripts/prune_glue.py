@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared driver be
 
 from _driver import REPO, build_parser, run  # noqa: E402
 
-from hf_prune.tasks import GLUE_TASKS  # noqa: E402
+from hf_prune.pipeline.tasks import GLUE_TASKS  # noqa: E402
 
 
 def glue_task(name: str) -> str:

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from utils import tiny_config  # noqa: E402
 
-from hf_prune.data import build_wordlevel_tokenizer, make_demo_data  # noqa: E402
+from hf_prune.pipeline.data import build_wordlevel_tokenizer, make_demo_data  # noqa: E402
 
 
 def make_tiny_assets(root: Path) -> dict[str, Path]:
@@ -111,7 +111,7 @@ def run_on_two_processes(recipe: dict, folder: Path, port: int) -> list[dict]:
 
 
 def model_shapes(model) -> dict:
-    from hf_prune import structure
+    from hf_prune.models import structure
 
     return {"heads": structure.num_heads(model), "ffn": structure.ffn_size(model)}
 
@@ -121,7 +121,7 @@ def zeroed_units(model) -> dict:
     the masks as the weights carry them, read without the pruner."""
     import torch
 
-    from hf_prune import structure
+    from hf_prune.models import structure
 
     spec, size, units = structure.get_spec(model), structure.head_size(model), {}
     for i, layer in enumerate(structure.get_layers(model)):
@@ -155,8 +155,8 @@ class StepRecorder(TrainerCallback):
 
 
 def main(recipe_path: str, out_json: str) -> None:
-    from hf_prune import stages
-    from hf_prune.recipe import run_recipe
+    from hf_prune.pipeline import stages
+    from hf_prune.pipeline.recipe import run_recipe
 
     calls = []
     prune_to_speedup = stages.prune_to_speedup

@@ -10,12 +10,13 @@ import torch
 from recipe_run import make_tiny_assets, tiny_recipe
 from utils import batch, tiny_model
 
-from hf_prune import export_onnx, load_pruned, onnx_export, prune_ffn_neurons, prune_heads, quantize_onnx, save_pruned
+from hf_prune import export_onnx, load_pruned, prune_ffn_neurons, prune_heads, quantize_onnx, save_pruned
 from hf_prune.cli import main
-from hf_prune.deploy import OnnxRuntimeModel, deployment_rows, quantized_ops, read_export_info
-from hf_prune.recipe import format_summary, run_recipe
-from hf_prune.recipe_schema import load_recipe
-from hf_prune.report_format import format_report
+from hf_prune.export import onnx as onnx_export
+from hf_prune.export.deploy import OnnxRuntimeModel, deployment_rows, quantized_ops, read_export_info
+from hf_prune.export.report_format import format_report
+from hf_prune.pipeline.recipe import format_summary, run_recipe
+from hf_prune.pipeline.schema import load_recipe
 
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra"]
 HEADS = {0: [1, 3], 1: [0, 1, 2, 3], 2: [2]}  # layer 1 keeps no head
@@ -203,7 +204,9 @@ def test_missing_extra_names_the_install_command(tmp_path, monkeypatch, capsys):
     assert 'pip install "hf-prune[onnx]"' in capsys.readouterr().err
     assert not (folder / "onnx").exists()
     # the package and this module import without onnx and onnxruntime
-    code = "import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; import hf_prune, hf_prune.deploy"
+    code = (
+        "import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; import hf_prune, hf_prune.export.deploy"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0
 
 

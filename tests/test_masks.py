@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_prune.masks import (
+from hf_prune.pruning.masks import (
     Schedule,
     check_block_shape,
     cubic_sparsity,

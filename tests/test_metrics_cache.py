@@ -11,10 +11,10 @@ from recipe_run import make_tiny_assets, tiny_recipe
 from utils import tiny_model
 
 from hf_prune import load_pruned, save_pruned
-from hf_prune import stage_outputs as stages_module
-from hf_prune.files import EVAL_CACHE_NAME
-from hf_prune.metrics_cache import MetricsCache, dataset_digest, model_digest
-from hf_prune.recipe import read_state, run_recipe
+from hf_prune.export.files import EVAL_CACHE_NAME
+from hf_prune.pipeline import stage_outputs as stages_module
+from hf_prune.pipeline.metrics_cache import MetricsCache, dataset_digest, model_digest
+from hf_prune.pipeline.recipe import read_state, run_recipe
 
 
 def test_model_digest_follows_the_weights():

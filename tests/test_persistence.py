@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from utils import VOCAB, WITHOUT_HF_PRUNE, batch, tiny_config, tiny_model
 
 import hf_prune
-from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, save_pruned, structure
-from hf_prune.persistence import export_files
+from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, save_pruned
+from hf_prune.export.persistence import export_files
+from hf_prune.models import structure
 
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra"]
 HEADS = {0: [1, 3], 1: [0, 1, 2, 3], 2: [2]}
@@ -210,7 +211,9 @@ def test_overwrite_protection(tmp_path):
         save_pruned(replacement, tmp_path / "file", overwrite=True)
 
 
-@pytest.mark.parametrize("where", ["hf_prune.card.make_model_card", "hf_prune.persistence._swap_into_place"])
+@pytest.mark.parametrize(
+    "where", ["hf_prune.export.card.make_model_card", "hf_prune.export.persistence._swap_into_place"]
+)
 def test_interrupted_export_keeps_previous_folder(tmp_path, monkeypatch, where):
     target = tmp_path / "export"
     first = pruned_model(seed=0)

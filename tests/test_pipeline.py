@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from hf_prune import load_pruned
 from hf_prune.cli import main as cli_main
-from hf_prune.recipe import STATE_NAME, read_state, run_recipe
+from hf_prune.pipeline.recipe import STATE_NAME, read_state, run_recipe
 
 
 class Interrupted(Exception):
@@ -212,8 +212,8 @@ def test_two_processes_keep_the_same_masks_and_weights_at_every_step(assets, tmp
 def test_masked_head_fractions_read_the_zeroed_weights(assets):
     from transformers import AutoModelForSequenceClassification
 
-    from hf_prune import structure
-    from hf_prune.stages import masked_head_fractions
+    from hf_prune.models import structure
+    from hf_prune.pipeline.stages import masked_head_fractions
 
     model = AutoModelForSequenceClassification.from_pretrained(assets["model"])
     size = structure.head_size(model)

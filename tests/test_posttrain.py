@@ -5,8 +5,15 @@ import torch
 from utils import VOCAB, TinyDataset, tiny_model
 
 from hf_prune import PruningArguments, load_pruned, prune_ffn_neurons, prune_heads, prune_to_speedup, save_pruned
-from hf_prune.costs import allocate_units, count_flops, speedup_budget, unit_costs
-from hf_prune.posttrain import _layer_units, _pad_collate, _unit_masks, mask_fisher, mask_gradients, rearrange_layer
+from hf_prune.models.costs import allocate_units, count_flops, speedup_budget, unit_costs
+from hf_prune.posttrain.search import (
+    _layer_units,
+    _pad_collate,
+    _unit_masks,
+    mask_fisher,
+    mask_gradients,
+    rearrange_layer,
+)
 
 SEQ = 16
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra"]
@@ -169,7 +176,7 @@ def _kept_neuron_ids(dense, pruned, layer):
 
 
 def _ffn_in(model, layer):
-    from hf_prune import structure
+    from hf_prune.models import structure
 
     return structure.get_module(structure.get_layers(model)[layer], structure.get_spec(model).ffn_in)
 
@@ -219,7 +226,7 @@ def test_vocab_of_the_ragged_rows_fits_the_model():
 
 
 def test_latency_cost_model_measures_units_and_reaches_its_predicted_speedup():
-    from hf_prune.costs import measured_unit_costs
+    from hf_prune.models.costs import measured_unit_costs
 
     # big enough that the units' matmuls, not Python's per-module overhead, dominate the time
     model, seq = _model(hidden_size=128, intermediate_size=512, num_hidden_layers=2), 64
@@ -238,7 +245,7 @@ def test_latency_cost_model_measures_units_and_reaches_its_predicted_speedup():
 
 
 def test_calibration_searches_again_until_the_measured_speedup_reaches_the_target(monkeypatch):
-    import hf_prune.posttrain as posttrain
+    import hf_prune.posttrain.search as posttrain
 
     model = _model()
     dense_flops = count_flops(model, SEQ)
@@ -274,7 +281,7 @@ def test_calibration_searches_again_until_the_measured_speedup_reaches_the_targe
 
 
 def test_calibration_does_not_follow_timings_far_from_the_cost_model(monkeypatch, caplog):
-    import hf_prune.posttrain as posttrain
+    import hf_prune.posttrain.search as posttrain
 
     model = _model()
     dense_flops = count_flops(model, SEQ)
@@ -288,7 +295,7 @@ def test_calibration_does_not_follow_timings_far_from_the_cost_model(monkeypatch
 
 
 def test_calibration_keeps_the_slowest_shapes_that_reach_the_target_else_the_fastest():
-    from hf_prune.posttrain import _choose
+    from hf_prune.posttrain.search import _choose
 
     timed = [{"measured_speedup": m} for m in (1.8, 2.3, 2.05, 1.95)]
     assert _choose(timed, 2.0)["measured_speedup"] == 2.05
@@ -296,7 +303,7 @@ def test_calibration_keeps_the_slowest_shapes_that_reach_the_target_else_the_fas
 
 
 def test_measured_speedup_times_the_real_models():
-    from hf_prune.posttrain import measured_speedup
+    from hf_prune.posttrain.search import measured_speedup
 
     model = _model(num_hidden_layers=2)
     pruned = _model(num_hidden_layers=2)

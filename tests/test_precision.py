@@ -6,8 +6,8 @@ import torch
 from utils import TinyDataset, tiny_model, train_args
 
 from hf_prune import PruningTrainer
-from hf_prune.masks import global_topk_masks
-from hf_prune.scores import gradients_usable
+from hf_prune.pruning.masks import global_topk_masks
+from hf_prune.pruning.scores import gradients_usable
 
 PRUNERS = {
     "block-movement": dict(pruning_method="movement", target_sparsity=0.5),

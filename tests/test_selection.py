@@ -184,7 +184,7 @@ def test_bad_entries_in_arguments(tmp_path, kwargs, match):
 
 
 def test_target_entries_in_recipe_stages(tmp_path):
-    from hf_prune.recipe_schema import check_recipe, load_recipe
+    from hf_prune.pipeline.schema import check_recipe, load_recipe
 
     text = """
 model: builtin:tiny-bert

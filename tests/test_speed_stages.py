@@ -9,9 +9,9 @@ from utils import TinyDataset, tiny_model, train_args
 
 from hf_prune import PruningTrainer, load_pruned
 from hf_prune.cli import main as cli_main
-from hf_prune.costs import count_flops
-from hf_prune.recipe import read_state, run_recipe
-from hf_prune.recipe_schema import load_recipe
+from hf_prune.models.costs import count_flops
+from hf_prune.pipeline.recipe import read_state, run_recipe
+from hf_prune.pipeline.schema import load_recipe
 
 
 @pytest.fixture(scope="module")

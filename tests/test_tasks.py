@@ -18,11 +18,19 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from transformers import AutoModelForTokenClassification, BertModel, EvalPrediction
 from utils import WITHOUT_HF_PRUNE, tiny_config
 
-import hf_prune.metrics as metrics_module
+import hf_prune.pipeline.metrics as metrics_module
 from hf_prune import distillation_loss, load_pruned, prune_ffn_neurons, prune_heads, save_pruned
 from hf_prune.cli import main as cli_main
-from hf_prune.data import build_wordlevel_tokenizer, demo_vocabulary, load_task, make_demo_data, tokenize_splits
-from hf_prune.metrics import (
+from hf_prune.export.report import build_report
+from hf_prune.export.report_format import format_report
+from hf_prune.pipeline.data import (
+    build_wordlevel_tokenizer,
+    demo_vocabulary,
+    load_task,
+    make_demo_data,
+    tokenize_splits,
+)
+from hf_prune.pipeline.metrics import (
     accuracy,
     build_compute_metrics,
     entity_scores,
@@ -32,11 +40,9 @@ from hf_prune.metrics import (
     pearson,
     spearman,
 )
-from hf_prune.recipe import read_state, run_recipe
-from hf_prune.recipe_schema import load_recipe
-from hf_prune.report import build_report
-from hf_prune.report_format import format_report
-from hf_prune.tasks import GLUE_TASKS, parse_task
+from hf_prune.pipeline.recipe import read_state, run_recipe
+from hf_prune.pipeline.schema import load_recipe
+from hf_prune.pipeline.tasks import GLUE_TASKS, parse_task
 
 REPO = Path(__file__).resolve().parent.parent
 ANIMALS = ("cat", "dog", "fox", "owl", "bear", "wolf")
@@ -228,10 +234,10 @@ def test_prune_glue_script_runs_the_glue_recipe_on_the_task(monkeypatch, tmp_pat
         import prune_glue
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    import hf_prune.recipe
+    import hf_prune.pipeline.recipe
 
     calls = []
-    monkeypatch.setattr(hf_prune.recipe, "run_recipe", lambda *a, **k: calls.append((a, k)) or _NoResult())
+    monkeypatch.setattr(hf_prune.pipeline.recipe, "run_recipe", lambda *a, **k: calls.append((a, k)) or _NoResult())
     monkeypatch.chdir(tmp_path)
     assert prune_glue.main(["--task", "glue/STSB", "--train-file", "t.tsv", "--set", "seed=1"]) == 0
     ((args, kwargs),) = calls

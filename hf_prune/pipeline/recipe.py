@@ -36,7 +36,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from .data import load_task, tokenize_splits
-from .recipe_schema import (
+from .schema import (
     UNHASHED_KEYS,
     Recipe,
     apply_overrides,
@@ -249,7 +249,7 @@ def run_recipe(
     export_dir = out / exports[-1]["summary"]["export_dir"] if exports else None
     report = None
     if is_main and export_dir is not None:
-        from .report import load_report
+        from ..export.report import load_report
 
         report = load_report(export_dir)
     return RunResult(out, state, model, report, export_dir, is_main, ran)
@@ -310,7 +310,7 @@ def format_summary(result: RunResult) -> str:
     total = sum(r["wall_time_s"] for r in result.state["finished"])
     lines.append(f"total stage time: {total:.1f} s")
     if result.report is not None:
-        from .report_format import format_report
+        from ..export.report_format import format_report
 
         lines += ["", format_report(result.report), "", f"Exported model: {result.export_dir}"]
     return "\n".join(lines)

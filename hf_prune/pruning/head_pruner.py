@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from . import structure
+from ..models import structure
 from .masks import Schedule
-from .pruner import _ScheduledPruner, _unit_masks
+from .pruners import _ScheduledPruner, _unit_masks
 from .scores import MovementScorer, magnitude_score
 
 __all__ = ["HeadMaskPruner"]

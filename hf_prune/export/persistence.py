@@ -35,8 +35,11 @@ from transformers.modeling_utils import unwrap_model
 from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
+from ..models import structure
+from ..models.bert import modeling_hf_prune as modeling_pruned
+from ..models.bert.modeling_hf_prune import PrunedModelMixin
+from ..models.surgery import record_shapes
 from . import card as cards
-from . import modeling_pruned, structure
 from .files import (
     CARD_NAME,
     CONFIG_NAME,
@@ -47,9 +50,7 @@ from .files import (
     WEIGHTS_NAME,
     export_files,
 )
-from .modeling_pruned import PrunedModelMixin
 from .report import REPORT_NAME
-from .surgery import record_shapes
 
 logger = logging.get_logger(__name__)
 

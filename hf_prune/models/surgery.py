@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import prune_linear_layer
 
 from . import structure
-from .modeling_pruned import FFN_KEY, HEADS_KEY, LAYOUT_KEY, PRUNED_HEADS_KEY, EmptySelfAttention, _set_module
+from .bert.modeling_hf_prune import FFN_KEY, HEADS_KEY, LAYOUT_KEY, PRUNED_HEADS_KEY, EmptySelfAttention, _set_module
 
 __all__ = ["prune_heads", "prune_ffn_neurons", "record_shapes", "original_heads_kept"]
 

@@ -19,20 +19,20 @@ import torch
 from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, set_seed
 from transformers.utils import logging
 
-from . import structure
-from .config import PruningArguments
-from .files import write_json_atomic
+from ..config import PruningArguments
+from ..export.files import write_json_atomic
+from ..export.persistence import load_pruned, load_teacher, save_pruned
+from ..models import structure
+from ..models.surgery import prune_heads
+from ..posttrain.search import prune_to_speedup
+from ..trainer import PRUNING_META_NAME, PruningTrainer
 from .metrics import build_compute_metrics
-from .persistence import load_pruned, load_teacher, save_pruned
-from .posttrain import prune_to_speedup
 from .sources import BASE_MODEL_KEY, base_model_name, load_start_model, load_tokenizer
 from .stage_outputs import (
     stage_evaluate,
     stage_export,
     stage_onnx,
 )
-from .surgery import prune_heads
-from .trainer import PRUNING_META_NAME, PruningTrainer
 
 logger = logging.get_logger(__name__)
 

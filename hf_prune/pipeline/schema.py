@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import PruningArguments
+from ..config import PruningArguments
 from .sources import check_model_source, looks_like_path
 from .stages import (
     CHECKPOINTS_SUBDIR,
@@ -226,7 +226,7 @@ def _check_prune_heads_order(stages: list[dict], i: int) -> None:
 
 
 def _check_onnx_options(entry: Mapping, options: dict, where: str) -> None:
-    from .onnx_export import MAX_OPSET, MIN_OPSET
+    from ..export.onnx import MAX_OPSET, MIN_OPSET
 
     value = lambda key: entry.get(key, options[key])  # noqa: E731
     for key in ("int8", "evaluate"):

@@ -37,7 +37,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 from transformers.utils import logging
 
-from .costs import dummy_inputs
+from ..models.costs import dummy_inputs
 from .files import (
     CONFIG_NAME,
     ONNX_DIR,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .files import EVAL_CACHE_NAME
+from ..export.files import EVAL_CACHE_NAME
 
 logger = logging.get_logger(__name__)
 

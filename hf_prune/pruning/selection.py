@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 from transformers.utils import logging
 
-from . import structure
+from ..models import structure
 
 logger = logging.get_logger(__name__)
 

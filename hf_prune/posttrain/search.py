@@ -26,10 +26,17 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from . import structure
-from .costs import allocate_units, dummy_inputs, measured_unit_costs, speedup_budget, time_interleaved, unit_costs
+from ..models import structure
+from ..models.costs import (
+    allocate_units,
+    dummy_inputs,
+    measured_unit_costs,
+    speedup_budget,
+    time_interleaved,
+    unit_costs,
+)
+from ..models.surgery import prune_ffn_neurons, prune_heads
 from .mask_tuning import tune_masks
-from .surgery import prune_ffn_neurons, prune_heads
 
 logger = logging.get_logger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from . import structure
+from ..models import structure
 from .masks import (
     Schedule,
     check_block_shape,
@@ -213,7 +213,7 @@ class BlockMaskPruner(_ScheduledPruner):
             `masked_weights`, `removable_weights` (in the heads `prune()` removes), `removable_share` and
             `expected_flops_ratio` (dense / after `prune()`, at `seq_len` tokens, or the model's longest input).
         """
-        from .costs import unit_costs
+        from ..models.costs import unit_costs
 
         heads = self.head_masks(model)
         masked = sum(int((~m).sum()) for m in self.element_masks())

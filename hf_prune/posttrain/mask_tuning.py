@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import structure
+from ..models import structure
 
 __all__ = ["least_squares_scales", "tune_masks"]
 

@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from . import card as cards
 from .files import CARD_NAME, FIGURE_NAME, ONNX_DIR, ONNX_INT8_NAME, ONNX_NAME, WEIGHTS_NAME, write_json_atomic
-from .onnx_export import (
+from .onnx import (
     INFO_VERSION,
     OnnxRuntimeModel,
     check_export,
@@ -85,7 +85,7 @@ def dataset_predictions(model, dataset, collator, batch_size: int = 64, task=Non
             predictions += logits.argmax(-1).tolist()
             references += labels.tolist()
         else:
-            from .metrics import decode_predictions
+            from ..pipeline.metrics import decode_predictions
 
             decoded = decode_predictions(task, logits.numpy(), labels.numpy())
             predictions += decoded[0]
@@ -107,7 +107,7 @@ def dataset_metric(model, dataset, collator, batch_size: int = 64, task=None) ->
     predictions, references = dataset_predictions(model, dataset, collator, batch_size, task)
     if task is None:
         return sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)
-    from .metrics import task_scores
+    from ..pipeline.metrics import task_scores
 
     return float(task_scores(task, predictions, references)[task.main_metric])
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, set_seed
 from transformers.utils import logging
 
+from ..models.bert.modeling_hf_prune import FFN_KEY, HEADS_KEY
 from .demo import builtin_source, demo_bert_config
 from .demo import load_tokenizer as data_load_tokenizer
-from .modeling_pruned import FFN_KEY, HEADS_KEY
 from .tasks import TaskSpec, parse_task
 
 logger = logging.get_logger(__name__)
@@ -84,7 +84,7 @@ def load_start_model(recipe, tokenizer, task: TaskSpec | None = None):
         return auto.from_config(demo_bert_config(tokenizer, task))
     if os.path.isdir(name) and _per_layer_shapes(name):
         # a pruned export: its per-layer shapes must be rebuilt before the weights load
-        from .persistence import load_pruned
+        from ..export.persistence import load_pruned
 
         return load_pruned(name)
     return auto.from_pretrained(name, **labels)

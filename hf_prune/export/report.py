@@ -32,9 +32,9 @@ import transformers
 from torch import nn
 from transformers.utils import logging
 
-from . import structure
-from .costs import count_flops, dummy_inputs, time_interleaved
-from .modeling_pruned import PRUNED_HEADS_KEY
+from ..models import structure
+from ..models.bert.modeling_hf_prune import PRUNED_HEADS_KEY
+from ..models.costs import count_flops, dummy_inputs, time_interleaved
 
 logger = logging.get_logger(__name__)
 

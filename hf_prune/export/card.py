@@ -13,11 +13,11 @@ from pathlib import Path
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 from transformers.utils import logging
 
-from . import structure
+from ..models import structure
+from ..models.surgery import original_heads_kept
 from .files import CARD_NAME, CONFIG_NAME, EVAL_CACHE_NAME, MODELING_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, export_files
 from .report import REPORT_NAME
 from .report_format import deployment_table, metric_rows
-from .surgery import original_heads_kept
 
 logger = logging.get_logger(__name__)
 

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from transformers.utils import logging
 
+from ..export.persistence import save_pruned
+from ..export.report import build_report
 from .metrics_cache import CACHE_NAME, MetricsCache, cache_key, dataset_digest, model_digest
-from .persistence import save_pruned
-from .report import build_report
 from .sources import base_model_name, load_start_model
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ def stage_export(ctx: StageContext) -> dict:
 def stage_onnx(ctx: StageContext) -> dict:
     """ONNX export (and int8 quantization) of an export stage's folder; every deployed form is then measured against
     the dense teacher and added to that folder's report and model card (see [`hf_prune.deploy`])."""
-    from . import deploy
+    from ..export import deploy
 
     opts, task = ctx.spec, ctx.task_spec()
     exported = [r["summary"]["export_dir"] for r in ctx.finished if r["stage"] == "export"]

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import structure
-from .costs import allocate_units, unit_costs
+from ..models import structure
+from ..models.costs import allocate_units, unit_costs
 from .masks import Schedule
-from .pruner import _ScheduledPruner
+from .pruners import _ScheduledPruner
 
 __all__ = ["UnitMaskPruner", "unit_mask_gradients"]
 
