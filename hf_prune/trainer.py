@@ -26,6 +26,7 @@ from .models import structure
 from .models.surgery import prune_ffn_neurons, prune_heads
 from .pruning.pruners import build_pruner
 from .pruning.scores import gradients_usable
+from .utils import temporary_path, write_json_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -212,14 +213,15 @@ class PruningTrainer(Trainer):
             "last_fraction": getattr(self.pruner, "last_fraction", None),
         }
         # each file written whole or not at all; the tensors last, since their presence marks a pruning state
-        meta_path = os.path.join(folder, PRUNING_META_NAME)
-        with open(meta_path + ".tmp", "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(meta_path + ".tmp", meta_path)
+        write_json_atomic(os.path.join(folder, PRUNING_META_NAME), meta)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.pruner.state_dict().items()}
         state_path = os.path.join(folder, PRUNING_STATE_NAME)
-        save_file(tensors, state_path + ".tmp")
-        os.replace(state_path + ".tmp", state_path)
+        tmp = temporary_path(state_path)
+        try:
+            save_file(tensors, str(tmp))
+            os.replace(tmp, state_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_pruning_state(self, folder: str) -> bool:
         """Restores the state written by `save_pruning_state`; returns False when `folder` holds none."""

@@ -212,7 +212,7 @@ def test_overwrite_protection(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "where", ["hf_prune.export.card.make_model_card", "hf_prune.export.persistence._swap_into_place"]
+    "where", ["hf_prune.export.card.make_model_card", "hf_prune.export.persistence.swap_into_place"]
 )
 def test_interrupted_export_keeps_previous_folder(tmp_path, monkeypatch, where):
     target = tmp_path / "export"

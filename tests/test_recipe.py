@@ -15,7 +15,8 @@ from hf_prune import PruningArguments
 from hf_prune.pipeline.data import build_compute_metrics, load_task_data, make_demo_data, read_local_file
 from hf_prune.pipeline.recipe import STATE_NAME, run_recipe
 from hf_prune.pipeline.schema import apply_overrides, argument_names, check_recipe, load_recipe, packaged_recipe
-from hf_prune.pipeline.stages import STAGE_TYPES, write_json_atomic
+from hf_prune.pipeline.stages import STAGE_TYPES
+from hf_prune.utils import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,8 +21,9 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.utils import logging
 
+from ..utils import write_json_atomic
 from . import card as cards
-from .files import CARD_NAME, FIGURE_NAME, ONNX_DIR, ONNX_INT8_NAME, ONNX_NAME, WEIGHTS_NAME, write_json_atomic
+from .files import CARD_NAME, FIGURE_NAME, ONNX_DIR, ONNX_INT8_NAME, ONNX_NAME, WEIGHTS_NAME
 from .onnx import (
     INFO_VERSION,
     OnnxRuntimeModel,

@@ -3,8 +3,6 @@ that reads or publishes them (`card.py`, `report.py`), so that neither imports t
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 __all__ = [
@@ -21,7 +19,6 @@ __all__ = [
     "ONNX_INT8_NAME",
     "ONNX_INFO_NAME",
     "export_files",
-    "write_json_atomic",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -45,25 +42,3 @@ def export_files(folder: str | Path) -> list[str]:
     folder = Path(folder)
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
-
-def write_json_atomic(path: str | Path, obj, sort_keys: bool = False) -> None:
-    """Writes `obj` as JSON to a temporary file beside `path`, flushed to disk, then renames it over `path`: a reader
-    sees the old file or the new one, never a part.
-
-    Args:
-        path: the file to write (its folder is created).
-        obj: anything `json.dumps` takes; it is serialised before any file is touched.
-        sort_keys: sort the keys of every mapping (stable diffs of a file rewritten often, e.g. `state.json`).
-    """
-    path = Path(path)
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

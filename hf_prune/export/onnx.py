@@ -28,7 +28,6 @@ import os
 import platform
 import re
 import shutil
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +39,7 @@ from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOut
 from transformers.utils import logging
 
 from ..models.costs import dummy_inputs
+from ..utils import recover_interrupted, swap_into_place, temporary_folder, temporary_path, write_json_atomic
 from .files import (
     CONFIG_NAME,
     ONNX_DIR,
@@ -48,9 +48,8 @@ from .files import (
     ONNX_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
-    write_json_atomic,
 )
-from .persistence import _TMP_MARK, _recover_interrupted, _swap_into_place, load_pruned
+from .persistence import load_pruned
 
 logger = logging.get_logger(__name__)
 
@@ -369,9 +368,8 @@ def quantize_onnx(
         raise ValueError(f"output_path is the model itself ({source}); write the int8 model to another file.")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists. Pass overwrite=True (--overwrite) to quantize again.")
-    _recover_interrupted(output)  # a quantization killed midway leaves its temporary file: removed here
-    # named as `_recover_interrupted` expects, the suffix kept last (the ONNX writer reads the format from it)
-    tmp = output.with_name(f".{output.name}{_TMP_MARK}{os.getpid()}-part{output.suffix}")
+    recover_interrupted(output)  # a quantization killed midway leaves its temporary file: removed here
+    tmp = temporary_path(output, output.suffix)  # the suffix kept last: the ONNX writer reads the format from it
     try:
         _quantize_file(source, tmp, weight_type)
         os.replace(tmp, output)
@@ -413,7 +411,7 @@ def export_onnx(
     require_onnx()
     folder = check_export(export_dir)
     target = folder / ONNX_DIR
-    _recover_interrupted(target)
+    recover_interrupted(target)
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset={opset!r} must be an integer from {MIN_OPSET} to {MAX_OPSET}.")
     if target.exists() and not target.is_dir():
@@ -436,14 +434,14 @@ def export_onnx(
             f"{target} already exists and is not empty. Pass overwrite=True (--overwrite) to replace it (the old "
             "folder is removed only once the new export is complete)."
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ONNX_DIR}{_TMP_MARK}{os.getpid()}-", dir=folder))
+    tmp = temporary_folder(target)
     try:
         info = _export_fp32(folder, tmp / ONNX_NAME, opset, check)
         if int8:
             info["int8"] = _quantize_file(tmp / ONNX_NAME, tmp / ONNX_INT8_NAME, weight_type)
             info["files"]["int8"] = ONNX_INT8_NAME
         write_json_atomic(tmp / ONNX_INFO_NAME, info)
-        _swap_into_place(tmp, target)
+        swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

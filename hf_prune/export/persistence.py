@@ -16,13 +16,11 @@ that fails or is interrupted leaves the previous folder as it was. Nothing is pi
 from __future__ import annotations
 
 import copy
-import glob
 import inspect
 import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from ..models import structure
 from ..models.bert import modeling_hf_prune as modeling_pruned
 from ..models.bert.modeling_hf_prune import PrunedModelMixin
 from ..models.surgery import record_shapes
+from ..utils import recover_interrupted, swap_into_place, temporary_folder
 from . import card as cards
 from .files import (
     CARD_NAME,
@@ -55,9 +54,6 @@ from .report import REPORT_NAME
 logger = logging.get_logger(__name__)
 
 __all__ = ["save_pruned", "load_pruned", "load_teacher", "pruned_class", "export_files"]
-
-_TMP_MARK = ".hf-prune-tmp-"
-_OLD_MARK = ".hf-prune-old-"
 
 # Auto class name -> mapping from model_type to the transformers class it builds.
 _AUTO_MAPPINGS = {
@@ -126,38 +122,6 @@ def _check_target(target: Path, overwrite: bool) -> None:
         )
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _recover_interrupted(target: Path) -> None:
-    """Cleans up after exports to `target` (a folder or a file) whose process died mid-export (killed, power loss).
-
-    A temporary export is deleted. A previous export moved aside just before the swap is moved back when the target
-    is missing (the process died between the two renames), and deleted otherwise.
-    """
-    for mark in (_TMP_MARK, _OLD_MARK):
-        for path in sorted(target.parent.glob(f".{glob.escape(target.name)}{mark}*")):
-            match = re.fullmatch(rf"\.{re.escape(target.name)}{re.escape(mark)}(\d+)-[^-]*", path.name)
-            if not match or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
-                continue
-            if mark == _OLD_MARK and not target.exists():
-                logger.warning("Restoring %s from %s, moved aside by an interrupted export.", target, path)
-                os.replace(path, target)
-            else:
-                logger.info("Removing %s, left behind by an interrupted export.", path)
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:  # a single file written atomically (e.g. an int8 ONNX model)
-                    path.unlink(missing_ok=True)
-
-
 def _write_weights_and_config(model, folder: Path):
     """Writes the weights, `config.json` and the modeling file; returns the config as written."""
     base = _base_class(model)
@@ -197,23 +161,6 @@ def _write_extras(config, folder: Path, tokenizer, report: dict | None, card: bo
         cards.make_model_card(report, config, figure_name=figure_name).save(folder / CARD_NAME)
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}{_OLD_MARK}{os.getpid()}-", dir=target.parent))
-    old.rmdir()
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_pruned(
     model,
     path: str | os.PathLike,
@@ -242,7 +189,7 @@ def save_pruned(
     model = unwrap_model(model)
     structure.get_spec(model)
     target = Path(path).absolute()
-    _recover_interrupted(target)
+    recover_interrupted(target)
     _check_target(target, overwrite)
     if report is not None:
         try:
@@ -250,8 +197,7 @@ def save_pruned(
         except (TypeError, ValueError) as err:
             raise ValueError(f"report is not JSON-serialisable ({err}); pass the dict from build_report.") from err
     record_shapes(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_MARK}{os.getpid()}-", dir=target.parent))
+    tmp = temporary_folder(target)
     try:
         config = _write_weights_and_config(model, tmp)
         _write_extras(config, tmp, tokenizer, report, card, figure)
@@ -259,7 +205,7 @@ def save_pruned(
         if pickled:
             raise RuntimeError(f"The export would contain pickled files {pickled}; exports hold safetensors only.")
         _check_target(target, overwrite)
-        _swap_into_place(tmp, target)
+        swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

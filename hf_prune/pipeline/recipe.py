@@ -35,6 +35,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from ..utils import write_json_atomic
 from .data import load_task, tokenize_splits
 from .schema import (
     UNHASHED_KEYS,
@@ -52,7 +53,6 @@ from .stages import (
     remove_checkpoints,
     run_stage,
     stage_folder,
-    write_json_atomic,
 )
 
 logger = logging.get_logger(__name__)

@@ -20,12 +20,12 @@ from transformers import DataCollatorForTokenClassification, DataCollatorWithPad
 from transformers.utils import logging
 
 from ..config import PruningArguments
-from ..export.files import write_json_atomic
 from ..export.persistence import load_pruned, load_teacher, save_pruned
 from ..models import structure
 from ..models.surgery import prune_heads
 from ..posttrain.search import prune_to_speedup
 from ..trainer import PRUNING_META_NAME, PruningTrainer
+from ..utils import write_json_atomic
 from .metrics import build_compute_metrics
 from .sources import BASE_MODEL_KEY, base_model_name, load_start_model, load_tokenizer
 from .stage_outputs import (
