@@ -54,7 +54,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -64,14 +63,16 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from hf_prune import save_pruned
-from hf_prune.export.deploy import dataset_predictions
 from hf_prune.export.persistence import load_pruned
 from hf_prune.export.report import time_forms
 from hf_prune.models import structure
 from hf_prune.models.costs import unit_costs
-from hf_prune.pipeline.data import load_tokenizer, read_local_file, tokenize_splits
+from hf_prune.pipeline.data import read_local_file, tokenize_splits
+from hf_prune.pipeline.demo import load_tokenizer_by_name
+from hf_prune.pipeline.evaluation import dataset_predictions
 from hf_prune.pipeline.metrics_cache import model_digest
 from hf_prune.pipeline.recipe import enable_progress_logging, run_recipe
+from hf_prune.utils import recover_interrupted, swap_into_place, temporary_folder, update_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -252,7 +253,7 @@ def main() -> None:
                 start = out / tag / f"{target:g}x" / f"magnitude-as-{args.naive_shapes_from}-{args.steps}"
                 if not (start / "config.json").is_file():
                     pruned = magnitude_prune(copy.deepcopy(teacher), shapes["heads_after"], shapes["ffn_after"])
-                    save_pruned(pruned, start, load_tokenizer(str(teacher_dir)), overwrite=True, card=False)
+                    save_pruned(pruned, start, load_tokenizer_by_name(str(teacher_dir)), overwrite=True, card=False)
                 start_model = str(start)
             recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples)
             recipe["stages"] = row_stages(row, target, args.steps, teacher) + closing_stages()
@@ -276,13 +277,11 @@ def main() -> None:
                 "stages": [(s["name"], s["wall_time_s"]) for s in report["stages"]],
                 "wall_s_this_call": round(time.perf_counter() - began, 1),
             }
-            # read again before writing: another invocation may have added rows meanwhile
-            on_disk = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
-            on_disk["rows"][key] = results["rows"][key]
-            results = on_disk
-            tmp = results_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
-            os.replace(tmp, results_path)
+            # read again right before writing: another invocation may have added rows meanwhile
+            new = {key: results["rows"][key]}
+            results = update_json_atomic(
+                results_path, lambda on_disk, new=new: on_disk.setdefault("rows", {}).update(new), {"rows": {}}
+            )
             if row == ROWS[0]:
                 publish_card(run_dir / "final", Path(args.cards) / f"minilm-mnli-{target:g}x")
     print(markdown_table(results))
@@ -305,22 +304,22 @@ def retime(results: dict, results_path: Path, teacher, out: Path, tag: str, repe
         )
     timed = time_forms(forms, teacher, batch_sizes=(1, 32), seq_len=128, repeats=repeats, warmup=2)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    on_disk = json.loads(results_path.read_text())
-    for key in rows:
-        row = on_disk["rows"][key]
-        for batch in timed[key]:
-            name = f"speedup_b{batch['batch_size']}"
-            row.setdefault(f"{name}_at_run", row[name])
-            row[name] = batch["speedup"]
-        row["retimed"] = {
-            "at": when, "repeats": repeats, "models_interleaved": len(forms), "torch_threads": torch.get_num_threads(),
-            "teacher_ms": {str(b["batch_size"]): b["ms"] for b in timed["teacher"]},
-        }  # fmt: skip
-    on_disk["retime_noise"] = same_shape_spread(forms, timed, when)
-    tmp = results_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(on_disk, indent=2) + "\n")
-    os.replace(tmp, results_path)
-    results.update(on_disk)
+
+    def record(on_disk: dict) -> None:
+        for key in rows:
+            row = on_disk["rows"][key]
+            for batch in timed[key]:
+                name = f"speedup_b{batch['batch_size']}"
+                row.setdefault(f"{name}_at_run", row[name])
+                row[name] = batch["speedup"]
+            row["retimed"] = {
+                "at": when, "repeats": repeats, "models_interleaved": len(forms),
+                "torch_threads": torch.get_num_threads(),
+                "teacher_ms": {str(b["batch_size"]): b["ms"] for b in timed["teacher"]},
+            }  # fmt: skip
+        on_disk["retime_noise"] = same_shape_spread(forms, timed, when)
+
+    results.update(update_json_atomic(results_path, record))
 
 
 def same_shape_spread(forms: dict, timed: dict, when: str) -> dict:
@@ -368,7 +367,7 @@ def paired(results: dict, results_path: Path, out: Path, tag: str, data: Path, r
     if missing:
         raise SystemExit(f"No result for {', '.join(missing)}: run those rows first (naive rows as naive-b-as-ROW).")
     exports = [out / tag / f"{target:g}x" / f"{row}-{steps}" / "final" for row in rows]
-    tokenizer = load_tokenizer(str(exports[0]))
+    tokenizer = load_tokenizer_by_name(str(exports[0]))
     raw = {"validation_matched": read_local_file(data / "validation_matched.jsonl")}
     dataset = tokenize_splits(raw, tokenizer, 128)["validation_matched"]
     collator = DataCollatorWithPadding(tokenizer)
@@ -379,31 +378,23 @@ def paired(results: dict, results_path: Path, out: Path, tag: str, data: Path, r
     for key, r in zip(keys, right):  # the same accuracy as the row's own evaluate stage, or the pairs differ
         if abs(float(r.float().mean()) - results["rows"][key]["accuracy"]) > 1e-3:
             raise SystemExit(f"{key}: {float(r.float().mean()):.4f} here, {results['rows'][key]['accuracy']:.4f} run.")
-    test = mcnemar(*right)
-    on_disk = json.loads(results_path.read_text())
-    on_disk.setdefault("paired", {})[f"{tag}/{target:g}x/{rows[0]}~{rows[1]}/{steps}"] = {
-        "a": keys[0],
-        "b": keys[1],
-        "split": "validation_matched",
-        "test": "McNemar exact, two-sided",
-        **test,
-    }
-    tmp = results_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(on_disk, indent=2) + "\n")
-    os.replace(tmp, results_path)
-    results.update(on_disk)
+    test = {"a": keys[0], "b": keys[1], "split": "validation_matched", "test": "McNemar exact, two-sided"}
+    test.update(mcnemar(*right))
+    new = {f"{tag}/{target:g}x/{rows[0]}~{rows[1]}/{steps}": test}
+    results.update(update_json_atomic(results_path, lambda on_disk: on_disk.setdefault("paired", {}).update(new)))
 
 
 def publish_card(export: Path, card_dir: Path) -> None:
     """Copies an export's model card, head map and report (not its weights) to `card_dir`, replacing it whole."""
-    tmp = card_dir.with_name(card_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ("README.md", "head_map.png", "pruning_report.json"):
-        if (export / name).is_file():
-            shutil.copy2(export / name, tmp / name)
-    shutil.rmtree(card_dir, ignore_errors=True)
-    os.replace(tmp, card_dir)
+    recover_interrupted(card_dir)
+    tmp = temporary_folder(card_dir)
+    try:
+        for name in ("README.md", "head_map.png", "pruning_report.json"):
+            if (export / name).is_file():
+                shutil.copy2(export / name, tmp / name)
+        swap_into_place(tmp, card_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped into place
 
 
 def markdown_table(results: dict) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -30,10 +29,13 @@ import transformers
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_prune import export_onnx, load_pruned
-from hf_prune.export.deploy import deployment_rows, read_export_info, split_evaluator, write_deployment
+from hf_prune.export.deploy import deployment_rows, write_deployment
+from hf_prune.export.onnx import read_export_info
 from hf_prune.pipeline.data import read_local_file, tokenize_splits
+from hf_prune.pipeline.evaluation import split_evaluator
 from hf_prune.pipeline.metrics_cache import model_digest
 from hf_prune.pipeline.recipe import enable_progress_logging
+from hf_prune.utils import format_float, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "mnli"
@@ -119,10 +121,6 @@ def goal(rows: list[dict]) -> dict:
     return {**GOAL, "form": INT8, "met": met}
 
 
-def fmt(x, digits=2, suffix=""):
-    return "-" if x is None else f"{x:.{digits}f}{suffix}"
-
-
 def markdown_table(results: dict) -> str:
     rows = results["summary"]
     lines = [
@@ -134,9 +132,10 @@ def markdown_table(results: dict) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['form']} | {fmt(r['file_mib'], 1)} | {fmt(r.get('ms_b1'), 1)} | {fmt(r.get('speedup_b1'), 2, 'x')} "
-            f"| {fmt(r.get('ms_b32'), 1)} | {fmt(r.get('speedup_b32'), 2, 'x')} | {fmt(r['accuracy'], 4)} "
-            f"| {fmt(r['points_vs_dense'], 2)} |"
+            f"| {r['form']} | {format_float(r['file_mib'], 1)} | {format_float(r.get('ms_b1'), 1)} "
+            f"| {format_float(r.get('speedup_b1'), 2, 'x')} | {format_float(r.get('ms_b32'), 1)} "
+            f"| {format_float(r.get('speedup_b32'), 2, 'x')} | {format_float(r['accuracy'], 4)} "
+            f"| {format_float(r['points_vs_dense'], 2)} |"
         )
     g = results["goal"]
     verdict = {True: "met", False: "not met", None: "not evaluated"}[g["met"]]
@@ -152,13 +151,6 @@ def shown(path: Path) -> str:
     """`path` relative to the repository when it is inside it (results files stay the same on every checkout)."""
     path = Path(path).absolute()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def write_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -222,7 +214,7 @@ def main() -> None:
         "goal": goal(rows),
         "deployment": deployment,
     }
-    write_results(results_path, results)
+    write_json_atomic(results_path, results)
     print(markdown_table(results))
 
 

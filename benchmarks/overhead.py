@@ -24,7 +24,6 @@ whole and atomically by this command; `--json ''` only prints them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback
 
 from hf_prune import PruningArguments, PruningTrainer
+from hf_prune.utils import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -178,11 +178,7 @@ def main():
     print("\ntargets: movement <= 1.05x, movement+teacher <= 1.40x")
     path = args.json if args.json is not None else str(RESULTS / f"overhead_{device}.json")
     if path:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, results)
         print(f"results written to {path}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import statistics
 import time
@@ -29,6 +30,15 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _hf_prune_utils():
+    """`hf_prune/utils.py` of this checkout, loaded on its own (it imports nothing from hf_prune, which this
+    environment does not install), for its atomic JSON writer."""
+    spec = importlib.util.spec_from_file_location("hf_prune_utils", ROOT / "hf_prune" / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_jsonl(path, limit=None):
@@ -255,11 +265,7 @@ def main():
             out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}
         results["peers"][name] = out
         print(name, {k: v for k, v in out.items() if k != "traceback"})
-    path = Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)  # whole or not at all
+    _hf_prune_utils().write_json_atomic(args.results, results)  # whole or not at all
 
 
 if __name__ == "__main__":

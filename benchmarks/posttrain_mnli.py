@@ -23,6 +23,7 @@ pruning. Results go to `benchmarks/results/posttrain_mnli.json`, written after e
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -33,13 +34,16 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from hf_prune import prune_ffn_neurons, prune_heads, prune_to_speedup
-from hf_prune.export.deploy import dataset_metric
 from hf_prune.export.persistence import load_pruned
 from hf_prune.export.report import build_report
 from hf_prune.models import structure
-from hf_prune.pipeline.data import load_tokenizer, read_local_file, read_train_files, tokenize_splits
+from hf_prune.pipeline.data import read_local_file, read_train_files, tokenize_splits
+from hf_prune.pipeline.demo import load_tokenizer_by_name
+from hf_prune.pipeline.evaluation import dataset_metric
 from hf_prune.pipeline.recipe import enable_progress_logging, run_recipe
-from hf_prune.pruning.scores import neuron_group_magnitude
+from hf_prune.pruning.scores import unit_magnitude
+from hf_prune.pruning.units import layer_units
+from hf_prune.utils import update_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "mnli"
@@ -71,20 +75,16 @@ def teacher_recipe(data: Path, epochs: float) -> dict:
 
 @torch.no_grad()
 def magnitude_prune(model, heads_after: list[int], ffn_after: list[int]):
-    """One-shot magnitude pruning to the given per-layer shapes (a pruned copy is made by the caller)."""
-    spec, size = structure.get_spec(model), structure.head_size(model)
-    heads, neurons = {}, {}
-    for i, layer in enumerate(structure.get_layers(model)):
-        lin = structure.attention_linears(layer, spec)
-        n_heads = lin["query"].out_features // size
-        score = sum(lin[r].weight.abs().view(n_heads, -1).sum(1) for r in ("query", "key", "value"))
-        score = score + lin["attention_output"].weight.abs().view(-1, n_heads, size).sum((0, 2))
-        heads[i] = torch.argsort(score)[: n_heads - heads_after[i]].tolist()
-        up, down = (structure.get_module(layer, getattr(spec, r)) for r in ("ffn_in", "ffn_out"))
-        score = neuron_group_magnitude(up.weight, down.weight)
-        neurons[i] = torch.argsort(score)[: up.out_features - ffn_after[i]].tolist()
-    prune_heads(model, {k: v for k, v in heads.items() if v})
-    prune_ffn_neurons(model, {k: v for k, v in neurons.items() if v})
+    """One-shot magnitude pruning to the given per-layer shapes (a pruned copy is made by the caller): each unit
+    scored by the L1 norm of the weights it owns."""
+    removed = {}
+    for kind, after in (("attention", heads_after), ("mlp", ffn_after)):
+        removed[kind] = {}
+        for lu in layer_units(model, kind):
+            order = torch.argsort(unit_magnitude(lu))
+            removed[kind][lu.layer] = order[: lu.count - after[lu.layer]].tolist()
+    prune_heads(model, {k: v for k, v in removed["attention"].items() if v})
+    prune_ffn_neurons(model, {k: v for k, v in removed["mlp"].items() if v})
     return model
 
 
@@ -110,7 +110,7 @@ def main() -> None:
     teacher_run = run_recipe(teacher_recipe(data, args.teacher_epochs), output_dir=str(out / "teacher"))
     teacher_dir = out / "teacher" / teacher_run.state["finished"][0]["dir"] / "model"
     teacher = load_pruned(teacher_dir).eval()
-    tokenizer = load_tokenizer(str(teacher_dir))
+    tokenizer = load_tokenizer_by_name(str(teacher_dir))
     raw = {
         "train": read_train_files([data / "train_subset_8999.jsonl", data / "train_subset_extra_1000.jsonl"]),
         "validation_matched": read_local_file(data / "validation_matched.jsonl"),
@@ -134,10 +134,14 @@ def main() -> None:
     )
     rows = results.setdefault("rows", {})
 
+    def merge(on_disk: dict) -> None:
+        """This run's values over the file's, read right before writing: rows another run added meanwhile stay (and
+        join this run's)."""
+        rows.update({k: v for k, v in (on_disk.get("rows") or {}).items() if k not in rows})
+        on_disk.update(results)
+
     def save():
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, results_path)
+        update_json_atomic(results_path, merge)
 
     if "dense_accuracy" not in results:
         results["dense_accuracy"] = dataset_metric(teacher, splits["validation_matched"], collator, batch_size=128)
@@ -151,8 +155,6 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             if method == "magnitude":
-                import copy
-
                 pruned = magnitude_prune(copy.deepcopy(teacher), shapes["heads"], shapes["ffn"])
                 summary = {}
             else:

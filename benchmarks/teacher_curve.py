@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from hf_prune import save_pruned
 from hf_prune.export.persistence import load_pruned
-from hf_prune.pipeline.data import load_tokenizer
+from hf_prune.pipeline.demo import load_tokenizer_by_name
 from hf_prune.pipeline.recipe import enable_progress_logging, run_recipe
+from hf_prune.utils import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -90,7 +90,7 @@ def main() -> None:
         teacher_dir = Path(args.output_dir) / "teacher"
         if not (teacher_dir / "config.json").is_file():
             checkpoint = stage_dir / "checkpoints" / f"checkpoint-{best['step']}"
-            save_pruned(load_pruned(checkpoint), teacher_dir, load_tokenizer("builtin:demo"), card=False)
+            save_pruned(load_pruned(checkpoint), teacher_dir, load_tokenizer_by_name("builtin:demo"), card=False)
         teacher_train = f"train_subset_8999.jsonl (8,999 pairs), the curve's checkpoint at step {best['step']}"
     results = {
         "model": "sentence-transformers/all-MiniLM-L6-v2",
@@ -102,9 +102,7 @@ def main() -> None:
         "teacher_train": teacher_train,
         "teacher_dir": str(teacher_dir),
     }
-    tmp = results_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, results_path)
+    write_json_atomic(results_path, results)
     print(json.dumps(results, indent=2))
 
 

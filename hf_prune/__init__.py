@@ -1,9 +1,11 @@
 """hf_prune: structured pruning of Transformers as a drop-in part of the Hugging Face training stack."""
 
+import sys
+
 from . import _deprecated
 from .config import PruningArguments
 from .distill import distillation_loss
-from .export.deploy import export_onnx, quantize_onnx
+from .export.onnx import export_onnx, quantize_onnx
 from .export.persistence import load_pruned, save_pruned
 from .models import structure
 from .models.surgery import prune_ffn_neurons, prune_heads
@@ -28,3 +30,5 @@ __all__ = [
 ]
 
 _deprecated.install()
+# `hf_prune.structure` is public API (the model queries): importable as a module path too
+sys.modules.setdefault(f"{__name__}.structure", structure)

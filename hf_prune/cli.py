@@ -8,6 +8,11 @@ import sys
 
 from transformers.utils import logging
 
+from .export.card import cli_push
+from .export.deploy import cli_onnx
+from .export.report_format import cli_report
+from .pipeline.recipe import cli_compress, cli_run
+
 logger = logging.get_logger(__name__)
 
 
@@ -100,24 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            from .pipeline.recipe import cli_run
-
             return cli_run(args)
         if args.command == "compress":
-            from .pipeline.recipe import cli_compress
-
             return cli_compress(args)
         if args.command == "report":
-            from .export.report_format import cli_report
-
             return cli_report(args)
         if args.command == "onnx":
-            from .export.deploy import cli_onnx
-
             return cli_onnx(args)
         if args.command == "push":
-            from .export.card import cli_push
-
             return cli_push(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"hf-prune {args.command}: error: {err}", file=sys.stderr)

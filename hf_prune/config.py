@@ -17,6 +17,7 @@ __all__ = [
     "PRUNING_TARGETS",
     "FFN_SPARSITY_RULES",
     "multi_process_launch",
+    "world_size",
     "has_accelerator",
 ]
 
@@ -30,6 +31,13 @@ ATTENTION_GRANULARITIES = ("block", "head")
 # Variables a launcher (torchrun, accelerate launch, mpirun) sets to the number of processes: the same ones accelerate
 # reads to decide that a CPU run is distributed.
 _WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def world_size() -> int:
+    """The number of processes of the initialised process group (1 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 def multi_process_launch() -> bool:

@@ -19,12 +19,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from .config import PruningArguments, multi_process_launch
+from .config import PruningArguments, multi_process_launch, world_size
 from .distill import distillation_loss, freeze_teacher
 from .export.persistence import load_teacher
 from .models import structure
 from .models.surgery import prune_ffn_neurons, prune_heads
-from .pruning.pruners import build_pruner
+from .pruning.builder import build_pruner
 from .pruning.scores import gradients_usable
 from .utils import temporary_path, write_json_atomic
 
@@ -271,16 +271,10 @@ class PruningTrainer(Trainer):
         )
 
 
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
 def _check_replicas_synchronised(distributed_type) -> None:
     """Refuses a multi-process launch that the Trainer set up as a single-process run: every process would train its
     own replica, unsynchronised, and prune different weights."""
-    if distributed_type == DistributedType.NO and (multi_process_launch() or _world_size() > 1):
+    if distributed_type == DistributedType.NO and (multi_process_launch() or world_size() > 1):
         raise ValueError(
             "Several processes were launched, but the Trainer runs each one on its own (no gradient all-reduce): "
             "their masks and weights would drift apart. On a machine without GPU, pass use_cpu=True (PruningArguments "
@@ -295,7 +289,7 @@ def _check_same_masks(pruner, device, step: int) -> None:
     scores and masks without communicating; a difference means the replicas are no longer the same model (NNI's
     unsynchronised TaylorFO scores, NNI #5205, were this failure).
     """
-    world = _world_size()
+    world = world_size()
     if world == 1:
         return
     local = torch.tensor([pruner.fingerprint()], dtype=torch.int64, device=device)

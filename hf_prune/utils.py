@@ -1,5 +1,5 @@
 """Writes that a reader sees whole or not at all, shared by every module that writes a file or a folder (exports,
-ONNX files, run state, caches, checkpoints, benchmark results), and the one number formatter of reports and cards."""
+ONNX files, run state, caches, checkpoints, benchmark results), and the number formatters of reports and cards."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers.utils import logging
@@ -19,11 +20,13 @@ __all__ = [
     "TMP_MARK",
     "OLD_MARK",
     "write_json_atomic",
+    "update_json_atomic",
     "temporary_path",
     "recover_interrupted",
     "temporary_folder",
     "swap_into_place",
     "format_int",
+    "format_float",
 ]
 
 # Marks in the names of temporary files and folders: `.<target name><mark><pid>-<random>`. A process that dies leaves
@@ -61,6 +64,30 @@ def write_json_atomic(path: str | Path, obj, sort_keys: bool = False) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def update_json_atomic(path: str | Path, update: Callable[[dict], object], default: dict | None = None) -> dict:
+    """Reads the JSON object in `path`, changes it with `update` and writes it back with [`write_json_atomic`].
+
+    The file is read right before it is written, so what another process wrote to it since this one last read it (a
+    benchmark's rows, say) is kept. This is no lock: two updates at the same moment can still lose one.
+
+    Args:
+        path: the JSON file; missing, it starts as a copy of `default` (or `{}`).
+        update: called with the object read; changes it in place (its return value is ignored).
+        default: the object of a missing file.
+
+    Returns:
+        The object written.
+    """
+    path = Path(path)
+    if path.is_file():
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        obj = json.loads(json.dumps(default or {}))  # a deep copy: `update` may change it
+    update(obj)
+    write_json_atomic(path, obj)
+    return obj
 
 
 def _process_alive(pid: int) -> bool:
@@ -126,3 +153,11 @@ def swap_into_place(tmp: str | Path, target: str | Path) -> None:
 def format_int(n) -> str:
     """`12,345`, or `-` for a missing number."""
     return "-" if n is None else f"{int(n):,}"
+
+
+def format_float(x, digits: int = 2, suffix: str = "", grouped: bool = False) -> str:
+    """`x` with `digits` decimals and `suffix` (`1234.50x`, or `1,234.50x` when `grouped`), or `-` for a missing
+    number."""
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}{suffix}" if grouped else f"{x:.{digits}f}{suffix}"

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from utils import tiny_config  # noqa: E402
 
-from hf_prune.pipeline.data import build_wordlevel_tokenizer, make_demo_data  # noqa: E402
+from hf_prune.pipeline.demo import build_wordlevel_tokenizer, make_demo_data  # noqa: E402
 
 
 def make_tiny_assets(root: Path) -> dict[str, Path]:
@@ -123,10 +123,10 @@ def zeroed_units(model) -> dict:
 
     from hf_prune.models import structure
 
-    spec, size, units = structure.get_spec(model), structure.head_size(model), {}
-    for i, layer in enumerate(structure.get_layers(model)):
-        query = structure.get_module(layer, spec.query).weight.detach()
-        up = structure.get_module(layer, spec.ffn_in).weight.detach()
+    size, units = structure.head_size(model), {}
+    for i in range(len(structure.get_layers(model))):
+        query = structure.projections(model, i, "attention")["query"].weight.detach()
+        up = structure.projections(model, i, "mlp")["ffn_in"].weight.detach()
         heads = (query.reshape(-1, size * query.shape[1]) == 0).all(dim=1)
         units[str(i)] = {
             "heads": heads.nonzero().flatten().tolist(),

@@ -13,7 +13,8 @@ from utils import batch, tiny_model
 from hf_prune import export_onnx, load_pruned, prune_ffn_neurons, prune_heads, quantize_onnx, save_pruned
 from hf_prune.cli import main
 from hf_prune.export import onnx as onnx_export
-from hf_prune.export.deploy import OnnxRuntimeModel, deployment_rows, quantized_ops, read_export_info
+from hf_prune.export.deploy import deployment_rows
+from hf_prune.export.onnx import OnnxRuntimeModel, quantized_ops, read_export_info
 from hf_prune.export.report_format import format_report
 from hf_prune.pipeline.recipe import format_summary, run_recipe
 from hf_prune.pipeline.schema import load_recipe

@@ -63,13 +63,13 @@ def teacher_run(tmp_path_factory):
 def _evaluate_run(assets, out, teacher, monkeypatch, **data):
     """An evaluate-only run of the teacher folder as its own student; returns (metrics, models evaluated)."""
     evaluated = []
-    real = stages_module._evaluate
+    real = stages_module.evaluate_splits
 
     def counting(ctx, model, args, splits):
         evaluated.append((model_digest(model), sorted(splits)))
         return real(ctx, model, args, splits)
 
-    monkeypatch.setattr(stages_module, "_evaluate", counting)
+    monkeypatch.setattr(stages_module, "evaluate_splits", counting)
     raw = tiny_recipe(assets, out)
     raw.update(model=str(teacher), teacher=str(teacher), stages=[{"stage": "evaluate"}])
     raw["data"].update(data)

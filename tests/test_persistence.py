@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from utils import VOCAB, WITHOUT_HF_PRUNE, batch, tiny_config, tiny_model
 
 import hf_prune
 from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, save_pruned
-from hf_prune.export.persistence import export_files
+from hf_prune.export.files import export_files
 from hf_prune.models import structure
+from hf_prune.models.bert.adapter import BERT_LAYOUT
 
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra"]
 HEADS = {0: [1, 3], 1: [0, 1, 2, 3], 2: [2]}
@@ -190,7 +192,7 @@ def test_unpruned_model_records_its_shapes(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["layer_num_attention_heads"] == [4, 4]
     assert config["layer_intermediate_sizes"] == [48, 48]
-    assert config["hf_prune_layout"] == structure.get_spec(model).to_dict()
+    assert config["hf_prune_layout"] == BERT_LAYOUT
     assert config["hf_prune_pruned_heads"] == {}
     assert torch.equal(logits(load_pruned(out)), logits(model))
 
@@ -360,3 +362,25 @@ def test_bad_report_and_unsupported_model(tmp_path):
 
 def test_public_exports():
     assert hf_prune.save_pruned is save_pruned and hf_prune.load_pruned is load_pruned
+
+
+def test_an_export_written_by_hf_prune_0_1_still_loads(tmp_path):
+    """`fixtures/export-0.1.0` was written by hf_prune 0.1.0 (flat package, one architecture table): a tiny BERT with
+    heads and FFN neurons removed, one layer without heads, and the logits it gave for one input."""
+    folder = Path(__file__).parent / "fixtures" / "export-0.1.0"
+    expected = json.loads((folder / "expected.json").read_text())
+    ids = torch.tensor(expected["input_ids"])
+    model = load_pruned(folder).eval()
+    assert structure.num_heads(model) == [2, 0] and structure.ffn_size(model) == [24, 47]
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(got, torch.tensor(expected["logits"]), atol=1e-6, rtol=1e-5)
+    # and it is exported again by this release with the same function and the same layout keys
+    config_before = json.loads((folder / "config.json").read_text())
+    again = save_pruned(model, tmp_path / "again", card=False, figure=False)
+    config_after = json.loads((again / "config.json").read_text())
+    for key in ("hf_prune_layout", "layer_num_attention_heads", "layer_intermediate_sizes", "hf_prune_pruned_heads"):
+        assert config_after[key] == config_before[key]
+    with torch.no_grad():
+        reloaded = load_pruned(again).eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(reloaded, got)

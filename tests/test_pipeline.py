@@ -217,7 +217,7 @@ def test_masked_head_fractions_read_the_zeroed_weights(assets):
 
     model = AutoModelForSequenceClassification.from_pretrained(assets["model"])
     size = structure.head_size(model)
-    linears = structure.attention_linears(structure.get_layers(model)[0], structure.get_spec(model))
+    linears = structure.projections(model, 0, "attention")
     with torch.no_grad():
         for role in ("query", "key", "value"):
             linears[role].weight[size : 2 * size] = 0

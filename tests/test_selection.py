@@ -91,8 +91,8 @@ def test_excluded_module_keeps_every_weight(tmp_path):
     trainer.train()
     names = [t.name for t in trainer.pruner.targets]
     assert all(structure.layer_of(trainer.model, n) in (0, 1) and "attention.output" not in n for n in names)
-    for layer in structure.get_layers(trainer.model)[2:]:
-        for lin in structure.attention_linears(layer, structure.get_spec(trainer.model)).values():
+    for layer in range(2, len(structure.get_layers(trainer.model))):
+        for lin in structure.projections(trainer.model, layer, "attention").values():
             assert torch.count_nonzero(lin.weight) == lin.weight.numel()
 
 

@@ -11,11 +11,10 @@ ARCHS = ["bert", "roberta", "xlm-roberta", "electra"]
 
 def mask_heads(model, heads):
     """Zeroes the heads' Q/K/V rows and attention-output columns: the masked (not removed) equivalent."""
-    spec, size = structure.get_spec(model), structure.head_size(model)
-    layers = structure.get_layers(model)
+    size = structure.head_size(model)
     with torch.no_grad():
         for layer, hs in heads.items():
-            lin = structure.attention_linears(layers[layer], spec)
+            lin = structure.projections(model, layer, "attention")
             for h in hs:
                 for role in ("query", "key", "value"):
                     lin[role].weight[h * size : (h + 1) * size] = 0
@@ -24,10 +23,9 @@ def mask_heads(model, heads):
 
 
 def mask_neurons(model, neurons):
-    spec, layers = structure.get_spec(model), structure.get_layers(model)
     with torch.no_grad():
         for layer, idx in neurons.items():
-            lin = structure.ffn_linears(layers[layer], spec)
+            lin = structure.projections(model, layer, "mlp")
             lin["ffn_in"].weight[idx] = 0
             lin["ffn_in"].bias[idx] = 0
             lin["ffn_out"].weight[:, idx] = 0

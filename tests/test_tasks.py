@@ -23,13 +23,8 @@ from hf_prune import distillation_loss, load_pruned, prune_ffn_neurons, prune_he
 from hf_prune.cli import main as cli_main
 from hf_prune.export.report import build_report
 from hf_prune.export.report_format import format_report
-from hf_prune.pipeline.data import (
-    build_wordlevel_tokenizer,
-    demo_vocabulary,
-    load_task,
-    make_demo_data,
-    tokenize_splits,
-)
+from hf_prune.pipeline.data import load_task, tokenize_splits
+from hf_prune.pipeline.demo import build_wordlevel_tokenizer, demo_vocabulary, make_demo_data
 from hf_prune.pipeline.metrics import (
     accuracy,
     build_compute_metrics,
@@ -424,7 +419,7 @@ def test_metrics_go_through_evaluate_when_it_loads(monkeypatch):
         raise FileNotFoundError(f"Couldn't find a module script for {path}")
 
     monkeypatch.setattr(evaluate, "load", fake_load)
-    monkeypatch.setattr(metrics_module, "_METRIC_CACHE", {})
+    monkeypatch.setattr(metrics_module, "LOADED_METRICS", {})
     logits, labels = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 0])
     cola = build_compute_metrics(parse_task("glue/cola"))(EvalPrediction(predictions=logits, label_ids=labels))
     assert cola == {"matthews_correlation": 0.123} and loaded == [("glue", "cola")]

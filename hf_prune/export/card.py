@@ -3,6 +3,7 @@ and uploads of an exported folder to the Hub."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -13,10 +14,19 @@ from pathlib import Path
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 from transformers.utils import logging
 
-from ..models import structure
+from ..models.auto import get_adapter
 from ..models.surgery import original_heads_kept
-from .files import CARD_NAME, CONFIG_NAME, EVAL_CACHE_NAME, MODELING_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, export_files
-from .report import REPORT_NAME
+from ..utils import format_float, format_int
+from .files import (
+    CARD_NAME,
+    CONFIG_NAME,
+    EVAL_CACHE_NAME,
+    MODELING_NAME,
+    PICKLE_SUFFIXES,
+    REPORT_NAME,
+    WEIGHTS_NAME,
+    export_files,
+)
 from .report_format import deployment_table, metric_rows
 
 logger = logging.get_logger(__name__)
@@ -35,6 +45,8 @@ _PIPELINE_TAGS = {
 }
 _GLUE_TASKS = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "ax"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# The card's numbers are grouped by thousands (`1,234.50`).
+_number = functools.partial(format_float, grouped=True)
 
 
 def _get(config, key, default=None):
@@ -71,14 +83,6 @@ def _hub_id(name) -> str | None:
     return name
 
 
-def _fmt(x, digits: int = 2, suffix: str = "") -> str:
-    return "-" if x is None else f"{x:,.{digits}f}{suffix}"
-
-
-def _fmt_int(n) -> str:
-    return "-" if n is None else f"{int(n):,}"
-
-
 def _scaled(x, scale: float):
     return None if x is None else x / scale
 
@@ -89,22 +93,22 @@ def _results(report: Mapping) -> tuple[list[tuple[str, ...]], str]:
     if params:
         for label, key in (("parameters", "total"), ("encoder parameters", "encoder")):
             before, after = params.get(f"{key}_before"), params.get(f"{key}_after")
-            rows.append((label, _fmt_int(before), _fmt_int(after), _fmt(params.get(f"{key}_ratio"))))
+            rows.append((label, format_int(before), format_int(after), _number(params.get(f"{key}_ratio"))))
     if size:
         before, after = _scaled(size.get("before_bytes"), 2**20), _scaled(size.get("after_bytes"), 2**20)
-        rows.append(("weights (MiB)", _fmt(before), _fmt(after), _fmt(size.get("ratio"))))
+        rows.append(("weights (MiB)", _number(before), _number(after), _number(size.get("ratio"))))
     if flops:
         dense, pruned = _scaled(flops.get("dense"), 1e9), _scaled(flops.get("pruned"), 1e9)
         label = f"GFLOPs, 1 x {flops.get('seq_len', '?')} tokens"
-        rows.append((label, _fmt(dense, 3), _fmt(pruned, 3), _fmt(flops.get("ratio"))))
+        rows.append((label, _number(dense, 3), _number(pruned, 3), _number(flops.get("ratio"))))
     latency = report.get("latency") or {}
     for b in latency.get("batches", []):
         rows.append(
             (
                 f"CPU latency, batch {b.get('batch_size', '?')} (ms)",
-                _fmt(b.get("dense_ms")),
-                _fmt(b.get("pruned_ms")),
-                _fmt(b.get("speedup")),
+                _number(b.get("dense_ms")),
+                _number(b.get("pruned_ms")),
+                _number(b.get("speedup")),
             )
         )
     env = report.get("environment") or {}
@@ -117,11 +121,8 @@ def _results(report: Mapping) -> tuple[list[tuple[str, ...]], str]:
 
 
 def _layer_rows(config) -> list[tuple[str, str, str]]:
-    spec = structure.get_spec(config)
-    dense_heads, dense_ffn = _get(config, spec.config_heads), _get(config, spec.config_ffn)
-    n = _get(config, spec.config_layers)
-    heads = _get(config, "layer_num_attention_heads") or [dense_heads] * n
-    ffn = _get(config, "layer_intermediate_sizes") or [dense_ffn] * n
+    n, dense_heads, dense_ffn = get_adapter(config).dense_shape(config)
+    heads, ffn = get_adapter(config).config_shapes(config)
     return [(str(i), f"{heads[i]} / {dense_heads}", f"{ffn[i]} / {dense_ffn}") for i in range(n)]
 
 
@@ -194,7 +195,7 @@ def make_model_card(
         measurement_note=note,
         metric_name=metric_name,
         metric_rows=[
-            (split if name == metric_name else f"{split} ({name})", _fmt(teacher, 4), _fmt(value, 4))
+            (split if name == metric_name else f"{split} ({name})", _number(teacher, 4), _number(value, 4))
             for name, split, teacher, value in scores
         ],
         structure_summary=f"{heads_kept} of {heads_dense} attention heads kept over {len(rows)} layers.",
@@ -202,7 +203,7 @@ def make_model_card(
         layer_rows=rows,
         model_path=repo_id or "path/to/export",
         auto_class=auto_class,
-        stage_rows=[(s["name"], _fmt(s["wall_time_s"], 1)) for s in stages],
+        stage_rows=[(s["name"], _number(s["wall_time_s"], 1)) for s in stages],
         **_deployment(report, metric_name),
         environment=", ".join(f"{k} {v}" for k, v in env.items()) if env else None,
         repo_id=repo_id,
@@ -242,10 +243,8 @@ def plot_head_map(config, path: str | os.PathLike) -> Path:
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
 
-    spec = structure.get_spec(config)
-    n_layers, n_heads = _get(config, spec.config_layers), _get(config, spec.config_heads)
-    dense_ffn = _get(config, spec.config_ffn)
-    ffn = _get(config, "layer_intermediate_sizes") or [dense_ffn] * n_layers
+    n_layers, n_heads, dense_ffn = get_adapter(config).dense_shape(config)
+    ffn = get_adapter(config).config_shapes(config)[1]
     grid = [[0.0] * n_heads for _ in range(n_layers)]
     for layer in range(n_layers):
         for head in original_heads_kept(config, layer):

@@ -1,10 +1,10 @@
 """Deployment on CPU: every deployed form of an export measured side by side, and the `hf-prune onnx` command.
 
 The forms are dense PyTorch fp32 (the model pruning started from), pruned PyTorch fp32, pruned ONNX fp32 and pruned
-ONNX int8 (ONNX Runtime's dynamic quantization; see [`hf_prune.onnx_export`] for the files and the choices behind
+ONNX int8 (ONNX Runtime's dynamic quantization; see `hf_prune.export.onnx` for the files and the choices behind
 them). `deployment_rows` times them interleaved in one process (ONNX Runtime with as many threads as PyTorch), with
-their file sizes and their metric on evaluation data; `write_deployment` adds them to the export's
-`pruning_report.json` and model card. `export_onnx`, `quantize_onnx` and `OnnxRuntimeModel` are available here too.
+their file sizes and their metric on evaluation data (`hf_prune.pipeline.evaluation.split_evaluator` measures the
+task metric); `write_deployment` adds them to the export's `pruning_report.json` and model card.
 """
 
 from __future__ import annotations
@@ -21,102 +21,24 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.utils import logging
 
-from ..utils import write_json_atomic
+from ..utils import temporary_path, write_json_atomic
 from . import card as cards
-from .files import CARD_NAME, FIGURE_NAME, ONNX_DIR, ONNX_INT8_NAME, ONNX_NAME, WEIGHTS_NAME
+from .files import CARD_NAME, FIGURE_NAME, ONNX_DIR, ONNX_INT8_NAME, ONNX_NAME, REPORT_NAME, WEIGHTS_NAME
 from .onnx import (
     INFO_VERSION,
     OnnxRuntimeModel,
     check_export,
     export_onnx,
     quantize_onnx,
-    quantized_ops,
     read_export_info,
     require_onnx,
 )
 from .persistence import load_pruned
-from .report import REPORT_NAME, REPORT_VERSION, on_cpu, time_forms, weights_bytes
+from .report import REPORT_VERSION, on_cpu, time_forms, weights_bytes
 
 logger = logging.get_logger(__name__)
 
-__all__ = [
-    "export_onnx",
-    "quantize_onnx",
-    "quantized_ops",
-    "OnnxRuntimeModel",
-    "read_export_info",
-    "dataset_predictions",
-    "dataset_metric",
-    "split_evaluator",
-    "deployment_rows",
-    "write_deployment",
-    "speedups",
-    "cli_onnx",
-    "ONNX_DIR",
-]
-
-
-@torch.inference_mode()
-def dataset_predictions(model, dataset, collator, batch_size: int = 64, task=None) -> tuple[list, list]:
-    """Predictions and references of a model, PyTorch or [`OnnxRuntimeModel`] alike, on a tokenized dataset with
-    `labels`.
-
-    Batches are formed from examples of similar length (less padding), so both lists follow the dataset's examples
-    sorted by length: the same order for every model on the same dataset, which keeps two models' predictions paired.
-
-    Args:
-        model: called as `model(**batch).logits`.
-        dataset: tokenized examples with `labels`.
-        collator: pads a list of examples into a batch (e.g. `DataCollatorWithPadding`).
-        batch_size: examples per forward pass.
-        task: a `TaskSpec` (see `hf_prune.tasks`): predictions decoded as the Trainer's evaluation does (label ids,
-            regression values, or tag sequences); without one, the argmax of the logits.
-
-    Returns:
-        `(predictions, references)`, one entry per example.
-    """
-    model.eval()
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
-    predictions, references = [], []
-    for start in range(0, len(order), batch_size):
-        batch = collator([dataset[i] for i in order[start : start + batch_size]])
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        if task is None:
-            predictions += logits.argmax(-1).tolist()
-            references += labels.tolist()
-        else:
-            from ..pipeline.metrics import decode_predictions
-
-            decoded = decode_predictions(task, logits.numpy(), labels.numpy())
-            predictions += decoded[0]
-            references += decoded[1]
-    return predictions, references
-
-
-def dataset_metric(model, dataset, collator, batch_size: int = 64, task=None) -> float:
-    """The task's main metric (accuracy without a task) of a model on a tokenized dataset with `labels` (see
-    [`dataset_predictions`]); the result does not depend on the order.
-
-    Args:
-        model: called as `model(**batch).logits`.
-        dataset: tokenized examples with `labels`.
-        collator: pads a list of examples into a batch (e.g. `DataCollatorWithPadding`).
-        batch_size: examples per forward pass.
-        task: a `TaskSpec` (see `hf_prune.tasks`): its main metric, computed as the Trainer's evaluation does.
-    """
-    predictions, references = dataset_predictions(model, dataset, collator, batch_size, task)
-    if task is None:
-        return sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)
-    from ..pipeline.metrics import task_scores
-
-    return float(task_scores(task, predictions, references)[task.main_metric])
-
-
-def split_evaluator(splits: Mapping, collator, batch_size: int = 64, task=None) -> Callable[[object], dict]:
-    """`eval_fn` for [`deployment_rows`]: a form's main metric on every tokenized split of `splits` (see
-    [`dataset_metric`])."""
-    return lambda model: {name: dataset_metric(model, ds, collator, batch_size, task) for name, ds in splits.items()}
+__all__ = ["deployment_rows", "write_deployment", "speedups", "cli_onnx"]
 
 
 # ----------------------------------------------------------------------------------------------------- measuring
@@ -153,7 +75,7 @@ def deployment_rows(
         dense_model: the dense model the export was pruned from (e.g. the teacher), or None.
         export_dir: the export folder, with `onnx/` written by [`export_onnx`].
         eval_fn: called with each form (a PyTorch model or an [`OnnxRuntimeModel`]), returns `{split: metric}`
-            (e.g. [`split_evaluator`]); None leaves the metrics out.
+            (e.g. `hf_prune.pipeline.evaluation.split_evaluator`); None leaves the metrics out.
         batch_sizes / seq_len / repeats / warmup: what to time (median of `repeats` runs after `warmup`).
         dense_path: the dense model's folder: its file size is then that of its safetensors.
         metric_name: what `eval_fn` measures.
@@ -253,7 +175,7 @@ def write_deployment(export_dir: str | os.PathLike, deployment: Mapping) -> dict
     if card_path.is_file():
         figure = FIGURE_NAME if (folder / FIGURE_NAME).is_file() else None
         card = cards.make_model_card(report, AutoConfig.from_pretrained(folder), figure_name=figure)
-        tmp = card_path.with_name(f".{CARD_NAME}.tmp-{os.getpid()}")
+        tmp = temporary_path(card_path)
         try:
             card.save(tmp)
             os.replace(tmp, card_path)

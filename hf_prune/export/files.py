@@ -1,5 +1,6 @@
 """The names of the files in an export folder, shared by the code that writes them (`persistence.py`) and the code
-that reads or publishes them (`card.py`, `report.py`), so that neither imports the other for a file name."""
+that reads or publishes them (`card.py`, `report_format.py`, `deploy.py`), so that neither imports the other for a file
+name."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ __all__ = [
     "MODELING_NAME",
     "CARD_NAME",
     "FIGURE_NAME",
+    "REPORT_NAME",
     "PICKLE_SUFFIXES",
     "EVAL_CACHE_NAME",
     "ONNX_DIR",
@@ -27,6 +29,7 @@ CONFIG_NAME = "config.json"
 MODELING_NAME = "modeling_hf_prune.py"
 CARD_NAME = "README.md"
 FIGURE_NAME = "head_map.png"
+REPORT_NAME = "pruning_report.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Written beside a teacher's weights by the metrics cache; local bookkeeping, never uploaded.
 EVAL_CACHE_NAME = "hf_prune_eval_cache.json"
@@ -41,4 +44,3 @@ def export_files(folder: str | Path) -> list[str]:
     """Sorted relative paths of the files in an export folder."""
     folder = Path(folder)
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-

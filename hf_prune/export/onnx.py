@@ -38,6 +38,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 from transformers.utils import logging
 
+from ..models.auto import get_adapter
 from ..models.costs import dummy_inputs
 from ..utils import recover_interrupted, swap_into_place, temporary_folder, temporary_path, write_json_atomic
 from .files import (
@@ -74,8 +75,6 @@ MIN_OPSET = 11  # dynamic Slice (the sequence axis) and CumSum (roberta's positi
 MAX_OPSET = 20  # the newest opset the TorchScript exporter writes
 EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
 INFO_VERSION = 1
-# Model types whose tokenizers return token_type_ids; the others (roberta, xlm-roberta) use one segment only.
-TOKEN_TYPE_MODELS = ("bert", "electra")
 WEIGHT_TYPES = ("qint8", "quint8")
 # Operators that only a quantized model holds (dynamic, static QDQ and QOperator formats alike).
 QUANTIZED_OPS = frozenset(
@@ -172,8 +171,7 @@ class OnnxRuntimeModel:
 
 # ----------------------------------------------------------------------------------------------------- export
 def _input_names(config) -> list[str]:
-    names = ["input_ids", "attention_mask"]
-    return names + ["token_type_ids"] if config.model_type in TOKEN_TYPE_MODELS else names
+    return get_adapter(config).model_input_names(config)
 
 
 def _inputs(model, names: list[str], batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:

@@ -4,8 +4,10 @@ An export folder holds:
 
 - `model.safetensors` and `config.json`: `architectures` names the transformers class (e.g.
   `BertForSequenceClassification`), the per-layer head counts / FFN widths are recorded by
-  `hf_prune.surgery.record_shapes`, and `auto_map` points the Auto classes at `modeling_hf_prune.py`;
-- `modeling_hf_prune.py`: `hf_prune/modeling_pruned.py` (torch and transformers only) plus one `Pruned<Class>` per Auto
+  the family's adapter (`hf_prune.models.surgery.record_shapes`), and `auto_map` points the Auto classes at
+  `modeling_hf_prune.py`;
+- `modeling_hf_prune.py`: the family's modeling file (torch and transformers only, e.g.
+  `hf_prune/models/bert/modeling_hf_prune.py`) plus one `Pruned<Class>` per Auto
   class, so `AutoModelFor...from_pretrained(folder, trust_remote_code=True)` works without hf_prune installed;
 - the tokenizer files, `pruning_report.json`, `README.md` (the model card) and `head_map.png` when asked for.
 
@@ -33,9 +35,8 @@ from transformers.modeling_utils import unwrap_model
 from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
-from ..models import structure
-from ..models.bert import modeling_hf_prune as modeling_pruned
-from ..models.bert.modeling_hf_prune import PrunedModelMixin
+from ..models.adapter import ArchitectureAdapter
+from ..models.auto import get_adapter
 from ..models.surgery import record_shapes
 from ..utils import recover_interrupted, swap_into_place, temporary_folder
 from . import card as cards
@@ -45,15 +46,15 @@ from .files import (
     FIGURE_NAME,
     MODELING_NAME,
     PICKLE_SUFFIXES,
+    REPORT_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     export_files,
 )
-from .report import REPORT_NAME
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["save_pruned", "load_pruned", "load_teacher", "pruned_class", "export_files"]
+__all__ = ["save_pruned", "load_pruned", "load_teacher", "pruned_class", "modeling_source"]
 
 # Auto class name -> mapping from model_type to the transformers class it builds.
 _AUTO_MAPPINGS = {
@@ -70,12 +71,14 @@ _AUTO_MAPPINGS = {
 _PRUNED_CLASSES: dict[type, type] = {}
 
 
-def pruned_class(base: type) -> type:
-    """`Pruned<Base>`: `base` with `PrunedModelMixin` in front, which builds the recorded shapes before loading."""
-    if issubclass(base, PrunedModelMixin):
+def pruned_class(base: type, adapter: ArchitectureAdapter) -> type:
+    """`Pruned<Base>`: `base` with the family's `PrunedModelMixin` in front, which builds the recorded shapes before
+    the weights are loaded."""
+    mixin = adapter.modeling_module.PrunedModelMixin
+    if issubclass(base, mixin):
         return base
     if base not in _PRUNED_CLASSES:
-        _PRUNED_CLASSES[base] = type(f"Pruned{base.__name__}", (PrunedModelMixin, base), {"__module__": __name__})
+        _PRUNED_CLASSES[base] = type(f"Pruned{base.__name__}", (mixin, base), {"__module__": __name__})
     return _PRUNED_CLASSES[base]
 
 
@@ -101,9 +104,9 @@ def _auto_map(model_type: str, base_name: str) -> dict[str, str]:
     return auto_map
 
 
-def modeling_source(auto_map: dict[str, str]) -> str:
-    """The remote-code modeling file: `modeling_pruned.py` plus one `Pruned<Class>` per class in `auto_map`."""
-    source = inspect.getsource(modeling_pruned).rstrip() + "\n"
+def modeling_source(adapter: ArchitectureAdapter, auto_map: dict[str, str]) -> str:
+    """The remote-code modeling file: the family's modeling file plus one `Pruned<Class>` per class in `auto_map`."""
+    source = inspect.getsource(adapter.modeling_module).rstrip() + "\n"
     classes = sorted({ref.rpartition(".Pruned")[2] for ref in auto_map.values()})
     source += "\n\n# Classes of this export (loaded by the Auto classes through config.json's auto_map).\n"
     source += f"from transformers import {', '.join(classes)}  # noqa: E402\n"
@@ -135,7 +138,8 @@ def _write_weights_and_config(model, folder: Path):
     config["architectures"] = [base.__name__]
     config["auto_map"] = _auto_map(model.config.model_type, base.__name__)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (folder / MODELING_NAME).write_text(modeling_source(config["auto_map"]), encoding="utf-8")
+    source = modeling_source(get_adapter(model), config["auto_map"])
+    (folder / MODELING_NAME).write_text(source, encoding="utf-8")
     written = copy.deepcopy(model.config)
     written.architectures, written.auto_map = config["architectures"], config["auto_map"]
     return written
@@ -174,7 +178,7 @@ def save_pruned(
     """Exports a (pruned) model to a folder that plain transformers can load.
 
     Args:
-        model: a model of a type in `hf_prune.structure.ARCHITECTURES`, pruned or not.
+        model: a model of a supported family (`hf_prune.models.auto.supported_model_types()`), pruned or not.
         path: the export folder. It must not exist or be empty, unless `overwrite=True`.
         tokenizer: saved with the model when given.
         report: a report from `hf_prune.report.build_report`, written as `pruning_report.json`.
@@ -187,7 +191,7 @@ def save_pruned(
         The export folder.
     """
     model = unwrap_model(model)
-    structure.get_spec(model)
+    get_adapter(model)  # an unsupported model type fails here, naming the supported ones
     target = Path(path).absolute()
     recover_interrupted(target)
     _check_target(target, overwrite)
@@ -256,11 +260,10 @@ def _check_shapes(cls: type, config, checkpoint: dict[str, tuple[int, ...]], fol
     if bad:
         listed = "; ".join(f"{k}: config {list(e)} vs weights {list(s)}" for k, e, s in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        heads = getattr(config, modeling_pruned.HEADS_KEY, None)
-        ffn = getattr(config, modeling_pruned.FFN_KEY, None)
+        heads, ffn = get_adapter(config).config_shapes(config)
         raise ValueError(
             f"{folder / CONFIG_NAME} disagrees with the weights in {folder}: {listed}{more}. The config records "
-            f"{modeling_pruned.HEADS_KEY}={heads} and {modeling_pruned.FFN_KEY}={ffn}. Use the config.json that was "
+            f"attention units per layer {heads} and MLP widths {ffn}. Use the config.json that was "
             "exported with these weights, or export the model again with hf_prune.save_pruned."
         )
 
@@ -297,9 +300,9 @@ def load_pruned(path: str | os.PathLike, **from_pretrained_kwargs):
             "which writes it."
         )
     checkpoint = _checkpoint_shapes(_weight_files(folder))
-    cls = pruned_class(base)
+    adapter = get_adapter(config_dict)
+    cls = pruned_class(base, adapter)
     config = from_pretrained_kwargs.pop("config", None) or cls.config_class.from_pretrained(folder)
-    structure.get_spec(config)
     _check_shapes(cls, config, checkpoint, folder)
     want_info = from_pretrained_kwargs.pop("output_loading_info", False)
     with warnings.catch_warnings():

@@ -33,21 +33,20 @@ from torch import nn
 from transformers.utils import logging
 
 from ..models import structure
-from ..models.bert.modeling_hf_prune import PRUNED_HEADS_KEY
+from ..models.auto import get_adapter
 from ..models.costs import count_flops, dummy_inputs, time_interleaved
+from ..models.surgery import PRUNED_HEADS_KEY
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
-    "REPORT_NAME",
+    "REPORT_VERSION",
     "build_report",
     "time_forms",
     "weights_bytes",
     "on_cpu",
-    "load_report",
 ]
 
-REPORT_NAME = "pruning_report.json"
 REPORT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 
@@ -230,7 +229,7 @@ def build_report(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
     for name, model in (("dense_model", dense_model), ("pruned_model", pruned_model)):
-        structure.get_spec(model)
+        get_adapter(model)  # an unsupported model type fails here, naming the supported ones
         if not hasattr(model, "config"):
             raise ValueError(f"{name} must be a transformers model with a config.")
     if dense_model.config.model_type != pruned_model.config.model_type:
@@ -327,41 +326,3 @@ def build_report(
     report["total_wall_time_s"] = sum(s["wall_time_s"] for s in report["stages"]) if report["stages"] else None
     json.dumps(report, allow_nan=True)  # fails here, not at export time, if something is not serialisable
     return report
-
-
-def load_report(folder: str | Path) -> dict:
-    """Reads `pruning_report.json` from an exported folder.
-
-    Args:
-        folder: a folder written by `save_pruned(..., report=...)`.
-
-    Returns:
-        The report dict.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder. Pass the folder written by hf_prune.save_pruned.")
-    path = folder / REPORT_NAME
-    if not path.is_file():
-        raise ValueError(
-            f"{folder} has no {REPORT_NAME}, so it is not an hf_prune export with a report. Make one with "
-            "`save_pruned(model, folder, tokenizer, report=build_report(dense, pruned))` or run a recipe with "
-            "`hf-prune run`, whose export stage writes it."
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); export the model again with save_pruned.") from err
-
-
-_MOVED = ("format_report", "format_deployment", "deployment_table", "metric_rows", "cli_report")
-
-
-def __getattr__(name: str):
-    # the text layout moved to `report_format.py`; the old import path keeps working (imported lazily: that module
-    # reads reports through this one)
-    if name in _MOVED:
-        from . import report_format
-
-        return getattr(report_format, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

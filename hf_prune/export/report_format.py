@@ -1,24 +1,44 @@
 """The report as text: the table `hf-prune report DIR` prints, and the rows the model card is built from.
 
-`hf_prune.report` measures and returns the report dict; this module only reads one (from `build_report` or a
-`pruning_report.json`, old versions included) and lays it out.
+`report.py` measures and returns the report dict; this module only reads one (from `build_report`, or a
+`pruning_report.json` with [`load_report`], old versions included) and lays it out.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
-from .report import load_report
+from ..utils import format_float, format_int
+from .files import REPORT_NAME
 
-__all__ = ["format_report", "format_deployment", "deployment_table", "metric_rows", "cli_report"]
-
-
-def _fmt_int(n) -> str:
-    return "-" if n is None else f"{int(n):,}"
+__all__ = ["load_report", "format_report", "format_deployment", "deployment_table", "metric_rows", "cli_report"]
 
 
-def _fmt_float(x, digits: int = 2, suffix: str = "") -> str:
-    return "-" if x is None else f"{x:.{digits}f}{suffix}"
+def load_report(folder: str | Path) -> dict:
+    """Reads `pruning_report.json` from an exported folder.
+
+    Args:
+        folder: a folder written by `save_pruned(..., report=...)`.
+
+    Returns:
+        The report dict.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder. Pass the folder written by hf_prune.save_pruned.")
+    path = folder / REPORT_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"{folder} has no {REPORT_NAME}, so it is not an hf_prune export with a report. Make one with "
+            "`save_pruned(model, folder, tokenizer, report=build_report(dense, pruned))` or run a recipe with "
+            "`hf-prune run`, whose export stage writes it."
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); export the model again with save_pruned.") from err
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
@@ -52,27 +72,27 @@ def format_report(report: Mapping) -> str:
         ("", "dense", "pruned", "dense/pruned"),
         (
             "parameters (total)",
-            _fmt_int(params.get("total_before")),
-            _fmt_int(params.get("total_after")),
-            _fmt_float(params.get("total_ratio"), suffix="x"),
+            format_int(params.get("total_before")),
+            format_int(params.get("total_after")),
+            format_float(params.get("total_ratio"), suffix="x"),
         ),
         (
             "parameters (encoder)",
-            _fmt_int(params.get("encoder_before")),
-            _fmt_int(params.get("encoder_after")),
-            _fmt_float(params.get("encoder_ratio"), suffix="x"),
+            format_int(params.get("encoder_before")),
+            format_int(params.get("encoder_after")),
+            format_float(params.get("encoder_ratio"), suffix="x"),
         ),
         (
             "file size (MiB)",
-            _fmt_float(mib["before_bytes"]),
-            _fmt_float(mib["after_bytes"]),
-            _fmt_float(size.get("ratio"), suffix="x"),
+            format_float(mib["before_bytes"]),
+            format_float(mib["after_bytes"]),
+            format_float(size.get("ratio"), suffix="x"),
         ),
         (
             f"GFLOPs (1 x {flops.get('seq_len', '?')} tokens)",
-            _fmt_float(gflops["dense"], 3),
-            _fmt_float(gflops["pruned"], 3),
-            _fmt_float(flops.get("ratio"), suffix="x"),
+            format_float(gflops["dense"], 3),
+            format_float(gflops["pruned"], 3),
+            format_float(flops.get("ratio"), suffix="x"),
         ),
     ]
     latency = report.get("latency", {})
@@ -80,13 +100,13 @@ def format_report(report: Mapping) -> str:
         rows.append(
             (
                 f"CPU latency batch {b['batch_size']} (ms)",
-                _fmt_float(b.get("dense_ms")),
-                _fmt_float(b.get("pruned_ms")),
-                _fmt_float(b.get("speedup"), suffix="x"),
+                format_float(b.get("dense_ms")),
+                format_float(b.get("pruned_ms")),
+                format_float(b.get("speedup"), suffix="x"),
             )
         )
     for name, split, teacher, pruned in metric_rows(report):
-        rows.append((f"{name} {split}", _fmt_float(teacher, 4), _fmt_float(pruned, 4), ""))
+        rows.append((f"{name} {split}", format_float(teacher, 4), format_float(pruned, 4), ""))
     lines += _table(rows)
     if latency:
         lines.append(
@@ -104,7 +124,7 @@ def format_report(report: Mapping) -> str:
     stages = report.get("stages") or []
     if stages:
         lines += [""]
-        stage_rows = [(s["name"], _fmt_float(s["wall_time_s"], 1)) for s in stages]
+        stage_rows = [(s["name"], format_float(s["wall_time_s"], 1)) for s in stages]
         lines += _table([("stage", "wall time (s)"), *stage_rows])
     if report.get("deployment"):
         lines += ["", *format_deployment(report["deployment"], report.get("metric_name"))]
@@ -124,11 +144,11 @@ def deployment_table(deployment: Mapping, metric_name: str | None = None) -> lis
     for form in forms:
         latency = {b["batch_size"]: b for b in form.get("latency") or []}
         size = form.get("file_bytes")
-        row = [str(form.get("name")), _fmt_float(None if size is None else size / 2**20)]
+        row = [str(form.get("name")), format_float(None if size is None else size / 2**20)]
         for b in batches:
             timing = latency.get(b, {})
-            row += [_fmt_float(timing.get("ms")), _fmt_float(timing.get("speedup"), suffix="x")]
-        row += [_fmt_float((form.get("metrics") or {}).get(s), 4) for s in splits]
+            row += [format_float(timing.get("ms")), format_float(timing.get("speedup"), suffix="x")]
+        row += [format_float((form.get("metrics") or {}).get(s), 4) for s in splits]
         rows.append(tuple(row))
     return rows
 

@@ -1,8 +1,9 @@
-"""Physical pruning: remove attention heads and FFN neurons from the Linear layers, and record the new shapes.
+"""Physical pruning: remove attention units and MLP neurons from the Linear layers, and record the new shapes.
 
-transformers 5 removed `prune_heads` and `config.pruned_heads`; hf_prune owns the surgery. BERT-style attention infers
-the head count from tensor shapes, so once Q/K/V/O are shrunk every layer may keep a different number of heads, under
-both the sdpa and eager attention implementations.
+transformers 5 removed `prune_heads` and `config.pruned_heads`; hf_prune owns the surgery. It is one generic cut: the
+adapter's [`UnitGroup`] says which channels of which Linear every unit owns (fused projections included), the cut
+keeps the other channels of each Linear, and the adapter updates what the Linears do not carry (head counts, a stand-in
+for an attention block left without heads) and records the per-layer shapes in the config.
 """
 
 from __future__ import annotations
@@ -14,10 +15,20 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import prune_linear_layer
 
-from . import structure
-from .bert.modeling_hf_prune import FFN_KEY, HEADS_KEY, LAYOUT_KEY, PRUNED_HEADS_KEY, EmptySelfAttention, _set_module
+from .adapter import ATTENTION, MLP, UnitGroup, config_get, set_module
+from .auto import get_adapter
 
-__all__ = ["prune_heads", "prune_ffn_neurons", "record_shapes", "original_heads_kept"]
+__all__ = [
+    "PRUNED_HEADS_KEY",
+    "prune_units",
+    "prune_heads",
+    "prune_ffn_neurons",
+    "record_shapes",
+    "original_heads_kept",
+]
+
+# `{layer: [original indices of the attention units removed]}` in the config of a pruned model
+PRUNED_HEADS_KEY = "hf_prune_pruned_heads"
 
 
 def _check_indices(kind: str, items: Mapping[int, Iterable[int]], sizes: list[int]) -> dict[int, list[int]]:
@@ -42,96 +53,92 @@ def _check_indices(kind: str, items: Mapping[int, Iterable[int]], sizes: list[in
 
 
 def original_heads_kept(config, layer: int) -> list[int]:
-    """Original (dense-model) indices of the heads a layer still has, in their current order."""
-    dense_heads = getattr(config, structure.get_spec(config).config_heads)
-    removed = set((getattr(config, PRUNED_HEADS_KEY, None) or {}).get(str(layer), []))
-    return [h for h in range(dense_heads) if h not in removed]
+    """Original (dense-model) indices of the attention units a layer still has, in their current order."""
+    dense_units = get_adapter(config).dense_shape(config)[1]
+    removed = set((config_get(config, PRUNED_HEADS_KEY) or {}).get(str(layer), []))
+    return [h for h in range(dense_units) if h not in removed]
 
 
 def record_shapes(model: nn.Module) -> None:
-    """Writes the per-layer head counts, FFN widths and layout into `model.config` (read back on load)."""
-    spec = structure.get_spec(model)
-    config = model.config
-    setattr(config, HEADS_KEY, structure.num_heads(model))
-    setattr(config, FFN_KEY, structure.ffn_size(model))
-    setattr(config, LAYOUT_KEY, spec.to_dict())
-    if getattr(config, PRUNED_HEADS_KEY, None) is None:
-        setattr(config, PRUNED_HEADS_KEY, {})
+    """Writes the per-layer shapes into `model.config` (read back on load)."""
+    get_adapter(model).record_config(model)
+    if getattr(model.config, PRUNED_HEADS_KEY, None) is None:
+        setattr(model.config, PRUNED_HEADS_KEY, {})
+
+
+def _cut(layer: nn.Module, group: UnitGroup, prune_idx: list[int]) -> None:
+    """Removes the channels of `prune_idx` (units of `group`) from every Linear the group spans."""
+    removed: dict[tuple[str, int], set[int]] = {}
+    for s in group.slices:
+        removed.setdefault((s.path, s.dim), set()).update(s.channels(prune_idx))
+    for (path, dim), channels in removed.items():
+        linear = layer.get_submodule(path)
+        size = linear.out_features if dim == 0 else linear.in_features
+        keep_idx = torch.tensor([c for c in range(size) if c not in channels], dtype=torch.long)
+        set_module(layer, path, prune_linear_layer(linear, keep_idx, dim=dim))
 
 
 @torch.no_grad()
+def prune_units(model: nn.Module, kind: str, units: Mapping[int, Iterable[int]]) -> nn.Module:
+    """Removes attention units or MLP neurons physically, in place.
+
+    Args:
+        model: a model of a supported family (see `hf_prune.models.auto.supported_model_types`).
+        kind: `"attention"` (heads, or key/value groups with their query heads) or `"mlp"` (neurons).
+        units: `{layer_index: [unit indices]}`, indices of the layer's current units. Any subset may go, including
+            every unit of a layer.
+
+    Returns:
+        The same model, with smaller projections and `model.config` recording the per-layer shapes.
+    """
+    adapter = get_adapter(model)
+    config = model.config
+    layers = adapter.layers(model)
+    groups = [adapter.unit_group(layer, kind, config) for layer in layers]
+    label = "heads" if kind == ATTENTION else "neurons"
+    units = _check_indices(label, units, [g.count for g in groups])
+    removed_map = {str(k): list(v) for k, v in (getattr(config, PRUNED_HEADS_KEY, None) or {}).items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        for layer_idx, prune_idx in units.items():
+            layer, group = layers[layer_idx], groups[layer_idx]
+            originals = original_heads_kept(config, layer_idx) if kind == ATTENTION else None
+            _cut(layer, group, prune_idx)
+            adapter.resize_units(layer, kind, group.count - len(prune_idx), config)
+            if originals is not None:
+                removed_map[str(layer_idx)] = sorted(
+                    set(removed_map.get(str(layer_idx), [])) | {originals[h] for h in prune_idx}
+                )
+    if kind == ATTENTION:
+        setattr(config, PRUNED_HEADS_KEY, removed_map)
+    record_shapes(model)
+    return model
+
+
 def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Module:
     """Removes attention heads physically, in place.
 
     Args:
-        model: a model of a type in `hf_prune.structure.ARCHITECTURES`.
-        heads: `{layer_index: [head indices]}`, indices of the layer's current heads. Any subset may go, including
-            every head of a layer: its attention block then contributes only its output projection's bias.
+        model: a model of a supported family.
+        heads: `{layer_index: [head indices]}`, indices of the layer's current attention units (heads; key/value
+            groups under grouped-query attention). Any subset may go, including every head of a layer: its attention
+            block then contributes only its output projection's bias.
 
     Returns:
-        The same model, with smaller Q/K/V/O projections and `model.config` recording the heads kept per layer.
+        The same model, with smaller attention projections and `model.config` recording the heads kept per layer.
     """
-    spec = structure.get_spec(model)
-    layers = structure.get_layers(model)
-    size = structure.head_size(model)
-    heads = _check_indices("heads", heads, structure.num_heads(model))
-    config = model.config
-    removed_map = {str(k): list(v) for k, v in (getattr(config, PRUNED_HEADS_KEY, None) or {}).items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        for layer_idx, prune_idx in heads.items():
-            layer = layers[layer_idx]
-            current = structure.get_module(layer, spec.query).out_features // size
-            originals = original_heads_kept(config, layer_idx)
-            keep_heads = [h for h in range(current) if h not in set(prune_idx)]
-            keep_idx = torch.tensor([h * size + j for h in keep_heads for j in range(size)], dtype=torch.long)
-            for role in ("query", "key", "value"):
-                path = getattr(spec, role)
-                _set_module(layer, path, prune_linear_layer(structure.get_module(layer, path), keep_idx, dim=0))
-            out = spec.attention_output
-            _set_module(layer, out, prune_linear_layer(structure.get_module(layer, out), keep_idx, dim=1))
-            attn = structure.get_module(layer, spec.self_attention)
-            if not keep_heads:
-                names = tuple(getattr(spec, r).rpartition(".")[2] for r in ("query", "key", "value"))
-                empty = EmptySelfAttention(structure.get_module(layer, spec.query).in_features, names, size)
-                for name in names:
-                    setattr(empty, name, getattr(attn, name))
-                _set_module(layer, spec.self_attention, empty)
-            else:
-                setattr(attn, spec.heads_attr, len(keep_heads))
-                setattr(attn, spec.all_head_size_attr, len(keep_heads) * size)
-            removed_map[str(layer_idx)] = sorted(
-                set(removed_map.get(str(layer_idx), [])) | {originals[h] for h in prune_idx}
-            )
-    setattr(config, PRUNED_HEADS_KEY, removed_map)
-    record_shapes(model)
-    return model
+    return prune_units(model, ATTENTION, heads)
 
 
-@torch.no_grad()
 def prune_ffn_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int]]) -> nn.Module:
-    """Removes FFN intermediate neurons physically, in place.
+    """Removes FFN (MLP) intermediate neurons physically, in place.
 
     Args:
-        model: a model of a type in `hf_prune.structure.ARCHITECTURES`.
+        model: a model of a supported family.
         neurons: `{layer_index: [neuron indices]}` of the layer's current neurons; all of a layer's neurons may go (its
-            FFN then adds only the down projection's bias).
+            MLP then adds only the output projection's bias).
 
     Returns:
-        The same model, with `model.config` recording the FFN width per layer.
+        The same model, with `model.config` recording the MLP width per layer.
     """
-    spec = structure.get_spec(model)
-    layers = structure.get_layers(model)
-    neurons = _check_indices("neurons", neurons, structure.ffn_size(model))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        for layer_idx, prune_idx in neurons.items():
-            layer = layers[layer_idx]
-            up = structure.get_module(layer, spec.ffn_in)
-            drop = set(prune_idx)
-            keep_idx = torch.tensor([i for i in range(up.out_features) if i not in drop], dtype=torch.long)
-            _set_module(layer, spec.ffn_in, prune_linear_layer(up, keep_idx, dim=0))
-            down = structure.get_module(layer, spec.ffn_out)
-            _set_module(layer, spec.ffn_out, prune_linear_layer(down, keep_idx, dim=1))
-    record_shapes(model)
-    return model
+    return prune_units(model, MLP, neurons)

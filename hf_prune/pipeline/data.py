@@ -18,17 +18,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Value, concatenate_datasets
 from transformers.utils import logging
 
-from .demo import (  # noqa: F401  (re-exported: the names data.py has always offered)
-    BUILTIN_MODELS,
-    build_wordlevel_tokenizer,
-    builtin_source,
-    demo_bert_config,
-    demo_vocabulary,
-    label_kwargs,
-    load_tokenizer,
-    make_demo_data,
-)
-from .metrics import accuracy, build_compute_metrics  # noqa: F401  (re-exported)
+from .demo import make_demo_data
 from .tasks import NLI_LABELS, LabelMap, TaskSpec, infer_label_names, parse_task, regression_value
 
 logger = logging.get_logger(__name__)
@@ -42,16 +32,7 @@ __all__ = [
     "validation_files",
     "normalize_label",
     "tokenize_splits",
-    "make_demo_data",
-    "demo_vocabulary",
-    "build_wordlevel_tokenizer",
-    "BUILTIN_MODELS",
-    "builtin_source",
-    "load_tokenizer",
-    "label_kwargs",
-    "demo_bert_config",
-    "build_compute_metrics",
-    "accuracy",
+    "train_files",
 ]
 
 LABEL_NAMES = NLI_LABELS

@@ -19,7 +19,7 @@ __all__ = [
     "build_wordlevel_tokenizer",
     "BUILTIN_MODELS",
     "builtin_source",
-    "load_tokenizer",
+    "load_tokenizer_by_name",
     "label_kwargs",
     "demo_bert_config",
     "DEMO_LABEL_NOISE",
@@ -162,7 +162,7 @@ def builtin_source(name: str) -> tuple[str, Path | None]:
     return "tiny-bert", None
 
 
-def load_tokenizer(name: str, **kwargs):
+def load_tokenizer_by_name(name: str, **kwargs):
     """`AutoTokenizer.from_pretrained(name, **kwargs)`, or the tokenizer of a built-in model (MiniLM's, or a
     word-level one)."""
     from transformers import AutoTokenizer

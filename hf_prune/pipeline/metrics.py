@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 from transformers.utils import logging
 
+from .tasks import parse_task
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
-    "DEFAULT_METRICS",
-    "VALID_METRICS",
     "accuracy",
     "f1_score",
     "matthews_corrcoef",
@@ -27,21 +27,14 @@ __all__ = [
     "mean_squared_error",
     "get_entities",
     "entity_scores",
-    "is_iob_tagging",
+    "LOADED_METRICS",
+    "load_evaluate_metric",
+    "task_scores",
+    "decode_predictions",
     "build_compute_metrics",
 ]
 
-DEFAULT_METRICS = {
-    "single_label_classification": ("accuracy",),
-    "regression": ("pearson", "spearmanr"),
-    "token_classification": ("f1", "precision", "recall", "accuracy"),
-}
 ENTITY_METRICS = ("f1", "precision", "recall")  # seqeval's, over entity spans
-VALID_METRICS = {
-    "single_label_classification": ("accuracy", "f1", "matthews_correlation"),
-    "regression": ("pearson", "spearmanr", "mse"),
-    "token_classification": ("f1", "precision", "recall", "accuracy"),
-}
 
 
 # ----------------------------------------------------------------------------------------------------- classification
@@ -171,12 +164,6 @@ def entity_scores(references: Sequence[Sequence[str]], predictions: Sequence[Seq
     return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy(flat_pred, flat_true)}
 
 
-def is_iob_tagging(names: Sequence[str]) -> bool:
-    """Whether tag names are entity tags (`O` and `B-`/`I-`/`E-`/`S-` prefixed), so entity scores apply."""
-    prefixed = [n for n in names if n != "O"]
-    return bool(prefixed) and all(len(n) > 2 and n[:2] in ("B-", "I-", "E-", "S-") for n in prefixed)
-
-
 LOCAL_METRICS = {
     "accuracy": accuracy,
     "f1": f1_score,
@@ -210,17 +197,18 @@ GLUE_METRIC_KEYS = {
     "wnli": ("accuracy",),
 }
 
-_METRIC_CACHE: dict = {}
+# The `evaluate` modules loaded by this process: `(path, config name)` -> the module, or None when it cannot be loaded.
+LOADED_METRICS: dict = {}
 
 
 def load_evaluate_metric(path: str, config_name: str | None = None):
     """`evaluate.load(path, config_name)`, once per process; None (with a warning) when it cannot be loaded."""
     key = (path, config_name)
-    if key not in _METRIC_CACHE:
+    if key not in LOADED_METRICS:
         try:
             import evaluate
 
-            _METRIC_CACHE[key] = evaluate.load(path, config_name) if config_name else evaluate.load(path)
+            LOADED_METRICS[key] = evaluate.load(path, config_name) if config_name else evaluate.load(path)
         except Exception as err:  # offline without a cached copy, a missing scipy/scikit-learn, evaluate's own errors
             logger.warning(
                 "evaluate could not load the %r metric (%s: %s); computing it locally with the same definition.",
@@ -228,8 +216,8 @@ def load_evaluate_metric(path: str, config_name: str | None = None):
                 type(err).__name__,
                 str(err).splitlines()[0] if str(err) else "",
             )
-            _METRIC_CACHE[key] = None
-    return _METRIC_CACHE[key]
+            LOADED_METRICS[key] = None
+    return LOADED_METRICS[key]
 
 
 def _through_evaluate(path: str, config_name: str | None, keys: dict[str, str], **inputs) -> dict[str, float] | None:
@@ -309,8 +297,6 @@ def build_compute_metrics(task=None):
         A function of an `EvalPrediction` returning `{metric: float}`.
     """
     if task is None:
-        from .tasks import parse_task
-
         task = parse_task("mnli")
     # loaded now, so an unavailable module is reported once, before evaluation starts
     if _entity_level(task):

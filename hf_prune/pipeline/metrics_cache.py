@@ -20,6 +20,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..export.files import EVAL_CACHE_NAME
+from ..utils import write_json_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -104,14 +105,7 @@ class MetricsCache:
             "metric": metric,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        text = json.dumps({"format_version": CACHE_VERSION, "entries": self.entries}, indent=2, sort_keys=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, {"format_version": CACHE_VERSION, "entries": self.entries}, sort_keys=True)
         except OSError as err:  # a read-only teacher folder: the result is still returned, just not kept
             logger.warning("Could not write the metrics cache %s (%s).", self.path, err)
-        finally:
-            if tmp.exists():
-                tmp.unlink()

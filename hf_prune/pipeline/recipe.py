@@ -26,6 +26,7 @@ checkpoint); a folder holding another recipe's state is refused before anything 
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -33,40 +34,26 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from accelerate import PartialState
 from transformers.utils import logging
 
+from ..export.report_format import format_report, load_report
 from ..utils import write_json_atomic
+from .context import StageContext, barrier, stage_folder
 from .data import load_task, tokenize_splits
-from .schema import (
-    UNHASHED_KEYS,
-    Recipe,
-    apply_overrides,
-    check_recipe,
-    load_recipe,
-    packaged_recipe,
-    validate_recipe,
-)
-from .sources import check_task_labels, load_tokenizer
-from .stages import (
-    StageContext,
-    _barrier,
-    remove_checkpoints,
-    run_stage,
-    stage_folder,
-)
+from .schema import UNHASHED_KEYS, Recipe, check_recipe, load_recipe, packaged_recipe
+from .sources import check_task_labels, recipe_tokenizer
+from .stages import remove_checkpoints, run_stage
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
-    "Recipe",
     "RunResult",
-    "load_recipe",
-    "validate_recipe",
-    "apply_overrides",
     "run_recipe",
     "read_state",
-    "packaged_recipe",
+    "stage_result_text",
     "format_summary",
+    "enable_progress_logging",
     "cli_run",
     "cli_compress",
     "compress_recipe",
@@ -199,14 +186,14 @@ def run_recipe(
     check_recipe(recipe)
     out = Path(recipe.output_dir)
     state = _check_output_dir(recipe)
-    _barrier()  # every process has read the folder before the main one writes to it
+    barrier()  # every process has read the folder before the main one writes to it
     if state is None:
         state = {"format_version": STATE_VERSION, "recipe_hash": recipe.hash, "recipe": recipe.to_dict()}
         state.update(created=_now(), finished=[], running=None)
     finished = list(state["finished"])
     remaining = list(range(len(finished) + 1, len(recipe.stages) + 1))
     task = recipe.task_spec
-    tokenizer = load_tokenizer(recipe, task) if remaining else None
+    tokenizer = recipe_tokenizer(recipe, task) if remaining else None
     data = None
     if remaining and _needs_data([recipe.stages[i - 1] for i in remaining]):
         data, task = _load_data(recipe, tokenizer)  # column, label or format errors surface here, before any training
@@ -214,7 +201,7 @@ def run_recipe(
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / STATE_NAME, state, sort_keys=True)
-    _barrier()
+    barrier()
     if not remaining:
         logger.info("All %d stages of %s are finished already; nothing to run.", len(finished), out)
     model, ran = None, []
@@ -243,14 +230,12 @@ def run_recipe(
             if not recipe.keep_checkpoints:
                 remove_checkpoints(ctx)
             logger.info("Stage %d/%d: %s done in %.1f s.", i, total, spec["name"], wall)
-        _barrier()
+        barrier()
         ran.append(spec["name"])
     exports = [r for r in finished if r["stage"] == "export"]
     export_dir = out / exports[-1]["summary"]["export_dir"] if exports else None
     report = None
     if is_main and export_dir is not None:
-        from ..export.report import load_report
-
         report = load_report(export_dir)
     return RunResult(out, state, model, report, export_dir, is_main, ran)
 
@@ -258,8 +243,6 @@ def run_recipe(
 def _load_data(recipe: Recipe, tokenizer):
     """The tokenized splits and the task's spec, its label names read from the data when the recipe does not give
     them."""
-    from accelerate import PartialState
-
     with PartialState().main_process_first():
         raw, task = load_task(recipe.task, recipe.data, recipe.seed)
     return tokenize_splits(raw, tokenizer, int(recipe.data.get("max_seq_length", 128)), task), task
@@ -310,16 +293,12 @@ def format_summary(result: RunResult) -> str:
     total = sum(r["wall_time_s"] for r in result.state["finished"])
     lines.append(f"total stage time: {total:.1f} s")
     if result.report is not None:
-        from ..export.report_format import format_report
-
         lines += ["", format_report(result.report), "", f"Exported model: {result.export_dir}"]
     return "\n".join(lines)
 
 
 def enable_progress_logging() -> None:
     """Shows hf_prune's INFO lines (one per stage) on stderr, once."""
-    import logging as pylogging
-
     root = pylogging.getLogger("hf_prune")
     if not root.handlers:
         handler = pylogging.StreamHandler()

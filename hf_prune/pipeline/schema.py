@@ -1,6 +1,6 @@
 """Recipe files: their schema, validation, `--set` overrides and path resolution, and the checks made before a run.
 
-A recipe is a YAML mapping (see [`hf_prune.recipe`] for an example); [`load_recipe`] reads one, applies overrides,
+A recipe is a YAML mapping (see `recipe.py` for an example); [`load_recipe`] reads one, applies overrides,
 resolves its relative paths and returns a validated [`Recipe`]. Running it is the job of `recipe.py`.
 """
 
@@ -21,16 +21,11 @@ import torch
 import yaml
 
 from ..config import PruningArguments
+from ..export.onnx import MAX_OPSET, MIN_OPSET
+from .context import CHECKPOINTS_SUBDIR, stage_folder
+from .data import train_files, validation_files
 from .sources import check_model_source, looks_like_path
-from .stages import (
-    CHECKPOINTS_SUBDIR,
-    RUNNER_ARGS,
-    SPEEDUP_STAGES,
-    STAGE_ARG_RULES,
-    STAGE_OPTIONS,
-    STAGE_TYPES,
-    stage_folder,
-)
+from .stages import RUNNER_ARGS, SPEEDUP_STAGES, STAGE_ARG_RULES, STAGE_OPTIONS, STAGE_TYPES
 from .tasks import TaskSpec, parse_task
 
 __all__ = [
@@ -40,6 +35,7 @@ __all__ = [
     "apply_overrides",
     "packaged_recipe",
     "check_recipe",
+    "argument_names",
     "TOP_LEVEL_KEYS",
     "UNHASHED_KEYS",
 ]
@@ -226,8 +222,6 @@ def _check_prune_heads_order(stages: list[dict], i: int) -> None:
 
 
 def _check_onnx_options(entry: Mapping, options: dict, where: str) -> None:
-    from ..export.onnx import MAX_OPSET, MIN_OPSET
-
     value = lambda key: entry.get(key, options[key])  # noqa: E731
     for key in ("int8", "evaluate"):
         if not isinstance(value(key), bool):
@@ -472,8 +466,6 @@ def check_recipe(recipe: Recipe) -> None:
     """Everything that can be checked before training: models, data files, and every stage's arguments."""
     for what in ("model", "teacher", "tokenizer"):
         check_model_source(what, getattr(recipe, what))
-    from .data import train_files, validation_files
-
     data = recipe.data
     files = [*train_files(data.get("train_file")), *validation_files(data.get("validation_file")).values()]
     for path in filter(None, files):

@@ -10,9 +10,9 @@ from pathlib import Path
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, set_seed
 from transformers.utils import logging
 
-from ..models.bert.modeling_hf_prune import FFN_KEY, HEADS_KEY
-from .demo import builtin_source, demo_bert_config
-from .demo import load_tokenizer as data_load_tokenizer
+from ..export.persistence import load_pruned
+from ..models.auto import get_adapter
+from .demo import builtin_source, demo_bert_config, load_tokenizer_by_name
 from .tasks import TaskSpec, parse_task
 
 logger = logging.get_logger(__name__)
@@ -20,7 +20,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "BASE_MODEL_KEY",
     "base_model_name",
-    "load_tokenizer",
+    "recipe_tokenizer",
     "load_start_model",
     "looks_like_path",
     "check_model_source",
@@ -48,16 +48,16 @@ def base_model_name(recipe) -> str:
     return recipe.model
 
 
-def load_tokenizer(recipe, task: TaskSpec | None = None):
-    """The recipe's tokenizer: `tokenizer` if set, else the model's (see [`demo.load_tokenizer`]).
+def recipe_tokenizer(recipe, task: TaskSpec | None = None):
+    """The recipe's tokenizer: `tokenizer` if set, else the model's (see `demo.load_tokenizer_by_name`).
 
     For token classification a byte-level BPE tokenizer (RoBERTa's) is loaded with `add_prefix_space=True`, which
     words given one by one need, as in transformers' `run_ner.py`.
     """
     name = recipe.tokenizer or recipe.model
-    tokenizer = data_load_tokenizer(name)
+    tokenizer = load_tokenizer_by_name(name)
     if task is not None and task.is_token_classification and getattr(tokenizer, "add_prefix_space", None) is False:
-        tokenizer = data_load_tokenizer(name, add_prefix_space=True)
+        tokenizer = load_tokenizer_by_name(name, add_prefix_space=True)
     return tokenizer
 
 
@@ -84,8 +84,6 @@ def load_start_model(recipe, tokenizer, task: TaskSpec | None = None):
         return auto.from_config(demo_bert_config(tokenizer, task))
     if os.path.isdir(name) and _per_layer_shapes(name):
         # a pruned export: its per-layer shapes must be rebuilt before the weights load
-        from ..export.persistence import load_pruned
-
         return load_pruned(name)
     return auto.from_pretrained(name, **labels)
 
@@ -154,7 +152,7 @@ def _generic(names: list[str]) -> bool:
 
 def _per_layer_shapes(folder: str) -> bool:
     config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
-    return HEADS_KEY in config or FFN_KEY in config
+    return get_adapter(config).is_pruned_config(config)
 
 
 def looks_like_path(name: str) -> bool:

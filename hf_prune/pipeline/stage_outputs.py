@@ -7,33 +7,36 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from transformers.utils import logging
 
+from ..export.deploy import deployment_rows, speedups, write_deployment
+from ..export.files import ONNX_DIR
+from ..export.onnx import export_onnx, read_export_info
 from ..export.persistence import save_pruned
 from ..export.report import build_report
+from .context import StageContext
+from .evaluation import split_evaluator
 from .metrics_cache import CACHE_NAME, MetricsCache, cache_key, dataset_digest, model_digest
 from .sources import base_model_name, load_start_model
-
-if TYPE_CHECKING:
-    from .stages import StageContext
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "evaluate_splits",
     "teacher_cache_path",
     "teacher_metrics",
     "evaluate_all",
     "evaluate_models",
+    "main_metric_values",
     "stage_evaluate",
     "stage_export",
     "stage_onnx",
 ]
 
 
-def _evaluate(ctx: StageContext, model, args, splits: dict) -> dict[str, dict[str, float]]:
-    """`{split: {metric: value}}` of `model`, every metric of the task."""
+def evaluate_splits(ctx: StageContext, model, args, splits: dict) -> dict[str, dict[str, float]]:
+    """`{split: {metric: value}}` of `model` on `splits`, every metric of the task, by the stage's Trainer."""
     trainer = ctx.trainer(model, args, train=False)
     names = ctx.task_spec().metric_names
     results = {}
@@ -61,7 +64,7 @@ def teacher_metrics(ctx: StageContext, teacher, args, splits: dict) -> dict[str,
     results = {split: {m: cache.get(key) for m, key in split_keys.items()} for split, split_keys in keys.items()}
     missing = {split: splits[split] for split, values in results.items() if None in values.values()}
     if missing:
-        results.update(_evaluate(ctx, teacher, args, missing))
+        results.update(evaluate_splits(ctx, teacher, args, missing))
         if ctx.is_main:
             for split in missing:
                 for m in names:
@@ -86,7 +89,7 @@ def evaluate_all(ctx: StageContext, model) -> dict:
     if teacher is not None:
         results["teacher"] = teacher_metrics(ctx, teacher, args, splits)
     del teacher
-    results["pruned"] = _evaluate(ctx, model, args, splits)
+    results["pruned"] = evaluate_splits(ctx, model, args, splits)
     gc.collect()
     logger.info("Stage %s: %s.", ctx.spec["name"], results)
     return results
@@ -154,20 +157,18 @@ def stage_export(ctx: StageContext) -> dict:
 
 def stage_onnx(ctx: StageContext) -> dict:
     """ONNX export (and int8 quantization) of an export stage's folder; every deployed form is then measured against
-    the dense teacher and added to that folder's report and model card (see [`hf_prune.deploy`])."""
-    from ..export import deploy
-
+    the dense teacher and added to that folder's report and model card (see `hf_prune.export.deploy`)."""
     opts, task = ctx.spec, ctx.task_spec()
     exported = [r["summary"]["export_dir"] for r in ctx.finished if r["stage"] == "export"]
     target = ctx.output_dir / (opts["path"] or exported[-1])
-    summary = {"export_dir": str(target.relative_to(ctx.output_dir)), "onnx_dir": f"{target.name}/{deploy.ONNX_DIR}"}
+    summary = {"export_dir": str(target.relative_to(ctx.output_dir)), "onnx_dir": f"{target.name}/{ONNX_DIR}"}
     if ctx.is_main:
         # the run owns its export folder: an interrupted attempt's onnx/ is replaced
-        deploy.export_onnx(target, int8=bool(opts["int8"]), opset=int(opts["opset"]), overwrite=True)
+        export_onnx(target, int8=bool(opts["int8"]), opset=int(opts["opset"]), overwrite=True)
         teacher_source = ctx.teacher_source()
         batch_size = ctx.arguments().per_device_eval_batch_size
-        evaluate = deploy.split_evaluator(ctx.eval_splits(), ctx.collator(), batch_size, task)
-        deployment = deploy.deployment_rows(
+        evaluate = split_evaluator(ctx.eval_splits(), ctx.collator(), batch_size, task)
+        deployment = deployment_rows(
             ctx.load_teacher() or load_start_model(ctx.recipe, ctx.tokenizer, task),
             target,
             evaluate if opts["evaluate"] else None,
@@ -177,7 +178,7 @@ def stage_onnx(ctx: StageContext) -> dict:
             dense_path=teacher_source if teacher_source and Path(teacher_source).is_dir() else None,
             metric_name=task.main_metric,
         )
-        deploy.write_deployment(target, deployment)
-        files = deploy.read_export_info(target / deploy.ONNX_DIR)["files"]
-        summary.update(files=sorted(files.values()), speedups=deploy.speedups(deployment))
+        write_deployment(target, deployment)
+        files = read_export_info(target / ONNX_DIR)["files"]
+        summary.update(files=sorted(files.values()), speedups=speedups(deployment))
     return {"model_dir": None, "metrics": {}, "summary": summary, "_model": ctx.load_current_model()}

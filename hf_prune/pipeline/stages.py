@@ -1,6 +1,7 @@
 """The stages of a recipe: what each one trains, prunes, measures or writes, and where its result goes.
 
-A stage gets a [`StageContext`] (the recipe, its folder, the data, the models of earlier stages) and returns a record
+A stage gets a `StageContext` (see `context.py`: the recipe, its folder, the data, the models of earlier stages) and
+returns a record
 `{"model_dir", "metrics", "summary"}`; `recipe.run_recipe` orders them, records them in `state.json` and resumes them.
 Every process of a distributed run executes every stage; only the main process writes files, and the next stage on
 every process loads what it wrote.
@@ -12,27 +13,22 @@ import gc
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, set_seed
+from transformers import set_seed
 from transformers.utils import logging
 
-from ..config import PruningArguments
-from ..export.persistence import load_pruned, load_teacher, save_pruned
+from ..config import world_size
 from ..models import structure
+from ..models.adapter import ATTENTION
 from ..models.surgery import prune_heads
 from ..posttrain.search import prune_to_speedup
+from ..pruning.units import layer_units, unit_sums
 from ..trainer import PRUNING_META_NAME, PruningTrainer
 from ..utils import write_json_atomic
-from .metrics import build_compute_metrics
-from .sources import BASE_MODEL_KEY, base_model_name, load_start_model, load_tokenizer
-from .stage_outputs import (
-    stage_evaluate,
-    stage_export,
-    stage_onnx,
-)
+from .context import CHECKPOINTS_SUBDIR, StageContext, barrier
+from .stage_outputs import stage_evaluate, stage_export, stage_onnx
 
 logger = logging.get_logger(__name__)
 
@@ -42,11 +38,11 @@ __all__ = [
     "STAGE_OPTIONS",
     "STAGE_ARG_RULES",
     "SPEEDUP_STAGES",
-    "StageContext",
+    "RUNNER_ARGS",
     "run_stage",
+    "remove_checkpoints",
     "last_complete_checkpoint",
-    "load_tokenizer",
-    "load_start_model",
+    "masked_head_fractions",
 ]
 
 STAGE_TYPES = (
@@ -120,16 +116,9 @@ RUNNER_ARGS = {
     "mean_loss": True,
 }
 MASKS_NAME = "head_masks.json"
-MODEL_SUBDIR = "model"
-CHECKPOINTS_SUBDIR = "checkpoints"
 
 
-# ----------------------------------------------------------------------------------------------------- context
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
+# ----------------------------------------------------------------------------------------------------- checkpoints
 def last_complete_checkpoint(folder: str | os.PathLike, pruning: bool) -> str | None:
     """The newest `checkpoint-N` of `folder` that was written to the end (trainer state, and pruning state when
     `pruning`), or None. A process killed while saving leaves an incomplete checkpoint, which is skipped."""
@@ -146,113 +135,6 @@ def last_complete_checkpoint(folder: str | os.PathLike, pruning: bool) -> str | 
             return str(path)
         logger.warning("Skipping the incomplete checkpoint %s (the process stopped while writing it).", path)
     return None
-
-
-@dataclass
-class StageContext:
-    """What a stage needs: its place in the recipe, the data, and the results of the stages before it.
-
-    Args:
-        recipe: the validated [`Recipe`].
-        index: 1-based position of the stage.
-        spec: the stage's entry (`stage`, `name`, `args` and its options, defaults filled in).
-        finished: records of the stages finished so far (in order).
-        data: tokenized splits (`train` and the validation splits), or a callable that loads them on first use.
-        tokenizer: the recipe's tokenizer.
-        callbacks: extra `TrainerCallback`s given to every training stage.
-        is_main: whether this process writes files.
-        task: the task's [`TaskSpec`] with its label names read from the data (default: the recipe's task as given).
-    """
-
-    recipe: object
-    index: int
-    spec: dict
-    finished: list[dict]
-    data: object
-    tokenizer: object
-    callbacks: list = field(default_factory=list)
-    is_main: bool = True
-    task: object = None
-
-    def task_spec(self):
-        return self.task if self.task is not None else self.recipe.task_spec
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.recipe.output_dir)
-
-    @property
-    def stage_dir(self) -> Path:
-        return self.output_dir / stage_folder(self.index, self.spec)
-
-    def splits(self) -> dict:
-        if callable(self.data):
-            self.data = self.data()
-        return self.data
-
-    def eval_splits(self) -> dict:
-        return {k: v for k, v in self.splits().items() if k != "train"}
-
-    def arguments(self, **overrides) -> PruningArguments:
-        return self.recipe.stage_arguments(self.index, **overrides)
-
-    def current_model_dir(self) -> Path | None:
-        dirs = [r["model_dir"] for r in self.finished if r.get("model_dir")]
-        return self.output_dir / dirs[-1] if dirs else None
-
-    def load_current_model(self):
-        folder = self.current_model_dir()
-        return load_pruned(folder) if folder else load_start_model(self.recipe, self.tokenizer, self.task_spec())
-
-    def teacher_source(self) -> str | None:
-        """The teacher's folder or Hub id: `teacher` of the recipe, else the last finished finetune stage."""
-        if self.recipe.teacher:
-            return self.recipe.teacher
-        dirs = [r["model_dir"] for r in self.finished if r["stage"] == "finetune"]
-        return str(self.output_dir / dirs[-1]) if dirs else None
-
-    def load_teacher(self):
-        """The teacher as a model (None when the recipe has none)."""
-        source = self.teacher_source()
-        return load_teacher(source) if source is not None else None
-
-    def collator(self):
-        if self.task_spec().is_token_classification:  # pads the per-token labels too (with -100)
-            return DataCollatorForTokenClassification(self.tokenizer)
-        return DataCollatorWithPadding(self.tokenizer)
-
-    def trainer(self, model, args, teacher=None, train: bool = True) -> PruningTrainer:
-        """A `PruningTrainer` of `model` on the stage's data (`train=False`: evaluation only)."""
-        return PruningTrainer(
-            model=model,
-            args=args,
-            teacher_model=teacher,
-            train_dataset=self.splits()["train"] if train else None,
-            eval_dataset=self.eval_splits() or None,
-            processing_class=self.tokenizer,
-            data_collator=self.collator(),
-            compute_metrics=build_compute_metrics(self.task_spec()),
-            callbacks=list(self.callbacks) if train else None,
-        )
-
-    def model_dir(self) -> str:
-        """`NN-name/model`, where the stage's model is saved, relative to the run (the same on every process)."""
-        return str((self.stage_dir / MODEL_SUBDIR).relative_to(self.output_dir))
-
-    def save_model(self, model) -> str:
-        """Saves the stage's model to `NN-name/model` (main process) and returns its path relative to the run."""
-        if self.is_main:
-            if not getattr(model.config, BASE_MODEL_KEY, None):
-                setattr(model.config, BASE_MODEL_KEY, base_model_name(self.recipe))
-            save_pruned(
-                model, self.output_dir / self.model_dir(), self.tokenizer, overwrite=True, card=False, figure=False
-            )
-        return self.model_dir()
-
-
-def stage_folder(index: int, spec: dict) -> str:
-    """`NN-name`, the folder of the stage at `index` (1-based)."""
-    return f"{index:02d}-{spec['name']}"
 
 
 # ----------------------------------------------------------------------------------------------------- stages
@@ -321,18 +203,11 @@ def stage_movement(ctx: StageContext) -> dict:
 @torch.no_grad()
 def masked_head_fractions(model) -> dict[int, list[float]]:
     """`{layer: [fraction of each head's Q/K/V rows and attention-output columns that is masked (zero)]}`."""
-    spec, size = structure.get_spec(model), structure.head_size(model)
     fractions = {}
-    for i, layer in enumerate(structure.get_layers(model)):
-        linears = structure.attention_linears(layer, spec)
-        per_head = []
-        for h in range(linears["query"].out_features // size):
-            rows = slice(h * size, (h + 1) * size)
-            parts = [linears[r].weight[rows] for r in ("query", "key", "value")]
-            parts.append(linears["attention_output"].weight[:, rows])
-            zeros = sum(int((p == 0).sum()) for p in parts)
-            per_head.append(round(zeros / max(sum(p.numel() for p in parts), 1), 4))
-        fractions[i] = per_head
+    for lu in layer_units(model, ATTENTION):
+        zeros = unit_sums(lu, lambda linear: (linear.weight == 0).to(torch.int64))
+        per_unit = sum(s.width * linear.weight.shape[1 - s.dim] for s, linear in zip(lu.group.slices, lu.linears))
+        fractions[lu.layer] = [round(int(z) / max(per_unit, 1), 4) for z in zeros]
     return fractions
 
 
@@ -398,12 +273,11 @@ def stage_prune_to_speedup(ctx: StageContext) -> dict:
     """Retraining-free pruning of heads and FFN neurons to `target_speedup` (see [`posttrain.prune_to_speedup`]) on
     a sample of the training split."""
     args, opts = ctx.arguments(), ctx.spec
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if world > 1:
+    if world_size() > 1:
         # One process chooses and the others load its choice: measured costs (cost_model="latency") and the order of
         # reductions differ between processes, and ranks that prune differently cannot train together.
         summary = [_prune_to_speedup(ctx, args, opts)[1] if ctx.is_main else None]
-        _barrier()  # the main process has written the model; the next stage loads it from model_dir
+        barrier()  # the main process has written the model; the next stage loads it from model_dir
         torch.distributed.broadcast_object_list(summary, src=0)
         return {"model_dir": ctx.model_dir(), "metrics": {}, "summary": summary[0]}
     pruned, summary = _prune_to_speedup(ctx, args, opts)

@@ -28,14 +28,15 @@ import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from transformers.utils import logging
-
-from .metrics import DEFAULT_METRICS, VALID_METRICS, is_iob_tagging
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "PROBLEM_TYPES",
+    "DEFAULT_METRICS",
+    "VALID_METRICS",
     "NLI_LABELS",
     "GLUE_DATASET",
     "GLUE_TASKS",
@@ -45,9 +46,21 @@ __all__ = [
     "LabelMap",
     "infer_label_names",
     "regression_value",
+    "is_iob_tagging",
 ]
 
 PROBLEM_TYPES = ("single_label_classification", "regression", "token_classification")
+# The metrics of a problem type when the task names none (the first is the main one), and those it may name.
+DEFAULT_METRICS = {
+    "single_label_classification": ("accuracy",),
+    "regression": ("pearson", "spearmanr"),
+    "token_classification": ("f1", "precision", "recall", "accuracy"),
+}
+VALID_METRICS = {
+    "single_label_classification": ("accuracy", "f1", "matthews_correlation"),
+    "regression": ("pearson", "spearmanr", "mse"),
+    "token_classification": ("f1", "precision", "recall", "accuracy"),
+}
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 GLUE_DATASET = "nyu-mll/glue"
 TASK_KEYS = (
@@ -314,6 +327,12 @@ def parse_task(raw) -> TaskSpec:
 
 
 # ----------------------------------------------------------------------------------------------------- labels
+def is_iob_tagging(names: Sequence[str]) -> bool:
+    """Whether tag names are entity tags (`O` and `B-`/`I-`/`E-`/`S-` prefixed), so entity scores apply."""
+    prefixed = [n for n in names if n != "O"]
+    return bool(prefixed) and all(len(n) > 2 and n[:2] in ("B-", "I-", "E-", "S-") for n in prefixed)
+
+
 def _int_like(value) -> int | None:
     if isinstance(value, bool):
         return None
@@ -325,13 +344,8 @@ def _int_like(value) -> int | None:
         text = value.strip()
         if text.lstrip("-").isdigit():
             return int(text)
-    try:  # numpy integers
-        import numpy as np
-
-        if isinstance(value, np.integer):
-            return int(value)
-    except ImportError:  # pragma: no cover - numpy comes with datasets
-        pass
+    if isinstance(value, np.integer):
+        return int(value)
     return None
 
 

@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from ..models import structure
+from ..models.adapter import ATTENTION, MLP, ChannelSlice
+from ..models.auto import get_adapter
+from ..pruning.units import layer_units
 
 __all__ = ["least_squares_scales", "tune_masks"]
 
@@ -93,6 +96,12 @@ def _layer_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Ten
     return inputs, extras
 
 
+def _cols(s: ChannelSlice, unit: int) -> slice:
+    """The channels of one unit in its output projection."""
+    start = s.offset + unit * s.width
+    return slice(start, start + s.width)
+
+
 def _call_layer(layer, x, extra):
     out = layer(x, *extra[0], **extra[1])
     return out[0] if isinstance(out, tuple) else out
@@ -107,7 +116,7 @@ def tune_masks(
     With `first_token_last`, the last layer is fitted on the first token alone: a sequence classifier reads nothing
     else of it (Kwon et al. fit the last FFN of classifiers on the CLS token too).
     """
-    spec, size = structure.get_spec(student), structure.head_size(student)
+    adapter = get_adapter(student)
     n_check = max(1, len(batches) // 5)
     held_out = [i >= len(batches) - n_check for i in range(len(batches))]
     xs, extras = _layer_inputs(dense, batches)
@@ -120,9 +129,22 @@ def tune_masks(
         first_tokens.append(first)
     last_layer = len(structure.get_layers(student)) - 1
     report = []
+    s_attn, s_mlp = layer_units(student, ATTENTION), layer_units(student, MLP)
+    d_attn, d_mlp = layer_units(dense, ATTENTION), layer_units(dense, MLP)
     for layer_idx, (s_layer, d_layer) in enumerate(zip(structure.get_layers(student), structure.get_layers(dense))):
-        s_lin = {r: structure.get_module(s_layer, getattr(spec, r)) for r in ("attention_output", "ffn_in", "ffn_out")}
-        d_lin = {r: structure.get_module(d_layer, getattr(spec, r)) for r in ("attention_output", "ffn_in", "ffn_out")}
+        # the projections the fit reads: the attention and MLP outputs, and the module whose input is the residual
+        # stream the MLP output is added to
+        s_lin = {
+            "attention_output": s_attn[layer_idx].output_linear,
+            "ffn_out": s_mlp[layer_idx].output_linear,
+            "mlp_residual": s_layer.get_submodule(adapter.mlp_residual_path),
+        }
+        d_lin = {
+            "attention_output": d_attn[layer_idx].output_linear,
+            "ffn_out": d_mlp[layer_idx].output_linear,
+            "mlp_residual": d_layer.get_submodule(adapter.mlp_residual_path),
+        }
+        head_slice = s_attn[layer_idx].group.output
         entry = {"layer": layer_idx}
         tokens = first_tokens if first_token_last and layer_idx == last_layer else all_tokens
         # dense targets: the pre-LayerNorm sums of the attention block (residual: the layer input) and of the FFN
@@ -132,7 +154,7 @@ def tune_masks(
         for b, x in enumerate(xd):
             next_d.append(_call_layer(d_layer, x, extras[b]))
             attn_target.append(d_lin["attention_output"](seen["attention_output"]) + x)
-            ffn_target.append(d_lin["ffn_out"](seen["ffn_out"]) + seen["ffn_in"])
+            ffn_target.append(d_lin["ffn_out"](seen["ffn_out"]) + seen["mlp_residual"])
         for h in handles:
             h.remove()
         heads = keep_heads[layer_idx].nonzero().flatten().tolist()
@@ -143,9 +165,9 @@ def tune_masks(
             seen, handles = _capture({"ctx": s_lin["attention_output"]})
             for b, x in enumerate(xs):
                 _call_layer(s_layer, x, extras[b])
-                ctx = seen["ctx"][tokens[b]]  # (tokens, heads * size)
+                ctx = seen["ctx"][tokens[b]]  # (tokens, units * width)
                 parts = torch.stack(
-                    [ctx[:, h * size : (h + 1) * size] @ w_o[:, h * size : (h + 1) * size].t() for h in heads]
+                    [ctx[:, _cols(head_slice, h)] @ w_o[:, _cols(head_slice, h)].t() for h in heads]
                 )  # (k, tokens, hidden)
                 bias = s_lin["attention_output"].bias
                 r = attn_target[b][tokens[b]] - x[tokens[b]] - (bias if bias is not None else 0)
@@ -156,7 +178,7 @@ def tune_masks(
             scales, before, after = stats.solve()
             if scales is not None:
                 for h, s in zip(heads, scales.tolist()):
-                    w_o[:, h * size : (h + 1) * size] *= s
+                    w_o[:, _cols(head_slice, h)] *= s
             entry["heads"] = {"tuned": scales is not None, "held_out_error": [before, after]}
         w_down = s_lin["ffn_out"].weight
         if neurons:
@@ -164,7 +186,7 @@ def tune_masks(
             kept = torch.tensor(neurons, device=w_down.device)
             w = w_down[:, kept].double()
             ww = w.t() @ w
-            seen, handles = _capture({"act": s_lin["ffn_out"], "res": s_lin["ffn_in"]})
+            seen, handles = _capture({"act": s_lin["ffn_out"], "res": s_lin["mlp_residual"]})
             for b, x in enumerate(xs):
                 _call_layer(s_layer, x, extras[b])
                 act = seen["act"][tokens[b]][:, kept].double()  # (tokens, k)

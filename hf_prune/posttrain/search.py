@@ -1,13 +1,10 @@
 """Retraining-free pruning to a speed target: Fisher mask search, mask rearrangement and least-squares mask tuning
 (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers"), ending in physical removal.
 
-1. Importance: mask variables multiply the output of every head (the input columns of the attention output
-   projection) and of every FFN neuron (the input of the down projection). Their gradients are taken per example
-   (each example gets its own copy of the masks, so the gradient of the summed loss with respect to that copy is the
-   example's own gradient) and the Fisher information of a unit is the sum of its squared per-example gradients.
-2. Search: `costs.allocate_units` keeps the heads and neurons with the most Fisher information that fit in the FLOPs
-   budget of the target speedup; then, within each layer, a greedy swap picks the set to remove that minimises
-   `sum_examples (sum_removed g)^2`, the loss increase the layer's block of the Fisher matrix predicts.
+1. Importance (`fisher.py`): the Fisher information of a mask on every attention unit and MLP neuron.
+2. Search: `pruning.allocation.allocate_units` keeps the heads and neurons with the most Fisher information that fit
+   in the FLOPs budget of the target speedup; then, within each layer, a greedy swap picks the set to remove that
+   minimises `sum_examples (sum_removed g)^2`, the loss increase the layer's block of the Fisher matrix predicts.
 3. Tuning (`mask_tuning.py`): layer by layer, the kept heads' and neurons' contributions are rescaled by least
    squares (`torch.linalg.lstsq` on the normal equations) so the layer's pre-LayerNorm sums match the dense model's
    on the sample; a scale is kept only if it lowers the error on held-out examples of the sample.
@@ -20,27 +17,23 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..models import structure
-from ..models.costs import (
-    allocate_units,
-    dummy_inputs,
-    measured_unit_costs,
-    speedup_budget,
-    time_interleaved,
-    unit_costs,
-)
+from ..models.adapter import ATTENTION, MLP
+from ..models.auto import get_adapter
+from ..models.costs import dummy_inputs, measured_unit_costs, time_interleaved, unit_costs
 from ..models.surgery import prune_ffn_neurons, prune_heads
+from ..pruning.allocation import allocate_units, speedup_budget
+from ..pruning.units import layer_units
+from .fisher import mask_fisher, mask_gradients, rearrange_layer
 from .mask_tuning import tune_masks
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["mask_gradients", "mask_fisher", "rearrange_layer", "prune_to_speedup"]
+__all__ = ["pad_collate", "measured_speedup", "choose_timed", "MAX_CORRECTION", "prune_to_speedup"]
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
@@ -66,7 +59,7 @@ def _examples(dataset, count: int, seed: int) -> list[dict]:
     return rows
 
 
-def _pad_collate(pad_id: int):
+def pad_collate(pad_id: int):
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(r["input_ids"]) for r in rows)
         batch = {}
@@ -96,122 +89,6 @@ def _batches(rows: list[dict], batch_size: int, collate, device) -> list[dict[st
     return out
 
 
-# ----------------------------------------------------------------------------------------------------- importance
-def _layer_units(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]:
-    spec, size = structure.get_spec(model), structure.head_size(model)
-    return [
-        (structure.get_module(layer, spec.attention_output), structure.get_module(layer, spec.ffn_out), size)
-        for layer in structure.get_layers(model)
-    ]
-
-
-@contextmanager
-def _unit_masks(model: nn.Module, head_masks: list[torch.Tensor], neuron_masks: list[torch.Tensor]):
-    """Multiplies each head's and neuron's output by its mask, per example (`(batch, units)` masks)."""
-    handles = []
-
-    def head_hook(mask, size):
-        def hook(module, args):
-            x = args[0]
-            shape = x.shape
-            scaled = x.view(*shape[:-1], -1, size) * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), -1, 1)
-            return (scaled.view(shape), *args[1:])
-
-        return hook
-
-    def neuron_hook(mask):
-        def hook(module, args):
-            x = args[0]
-            return (x * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), -1), *args[1:])
-
-        return hook
-
-    try:
-        for (attn_out, ffn_out, size), hm, nm in zip(_layer_units(model), head_masks, neuron_masks):
-            if hm.shape[-1] > 0:
-                handles.append(attn_out.register_forward_pre_hook(head_hook(hm, size)))
-            if nm.shape[-1] > 0:
-                handles.append(ffn_out.register_forward_pre_hook(neuron_hook(nm)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def mask_gradients(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-example gradients of the loss with respect to every head's and every neuron's mask, at masks of one.
-
-    Args:
-        model: a model with a loss (the batches carry `labels`), in eval mode for deterministic outputs.
-        batches: collated batches on the model's device.
-
-    Returns:
-        `(head_grads, neuron_grads)`: per layer, a float tensor `(examples, heads)` / `(examples, neurons)`.
-    """
-    heads, neurons = structure.num_heads(model), structure.ffn_size(model)
-    head_grads, neuron_grads = [[] for _ in heads], [[] for _ in neurons]
-    requires = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)  # only the masks' gradients are needed
-    try:
-        for batch in batches:
-            size = batch["input_ids"].shape[0]
-            device = batch["input_ids"].device
-            hm = [torch.ones(size, h, device=device, requires_grad=True) for h in heads]
-            nm = [torch.ones(size, n, device=device, requires_grad=True) for n in neurons]
-            with _unit_masks(model, hm, nm):
-                loss = model(**batch).loss
-            # The loss is a batch mean: times the batch size it is the sum of per-example losses, whose gradient with
-            # respect to an example's own copy of the masks is that example's gradient.
-            wanted = [m for m in hm + nm if m.shape[-1] > 0]
-            grads = iter(torch.autograd.grad(loss * size, wanted))
-            for store, masks in ((head_grads, hm), (neuron_grads, nm)):
-                for i, m in enumerate(masks):
-                    store[i].append(next(grads).detach().float().cpu() if m.shape[-1] > 0 else torch.zeros(size, 0))
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-    return [torch.cat(g) for g in head_grads], [torch.cat(g) for g in neuron_grads]
-
-
-def mask_fisher(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The diagonal Fisher information of each unit: the sum over examples of its squared gradient."""
-    return [g.pow(2).sum(dim=0) for g in grads]
-
-
-def rearrange_layer(keep: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """Chooses which units of one layer to remove, keeping their number (Kwon et al. 2022, section 4.2).
-
-    The loss increase of removing a set `S` is estimated with the layer's block of the empirical Fisher matrix,
-    `sum_examples (sum_{j in S} g_j)^2`: units whose gradients cancel are cheaper together than their diagonal
-    terms say. Starting from the units of least diagonal Fisher, each other unit (in increasing order) is swapped in
-    if that lowers the estimate; it never rises.
-
-    Args:
-        keep: bool keep-mask of the layer's units (its number of False is kept).
-        grads: per-example gradients `(examples, units)`.
-
-    Returns:
-        The new keep-mask.
-    """
-    removed = int((~keep).sum())
-    if removed == 0 or removed == keep.numel():
-        return keep.clone()
-    g = grads.double().t().contiguous()  # (units, examples)
-    order = torch.sort(g.pow(2).sum(dim=1), stable=True).indices.tolist()
-    chosen = order[:removed]
-    total = g[chosen].sum(dim=0)
-    for unit in order[removed:]:
-        candidates = chosen + [unit]
-        with_unit = total + g[unit]
-        drop = int(torch.argmin((with_unit.unsqueeze(0) - g[candidates]).pow(2).sum(dim=1)))
-        if candidates[drop] != unit:
-            total = with_unit - g[candidates[drop]]
-            chosen = candidates[:drop] + candidates[drop + 1 :]
-    new_keep = torch.ones_like(keep)
-    new_keep[torch.tensor(chosen, dtype=torch.long)] = False
-    return new_keep
-
-
 # ----------------------------------------------------------------------------------------------------- calibration
 # How far calibration may move the goal from the target. The fitted line missed measured speedups by 7-12% on MiniLM
 # at batch 32 on a CPU; a miss several times larger comes from a busy machine (threads of other processes slow a
@@ -239,7 +116,7 @@ def measured_speedup(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_l
     return statistics.median(dense_ms) / statistics.median(pruned_ms)
 
 
-def _choose(candidates: list[dict], target: float) -> dict:
+def choose_timed(candidates: list[dict], target: float) -> dict:
     """The timed candidate to keep: the slowest one that reaches the target (the most units kept), else the fastest."""
     reached = [c for c in candidates if c["measured_speedup"] >= target]
     if reached:
@@ -308,7 +185,7 @@ def prune_to_speedup(
         `(pruned_model, summary)`: the physically pruned copy, and what was done and measured (FLOPs before / after and
         their ratio, heads and FFN width per layer, the removed units, the tuning per layer, the time of each phase).
     """
-    structure.get_spec(model)
+    get_adapter(model)  # an unsupported model type fails here, naming the supported ones
     if not target_speedup > 1.0:
         raise ValueError(f"target_speedup={target_speedup} must be > 1 (it is dense FLOPs / pruned FLOPs, e.g. 2).")
     if num_samples < 1:
@@ -334,7 +211,7 @@ def prune_to_speedup(
         _check_samples(rows, tune_rows, hidden, max([*costs.heads, *costs.neurons]))
     device = next(model.parameters()).device
     pad = getattr(model.config, "pad_token_id", None)
-    collate = data_collator or _pad_collate(pad if isinstance(pad, int) else 0)
+    collate = data_collator or pad_collate(pad if isinstance(pad, int) else 0)
     batches = _batches(rows, batch_size, collate, device)
     times = {}
 
@@ -383,7 +260,7 @@ def prune_to_speedup(
                 )
                 break
             keep_heads, keep_neurons = search(goal)
-        keep_heads, keep_neurons = _choose(calibration, target_speedup)["keep"]
+        keep_heads, keep_neurons = choose_timed(calibration, target_speedup)["keep"]
         times["calibration_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if rearrange:
@@ -392,11 +269,12 @@ def prune_to_speedup(
     times["search_s"] += time.perf_counter() - t
 
     student = copy.deepcopy(model)
-    size = structure.head_size(student)
     with torch.no_grad():
-        for (attn_out, ffn_out, _), kh, kn in zip(_layer_units(student), keep_heads, keep_neurons):
-            attn_out.weight[:, (~kh).repeat_interleave(size).to(device)] = 0.0
-            ffn_out.weight[:, (~kn).to(device)] = 0.0
+        for kind, keeps in ((ATTENTION, keep_heads), (MLP, keep_neurons)):
+            for lu, keep in zip(layer_units(student, kind), keeps):
+                out = lu.group.output
+                cols = (~keep).repeat_interleave(out.width).nonzero().flatten() + out.offset
+                lu.output_linear.weight[:, cols.to(lu.output_linear.weight.device)] = 0.0
     tuning = []
     t = time.perf_counter()
     if tune:
@@ -421,7 +299,7 @@ def prune_to_speedup(
         "tune_samples": tune_rows if tune else 0,
         "cost_model": cost_model if cost_model == "flops" else f"latency (ms at {latency_batch_size} x {seq_len})",
         "predicted_speedup": costs.total / predicted,
-        "measured_speedup": _choose(calibration, target_speedup)["measured_speedup"] if calibration else None,
+        "measured_speedup": choose_timed(calibration, target_speedup)["measured_speedup"] if calibration else None,
         "calibration": [{k: v for k, v in c.items() if k != "keep"} for c in calibration],
         "flops_before": flops.total,
         "flops_after": after.total,

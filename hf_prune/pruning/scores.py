@@ -10,12 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .units import LayerUnits, unique_linears, unit_sums
+
 __all__ = [
     "movement_score",
     "magnitude_score",
-    "neuron_group_taylor",
-    "neuron_group_movement",
-    "neuron_group_magnitude",
+    "unit_products",
+    "taylor_importance",
+    "movement_importance",
+    "unit_magnitude",
     "MovementScorer",
     "NeuronScorer",
     "gradients_usable",
@@ -33,39 +36,30 @@ def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
     return weight.abs()
 
 
-def _neuron_products(w_in, b_in, w_out, g_in, gb_in, g_out) -> torch.Tensor:
-    # One FFN neuron j owns row j of the up projection, bias j, and column j of the down projection.
-    total = (w_in * g_in).sum(dim=1) + (w_out * g_out).sum(dim=0)
-    if b_in is not None and gb_in is not None:
-        total = total + b_in * gb_in
+def unit_products(lu: LayerUnits) -> torch.Tensor:
+    """Per unit, `sum_s W_s * dL/dW_s` over every weight the unit owns (rows of its input projections and their bias,
+    columns of its output projection): the first-order change of the loss when the whole unit is scaled away."""
+    total = unit_sums(lu, lambda lin: lin.weight.float() * lin.weight.grad.float())
+    for s, linear in zip(lu.group.inputs, lu.linears):
+        if linear.bias is not None and linear.bias.grad is not None:
+            total = total + s.per_unit(linear.bias.float() * linear.bias.grad.float(), lu.count)
     return total
 
 
-def neuron_group_taylor(w_in, b_in, w_out, g_in, gb_in, g_out) -> torch.Tensor:
-    """First-order Taylor importance of every FFN neuron (Molchanov et al. 2019, eq. 8).
-
-    `(sum_s g_s * w_s)^2` over the parameters `s` of the neuron's group: the squared first-order estimate of the loss
-    change when the whole group is removed.
-
-    Args:
-        w_in / b_in: up-projection weight (I, H) and bias (I,) or None.
-        w_out: down-projection weight (H, I).
-        g_in / gb_in / g_out: their gradients.
-
-    Returns:
-        A tensor (I,) of non-negative importances.
-    """
-    return _neuron_products(w_in, b_in, w_out, g_in, gb_in, g_out).pow(2)
+def taylor_importance(products: torch.Tensor) -> torch.Tensor:
+    """First-order Taylor importance of a group of weights (Molchanov et al. 2019, eq. 8): `(sum_s g_s * w_s)^2`,
+    the squared first-order estimate of the loss change when the whole group is removed."""
+    return products.pow(2)
 
 
-def neuron_group_movement(w_in, b_in, w_out, g_in, gb_in, g_out) -> torch.Tensor:
-    """Movement score of every FFN neuron: `-sum_s W_s * g_s` over its group (Sanh et al. 2020, pooled per neuron)."""
-    return -_neuron_products(w_in, b_in, w_out, g_in, gb_in, g_out)
+def movement_importance(products: torch.Tensor) -> torch.Tensor:
+    """Movement score of a group of weights: `-sum_s W_s * g_s` (Sanh et al. 2020, pooled per unit)."""
+    return -products
 
 
-def neuron_group_magnitude(w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
-    """L1 norm of every FFN neuron's weights (row of the up projection plus column of the down projection)."""
-    return w_in.abs().sum(dim=1) + w_out.abs().sum(dim=0)
+def unit_magnitude(lu: LayerUnits) -> torch.Tensor:
+    """Per unit, the L1 norm of the weights it owns (its rows of the input projections, its output columns)."""
+    return unit_sums(lu, lambda lin: lin.weight.detach().float().abs())
 
 
 def gradients_usable(scored: list[nn.Parameter], params: list[nn.Parameter]) -> bool:
@@ -127,32 +121,27 @@ class MovementScorer:
 
 
 class NeuronScorer:
-    """Accumulates one importance per FFN neuron of every layer (Taylor or movement), at every optimizer step.
+    """Accumulates one importance per unit (Taylor or movement) of every layer, at every optimizer step.
 
     Args:
-        groups: per layer, `(up_projection, down_projection)` linears.
-        method: "taylor" or "movement". ("magnitude" needs no accumulation: see `neuron_group_magnitude`.)
+        units: per layer, its units bound to their Linears (see `pruning.units.layer_units`).
+        method: "taylor" or "movement". ("magnitude" needs no accumulation: see `unit_magnitude`.)
     """
 
-    def __init__(self, groups: list[tuple[nn.Linear, nn.Linear]], method: str = "taylor"):
+    def __init__(self, units: list[LayerUnits], method: str = "taylor"):
         if method not in ("taylor", "movement"):
             raise ValueError(f"NeuronScorer accumulates 'taylor' or 'movement' scores, not {method!r}.")
-        self.groups = groups
-        self.fn = neuron_group_taylor if method == "taylor" else neuron_group_movement
-        self.scores = [torch.zeros(up.out_features, device=up.weight.device) for up, _ in groups]
+        self.units = units
+        self.fn = taylor_importance if method == "taylor" else movement_importance
+        self.scores = [torch.zeros(lu.count, device=lu.output_linear.weight.device) for lu in units]
         self.steps = 0
 
     @torch.no_grad()
     def accumulate(self) -> None:
-        for (up, down), s in zip(self.groups, self.scores):
-            if up.weight.grad is None or down.weight.grad is None:
+        for lu, s in zip(self.units, self.scores):
+            if any(linear.weight.grad is None for linear in lu.linears):
                 continue
-            b, gb = (up.bias, up.bias.grad) if up.bias is not None else (None, None)
-            s.add_(
-                self.fn(
-                    up.weight.float(), b, down.weight.float(), up.weight.grad.float(), gb, down.weight.grad.float()
-                )
-            )
+            s.add_(self.fn(unit_products(lu)))
         self.steps += 1
 
     def reset(self) -> None:
@@ -161,6 +150,8 @@ class NeuronScorer:
         self.steps = 0
 
     def parameters(self) -> list[nn.Parameter]:
-        """The weights whose gradients the scores read (the bias too, when the up projection has one)."""
-        params = [w for up, down in self.groups for w in (up.weight, down.weight)]
-        return params + [up.bias for up, _ in self.groups if up.bias is not None]
+        """The weights whose gradients the scores read (the biases of the input projections too)."""
+        linears = unique_linears(self.units)
+        params = [linear.weight for linear in linears]
+        inputs = {id(lin) for lu in self.units for lin in lu.linears[:-1]}
+        return params + [lin.bias for lin in linears if id(lin) in inputs and lin.bias is not None]

@@ -8,7 +8,7 @@ An entry is a dict of selectors (all those given must match) plus, for targets, 
     {"names": ["bert.pooler.dense"]}
 
 `exclude` entries use the same selectors and remove their modules from every target. Presets come from the
-architecture table, so they work for every supported model type.
+family's adapter, so they work for every supported model type.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..models import structure
+from ..models.adapter import ATTENTION, MLP
 
 logger = logging.get_logger(__name__)
 
@@ -109,7 +110,8 @@ class Selection:
         entry: index of the target entry that selected it.
         sparsity: its target sparsity.
         block: its block shape.
-        layer / role: its place in the architecture table (None outside it).
+        layer / role / kind: its layer, its role in the family's adapter and whether it is an attention or MLP
+            projection (None outside the layers).
     """
 
     name: str
@@ -119,6 +121,7 @@ class Selection:
     block: tuple[int, int]
     layer: int | None
     role: str | None
+    kind: str | None = None
 
 
 def _nearest(name: str, candidates: list[str]) -> str:
@@ -126,12 +129,12 @@ def _nearest(name: str, candidates: list[str]) -> str:
     return ", ".join(close or candidates[:5])
 
 
-def _match(model, entry: dict, linears: dict[str, nn.Linear], roles: dict[str, tuple[int, str]], where: str):
+def _match(model, entry: dict, linears: dict[str, nn.Linear], roles: dict[str, tuple], where: str):
     names = list(linears)
     if entry.get("preset") == "attention":
-        names = [n for n in names if roles.get(n, (None, None))[1] in structure.ATTENTION_ROLES]
+        names = [n for n in names if n in roles and roles[n][2] == ATTENTION]
     elif entry.get("preset") == "ffn":
-        names = [n for n in names if roles.get(n, (None, None))[1] in structure.FFN_ROLES]
+        names = [n for n in names if n in roles and roles[n][2] == MLP]
     if entry.get("layers") is not None:
         n_layers = len(structure.get_layers(model))
         bad = [i for i in entry["layers"] if not 0 <= i < n_layers]
@@ -175,7 +178,11 @@ def resolve_selection(
         every target, or two entries that give one module different sparsities or blocks.
     """
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.numel() > 0}
-    roles = structure.role_modules(model, structure.ATTENTION_ROLES + structure.FFN_ROLES)
+    roles = {
+        name: (layer, role, kind)
+        for kind in (ATTENTION, MLP)
+        for name, (layer, role) in structure.role_modules(model, (kind,)).items()
+    }
     size = structure.head_size(model)
     block_default = tuple(default_block) if default_block else (size, size)
     chosen: dict[str, Selection] = {}
@@ -191,8 +198,8 @@ def resolve_selection(
                     "Give it one sparsity: narrow one entry or add an exclude entry."
                 )
             if prev is None:
-                layer, role = roles.get(name, (None, None))
-                chosen[name] = Selection(name, linears[name], i, sparsity, block, layer, role)
+                layer, role, kind = roles.get(name, (None, None, None))
+                chosen[name] = Selection(name, linears[name], i, sparsity, block, layer, role, kind)
     excluded: set[str] = set()
     for i, entry in enumerate(exclude or []):
         excluded.update(_match(model, entry, linears, roles, f"pruning_exclude[{i}]"))
@@ -206,12 +213,12 @@ def resolve_selection(
     return sorted(selected, key=lambda s: order[s.name])
 
 
-def layer_sparsities(model: nn.Module, selection: list[Selection], roles: tuple[str, ...]) -> list[float]:
-    """Per-layer sparsity of a structure pruned per layer (FFN neurons with `FFN_ROLES`, whole heads with
-    `ATTENTION_ROLES`): a layer is pruned when one of its modules of those roles is selected; others keep everything.
+def layer_sparsities(model: nn.Module, selection: list[Selection], kind: str) -> list[float]:
+    """Per-layer sparsity of a structure pruned per layer (MLP neurons with `"mlp"`, whole attention units with
+    `"attention"`): a layer is pruned when one of its projections of that kind is selected; others keep everything.
     """
     sparsities = [0.0] * len(structure.get_layers(model))
     for s in selection:
-        if s.role in roles:
+        if s.kind == kind:
             sparsities[s.layer] = s.sparsity
     return sparsities

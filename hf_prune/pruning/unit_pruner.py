@@ -14,10 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import structure
-from ..models.costs import allocate_units, unit_costs
+from ..models.adapter import ATTENTION, MLP
+from ..models.costs import unit_costs
+from .allocation import allocate_units
+from .base import ScheduledPruner
 from .masks import Schedule
-from .pruners import _ScheduledPruner
+from .units import layer_units, masked_channels, zero_channels
 
 __all__ = ["UnitMaskPruner", "unit_mask_gradients"]
 
@@ -29,11 +31,11 @@ def unit_mask_gradients(w_out: torch.Tensor, g_out: torch.Tensor, unit_width: in
     return products.view(-1, unit_width).sum(dim=1)
 
 
-class UnitMaskPruner(_ScheduledPruner):
+class UnitMaskPruner(ScheduledPruner):
     """Masks of whole heads and FFN neurons of every layer, moved on one FLOPs budget.
 
     Args:
-        model: the model (its layers are read from the architecture table).
+        model: the model (its units are read from its family's adapter).
         method: "taylor" (squared mask gradients) or "movement" (negated mask gradients).
         schedule: a cubic schedule: how far towards the target the budget has moved at each step.
         target_speedup: dense FLOPs / pruned FLOPs at the end.
@@ -43,13 +45,8 @@ class UnitMaskPruner(_ScheduledPruner):
     def __init__(self, model: nn.Module, method: str, schedule: Schedule, target_speedup: float, seq_len: int = 128):
         if method not in ("taylor", "movement"):
             raise ValueError(f"pruning_target='heads_and_ffn' scores units by 'taylor' or 'movement', not {method!r}.")
-        spec = structure.get_spec(model)
-        self.size = structure.head_size(model)
         self.method, self.schedule, self.target_speedup = method, schedule, float(target_speedup)
-        self.layers = [
-            (structure.attention_linears(layer, spec), structure.ffn_linears(layer, spec))
-            for layer in structure.get_layers(model)
-        ]
+        self.layers = list(zip(layer_units(model, ATTENTION), layer_units(model, MLP)))
         self.costs = unit_costs(model, seq_len)
         self.costs_target = self.costs.total / self.target_speedup - self.costs.base
         if self.costs_target < 0:
@@ -64,25 +61,23 @@ class UnitMaskPruner(_ScheduledPruner):
         self.neuron_scores = [torch.zeros(n, device=device) for n in self.costs.neurons]
         self.steps = 0
         self.last_fraction = 0.0
-        self._rows: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._rows: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
     # --------------------------------------------------------------------------------------------- scores
     @torch.no_grad()
     def accumulate(self) -> None:
-        for i, (attn, ffn) in enumerate(self.layers):
-            for lin, width, scores in (
-                (attn["attention_output"], self.size, self.head_scores[i]),
-                (ffn["ffn_out"], 1, self.neuron_scores[i]),
-            ):
+        for i, (attn, mlp) in enumerate(self.layers):
+            for lu, scores in ((attn, self.head_scores[i]), (mlp, self.neuron_scores[i])):
+                lin = lu.output_linear
                 if lin.weight.grad is None or lin.weight.shape[1] == 0:
                     continue
-                g = unit_mask_gradients(lin.weight, lin.weight.grad, width)
+                g = unit_mask_gradients(lin.weight, lin.weight.grad, lu.group.output.width)
                 scores.add_(g.pow(2) if self.method == "taylor" else -g)
         self.steps += 1
 
     def scored_parameters(self) -> list[nn.Parameter]:
-        """The weights whose gradients the scores read: every attention output and FFN down projection."""
-        return [lin.weight for attn, ffn in self.layers for lin in (attn["attention_output"], ffn["ffn_out"])]
+        """The weights whose gradients the scores read: every attention output and MLP output projection."""
+        return [lu.output_linear.weight for pair in self.layers for lu in pair]
 
     # --------------------------------------------------------------------------------------------- masks
     @torch.no_grad()
@@ -106,21 +101,12 @@ class UnitMaskPruner(_ScheduledPruner):
     def apply_masks(self) -> None:
         if self._rows is None:  # indices computed once per mask change, not on every step
             self._rows = [
-                ((~h).repeat_interleave(self.size).nonzero().flatten(), (~n).nonzero().flatten())
-                for h, n in zip(self.head_masks_, self.neuron_masks)
+                (masked_channels(attn, h), masked_channels(mlp, n))
+                for (attn, mlp), h, n in zip(self.layers, self.head_masks_, self.neuron_masks)
             ]
-        for (attn, ffn), (head_rows, neurons) in zip(self.layers, self._rows):
-            if head_rows.numel():
-                for role in ("query", "key", "value"):
-                    attn[role].weight.index_fill_(0, head_rows, 0.0)
-                    if attn[role].bias is not None:
-                        attn[role].bias.index_fill_(0, head_rows, 0.0)
-                attn["attention_output"].weight.index_fill_(1, head_rows, 0.0)
-            if neurons.numel():
-                ffn["ffn_in"].weight.index_fill_(0, neurons, 0.0)
-                if ffn["ffn_in"].bias is not None:
-                    ffn["ffn_in"].bias.index_fill_(0, neurons, 0.0)
-                ffn["ffn_out"].weight.index_fill_(1, neurons, 0.0)
+        for (attn, mlp), (head_channels, neuron_channels) in zip(self.layers, self._rows):
+            zero_channels(attn, head_channels, input_bias=True)
+            zero_channels(mlp, neuron_channels, input_bias=True)
 
     def expected_flops(self) -> float:
         """FLOPs of the model once the masked units are removed."""

@@ -11,7 +11,6 @@ from torch import nn
 LAYOUT_KEY = "hf_prune_layout"
 HEADS_KEY = "layer_num_attention_heads"
 FFN_KEY = "layer_intermediate_sizes"
-PRUNED_HEADS_KEY = "hf_prune_pruned_heads"
 
 
 class EmptySelfAttention(nn.Module):

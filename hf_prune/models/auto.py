@@ -1,0 +1,46 @@
+"""The one mapping from `config.model_type` to the adapter of its family (peft's architecture mapping)."""
+
+from __future__ import annotations
+
+from .adapter import ArchitectureAdapter
+from .bert.adapter import BertAdapter
+
+__all__ = ["ADAPTER_MAPPING", "register_adapter", "get_adapter", "supported_model_types"]
+
+ADAPTER_MAPPING: dict[str, ArchitectureAdapter] = {}
+
+
+def register_adapter(adapter: ArchitectureAdapter, model_types: tuple[str, ...] | None = None) -> None:
+    """Makes hf_prune prune the model types `adapter` serves (default: its `model_types`).
+
+    Args:
+        adapter: an instance of an [`ArchitectureAdapter`] subclass.
+        model_types: the `config.model_type` values to serve (replacing any adapter registered for them).
+    """
+    if not isinstance(adapter, ArchitectureAdapter):
+        raise TypeError(f"register_adapter takes an ArchitectureAdapter instance, not {type(adapter).__name__}.")
+    types = tuple(model_types or adapter.model_types)
+    if not types:
+        raise ValueError(f"{type(adapter).__name__} names no model_types; pass model_types=(...).")
+    for model_type in types:
+        ADAPTER_MAPPING[model_type] = adapter
+
+
+register_adapter(BertAdapter())
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTER_MAPPING)
+
+
+def get_adapter(model_or_config) -> ArchitectureAdapter:
+    """The adapter of a model (or config, or `config.json` dict); a `ValueError` lists the supported model types."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if model_type not in ADAPTER_MAPPING:
+        raise ValueError(
+            f"hf_prune cannot prune model_type={model_type!r}: it does not know where its attention heads and MLP "
+            f"neurons live. Supported model types: {', '.join(supported_model_types())}. A new family is one "
+            "ArchitectureAdapter subclass, registered with hf_prune.models.auto.register_adapter."
+        )
+    return ADAPTER_MAPPING[model_type]

@@ -1,0 +1,113 @@
+"""The BERT family (bert, roberta, xlm-roberta, electra): post-LayerNorm encoder layers with separate Q, K, V
+projections, one attention head per unit, and an FFN of one up and one down projection.
+
+BERT-style attention infers the head count from tensor shapes, so once Q/K/V/O are sliced every layer may keep a
+different number of heads, under both the sdpa and eager attention implementations. A layer that loses every head
+gets an `EmptySelfAttention` (its attention block then adds only the output projection's bias).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..adapter import ATTENTION, MLP, ArchitectureAdapter, ChannelSlice, UnitGroup, config_get, set_module
+from . import modeling_hf_prune
+from .modeling_hf_prune import FFN_KEY, HEADS_KEY, LAYOUT_KEY, EmptySelfAttention
+
+__all__ = ["BertAdapter", "BERT_LAYOUT"]
+
+# Paths relative to `model.base_model` (layers) and to one layer (the rest), with the attribute and config names of
+# the head count. Written into the `config.json` of every export (LAYOUT_KEY), where the remote-code modeling file
+# reads it: its keys and values are those hf_prune 0.1 wrote, so its exports load unchanged.
+BERT_LAYOUT = {
+    "layers": "encoder.layer",
+    "self_attention": "attention.self",
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention_output": "attention.output.dense",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+    "heads_attr": "num_attention_heads",
+    "head_size_attr": "attention_head_size",
+    "all_head_size_attr": "all_head_size",
+    "config_heads": "num_attention_heads",
+    "config_ffn": "intermediate_size",
+    "config_layers": "num_hidden_layers",
+}
+
+
+class BertAdapter(ArchitectureAdapter):
+    """Adapter of the BERT encoder layout shared by BERT, RoBERTa, XLM-RoBERTa and ELECTRA in transformers 5."""
+
+    model_types = ("bert", "roberta", "xlm-roberta", "electra")
+    layout = BERT_LAYOUT
+    attention_roles = {r: BERT_LAYOUT[r] for r in ("query", "key", "value", "attention_output")}
+    mlp_roles = {"ffn_in": BERT_LAYOUT["ffn_in"], "ffn_out": BERT_LAYOUT["ffn_out"]}
+    # the self-attention module computes Q/K/V and the scores; the output projection sits beside it
+    attention_cost_paths = (BERT_LAYOUT["self_attention"], BERT_LAYOUT["attention_output"])
+    mlp_cost_paths = (BERT_LAYOUT["ffn_in"], BERT_LAYOUT["ffn_out"])
+    # post-LayerNorm: the FFN's residual is its own input (the attention block's normalised output)
+    mlp_residual_path = BERT_LAYOUT["ffn_in"]
+    modeling_module = modeling_hf_prune
+    # model types whose tokenizers return token_type_ids; roberta and xlm-roberta use one segment only
+    token_type_models = ("bert", "electra")
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        base = getattr(model, "base_model", model)
+        return self.linear(base, self.layout["layers"])
+
+    def head_dim(self, config) -> int:
+        return config_get(config, "hidden_size") // config_get(config, self.layout["config_heads"])
+
+    def unit_group(self, layer: nn.Module, kind: str, config) -> UnitGroup:
+        if kind == ATTENTION:
+            size = self.head_dim(config)
+            count = self.linear(layer, self.layout["query"]).out_features // size
+            inputs = tuple(ChannelSlice(self.layout[r], 0, size) for r in ("query", "key", "value"))
+            return UnitGroup(ATTENTION, count, inputs, ChannelSlice(self.layout["attention_output"], 1, size))
+        if kind == MLP:
+            count = self.linear(layer, self.layout["ffn_in"]).out_features
+            inputs = (ChannelSlice(self.layout["ffn_in"], 0, 1),)
+            return UnitGroup(MLP, count, inputs, ChannelSlice(self.layout["ffn_out"], 1, 1))
+        raise ValueError(f"Unknown unit kind {kind!r}; use {ATTENTION!r} or {MLP!r}.")
+
+    def dense_shape(self, config) -> tuple[int, int, int]:
+        return tuple(int(config_get(config, self.layout[k])) for k in ("config_layers", "config_heads", "config_ffn"))
+
+    def config_shapes(self, config) -> tuple[list[int], list[int]]:
+        layers, heads, ffn = self.dense_shape(config)
+        return (
+            list(config_get(config, HEADS_KEY) or [heads] * layers),
+            list(config_get(config, FFN_KEY) or [ffn] * layers),
+        )
+
+    def resize_units(self, layer: nn.Module, kind: str, count: int, config) -> None:
+        if kind != ATTENTION:
+            return
+        path = self.layout["self_attention"]
+        attn = self.linear(layer, path)
+        size = self.head_dim(config)
+        if count == 0:
+            names = tuple(self.layout[r].rpartition(".")[2] for r in ("query", "key", "value"))
+            empty = EmptySelfAttention(self.linear(layer, self.layout["query"]).in_features, names, size)
+            for name in names:  # the sliced, empty projections keep their parameter names
+                setattr(empty, name, getattr(attn, name))
+            set_module(layer, path, empty)
+        else:
+            setattr(attn, self.layout["heads_attr"], count)
+            setattr(attn, self.layout["all_head_size_attr"], count * size)
+
+    def record_config(self, model: nn.Module) -> None:
+        config = model.config
+        layers = self.layers(model)
+        setattr(config, HEADS_KEY, [self.unit_group(layer, ATTENTION, config).count for layer in layers])
+        setattr(config, FFN_KEY, [self.unit_group(layer, MLP, config).count for layer in layers])
+        setattr(config, LAYOUT_KEY, dict(self.layout))
+
+    def is_pruned_config(self, config_dict: dict) -> bool:
+        return HEADS_KEY in config_dict or FFN_KEY in config_dict
+
+    def model_input_names(self, config) -> list[str]:
+        names = ["input_ids", "attention_mask"]
+        return names + ["token_type_ids"] if config.model_type in self.token_type_models else names

@@ -1,0 +1,138 @@
+"""Importance of attention units and MLP neurons without training (Kwon et al. 2022, sections 4.1-4.2).
+
+Mask variables multiply the output of every attention unit (its input columns of the attention output projection)
+and of every MLP neuron (its input of the output projection). Their gradients are taken per example (each example gets
+its own copy of the masks, so the gradient of the summed loss with respect to that copy is the example's own
+gradient) and the Fisher information of a unit is the sum of its squared per-example gradients. Within a layer, the
+block of the empirical Fisher matrix then chooses which units to remove together (`rearrange_layer`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..models import structure
+from ..models.adapter import ATTENTION, MLP
+from ..pruning.units import layer_units
+
+__all__ = ["unit_masks", "mask_gradients", "mask_fisher", "rearrange_layer"]
+
+
+def _mask_hook(mask: torch.Tensor, width: int):
+    """A forward pre-hook scaling each unit's `width` input channels of an output projection by its mask."""
+    if width == 1:  # one channel per unit (MLP neurons): a plain broadcast
+
+        def hook(module, args):
+            x = args[0]
+            return (x * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), -1), *args[1:])
+
+        return hook
+
+    def hook(module, args):
+        x = args[0]
+        shape = x.shape
+        scaled = x.view(*shape[:-1], -1, width) * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), -1, 1)
+        return (scaled.view(shape), *args[1:])
+
+    return hook
+
+
+@contextmanager
+def unit_masks(model: nn.Module, head_masks: list[torch.Tensor], neuron_masks: list[torch.Tensor]):
+    """Multiplies each attention unit's and MLP neuron's output by its mask, per example (`(batch, units)` masks),
+    where it enters its output projection."""
+    handles = []
+    try:
+        for kind, masks in ((ATTENTION, head_masks), (MLP, neuron_masks)):
+            for lu, mask in zip(layer_units(model, kind), masks):
+                out = lu.group.output
+                if mask.shape[-1] == 0:
+                    continue
+                if out.offset != 0 or out.span(lu.count) != lu.output_linear.in_features:
+                    raise ValueError(
+                        f"Unit masks need each layer's {kind} units to fill their output projection's input; layer "
+                        f"{lu.layer} has {lu.count} units of {out.width} channels at offset {out.offset} in "
+                        f"{lu.output_linear.in_features}."
+                    )
+                handles.append(lu.output_linear.register_forward_pre_hook(_mask_hook(mask, out.width)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def mask_gradients(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-example gradients of the loss with respect to every head's and every neuron's mask, at masks of one.
+
+    Args:
+        model: a model with a loss (the batches carry `labels`), in eval mode for deterministic outputs.
+        batches: collated batches on the model's device.
+
+    Returns:
+        `(head_grads, neuron_grads)`: per layer, a float tensor `(examples, heads)` / `(examples, neurons)`.
+    """
+    heads, neurons = structure.attention_units(model), structure.ffn_size(model)
+    head_grads, neuron_grads = [[] for _ in heads], [[] for _ in neurons]
+    requires = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)  # only the masks' gradients are needed
+    try:
+        for batch in batches:
+            size = batch["input_ids"].shape[0]
+            device = batch["input_ids"].device
+            hm = [torch.ones(size, h, device=device, requires_grad=True) for h in heads]
+            nm = [torch.ones(size, n, device=device, requires_grad=True) for n in neurons]
+            with unit_masks(model, hm, nm):
+                loss = model(**batch).loss
+            # The loss is a batch mean: times the batch size it is the sum of per-example losses, whose gradient with
+            # respect to an example's own copy of the masks is that example's gradient.
+            wanted = [m for m in hm + nm if m.shape[-1] > 0]
+            grads = iter(torch.autograd.grad(loss * size, wanted))
+            for store, masks in ((head_grads, hm), (neuron_grads, nm)):
+                for i, m in enumerate(masks):
+                    store[i].append(next(grads).detach().float().cpu() if m.shape[-1] > 0 else torch.zeros(size, 0))
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    return [torch.cat(g) for g in head_grads], [torch.cat(g) for g in neuron_grads]
+
+
+def mask_fisher(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The diagonal Fisher information of each unit: the sum over examples of its squared gradient."""
+    return [g.pow(2).sum(dim=0) for g in grads]
+
+
+def rearrange_layer(keep: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Chooses which units of one layer to remove, keeping their number (Kwon et al. 2022, section 4.2).
+
+    The loss increase of removing a set `S` is estimated with the layer's block of the empirical Fisher matrix,
+    `sum_examples (sum_{j in S} g_j)^2`: units whose gradients cancel are cheaper together than their diagonal
+    terms say. Starting from the units of least diagonal Fisher, each other unit (in increasing order) is swapped in
+    if that lowers the estimate; it never rises.
+
+    Args:
+        keep: bool keep-mask of the layer's units (its number of False is kept).
+        grads: per-example gradients `(examples, units)`.
+
+    Returns:
+        The new keep-mask.
+    """
+    removed = int((~keep).sum())
+    if removed == 0 or removed == keep.numel():
+        return keep.clone()
+    g = grads.double().t().contiguous()  # (units, examples)
+    order = torch.sort(g.pow(2).sum(dim=1), stable=True).indices.tolist()
+    chosen = order[:removed]
+    total = g[chosen].sum(dim=0)
+    for unit in order[removed:]:
+        candidates = chosen + [unit]
+        with_unit = total + g[unit]
+        drop = int(torch.argmin((with_unit.unsqueeze(0) - g[candidates]).pow(2).sum(dim=1)))
+        if candidates[drop] != unit:
+            total = with_unit - g[candidates[drop]]
+            chosen = candidates[:drop] + candidates[drop + 1 :]
+    new_keep = torch.ones_like(keep)
+    new_keep[torch.tensor(chosen, dtype=torch.long)] = False
+    return new_keep

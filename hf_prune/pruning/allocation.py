@@ -1,0 +1,88 @@
+"""Spending a speed budget: how many FLOPs (or milliseconds) a target speedup leaves to the heads and neurons, and
+which heads and neurons to keep in it by importance (Kwon et al. 2022, Algorithm 1)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.costs import UnitCosts
+
+__all__ = ["speedup_budget", "allocate_units"]
+
+
+def speedup_budget(costs: UnitCosts, target_speedup: float, reference_flops: float | None = None) -> float:
+    """FLOPs left to heads and neurons for a model `target_speedup` times cheaper than `reference_flops` (default:
+    the model `costs` describes). Raises a `ValueError` naming the reachable range."""
+    reference = costs.total if reference_flops is None else float(reference_flops)
+    reachable = reference / costs.base if costs.base > 0 else float("inf")
+    if not target_speedup > 1.0:
+        raise ValueError(f"target_speedup={target_speedup} must be > 1 (it is dense FLOPs / pruned FLOPs, e.g. 2).")
+    if target_speedup >= reachable:
+        raise ValueError(
+            f"target_speedup={target_speedup} is out of reach: removing every head and FFN neuron leaves "
+            f"{costs.base:.3g} of {reference:.3g} {costs.unit} at seq_len={costs.seq_len}, a {reachable:.2f}x "
+            "speedup. Ask for less, or prune layers away."
+        )
+    return reference / target_speedup - costs.base
+
+
+def allocate_units(
+    head_scores: list[torch.Tensor],
+    neuron_scores: list[torch.Tensor],
+    costs: UnitCosts,
+    budget: float,
+    head_alive: list[torch.Tensor] | None = None,
+    neuron_alive: list[torch.Tensor] | None = None,
+    slack: float = 0.0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keep-masks of heads and neurons that spend at most `budget` FLOPs and keep the most importance.
+
+    The search of Kwon et al. (2022, Algorithm 1): units of one kind are kept in order of importance, so a solution is
+    a number of heads `h`; the neurons that fit in what the `h` best heads leave are kept in order of importance, and
+    the `h` with the largest total kept importance wins. A single ranking by importance per unit of cost is one of
+    these candidates, so the search never does worse. Only candidates that spend at least `budget - slack` take part
+    (when any does), so the speedup reached does not overshoot the target.
+
+    Args:
+        head_scores / neuron_scores: per layer, the importance of each head / neuron (higher is kept first).
+        costs: the [`UnitCosts`] of the model (per-layer FLOPs of one head and one neuron).
+        budget: FLOPs that the kept heads and neurons may spend together.
+        head_alive / neuron_alive: per layer, units that may be kept (default all); the others stay removed.
+        slack: how far under `budget` a solution may end.
+
+    Returns:
+        `(head_keep, neuron_keep)`: per layer, bool keep-masks.
+    """
+
+    def ranked(scores, unit_costs_, alive):
+        flat_scores, flat_costs, flat_ok = [], [], []
+        for i, s in enumerate(scores):
+            flat_scores.append(s.detach().double().flatten().cpu())
+            flat_costs.append(torch.full((s.numel(),), float(unit_costs_[i]), dtype=torch.float64))
+            ok = torch.ones(s.numel(), dtype=torch.bool) if alive is None else alive[i].flatten().cpu().bool()
+            flat_ok.append(ok)
+        s, c, ok = torch.cat(flat_scores), torch.cat(flat_costs), torch.cat(flat_ok)
+        idx = ok.nonzero().flatten()
+        order = idx[torch.sort(s[idx], descending=True, stable=True).indices]
+        zero = torch.zeros(1, dtype=torch.float64)
+        return order, torch.cat([zero, torch.cumsum(s[order], 0)]), torch.cat([zero, torch.cumsum(c[order], 0)])
+
+    h_order, h_imp, h_cost = ranked(head_scores, costs.head, head_alive)
+    n_order, n_imp, n_cost = ranked(neuron_scores, costs.neuron, neuron_alive)
+    fits = h_cost <= budget + 1e-6
+    left = (budget - h_cost).clamp(min=0)
+    n_count = (torch.searchsorted(n_cost, left + 1e-6, right=True) - 1).clamp(min=0)
+    spent = h_cost + n_cost[n_count]
+    importance = torch.where(fits, h_imp + n_imp[n_count], torch.tensor(float("-inf"), dtype=torch.float64))
+    full = fits & (spent >= budget - slack - 1e-6)
+    if bool(full.any()):
+        importance = torch.where(full, importance, torch.tensor(float("-inf"), dtype=torch.float64))
+    h = int(torch.argmax(importance))
+    n = int(n_count[h])
+
+    def masks(scores, order, count):
+        keep = torch.zeros(sum(s.numel() for s in scores), dtype=torch.bool)
+        keep[order[:count]] = True
+        return [k.view(s.shape) for k, s in zip(keep.split([s.numel() for s in scores]), scores)]
+
+    return masks(head_scores, h_order, h), masks(neuron_scores, n_order, n)
