@@ -132,8 +132,8 @@ def make_model_card(
     """Builds the model card of an export from the packaged template.
 
     Args:
-        report: the dict from `hf_prune.report.build_report` (or None: the card then has no results section).
-        config: the exported model's config (per-layer shapes recorded by `hf_prune.surgery.record_shapes`).
+        report: the dict from `hf_prune.export.report.build_report` (or None: the card then has no results section).
+        config: the exported model's config (per-layer shapes recorded by `hf_prune.models.surgery.record_shapes`).
         repo_id: the Hub repo the card is for; used in the loading snippet and as the model name.
         figure_name: file name of the head-map figure next to the card, or None to leave the figure out.
 
@@ -212,7 +212,7 @@ def make_model_card(
 
 
 def _deployment(report: Mapping, metric_name: str) -> dict:
-    """The template's deployed-forms table (see `hf_prune.deploy`): header, rows, and how they were measured."""
+    """The template's deployed-forms table (see `hf_prune.export.deploy`): header, rows, and how they were measured."""
     deployment = report.get("deployment") or {}
     table = deployment_table(deployment, metric_name) if deployment else []
     if len(table) < 2:
@@ -234,7 +234,7 @@ def plot_head_map(config, path: str | os.PathLike) -> Path:
     """Draws which attention heads each layer kept (layers x heads grid) with the FFN width kept per layer.
 
     Args:
-        config: a config with the per-layer shapes recorded by `hf_prune.surgery.record_shapes`.
+        config: a config with the per-layer shapes recorded by `hf_prune.models.surgery.record_shapes`.
         path: the PNG file to write.
 
     Returns:

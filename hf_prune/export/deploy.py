@@ -68,8 +68,8 @@ def deployment_rows(
     fp32 and pruned ONNX int8 (when `onnx/model_int8.onnx` exists).
 
     Every form is timed interleaved with the others in this process on the same inputs (see
-    [`hf_prune.report.time_forms`]), ONNX Runtime with as many threads as PyTorch; speedups are against the first
-    form. File sizes are those of the files a deployment ships.
+    [`hf_prune.export.report.time_forms`]), ONNX Runtime with as many threads as PyTorch; speedups are against the
+    first form. File sizes are those of the files a deployment ships.
 
     Args:
         dense_model: the dense model the export was pruned from (e.g. the teacher), or None.

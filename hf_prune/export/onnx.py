@@ -3,7 +3,7 @@ quantization with ONNX Runtime, and `OnnxRuntimeModel`, which runs such a file l
 
 `export_onnx(folder)` writes `folder/onnx/model.onnx` (and `model_int8.onnx` with `int8=True`) with
 `folder/onnx/export_info.json` (exporter, opset, inputs, versions, and the check of ONNX Runtime against PyTorch),
-atomically. `hf_prune.deploy` measures the forms; this module writes and runs the files.
+atomically. `hf_prune.export.deploy` measures the forms; this module writes and runs the files.
 
 Choices, measured on all-MiniLM-L6-v2 pruned to 2x with torch 2.13, transformers 5 and onnxruntime 1.32 on CPU:
 

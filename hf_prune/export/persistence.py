@@ -181,7 +181,7 @@ def save_pruned(
         model: a model of a supported family (`hf_prune.models.auto.supported_model_types()`), pruned or not.
         path: the export folder. It must not exist or be empty, unless `overwrite=True`.
         tokenizer: saved with the model when given.
-        report: a report from `hf_prune.report.build_report`, written as `pruning_report.json`.
+        report: a report from `hf_prune.export.report.build_report`, written as `pruning_report.json`.
         overwrite: replace an existing non-empty folder. The old folder is removed only once the new export is
             complete.
         card: write the model card `README.md`.

@@ -11,7 +11,7 @@ here, on the two models given, in one process:
 - `latency`: CPU forward time per batch size, median of `repeats` runs, dense and pruned interleaved (d, p, d, p, ...)
   after `warmup` runs of each; `speedup` is dense / pruned.
 - `layers`: heads and FFN width per layer, dense and kept; `metrics`, `stages`, `base_model` and `task` as given.
-- `deployment` (added by `hf_prune.deploy.write_deployment`): the deployed forms of the export (dense and pruned
+- `deployment` (added by `hf_prune.export.deploy.write_deployment`): the deployed forms of the export (dense and pruned
   PyTorch fp32, pruned ONNX fp32 and int8), each with its file size, latency from `time_forms` (every form timed
   interleaved in one process) and task metrics.
 """

@@ -270,8 +270,8 @@ def stage_taylor_ffn(ctx: StageContext) -> dict:
 
 
 def stage_prune_to_speedup(ctx: StageContext) -> dict:
-    """Retraining-free pruning of heads and FFN neurons to `target_speedup` (see [`posttrain.prune_to_speedup`]) on
-    a sample of the training split."""
+    """Retraining-free pruning of heads and FFN neurons to `target_speedup` (see
+    [`hf_prune.posttrain.search.prune_to_speedup`]) on a sample of the training split."""
     args, opts = ctx.arguments(), ctx.spec
     if world_size() > 1:
         # One process chooses and the others load its choice: measured costs (cost_model="latency") and the order of

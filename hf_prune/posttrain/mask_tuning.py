@@ -1,6 +1,6 @@
 """Least-squares mask tuning (Kwon et al. 2022, section 4.3): layer by layer, the kept heads' and neurons'
 contributions are rescaled so each layer's pre-LayerNorm sums match the dense model's on a sample; the scales are
-folded into the output projections. Used by `posttrain.prune_to_speedup`.
+folded into the output projections. Used by `posttrain.search.prune_to_speedup`.
 """
 
 from __future__ import annotations

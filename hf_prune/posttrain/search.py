@@ -172,7 +172,8 @@ def prune_to_speedup(
         seed: draws the sample.
         cost_model: "flops" (counted, the default: `target_speedup` is a FLOPs ratio) or "latency" (head and neuron
             costs fitted to forward times measured on this machine at `latency_batch_size` x `seq_len`, see
-            [`costs.measured_unit_costs`]: `target_speedup` is then a predicted speedup of this machine).
+            [`hf_prune.models.costs.measured_unit_costs`]: `target_speedup` is then a predicted speedup of this
+            machine).
         latency_batch_size: the batch size the latency costs are measured at.
         calibration_rounds: with `cost_model="latency"`, the chosen shapes are timed against `model` (interleaved, at
             `latency_batch_size` x `seq_len`) and, while the measured speedup misses `target_speedup` or passes it by

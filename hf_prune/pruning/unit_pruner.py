@@ -6,7 +6,7 @@ its column of the down projection, so `dL/dm = sum_{w in those columns} w * dL/d
 Trainer already has. 'taylor' accumulates its square each optimizer step (the empirical Fisher information of the
 masks, Molchanov et al. 2019; Kwon et al. 2022), 'movement' its negative (the first-order loss change of removing the
 unit, Sanh et al. 2020). At each schedule step the FLOPs budget shrinks along the cubic schedule towards
-`1 / target_speedup` of the dense model's, and `costs.allocate_units` decides which heads and neurons fit.
+`1 / target_speedup` of the dense model's, and `pruning.allocation.allocate_units` decides which heads and neurons fit.
 """
 
 from __future__ import annotations
