@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .adapter import ArchitectureAdapter
 from .bert.adapter import BertAdapter
+from .llama.adapter import LlamaAdapter
 
 __all__ = ["ADAPTER_MAPPING", "register_adapter", "get_adapter", "supported_model_types"]
 
@@ -27,6 +28,7 @@ def register_adapter(adapter: ArchitectureAdapter, model_types: tuple[str, ...] 
 
 
 register_adapter(BertAdapter())
+register_adapter(LlamaAdapter())
 
 
 def supported_model_types() -> list[str]:

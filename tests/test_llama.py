@@ -1,0 +1,161 @@
+"""Llama-family decoders (llama, mistral, qwen2, qwen3) on tiny configs built in code: key/value groups and gated MLP
+neurons removed physically give the logits and the greedy generation (with the KV cache) of the masked model, for any
+subset, a layer without attention or without MLP included; exports reload with and without hf_prune."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from utils import VOCAB, WITHOUT_HF_PRUNE
+
+from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, prune_to_speedup, save_pruned
+from hf_prune.models import structure
+from hf_prune.models.adapter import ATTENTION, MLP
+from hf_prune.models.costs import count_flops, unit_costs
+from hf_prune.pruning.units import layer_units
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+LAYERS, HEADS, KV, WIDTH = 3, 8, 4, 40
+
+
+def tiny_decoder(model_type: str, seed: int = 0, **overrides):
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=KV, intermediate_size=WIDTH, max_position_embeddings=64, head_dim=8,
+        tie_word_embeddings=model_type in ("qwen2", "qwen3"), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    if model_type == "qwen2":
+        kwargs["head_dim"] = 4  # hidden / heads, which qwen2 always uses
+    if model_type == "qwen3":
+        kwargs["head_dim"] = 16  # wider than hidden / heads, as Qwen3 allows
+    if model_type == "llama":
+        kwargs["attention_bias"] = True
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs)).eval()
+    with torch.no_grad():  # weights larger than the default init, so a wrong cut shows in the logits
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def tokens(n=3, length=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding, as generation pads
+    return ids, mask
+
+
+def logits(model):
+    ids, mask = tokens()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def generate(model, steps=6):
+    ids, mask = tokens()
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, use_cache=True)
+
+
+def masked(model, groups, neurons):
+    """Removing units, done by masks: their columns of o_proj and down_proj set to zero."""
+    with torch.no_grad():
+        for lu in layer_units(model, ATTENTION):
+            w = lu.group.output.width
+            for g in groups.get(lu.layer, []):
+                lu.output_linear.weight[:, g * w : (g + 1) * w] = 0
+        for lu in layer_units(model, MLP):
+            lu.output_linear.weight[:, neurons.get(lu.layer, [])] = 0
+    return model
+
+
+CASES = [
+    ({0: [1], 2: [0, 3]}, {0: [0, 5, 39], 2: [7]}),
+    ({1: [0, 1, 2, 3]}, {0: list(range(WIDTH)), 1: [3]}),  # layer 1 keeps no attention, layer 0 no MLP
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("groups, neurons", CASES)
+def test_removing_groups_and_neurons_equals_masking_them(family, groups, neurons):
+    model, reference = tiny_decoder(family), masked(tiny_decoder(family), groups, neurons)
+    prune_heads(model, groups)
+    prune_ffn_neurons(model, neurons)
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=1e-4)
+    assert torch.equal(generate(model), generate(reference))
+    group = HEADS // KV
+    assert structure.attention_units(model) == [KV - len(groups.get(i, [])) for i in range(LAYERS)]
+    assert structure.num_heads(model) == [group * n for n in structure.attention_units(model)]
+    assert model.config.layer_num_key_value_heads == structure.attention_units(model)
+    assert model.config.layer_intermediate_sizes == [WIDTH - len(neurons.get(i, [])) for i in range(LAYERS)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_decoder_saves_and_reloads_with_and_without_hf_prune(family, tmp_path):
+    groups, neurons = CASES[1]
+    model = tiny_decoder(family)
+    prune_heads(model, groups)
+    prune_ffn_neurons(model, neurons)
+    folder = save_pruned(model, tmp_path / "export", card=False, figure=False)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == [f"{type(model).__name__}"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_hf_prune.Pruned{type(model).__name__}"
+    loaded = load_pruned(folder).eval()
+    torch.testing.assert_close(logits(loaded), logits(model))
+    assert torch.equal(generate(loaded), generate(model))
+    ids, mask = tokens()
+    script = (
+        WITHOUT_HF_PRUNE
+        + f"""
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    out = model(input_ids=torch.tensor({ids.tolist()}), attention_mask=torch.tensor({mask.tolist()})).logits
+print(json.dumps(out.tolist()))
+"""
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    torch.testing.assert_close(torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), logits(model))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cost_model_of_a_decoder_is_exact_after_pruning(family):
+    model = tiny_decoder(family)
+    costs = unit_costs(model, 16)
+    assert costs.total == count_flops(model, 16)
+    prune_heads(model, {0: [0, 2], 1: [0, 1, 2, 3]})
+    prune_ffn_neurons(model, {2: list(range(15))})
+    assert costs.flops(structure.attention_units(model), structure.ffn_size(model)) == pytest.approx(
+        count_flops(model, 16), rel=1e-9
+    )
+
+
+class CausalBlocks(torch.utils.data.Dataset):
+    """Token blocks labelled with themselves, as a causal-LM loss takes them."""
+
+    def __init__(self, n=64, length=12, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randint(3, VOCAB, (n, 1), generator=g)
+        self.ids = (base + torch.arange(length)) % (VOCAB - 3) + 3  # a learnable progression, not noise
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def test_prune_to_speedup_prunes_a_decoder_without_training():
+    model = tiny_decoder("qwen3")
+    dense = count_flops(model, 12)
+    pruned, summary = prune_to_speedup(model, CausalBlocks(96), 1.5, num_samples=96, seq_len=12, tune_samples=96)
+    assert 1.5 <= dense / count_flops(pruned, 12) <= 1.02 * 1.5
+    assert pruned.config.layer_num_key_value_heads == structure.attention_units(pruned)
+    assert torch.isfinite(logits(pruned)).all()
+    assert generate(pruned).shape == (3, 16)
