@@ -197,7 +197,9 @@ def test_registration_is_the_only_change_and_unknown_types_are_refused():
     assert "tiny-fused-gqa" in supported_model_types()
     assert isinstance(get_adapter(fused_model()), FusedGQAAdapter)
     assert isinstance(get_adapter({"model_type": "bert"}), ArchitectureAdapter)
-    with pytest.raises(ValueError, match="Supported model types: bert, electra, roberta, tiny-fused-gqa"):
+    listed = ", ".join(supported_model_types())
+    assert "bert" in listed and "tiny-fused-gqa" in listed
+    with pytest.raises(ValueError, match=f"Supported model types: {listed}"):
         get_adapter({"model_type": "gpt2"})
     with pytest.raises(TypeError, match="ArchitectureAdapter instance"):
         register_adapter(FusedGQAAdapter)
