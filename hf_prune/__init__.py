@@ -8,7 +8,7 @@ from .distill import distillation_loss
 from .export.onnx import export_onnx, quantize_onnx
 from .export.persistence import load_pruned, save_pruned
 from .models import structure
-from .models.surgery import prune_ffn_neurons, prune_heads
+from .models.surgery import prune_ffn_neurons, prune_heads, prune_layers
 from .posttrain.search import prune_to_speedup
 from .trainer import PruningTrainer
 
@@ -20,6 +20,7 @@ __all__ = [
     "distillation_loss",
     "prune_ffn_neurons",
     "prune_heads",
+    "prune_layers",
     "prune_to_speedup",
     "save_pruned",
     "load_pruned",

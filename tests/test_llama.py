@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from utils import VOCAB, WITHOUT_HF_PRUNE
 
-from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, prune_to_speedup, save_pruned
+from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, prune_layers, prune_to_speedup, save_pruned
 from hf_prune.models import structure
 from hf_prune.models.adapter import ATTENTION, MLP
 from hf_prune.models.costs import count_flops, unit_costs
@@ -159,3 +159,87 @@ def test_prune_to_speedup_prunes_a_decoder_without_training():
     assert pruned.config.layer_num_key_value_heads == structure.attention_units(pruned)
     assert torch.isfinite(logits(pruned)).all()
     assert generate(pruned).shape == (3, 16)
+
+
+def depth_masked(model, drop):
+    """Skipping layers, done by masks: their attention and MLP outputs set to zero leave the residual stream as is."""
+    with torch.no_grad():
+        for i in drop:
+            layer = structure.get_layers(model)[i]
+            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_removing_whole_layers_equals_skipping_them(family, tmp_path):
+    model, reference = tiny_decoder(family), depth_masked(tiny_decoder(family), [0, 2])
+    prune_heads(model, {1: [3]})
+    prune_heads(reference, {1: [3]})
+    prune_layers(model, [0, 2])
+    assert len(structure.get_layers(model)) == 1 and model.config.num_hidden_layers == 1
+    assert model.config.hf_prune_kept_layers == [1] and model.config.hf_prune_pruned_heads == {"0": [3]}
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=1e-4)
+    assert torch.equal(generate(model), generate(reference))
+    loaded = load_pruned(save_pruned(model, tmp_path / "export", card=False, figure=False)).eval()
+    torch.testing.assert_close(logits(loaded), logits(model))
+    with pytest.raises(ValueError, match="keep at least one"):
+        prune_layers(model, [0])
+    with pytest.raises(ValueError, match="cannot be removed yet; the families that can: llama, mistral"):
+        from utils import tiny_model
+
+        prune_layers(tiny_model("bert"), [0])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_uniform_shapes_load_as_the_family_s_own_model_without_remote_code(family, tmp_path):
+    model = tiny_decoder(family)
+    prune_heads(model, {i: [1, 2] for i in range(LAYERS)})
+    prune_ffn_neurons(model, {i: list(range(10)) for i in range(LAYERS)})
+    prune_layers(model, [1])
+    folder = save_pruned(model, tmp_path / "export", figure=False)
+    config = json.loads((folder / "config.json").read_text())
+    assert "auto_map" not in config and not (folder / "modeling_hf_prune.py").exists()
+    assert (config["num_key_value_heads"], config["num_attention_heads"]) == (KV - 2, (KV - 2) * HEADS // KV)
+    assert (config["intermediate_size"], config["num_hidden_layers"]) == (WIDTH - 10, LAYERS - 1)
+    assert "layer_num_key_value_heads" not in config and "layer_intermediate_sizes" not in config
+    assert config["hf_prune_dense_shape"] == {
+        "num_hidden_layers": LAYERS, "num_key_value_heads": KV, "intermediate_size": WIDTH
+    }  # fmt: skip
+    assert "trust_remote_code" not in (folder / "README.md").read_text().split("With transformers only")[1]
+    ids, mask = tokens()
+    script = (
+        WITHOUT_HF_PRUNE
+        + f"""
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()
+assert type(model).__module__.startswith("transformers.models."), type(model)
+with torch.no_grad():
+    out = model(input_ids=torch.tensor({ids.tolist()}), attention_mask=torch.tensor({mask.tolist()})).logits
+print(json.dumps(out.tolist()))
+"""
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    torch.testing.assert_close(torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), logits(model))
+    # pruned further, unevenly: per-layer sizes again, with the remote code
+    prune_heads(model, {0: [0]})
+    again = save_pruned(model, tmp_path / "again", card=False, figure=False)
+    config = json.loads((again / "config.json").read_text())
+    assert config["layer_num_key_value_heads"] == [KV - 3, KV - 2] and "auto_map" in config
+    torch.testing.assert_close(logits(load_pruned(again).eval()), logits(model))
+
+
+def test_uniform_shapes_the_family_s_config_refuses_stay_per_layer(tmp_path):
+    """LlamaConfig wants the query heads to divide the hidden size: 3 groups of 2 heads (6) do not divide 32."""
+    model = tiny_decoder("llama")
+    prune_heads(model, {i: [1] for i in range(LAYERS)})
+    config = json.loads(
+        (save_pruned(model, tmp_path / "export", card=False, figure=False) / "config.json").read_text()
+    )
+    assert config["layer_num_key_value_heads"] == [KV - 1] * LAYERS and config["num_key_value_heads"] == KV
+    assert "auto_map" in config
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "export").eval()), logits(model))

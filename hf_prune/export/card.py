@@ -14,7 +14,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 from transformers.utils import logging
 
-from ..models.auto import get_adapter
+from ..models.auto import auto_class_name, get_adapter
 from ..models.surgery import original_heads_kept
 from ..utils import format_float, format_int
 from .files import (
@@ -54,12 +54,12 @@ def _get(config, key, default=None):
 
 
 def _auto_class(config) -> str:
-    """The Auto class that builds the export's own class (from `auto_map`), else `AutoModel`."""
+    """The Auto class that builds the export's own class (from `auto_map`, else from transformers' mappings)."""
     architectures = _get(config, "architectures") or []
     for auto_name, ref in (_get(config, "auto_map") or {}).items():
         if architectures and ref.endswith(f".Pruned{architectures[0]}"):
             return auto_name
-    return "AutoModel"
+    return auto_class_name(_get(config, "model_type"), architectures[0]) if architectures else "AutoModel"
 
 
 def _datasets(report: Mapping) -> list[str] | None:
@@ -121,8 +121,9 @@ def _results(report: Mapping) -> tuple[list[tuple[str, ...]], str]:
 
 
 def _layer_rows(config) -> list[tuple[str, str, str]]:
-    n, dense_heads, dense_ffn = get_adapter(config).dense_shape(config)
+    _, dense_heads, dense_ffn = get_adapter(config).dense_shape(config)
     heads, ffn = get_adapter(config).config_shapes(config)
+    n = len(heads)  # the layers the model has now (depth pruning removes some)
     return [(str(i), f"{heads[i]} / {dense_heads}", f"{ffn[i]} / {dense_ffn}") for i in range(n)]
 
 
@@ -203,6 +204,7 @@ def make_model_card(
         layer_rows=rows,
         model_path=repo_id or "path/to/export",
         auto_class=auto_class,
+        remote_code=bool(_get(config, "auto_map")),
         stage_rows=[(s["name"], _number(s["wall_time_s"], 1)) for s in stages],
         **_deployment(report, metric_name),
         environment=", ".join(f"{k} {v}" for k, v in env.items()) if env else None,
@@ -243,8 +245,9 @@ def plot_head_map(config, path: str | os.PathLike) -> Path:
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
 
-    n_layers, n_heads, dense_ffn = get_adapter(config).dense_shape(config)
+    _, n_heads, dense_ffn = get_adapter(config).dense_shape(config)
     ffn = get_adapter(config).config_shapes(config)[1]
+    n_layers = len(ffn)
     grid = [[0.0] * n_heads for _ in range(n_layers)]
     for layer in range(n_layers):
         for head in original_heads_kept(config, layer):

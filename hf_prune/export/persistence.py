@@ -32,11 +32,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.modeling_utils import unwrap_model
-from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
 from ..models.adapter import ArchitectureAdapter
-from ..models.auto import get_adapter
+from ..models.auto import AUTO_CLASS_MAPPINGS, get_adapter
 from ..models.surgery import record_shapes
 from ..utils import recover_interrupted, swap_into_place, temporary_folder
 from . import card as cards
@@ -56,18 +55,6 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["save_pruned", "load_pruned", "load_teacher", "pruned_class", "modeling_source"]
 
-# Auto class name -> mapping from model_type to the transformers class it builds.
-_AUTO_MAPPINGS = {
-    "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
-    "AutoModelForPreTraining": modeling_auto.MODEL_FOR_PRETRAINING_MAPPING_NAMES,
-    "AutoModelForMaskedLM": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    "AutoModelForTokenClassification": modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
-    "AutoModelForQuestionAnswering": modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
-    "AutoModelForMultipleChoice": modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES,
-    "AutoModelForNextSentencePrediction": modeling_auto.MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES,
-}
 _PRUNED_CLASSES: dict[type, type] = {}
 
 
@@ -96,7 +83,7 @@ def _base_class(model) -> type:
 def _auto_map(model_type: str, base_name: str) -> dict[str, str]:
     """`{Auto class: "modeling_hf_prune.Pruned<Class>"}` for every Auto class that builds `base_name` or the base."""
     auto_map = {}
-    for auto_name, mapping in _AUTO_MAPPINGS.items():
+    for auto_name, mapping in AUTO_CLASS_MAPPINGS.items():
         target = mapping.get(model_type)
         if isinstance(target, str) and (target == base_name or auto_name == "AutoModel"):
             if hasattr(transformers, target):
@@ -136,12 +123,15 @@ def _write_weights_and_config(model, folder: Path):
     config_path = folder / CONFIG_NAME
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["architectures"] = [base.__name__]
-    config["auto_map"] = _auto_map(model.config.model_type, base.__name__)
+    adapter = get_adapter(model)
+    if adapter.needs_remote_code(model.config):
+        config["auto_map"] = _auto_map(model.config.model_type, base.__name__)
+        (folder / MODELING_NAME).write_text(modeling_source(adapter, config["auto_map"]), encoding="utf-8")
+    else:  # the family's own config describes every layer: plain from_pretrained loads it, no remote code
+        config.pop("auto_map", None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    source = modeling_source(get_adapter(model), config["auto_map"])
-    (folder / MODELING_NAME).write_text(source, encoding="utf-8")
     written = copy.deepcopy(model.config)
-    written.architectures, written.auto_map = config["architectures"], config["auto_map"]
+    written.architectures, written.auto_map = config["architectures"], config.get("auto_map")
     return written
 
 

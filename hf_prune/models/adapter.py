@@ -166,6 +166,15 @@ class ArchitectureAdapter:
         """Writes the per-layer shapes into `model.config`, read back when the model is loaded."""
         raise NotImplementedError
 
+    def needs_remote_code(self, config) -> bool:
+        """Whether loading needs the modeling file (per-layer shapes the family's own config cannot describe)."""
+        return True
+
+    def drop_layers(self, model: nn.Module, keep: list[int]) -> None:
+        """Keeps only the layers `keep` (current indices, in order) and updates what indexes layers (cache indices,
+        per-layer config lists, the layer count). Only for adapters with `can_drop_layers`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop layers.")
+
     def is_pruned_config(self, config_dict: dict) -> bool:
         """Whether a `config.json` (as a dict) records per-layer shapes."""
         raise NotImplementedError

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+from transformers.models.auto import modeling_auto
+
 from .adapter import ArchitectureAdapter
 from .bert.adapter import BertAdapter
 from .llama.adapter import LlamaAdapter
 
-__all__ = ["ADAPTER_MAPPING", "register_adapter", "get_adapter", "supported_model_types"]
+__all__ = [
+    "ADAPTER_MAPPING",
+    "AUTO_CLASS_MAPPINGS",
+    "register_adapter",
+    "get_adapter",
+    "supported_model_types",
+    "auto_class_name",
+]
 
 ADAPTER_MAPPING: dict[str, ArchitectureAdapter] = {}
+
+# Auto class name -> mapping from model_type to the transformers class it builds.
+AUTO_CLASS_MAPPINGS = {
+    "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
+    "AutoModelForPreTraining": modeling_auto.MODEL_FOR_PRETRAINING_MAPPING_NAMES,
+    "AutoModelForMaskedLM": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    "AutoModelForTokenClassification": modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+    "AutoModelForQuestionAnswering": modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
+    "AutoModelForMultipleChoice": modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES,
+    "AutoModelForNextSentencePrediction": modeling_auto.MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES,
+}
 
 
 def register_adapter(adapter: ArchitectureAdapter, model_types: tuple[str, ...] | None = None) -> None:
@@ -46,3 +68,12 @@ def get_adapter(model_or_config) -> ArchitectureAdapter:
             "ArchitectureAdapter subclass, registered with hf_prune.models.auto.register_adapter."
         )
     return ADAPTER_MAPPING[model_type]
+
+
+def auto_class_name(model_type: str, class_name: str) -> str:
+    """The transformers Auto class that builds `class_name` for `model_type` (e.g. `AutoModelForCausalLM` for
+    `LlamaForCausalLM`), else `"AutoModel"`."""
+    for auto_name, mapping in AUTO_CLASS_MAPPINGS.items():
+        if auto_name != "AutoModel" and mapping.get(model_type) == class_name:
+            return auto_name
+    return "AutoModel"

@@ -16,11 +16,13 @@ from torch import nn
 from transformers.pytorch_utils import prune_linear_layer
 
 from .adapter import ATTENTION, MLP, UnitGroup, config_get, set_module
-from .auto import get_adapter
+from .auto import ADAPTER_MAPPING, get_adapter
 
 __all__ = [
     "PRUNED_HEADS_KEY",
+    "KEPT_LAYERS_KEY",
     "prune_units",
+    "prune_layers",
     "prune_heads",
     "prune_ffn_neurons",
     "record_shapes",
@@ -29,6 +31,8 @@ __all__ = [
 
 # `{layer: [original indices of the attention units removed]}` in the config of a pruned model
 PRUNED_HEADS_KEY = "hf_prune_pruned_heads"
+# the original (dense-model) index of every layer a depth-pruned model kept
+KEPT_LAYERS_KEY = "hf_prune_kept_layers"
 
 
 def _check_indices(kind: str, items: Mapping[int, Iterable[int]], sizes: list[int]) -> dict[int, list[int]]:
@@ -142,3 +146,41 @@ def prune_ffn_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int]]) ->
         The same model, with `model.config` recording the MLP width per layer.
     """
     return prune_units(model, MLP, neurons)
+
+
+@torch.no_grad()
+def prune_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
+    """Removes whole layers physically (depth pruning), in place.
+
+    Args:
+        model: a model of a family whose adapter can drop layers (the Llama family).
+        layers: indices of the model's current layers to remove; at least one layer must stay.
+
+    Returns:
+        The same model, with fewer layers; `model.config` records the layer count and, in `hf_prune_kept_layers`,
+        the original index of every layer kept.
+    """
+    adapter = get_adapter(model)
+    config = model.config
+    if not adapter.can_drop_layers:
+        raise ValueError(
+            f"Whole layers of model_type={config.model_type!r} cannot be removed yet; the families that can: "
+            f"{', '.join(sorted(t for t, a in ADAPTER_MAPPING.items() if a.can_drop_layers))}. Prune its heads and "
+            "neurons instead."
+        )
+    count = len(adapter.layers(model))
+    drop = sorted({int(i) for i in layers})
+    bad = [i for i in drop if not 0 <= i < count]
+    if bad:
+        raise ValueError(f"Layer {bad} out of range: the model has layers 0..{count - 1}.")
+    if len(drop) == count:
+        raise ValueError(f"Removing all {count} layers leaves no model; keep at least one.")
+    keep = [i for i in range(count) if i not in set(drop)]
+    originals = list(config_get(config, KEPT_LAYERS_KEY) or range(count))
+    removed = {str(k): v for k, v in (config_get(config, PRUNED_HEADS_KEY) or {}).items()}
+    adapter.drop_layers(model, keep)
+    setattr(config, KEPT_LAYERS_KEY, [originals[i] for i in keep])
+    renumbered = {str(new): removed[str(old)] for new, old in enumerate(keep) if str(old) in removed}
+    setattr(config, PRUNED_HEADS_KEY, renumbered)
+    record_shapes(model)
+    return model

@@ -6,18 +6,32 @@ value head and `num_attention_heads / num_key_value_heads` query heads, so every
 (the group size never changes; transformers infers the head counts from the projections' widths). Qwen3's per-head
 q/k norms act on one head's width and stay whole. An MLP neuron is a row of the gate and up projections and a column
 of the down projection. A layer that keeps no group gets an `EmptyAttention`, a layer that keeps no neuron an MLP of
-zero width (it adds nothing).
+zero width (it adds nothing). Whole layers can be removed (depth pruning, as Minitron and ShortGPT do).
+
+Shapes that are the same in every layer are written as the family's own config (`num_key_value_heads`,
+`num_attention_heads`, `intermediate_size`, `num_hidden_layers`, with `head_dim` explicit), so plain
+`from_pretrained` and serving engines, which refuse per-layer sizes, load the export without remote code, when the
+family's config class accepts them (LlamaConfig wants the query heads to divide the hidden size). Other shapes are
+written per layer and rebuilt by the remote-code modeling file. The dense model's sizes are kept in
+`hf_prune_dense_shape` for the report and the card.
 """
 
 from __future__ import annotations
 
 from torch import nn
+from transformers.utils import logging
 
 from ..adapter import ATTENTION, MLP, ArchitectureAdapter, ChannelSlice, UnitGroup, config_get
 from . import modeling_hf_prune
 from .modeling_hf_prune import KV_HEADS_KEY, MLP_KEY, EmptyAttention
 
-__all__ = ["LlamaAdapter"]
+logger = logging.get_logger(__name__)
+
+__all__ = ["LlamaAdapter", "DENSE_SHAPE_KEY"]
+
+# the dense model's sizes, written once, before the first pruned shapes replace the family's fields
+DENSE_SHAPE_KEY = "hf_prune_dense_shape"
+_DENSE_FIELDS = ("num_hidden_layers", "num_key_value_heads", "intermediate_size")
 
 
 class LlamaAdapter(ArchitectureAdapter):
@@ -31,6 +45,7 @@ class LlamaAdapter(ArchitectureAdapter):
     # pre-norm: the MLP output is added to the input of its norm
     mlp_residual_path = "post_attention_layernorm"
     modeling_module = modeling_hf_prune
+    can_drop_layers = True
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         base = getattr(model, "base_model", model)
@@ -61,11 +76,12 @@ class LlamaAdapter(ArchitectureAdapter):
         raise ValueError(f"Unknown unit kind {kind!r}; use {ATTENTION!r} or {MLP!r}.")
 
     def dense_shape(self, config) -> tuple[int, int, int]:
-        keys = ("num_hidden_layers", "num_key_value_heads", "intermediate_size")
-        return tuple(int(config_get(config, k)) for k in keys)
+        dense = config_get(config, DENSE_SHAPE_KEY) or {k: config_get(config, k) for k in _DENSE_FIELDS}
+        return tuple(int(dense[k]) for k in _DENSE_FIELDS)
 
     def config_shapes(self, config) -> tuple[list[int], list[int]]:
-        layers, kv, width = self.dense_shape(config)
+        # the family's own fields hold the shapes of every layer that has no per-layer entry
+        layers, kv, width = (int(config_get(config, k)) for k in _DENSE_FIELDS)
         return (
             list(config_get(config, KV_HEADS_KEY) or [kv] * layers),
             list(config_get(config, MLP_KEY) or [width] * layers),
@@ -77,9 +93,51 @@ class LlamaAdapter(ArchitectureAdapter):
 
     def record_config(self, model: nn.Module) -> None:
         config = model.config
+        if config_get(config, DENSE_SHAPE_KEY) is None:
+            setattr(config, DENSE_SHAPE_KEY, {k: int(config_get(config, k)) for k in _DENSE_FIELDS})
+        config.head_dim = self.head_dim(config)  # explicit: the head count below no longer implies it
+        group = self.heads_per_unit(config)
         layers = self.layers(model)
-        setattr(config, KV_HEADS_KEY, [self.unit_group(layer, ATTENTION, config).count for layer in layers])
-        setattr(config, MLP_KEY, [self.unit_group(layer, MLP, config).count for layer in layers])
+        kv = [self.unit_group(layer, ATTENTION, config).count for layer in layers]
+        widths = [self.unit_group(layer, MLP, config).count for layer in layers]
+        config.num_hidden_layers = len(layers)
+        uniform = {"num_key_value_heads": kv[0], "num_attention_heads": kv[0] * group, "intermediate_size": widths[0]}
+        if len(set(kv)) == 1 and kv[0] > 0 and len(set(widths)) == 1 and widths[0] > 0 and _accepts(config, uniform):
+            # uniform: the family's own config describes every layer
+            for key, value in uniform.items():
+                setattr(config, key, value)
+            for key in (KV_HEADS_KEY, MLP_KEY):
+                if hasattr(config, key):
+                    delattr(config, key)
+        else:
+            setattr(config, KV_HEADS_KEY, kv)
+            setattr(config, MLP_KEY, widths)
+
+    def needs_remote_code(self, config) -> bool:
+        return config_get(config, KV_HEADS_KEY) is not None or config_get(config, MLP_KEY) is not None
 
     def is_pruned_config(self, config_dict: dict) -> bool:
-        return KV_HEADS_KEY in config_dict or MLP_KEY in config_dict
+        return KV_HEADS_KEY in config_dict or MLP_KEY in config_dict or DENSE_SHAPE_KEY in config_dict
+
+    def drop_layers(self, model: nn.Module, keep: list[int]) -> None:
+        base = getattr(model, "base_model", model)
+        config = model.config
+        base.layers = nn.ModuleList(base.layers[i] for i in keep)
+        for new, layer in enumerate(base.layers):  # the KV cache is indexed by the attention's layer_idx
+            layer.self_attn.layer_idx = new
+        for key in ("layer_types", KV_HEADS_KEY, MLP_KEY):
+            values = config_get(config, key)
+            if values is not None:
+                setattr(config, key, [values[i] for i in keep])
+        config.num_hidden_layers = len(keep)
+
+
+def _accepts(config, fields: dict) -> bool:
+    """Whether the family's config class takes `fields` (LlamaConfig, for one, refuses a head count that does not
+    divide the hidden size, even with an explicit `head_dim`)."""
+    try:
+        type(config)(**{**config.to_dict(), **fields})
+    except Exception as err:  # noqa: BLE001  (validators raise their own error classes)
+        logger.info("Per-layer sizes kept: %s refuses %s (%s).", type(config).__name__, fields, err)
+        return False
+    return True
