@@ -80,6 +80,13 @@ class PruningArguments(TrainingArguments):
             "Pruning keeps the hidden size, so layers match one to one."
         },
     )
+    distill_chunk_size: int = field(
+        default=512,
+        metadata={
+            "help": "Causal LMs: token positions whose vocabulary-sized logits are computed at once by the "
+            "distillation loss (recomputed in the backward pass), which bounds its memory."
+        },
+    )
     mean_loss: bool = field(
         default=False,
         metadata={
@@ -231,6 +238,8 @@ class PruningArguments(TrainingArguments):
                 f"distill_temperature={self.distill_temperature} must be > 0 (it divides the logits). "
                 "Use 1 for plain softmax, 2 to 4 for the usual softened targets."
             )
+        if self.distill_chunk_size < 1:
+            raise ValueError(f"distill_chunk_size={self.distill_chunk_size} must be >= 1 (positions per chunk).")
         if self.distill_hidden_weight < 0:
             raise ValueError(f"distill_hidden_weight={self.distill_hidden_weight} must be >= 0 (0 turns it off).")
         if self.pruning_method is not None and self.pruning_method not in PRUNING_METHODS:

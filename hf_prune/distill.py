@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DistillationOutput", "distillation_loss", "freeze_teacher"]
+__all__ = ["DistillationOutput", "distillation_loss", "causal_lm_distillation_loss", "freeze_teacher"]
 
 
 @dataclass
@@ -155,6 +158,88 @@ def distillation_loss(
 
     loss = (1.0 - alpha) * task_loss + alpha * kd_loss + hidden_weight * hidden_loss
     return DistillationOutput(loss=loss, task_loss=task_loss, kd_loss=kd_loss, hidden_loss=hidden_loss)
+
+
+def _chunk_sums(student_head, teacher_head, temperature, student_h, teacher_h, targets):
+    """Summed cross-entropy and summed KL(teacher || student) at `temperature` over one chunk of positions."""
+    student = student_head(student_h).float()
+    with torch.no_grad():
+        teacher = teacher_head(teacher_h).float()
+    ce = F.cross_entropy(student, targets, reduction="sum")
+    s = F.log_softmax(student / temperature, dim=-1)
+    t = F.log_softmax(teacher / temperature, dim=-1)
+    return ce, (t.exp() * (t - s)).sum()
+
+
+def causal_lm_distillation_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int = 512,
+) -> DistillationOutput:
+    """Token-level distillation of a causal LM, a pure function that never holds the vocabulary-sized logits of a
+    whole batch.
+
+    The logits at position `i` predict token `i + 1`, so position `i` counts when `labels[i + 1]` is not -100 (and,
+    with `attention_mask`, is a real token). Over those `N` positions, `loss = (1 - alpha) * CE + alpha * T^2 *
+    KL(softmax(teacher / T) || softmax(student / T))`, each a mean per token (Hinton et al. 2015; token-level KD as
+    in Minitron, Sreenivas et al. 2024). The positions are taken `chunk_size` at a time: each chunk's logits are
+    computed from the final hidden states by the output heads, reduced to two sums, and recomputed in the backward
+    pass (activation checkpointing), so memory holds `chunk_size x vocabulary` logits, not `batch x length x
+    vocabulary`. The mean is over this batch's tokens, as the model's own loss is; gradient accumulation divides it by
+    the steps and DDP averages it, never multiplied by the world size.
+
+    Args:
+        student_hidden / teacher_hidden: `(batch, length, hidden)` final hidden states (after the final norm), the
+            input of each model's output head.
+        student_head / teacher_head: the output heads (`model.get_output_embeddings()`), hidden -> vocabulary logits.
+        labels: `(batch, length)` token ids, -100 where no token is to be predicted (padding, prompts).
+        alpha: weight of the distillation term, in `[0, 1]`.
+        temperature: softmax temperature `T > 0`.
+        attention_mask: `(batch, length)` mask of real tokens.
+        chunk_size: positions per chunk.
+
+    Returns:
+        [`DistillationOutput`] (`hidden_loss` is 0).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must be in [0, 1].")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
+    if student_hidden.shape[:2] != labels.shape or teacher_hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"Hidden states {tuple(student_hidden.shape)} (student), {tuple(teacher_hidden.shape)} (teacher) and "
+            f"labels {tuple(labels.shape)} must share (batch, length)."
+        )
+    targets = labels[:, 1:].to(student_hidden.device)
+    keep = targets != -100
+    if attention_mask is not None:
+        keep &= attention_mask[:, 1:].to(keep.device).bool()
+    student_h = student_hidden[:, :-1][keep]
+    teacher_h = teacher_hidden[:, :-1][keep].detach()
+    targets = targets[keep]
+    count = targets.numel()
+    chunk = partial(_chunk_sums, student_head, teacher_head, temperature)
+    ce_sum = kl_sum = student_hidden.sum() * 0.0  # a batch without a token to predict adds nothing
+    for start in range(0, count, chunk_size):
+        parts = (student_h[start : start + chunk_size], teacher_h[start : start + chunk_size])
+        part_targets = targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and student_h.requires_grad:
+            ce, kl = checkpoint(chunk, *parts, part_targets, use_reentrant=False)
+        else:
+            ce, kl = chunk(*parts, part_targets)
+        ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
+    tokens = max(count, 1)
+    task_loss, kd_loss = ce_sum / tokens, kl_sum / tokens * temperature**2
+    loss = (1.0 - alpha) * task_loss + alpha * kd_loss
+    return DistillationOutput(loss=loss, task_loss=task_loss, kd_loss=kd_loss, hidden_loss=loss.new_zeros(()))
 
 
 def freeze_teacher(teacher: nn.Module, device: torch.device | str | None = None) -> nn.Module:

@@ -16,11 +16,13 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.modeling_utils import unwrap_model
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from .config import PruningArguments, multi_process_launch, world_size
-from .distill import distillation_loss, freeze_teacher
+from .distill import causal_lm_distillation_loss, distillation_loss, freeze_teacher
 from .export.persistence import load_teacher
 from .models import structure
 from .models.surgery import prune_ffn_neurons, prune_heads
@@ -99,6 +101,8 @@ class PruningTrainer(Trainer):
         if not self._distilling:  # pruning alone: the task loss as a per-batch mean (see __init__)
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
         args = self.args
+        if _is_causal_lm(self.model):
+            return self._causal_lm_distillation(model, inputs, return_outputs)
         want_hidden = args.distill_hidden_weight > 0
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else inputs
         # `num_items_in_batch=None` keeps the task loss a per-batch mean: the upstream path would multiply it by the
@@ -125,6 +129,38 @@ class PruningTrainer(Trainer):
         self._loss_components["distill_loss"].append(parts.kd_loss.detach())
         if want_hidden:
             self._loss_components["hidden_loss"].append(parts.hidden_loss.detach())
+        return (parts.loss, outputs) if return_outputs else parts.loss
+
+    def _causal_lm_distillation(self, model, inputs, return_outputs: bool):
+        """Token-level distillation of a causal LM ([`distill.causal_lm_distillation_loss`]): both models run with
+        one position of logits, and the loss computes the rest chunk by chunk from their final hidden states."""
+        args = self.args
+        if args.distill_hidden_weight > 0:
+            raise ValueError(
+                "distill_hidden_weight applies to encoders; causal LMs distil token distributions only. Set "
+                "distill_hidden_weight=0."
+            )
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("Causal-LM distillation needs `labels` (the input ids, -100 where nothing is predicted).")
+        forward = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+        # through the (possibly DDP-wrapped) model, so gradients synchronise; one position of logits is all it makes
+        outputs = model(**forward, output_hidden_states=True, logits_to_keep=1)
+        with torch.no_grad():
+            teacher_outputs = self.teacher(**forward, output_hidden_states=True, logits_to_keep=1)
+        parts = causal_lm_distillation_loss(
+            outputs.hidden_states[-1],
+            teacher_outputs.hidden_states[-1],
+            unwrap_model(model).get_output_embeddings(),
+            self.teacher.get_output_embeddings(),
+            labels,
+            alpha=args.distill_alpha,
+            temperature=args.distill_temperature,
+            attention_mask=inputs.get("attention_mask"),
+            chunk_size=args.distill_chunk_size,
+        )
+        self._loss_components["task_loss"].append(parts.task_loss.detach())
+        self._loss_components["distill_loss"].append(parts.kd_loss.detach())
         return (parts.loss, outputs) if return_outputs else parts.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -361,3 +397,11 @@ class _PruningCallback(TrainerCallback):
         pruner = self.trainer.pruner
         if pruner is not None and pruner.update(state.global_step):
             _check_same_masks(pruner, args.device, state.global_step)
+
+
+def _is_causal_lm(model) -> bool:
+    """Whether `model` is a causal LM with an output head (`...ForCausalLM`)."""
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    return name is not None and type(model).__name__.removeprefix("Pruned") == name
