@@ -243,3 +243,60 @@ def test_uniform_shapes_the_family_s_config_refuses_stay_per_layer(tmp_path):
     assert config["layer_num_key_value_heads"] == [KV - 1] * LAYERS and config["num_key_value_heads"] == KV
     assert "auto_map" in config
     torch.testing.assert_close(logits(load_pruned(tmp_path / "export").eval()), logits(model))
+
+
+def non_embedding_parameters(model) -> int:
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in embeddings)
+
+
+def test_parameter_cost_model_counts_non_embedding_parameters_exactly():
+    from hf_prune.models.costs import parameter_unit_costs
+
+    for family in FAMILIES:
+        model = tiny_decoder(family)
+        costs = parameter_unit_costs(model)
+        assert costs.total == non_embedding_parameters(model)
+        prune_heads(model, {0: [1, 2], 2: [0, 1, 2, 3]})
+        prune_ffn_neurons(model, {1: list(range(17))})
+        assert costs.flops(structure.attention_units(model), structure.ffn_size(model)) == non_embedding_parameters(
+            model
+        )
+
+
+@pytest.mark.parametrize("importance", ["fisher", "activation"])
+def test_prune_to_a_share_of_parameters_with_either_importance(importance):
+    from hf_prune.models.costs import parameter_unit_costs
+
+    model = tiny_decoder("llama")
+    pruned, summary = prune_to_speedup(model, CausalBlocks(64), 1.25, num_samples=64, seq_len=12, tune_samples=64,
+                                       cost_model="params", importance=importance)  # fmt: skip
+    kept = parameter_unit_costs(pruned).total / parameter_unit_costs(model).total
+    assert 0.8 / 1.02 <= kept <= 0.8 + 1e-9  # 20% of the non-embedding parameters removed, within the 2% slack
+    assert summary["importance"] == importance and summary["cost_model"] == "params"
+    assert torch.isfinite(logits(pruned)).all()
+
+
+def test_activation_and_layer_importance():
+    from hf_prune.posttrain.importance import activation_importance, layer_importance
+    from hf_prune.posttrain.search import pad_collate
+
+    model = tiny_decoder("llama")
+    data = CausalBlocks(8)
+    batches = [pad_collate(0)([data[i] for i in range(8)])]
+    heads, neurons = activation_importance(model, batches)
+    assert [h.shape[0] for h in heads] == [KV] * LAYERS and [n.shape[0] for n in neurons] == [WIDTH] * LAYERS
+    assert all(bool((h > 0).all()) for h in heads)
+    # a unit whose output is zero has no importance; masking its output projection columns does not change that
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[3] = 0  # silu(0) * up = 0
+    assert float(activation_importance(model, batches)[1][0][3]) == 0.0
+    cosine = layer_importance(model, batches, "cosine")
+    loss = layer_importance(model, batches, "loss")
+    assert cosine.shape == loss.shape == (LAYERS,) and bool((cosine >= 0).all())
+    # a layer whose attention and MLP outputs are zero passes the residual stream unchanged: no influence, no loss
+    depth_masked(model, [1])
+    assert float(layer_importance(model, batches, "cosine")[1]) == pytest.approx(0.0, abs=1e-6)
+    assert float(layer_importance(model, batches, "loss")[1]) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="method"):
+        layer_importance(model, batches, "norm")

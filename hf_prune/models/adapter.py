@@ -119,6 +119,9 @@ class ArchitectureAdapter:
     mlp_residual_path: str = ""
     #: whether whole layers can be dropped
     can_drop_layers: bool = False
+    #: whether a sequence classifier of the family reads the first token of the last layer alone (BERT's pooler);
+    #: decoders read the last real token
+    classifier_reads_first_token: bool = False
 
     # ------------------------------------------------------------------------------------------------ where
     def layers(self, model: nn.Module) -> nn.ModuleList:

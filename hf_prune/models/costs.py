@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import structure
+from .adapter import ATTENTION, MLP
 from .auto import get_adapter
 from .surgery import prune_ffn_neurons, prune_heads
 
@@ -29,6 +30,7 @@ __all__ = [
     "unit_costs",
     "time_interleaved",
     "measured_unit_costs",
+    "parameter_unit_costs",
 ]
 
 
@@ -215,3 +217,39 @@ def measured_unit_costs(model: nn.Module, seq_len: int = 128, batch_size: int = 
     base = max(base, floor)
     layers = len(heads)
     return UnitCosts(seq_len, [head] * layers, [neuron] * layers, base, heads, neurons, unit="ms")
+
+
+def parameter_unit_costs(model: nn.Module) -> UnitCosts:
+    """A cost model in parameters: per layer, the parameters one attention unit and one MLP neuron own, and the
+    non-embedding parameters no unit owns (norms, biases of the output projections, pooler, heads).
+
+    Embeddings (input and output, tied or not) are left out, as LLM sizes are quoted ("non-embedding parameters"):
+    with this cost model `target_speedup` is dense / pruned non-embedding parameters, e.g. 1.25 keeps 80%.
+
+    Returns:
+        [`UnitCosts`] with `unit="parameters"`; `costs.total` is the model's non-embedding parameter count.
+    """
+    embedding_ids = set()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            embedding_ids.update(id(p) for p in module.parameters())
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for i, p in unique.items() if i not in embedding_ids)
+    adapter = get_adapter(model)
+    per_kind = {}
+    for kind in (ATTENTION, MLP):
+        costs, counts = [], []
+        for layer in adapter.layers(model):
+            group = adapter.unit_group(layer, kind, model.config)
+            owned = 0
+            for s in group.slices:
+                linear = adapter.linear(layer, s.path)
+                owned += s.width * linear.weight.shape[1 - s.dim]
+                if s.dim == 0 and linear.bias is not None:
+                    owned += s.width
+            costs.append(float(owned))
+            counts.append(group.count)
+        per_kind[kind] = (costs, counts)
+    (head, heads), (neuron, neurons) = per_kind[ATTENTION], per_kind[MLP]
+    owned_total = sum(h * c for h, c in zip(heads, head)) + sum(n * c for n, c in zip(neurons, neuron))
+    return UnitCosts(0, head, neuron, float(total - owned_total), heads, neurons, unit="parameters")

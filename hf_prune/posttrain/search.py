@@ -24,16 +24,32 @@ from transformers.utils import logging
 
 from ..models.adapter import ATTENTION, MLP
 from ..models.auto import get_adapter
-from ..models.costs import dummy_inputs, measured_unit_costs, time_interleaved, unit_costs
+from ..models.costs import dummy_inputs, measured_unit_costs, parameter_unit_costs, time_interleaved, unit_costs
 from ..models.surgery import prune_ffn_neurons, prune_heads
 from ..pruning.allocation import allocate_units, speedup_budget
 from ..pruning.units import layer_units
 from .fisher import mask_fisher, mask_gradients, rearrange_layer
+from .importance import activation_importance
 from .mask_tuning import tune_masks
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["pad_collate", "measured_speedup", "choose_timed", "MAX_CORRECTION", "prune_to_speedup"]
+__all__ = [
+    "pad_collate",
+    "measured_speedup",
+    "choose_timed",
+    "MAX_CORRECTION",
+    "COST_MODELS",
+    "IMPORTANCES",
+    "prune_to_speedup",
+]
+
+COST_MODELS = ("flops", "params", "latency")
+IMPORTANCES = ("fisher", "activation")
+METHODS = {
+    "fisher": "fisher mask search, rearrangement and least-squares tuning (Kwon et al. 2022)",
+    "activation": "activation importance (Minitron), mask search and least-squares tuning",
+}
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
@@ -150,6 +166,7 @@ def prune_to_speedup(
     data_collator=None,
     seed: int = 0,
     cost_model: str = "flops",
+    importance: str = "fisher",
     latency_batch_size: int = 32,
     calibration_rounds: int = 3,
 ) -> tuple[nn.Module, dict]:
@@ -170,10 +187,15 @@ def prune_to_speedup(
         batch_size: examples per forward pass.
         data_collator: turns a list of examples into a batch (default: pads `input_ids` with the model's pad token).
         seed: draws the sample.
-        cost_model: "flops" (counted, the default: `target_speedup` is a FLOPs ratio) or "latency" (head and neuron
+        cost_model: "flops" (counted, the default: `target_speedup` is a FLOPs ratio), "params" (`target_speedup` is
+            dense / pruned non-embedding parameters, as LLM sizes are quoted: 1.25 keeps 80%; see
+            [`hf_prune.models.costs.parameter_unit_costs`]) or "latency" (head and neuron
             costs fitted to forward times measured on this machine at `latency_batch_size` x `seq_len`, see
             [`hf_prune.models.costs.measured_unit_costs`]: `target_speedup` is then a predicted speedup of this
             machine).
+        importance: "fisher" (the Fisher information of unit masks, Kwon et al. 2022; needs labels) or "activation"
+            (the mean L2 norm of each unit's output over the sample's tokens, Minitron; see
+            [`hf_prune.posttrain.importance.activation_importance`]; no rearrangement, which needs gradients).
         latency_batch_size: the batch size the latency costs are measured at.
         calibration_rounds: with `cost_model="latency"`, the chosen shapes are timed against `model` (interleaved, at
             `latency_batch_size` x `seq_len`) and, while the measured speedup misses `target_speedup` or passes it by
@@ -194,12 +216,17 @@ def prune_to_speedup(
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    if cost_model not in ("flops", "latency"):
-        raise ValueError(f"cost_model={cost_model!r} is not known: use 'flops' or 'latency'.")
+    if cost_model not in COST_MODELS:
+        raise ValueError(f"cost_model={cost_model!r} is not known: use one of {', '.join(COST_MODELS)}.")
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance={importance!r} is not known: use one of {', '.join(IMPORTANCES)}.")
     if calibration_rounds < 0:
         raise ValueError(f"calibration_rounds={calibration_rounds} must be >= 0 (0 trusts the cost model).")
     flops = unit_costs(model, seq_len)
-    costs = flops if cost_model == "flops" else measured_unit_costs(model, seq_len, latency_batch_size)
+    if cost_model == "latency":
+        costs = measured_unit_costs(model, seq_len, latency_batch_size)
+    else:
+        costs = flops if cost_model == "flops" else parameter_unit_costs(model)
     speedup_budget(costs, target_speedup)  # an unreachable target fails here, before the Fisher pass
     rows = _examples(dataset, num_samples, seed)
     if len(rows) < num_samples:
@@ -217,9 +244,14 @@ def prune_to_speedup(
     times = {}
 
     t = time.perf_counter()
-    head_grads, neuron_grads = mask_gradients(model, batches)
-    head_fisher, neuron_fisher = mask_fisher(head_grads), mask_fisher(neuron_grads)
-    times["fisher_s"] = time.perf_counter() - t
+    if importance == "fisher":
+        head_grads, neuron_grads = mask_gradients(model, batches)
+        head_fisher, neuron_fisher = mask_fisher(head_grads), mask_fisher(neuron_grads)
+        times["fisher_s"] = time.perf_counter() - t
+    else:  # Minitron's activation importance: no gradients, so no Fisher-based rearrangement either
+        head_fisher, neuron_fisher = activation_importance(model, batches)
+        times["importance_s"] = time.perf_counter() - t
+        rearrange = False
 
     t = time.perf_counter()
 
@@ -280,8 +312,11 @@ def prune_to_speedup(
     t = time.perf_counter()
     if tune:
         tune_batches = _batches(rows[:tune_rows], batch_size, collate, device)
-        # a sequence classifier reads the first token of the last layer alone
-        first_token = type(model).__name__.endswith("ForSequenceClassification")
+        # a sequence classifier of an encoder reads the first token of the last layer alone
+        first_token = (
+            type(model).__name__.endswith("ForSequenceClassification")
+            and get_adapter(model).classifier_reads_first_token
+        )
         tuning = tune_masks(student, model, tune_batches, keep_heads, keep_neurons, first_token)
     times["tune_s"] = time.perf_counter() - t
 
@@ -293,12 +328,13 @@ def prune_to_speedup(
     predicted = costs.flops(after.heads, after.neurons)
     times["total_s"] = time.perf_counter() - started
     summary = {
-        "method": "fisher mask search, rearrangement and least-squares tuning (Kwon et al. 2022)",
+        "method": METHODS[importance],
+        "importance": importance,
         "target_speedup": float(target_speedup),
         "seq_len": seq_len,
         "num_samples": len(rows),
         "tune_samples": tune_rows if tune else 0,
-        "cost_model": cost_model if cost_model == "flops" else f"latency (ms at {latency_batch_size} x {seq_len})",
+        "cost_model": f"latency (ms at {latency_batch_size} x {seq_len})" if cost_model == "latency" else cost_model,
         "predicted_speedup": costs.total / predicted,
         "measured_speedup": choose_timed(calibration, target_speedup)["measured_speedup"] if calibration else None,
         "calibration": [{k: v for k, v in c.items() if k != "keep"} for c in calibration],

@@ -50,6 +50,7 @@ class BertAdapter(ArchitectureAdapter):
     # post-LayerNorm: the FFN's residual is its own input (the attention block's normalised output)
     mlp_residual_path = BERT_LAYOUT["ffn_in"]
     modeling_module = modeling_hf_prune
+    classifier_reads_first_token = True
     # model types whose tokenizers return token_type_ids; roberta and xlm-roberta use one segment only
     token_type_models = ("bert", "electra")
 

@@ -1,0 +1,149 @@
+"""Importance without gradients: activation-based importance of attention units and MLP neurons (Minitron), and the
+importance of whole layers for depth pruning (Block Influence, or the loss increase when a layer is skipped)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models import structure
+from ..models.adapter import ATTENTION, MLP
+from ..pruning.units import layer_units
+
+__all__ = ["activation_importance", "layer_importance", "LAYER_IMPORTANCE_METHODS"]
+
+LAYER_IMPORTANCE_METHODS = ("cosine", "loss")
+
+
+def _token_mask(batch: dict) -> torch.Tensor:
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    return (torch.ones_like(ids) if mask is None else mask).bool()
+
+
+def _forward(model: nn.Module, batch: dict, labels: bool = False):
+    return model(**{k: v for k, v in batch.items() if labels or k != "labels"})
+
+
+@torch.no_grad()
+def activation_importance(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The activation importance of Minitron (Muralidharan et al. 2024, section 2.2): per unit, the mean over the real
+    tokens of the L2 norm of its output where it enters its output projection (a head's or key/value group's context
+    vectors; a neuron's gated activation). No labels and no gradients are needed.
+
+    Args:
+        model: a model of a supported family.
+        batches: collated batches on the model's device.
+
+    Returns:
+        `(head_importance, neuron_importance)`: per layer, a tensor `(units,)`.
+    """
+    groups = {kind: layer_units(model, kind) for kind in (ATTENTION, MLP)}
+    sums = {kind: [torch.zeros(lu.count, dtype=torch.float64) for lu in units] for kind, units in groups.items()}
+    state = {"mask": None, "tokens": 0}
+
+    def hook(kind: str, lu):
+        def record(module, args):
+            x = args[0]
+            if lu.count == 0:
+                return
+            out = lu.group.output
+            part = x.narrow(-1, out.offset, out.span(lu.count)).reshape(*x.shape[:-1], lu.count, out.width)
+            norms = part.float().norm(dim=-1)[state["mask"]]  # (tokens, units)
+            sums[kind][lu.layer] += norms.sum(dim=0).double().cpu()
+
+        return record
+
+    handles = [lu.output_linear.register_forward_pre_hook(hook(k, lu)) for k, units in groups.items() for lu in units]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            state["mask"] = _token_mask(batch)
+            state["tokens"] += int(state["mask"].sum())
+            _forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    tokens = max(state["tokens"], 1)
+    return [s / tokens for s in sums[ATTENTION]], [s / tokens for s in sums[MLP]]
+
+
+def _layer_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def layer_importance(model: nn.Module, batches: list[dict], method: str = "cosine") -> torch.Tensor:
+    """Importance of every layer, for depth pruning (higher: keep).
+
+    - `"cosine"`: Block Influence (Men et al. 2024, ShortGPT), one minus the mean over real tokens of the cosine
+      between a layer's input and output hidden states: a layer that barely turns the residual stream matters little.
+    - `"loss"`: the increase of the mean loss when the layer is skipped (its output replaced by its input), one
+      forward pass per layer (Gromov et al. 2024 drop layers by such a measure); the batches need `labels`.
+
+    Args:
+        model: a model of a supported family.
+        batches: collated batches on the model's device.
+        method: `"cosine"` or `"loss"`.
+
+    Returns:
+        A float tensor `(layers,)`.
+    """
+    if method not in LAYER_IMPORTANCE_METHODS:
+        raise ValueError(f"method={method!r} is not known: use one of {', '.join(LAYER_IMPORTANCE_METHODS)}.")
+    layers = structure.get_layers(model)
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "cosine":
+            return _block_influence(model, layers, batches)
+        if any("labels" not in b for b in batches):
+            raise ValueError("method='loss' needs batches with `labels`; use method='cosine' without them.")
+        base = sum(float(_forward(model, b, labels=True).loss) for b in batches) / len(batches)
+        increase = []
+        for layer in layers:
+            handle = layer.register_forward_hook(_skip)
+            try:
+                loss = sum(float(_forward(model, b, labels=True).loss) for b in batches) / len(batches)
+            finally:
+                handle.remove()
+            increase.append(loss - base)
+        return torch.tensor(increase)
+    finally:
+        model.train(was_training)
+
+
+def _skip(module, args, output):
+    """A forward hook that makes a layer return its input (the residual stream passes unchanged)."""
+    hidden = args[0]
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _block_influence(model, layers, batches) -> torch.Tensor:
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    state = {"mask": None, "inputs": {}}
+    handles = []
+    for i, layer in enumerate(layers):
+
+        def pre(module, args, kwargs, i=i):
+            state["inputs"][i] = args[0] if args else kwargs["hidden_states"]
+
+        def post(module, args, kwargs, output, i=i):
+            out, x = _layer_output(output), state["inputs"].pop(i)
+            cos = torch.nn.functional.cosine_similarity(out.float(), x.float(), dim=-1)[state["mask"]]
+            sums[i] += (1.0 - cos).sum().double().cpu()
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layer.register_forward_hook(post, with_kwargs=True))
+    tokens = 0
+    try:
+        for batch in batches:
+            state["mask"] = _token_mask(batch)
+            tokens += int(state["mask"].sum())
+            _forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (sums / max(tokens, 1)).float()
