@@ -300,3 +300,29 @@ def test_activation_and_layer_importance():
     assert float(layer_importance(model, batches, "loss")[1]) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="method"):
         layer_importance(model, batches, "norm")
+
+
+def test_uniform_search_exports_the_family_s_own_config(tmp_path, monkeypatch):
+    model = tiny_decoder("qwen3")
+    pruned, summary = prune_to_speedup(model, CausalBlocks(64), 1.3, num_samples=64, seq_len=12, tune_samples=64,
+                                       cost_model="params", uniform=True)  # fmt: skip
+    kv, widths = structure.attention_units(pruned), structure.ffn_size(pruned)
+    assert len(set(kv)) == 1 and len(set(widths)) == 1 and summary["uniform"] is True
+    assert (kv[0], widths[0]) != (KV, WIDTH)
+    config = json.loads(
+        (save_pruned(pruned, tmp_path / "export", card=False, figure=False) / "config.json").read_text()
+    )
+    assert "auto_map" not in config and (config["num_key_value_heads"], config["intermediate_size"]) == (
+        kv[0],
+        widths[0],
+    )
+    torch.testing.assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()), logits(pruned)
+    )
+    # a target no uniform shape reaches is refused before any importance is computed
+    import hf_prune.posttrain.search as search
+
+    monkeypatch.setattr(search, "mask_gradients", lambda *a: pytest.fail("importance computed before the refusal"))
+    with pytest.raises(ValueError, match="out of reach with uniform shapes"):
+        prune_to_speedup(tiny_decoder("llama"), CausalBlocks(64), 8.0, num_samples=64, seq_len=12, cost_model="params",
+                         uniform=True, tune=False)  # fmt: skip

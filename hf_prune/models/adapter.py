@@ -169,6 +169,10 @@ class ArchitectureAdapter:
         """Writes the per-layer shapes into `model.config`, read back when the model is loaded."""
         raise NotImplementedError
 
+    def accepts_uniform(self, config, units: int) -> bool:
+        """Whether the family's own config describes `units` attention units in every layer."""
+        return True
+
     def needs_remote_code(self, config) -> bool:
         """Whether loading needs the modeling file (per-layer shapes the family's own config cannot describe)."""
         return True

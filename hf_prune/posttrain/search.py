@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from functools import partial
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from ..models.adapter import ATTENTION, MLP
 from ..models.auto import get_adapter
 from ..models.costs import dummy_inputs, measured_unit_costs, parameter_unit_costs, time_interleaved, unit_costs
 from ..models.surgery import prune_ffn_neurons, prune_heads
-from ..pruning.allocation import allocate_units, speedup_budget
+from ..pruning.allocation import allocate_uniform_units, allocate_units, speedup_budget
 from ..pruning.units import layer_units
 from .fisher import mask_fisher, mask_gradients, rearrange_layer
 from .importance import activation_importance
@@ -141,6 +142,18 @@ def choose_timed(candidates: list[dict], target: float) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- the path
+def _check_uniform_reachable(model, costs, budget: float, target_speedup: float) -> None:
+    accepts = get_adapter(model).accepts_uniform
+    heads = [h for h in range(1, min(costs.heads) + 1) if accepts(model.config, h)]
+    cheapest = heads[0] * sum(costs.head) + sum(costs.neuron) if heads else None
+    if cheapest is None or cheapest > budget + 1e-6:
+        raise ValueError(
+            f"target_speedup={target_speedup} is out of reach with uniform shapes: one attention unit and one MLP "
+            "neuron in every layer (of the head counts the family's config accepts) already cost more. Ask for less, "
+            "or pass uniform=False."
+        )
+
+
 def _check_samples(rows: list[dict], tune_rows: int, hidden: int, units: int) -> None:
     tokens = sum(len(r["input_ids"]) for r in rows[:tune_rows])
     needed = 10 * units
@@ -167,6 +180,7 @@ def prune_to_speedup(
     seed: int = 0,
     cost_model: str = "flops",
     importance: str = "fisher",
+    uniform: bool = False,
     latency_batch_size: int = 32,
     calibration_rounds: int = 3,
 ) -> tuple[nn.Module, dict]:
@@ -196,6 +210,9 @@ def prune_to_speedup(
         importance: "fisher" (the Fisher information of unit masks, Kwon et al. 2022; needs labels) or "activation"
             (the mean L2 norm of each unit's output over the sample's tokens, Minitron; see
             [`hf_prune.posttrain.importance.activation_importance`]; no rearrangement, which needs gradients).
+        uniform: keep the same number of attention units and of MLP neurons in every layer, chosen by the search
+            under that constraint ([`hf_prune.pruning.allocation.allocate_uniform_units`]): the export is then the
+            family's own config, which plain `from_pretrained` and serving engines load (decoders; see the adapter).
         latency_batch_size: the batch size the latency costs are measured at.
         calibration_rounds: with `cost_model="latency"`, the chosen shapes are timed against `model` (interleaved, at
             `latency_batch_size` x `seq_len`) and, while the measured speedup misses `target_speedup` or passes it by
@@ -227,7 +244,9 @@ def prune_to_speedup(
         costs = measured_unit_costs(model, seq_len, latency_batch_size)
     else:
         costs = flops if cost_model == "flops" else parameter_unit_costs(model)
-    speedup_budget(costs, target_speedup)  # an unreachable target fails here, before the Fisher pass
+    budget = speedup_budget(costs, target_speedup)  # an unreachable target fails here, before the Fisher pass
+    if uniform:
+        _check_uniform_reachable(model, costs, budget, target_speedup)
     rows = _examples(dataset, num_samples, seed)
     if len(rows) < num_samples:
         logger.warning(
@@ -258,7 +277,11 @@ def prune_to_speedup(
     def search(goal: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # at most 2% over the goal: the kept units may spend down to budget - slack
         slack = costs.total / goal - costs.total / (1.02 * goal)  # in the cost model's unit
-        return allocate_units(head_fisher, neuron_fisher, costs, speedup_budget(costs, goal), slack=slack / 2)
+        budget = speedup_budget(costs, goal)
+        if uniform:
+            accepts = partial(get_adapter(model).accepts_uniform, model.config)
+            return allocate_uniform_units(head_fisher, neuron_fisher, costs, budget, accepts, slack=slack / 2)
+        return allocate_units(head_fisher, neuron_fisher, costs, budget, slack=slack / 2)
 
     keep_heads, keep_neurons = search(target_speedup)
     times["search_s"] = time.perf_counter() - t
@@ -330,6 +353,7 @@ def prune_to_speedup(
     summary = {
         "method": METHODS[importance],
         "importance": importance,
+        "uniform": bool(uniform),
         "target_speedup": float(target_speedup),
         "seq_len": seq_len,
         "num_samples": len(rows),

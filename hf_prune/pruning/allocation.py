@@ -7,7 +7,7 @@ import torch
 
 from ..models.costs import UnitCosts
 
-__all__ = ["speedup_budget", "allocate_units"]
+__all__ = ["speedup_budget", "allocate_units", "allocate_uniform_units"]
 
 
 def speedup_budget(costs: UnitCosts, target_speedup: float, reference_flops: float | None = None) -> float:
@@ -86,3 +86,69 @@ def allocate_units(
         return [k.view(s.shape) for k, s in zip(keep.split([s.numel() for s in scores]), scores)]
 
     return masks(head_scores, h_order, h), masks(neuron_scores, n_order, n)
+
+
+def allocate_uniform_units(
+    head_scores: list[torch.Tensor],
+    neuron_scores: list[torch.Tensor],
+    costs: UnitCosts,
+    budget: float,
+    allowed=None,
+    slack: float = 0.0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keep-masks with the same number of heads `h` and of neurons `n` in every layer, spending at most `budget`.
+
+    Every `(h, n)` with `h >= 1` and `n >= 1` is a candidate (each layer keeps its `h` most important heads and `n`
+    most important neurons); for each `h` the largest `n` that fits is taken, and the pair that keeps the most
+    importance wins, among those spending at least `budget - slack` when any does. Uniform shapes are what the
+    family's own config describes, so the export loads without remote code and in serving engines.
+
+    Args:
+        head_scores / neuron_scores: per layer, the importance of each head / neuron.
+        costs: the [`UnitCosts`] of the model.
+        budget: what the kept heads and neurons may spend together.
+        allowed: a function `h -> bool` excluding head counts the family's config refuses (default: all).
+        slack: how far under `budget` a solution may end.
+
+    Returns:
+        `(head_keep, neuron_keep)`: per layer, bool keep-masks; a `ValueError` when no uniform shape fits.
+    """
+    heads, neurons = min(s.numel() for s in head_scores), min(s.numel() for s in neuron_scores)
+
+    def cumulative(scores, count):
+        zero = torch.zeros(1, dtype=torch.float64)
+        ranked = [torch.sort(s.detach().double().cpu(), descending=True).values.cumsum(0) for s in scores]
+        return sum(torch.cat([zero, r])[: count + 1] for r in ranked)
+
+    head_cum, neuron_cum = cumulative(head_scores, heads), cumulative(neuron_scores, neurons)
+    per_head, per_neuron = sum(costs.head), sum(costs.neuron)
+    best, best_full = None, None
+    for h in range(1, heads + 1):
+        if allowed is not None and not allowed(h):
+            continue
+        left = budget - h * per_head
+        n = min(neurons, int((left + 1e-6) // per_neuron)) if per_neuron > 0 else neurons
+        if n < 1:
+            continue
+        value, spent = float(head_cum[h] + neuron_cum[n]), h * per_head + n * per_neuron
+        if best is None or value > best[0]:
+            best = (value, h, n)
+        if spent >= budget - slack - 1e-6 and (best_full is None or value > best_full[0]):
+            best_full = (value, h, n)
+    chosen = best_full or best
+    if chosen is None:
+        raise ValueError(
+            "No uniform shape (the same number of heads and of MLP neurons in every layer, at least one of each) fits "
+            "the target; ask for a smaller target, or pass uniform=False."
+        )
+    _, h, n = chosen
+
+    def top(scores, k):
+        keep = []
+        for s in scores:
+            mask = torch.zeros(s.numel(), dtype=torch.bool)
+            mask[torch.sort(s.detach().double().cpu(), descending=True, stable=True).indices[:k]] = True
+            keep.append(mask)
+        return keep
+
+    return top(head_scores, h), top(neuron_scores, n)

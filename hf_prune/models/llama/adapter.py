@@ -113,6 +113,10 @@ class LlamaAdapter(ArchitectureAdapter):
             setattr(config, KV_HEADS_KEY, kv)
             setattr(config, MLP_KEY, widths)
 
+    def accepts_uniform(self, config, units: int) -> bool:
+        group = self.heads_per_unit(config)
+        return _accepts(config, {"num_key_value_heads": units, "num_attention_heads": units * group})
+
     def needs_remote_code(self, config) -> bool:
         return config_get(config, KV_HEADS_KEY) is not None or config_get(config, MLP_KEY) is not None
 
