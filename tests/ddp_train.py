@@ -15,6 +15,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from test_llama import CausalBlocks  # noqa: E402
+from test_llama import tiny_decoder as llama_decoder  # noqa: E402
 from utils import TinyDataset, tiny_model  # noqa: E402
 
 from hf_prune import PruningArguments, PruningTrainer  # noqa: E402
@@ -41,6 +43,24 @@ SCENARIOS = {
     "ffn_taylor_teacher_ga": {**TAYLOR, "distill_alpha": 0.9, "gradient_accumulation_steps": 2},
     "ffn_taylor_global": {**TAYLOR, "ffn_sparsity_rule": "global"},
     "ffn_movement": {"pruning_method": "movement", "pruning_target": "ffn", **CUBIC},
+    # a causal LM (tiny Llama with grouped-query attention): key/value groups masked whole, token-level distillation
+    "decoder_group_movement_teacher_ga": {
+        "decoder": True,
+        "pruning_method": "movement",
+        "attention_granularity": "head",
+        "distill_alpha": 0.5,
+        "distill_chunk_size": 7,
+        "gradient_accumulation_steps": 2,
+        **CUBIC,
+    },
+    "decoder_joint_taylor_teacher": {
+        **TAYLOR,
+        "decoder": True,
+        "pruning_target": "heads_and_ffn",
+        "target_speedup": 1.5,
+        "speedup_seq_len": 12,
+        "distill_alpha": 0.5,
+    },
     "joint_taylor_teacher_ga": {
         **TAYLOR,
         "pruning_target": "heads_and_ffn",
@@ -50,6 +70,10 @@ SCENARIOS = {
         "gradient_accumulation_steps": 2,
     },
 }
+
+
+def tiny_decoder(seed: int = 0):
+    return llama_decoder("llama", seed=seed).train()
 
 
 class Recorder(TrainerCallback):
@@ -81,6 +105,7 @@ class TamperOnRank1(TrainerCallback):
 def run(name: str, overrides: dict, output_dir: str, world: int, tamper: bool = False) -> dict:
     overrides = dict(overrides)
     accumulation = overrides.pop("gradient_accumulation_steps", 1)
+    decoder = overrides.pop("decoder", False)
     if "target_speedup" not in overrides:
         overrides["target_sparsity"] = 0.5
     args = PruningArguments(
@@ -97,8 +122,9 @@ def run(name: str, overrides: dict, output_dir: str, world: int, tamper: bool = 
         dataloader_num_workers=0,
         **overrides,
     )
-    teacher = tiny_model(seed=1) if args.distill_alpha > 0 else None
-    trainer = PruningTrainer(model=tiny_model(seed=0), args=args, teacher_model=teacher, train_dataset=TinyDataset(64))
+    build, data = (tiny_decoder, CausalBlocks(64)) if decoder else (tiny_model, TinyDataset(64))
+    teacher = build(seed=1) if args.distill_alpha > 0 else None
+    trainer = PruningTrainer(model=build(seed=0), args=args, teacher_model=teacher, train_dataset=data)
     assert isinstance(trainer.model_wrapped, torch.nn.Module)
     if tamper:
         trainer.callback_handler.callbacks.insert(0, TamperOnRank1(trainer))  # before the pruner's update

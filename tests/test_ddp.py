@@ -58,6 +58,8 @@ SCENARIOS = [
     "ffn_taylor_global",
     "ffn_movement",
     "joint_taylor_teacher_ga",
+    "decoder_group_movement_teacher_ga",
+    "decoder_joint_taylor_teacher",
 ]
 
 
