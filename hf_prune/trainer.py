@@ -32,7 +32,7 @@ from .utils import temporary_path, write_json_atomic
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["PruningTrainer"]
+__all__ = ["PruningMixin", "PruningTrainer"]
 
 PRUNING_STATE_NAME = "pruning_state.safetensors"
 PRUNING_META_NAME = "pruning_state.json"
@@ -42,8 +42,10 @@ _PRUNING_DEFAULTS = {
 }
 
 
-class PruningTrainer(Trainer):
-    """A drop-in `Trainer` that distills from a frozen teacher and prunes attention heads and FFN neurons.
+class PruningMixin:
+    """Distillation from a frozen teacher and structured pruning for any `transformers.Trainer` subclass: put it in
+    front of the trainer class (`class MyTrainer(PruningMixin, SFTTrainer)`); [`PruningTrainer`] is
+    `PruningMixin` in front of `Trainer`. Every override keeps the upstream signature and calls `super()`.
 
     Args:
         *args / **kwargs: exactly those of `transformers.Trainer`. `args` should be a [`PruningArguments`]; a plain
@@ -307,6 +309,16 @@ class PruningTrainer(Trainer):
         )
 
 
+class PruningTrainer(PruningMixin, Trainer):
+    """A drop-in `Trainer` that distills from a frozen teacher and prunes attention heads and FFN neurons.
+
+    Args:
+        *args / **kwargs: exactly those of `transformers.Trainer`. `args` should be a [`PruningArguments`]; a plain
+            `TrainingArguments` is upgraded with the default (no pruning, no distillation) fields.
+        teacher_model: the frozen teacher, as a model, a local folder or a Hub id.
+    """
+
+
 def _check_replicas_synchronised(distributed_type) -> None:
     """Refuses a multi-process launch that the Trainer set up as a single-process run: every process would train its
     own replica, unsynchronised, and prune different weights."""
@@ -343,7 +355,7 @@ def _check_same_masks(pruner, device, step: int) -> None:
 class _PruningCallback(TrainerCallback):
     """Forwards the Trainer's events to the pruner: scores where the gradients are final, masks after each step."""
 
-    def __init__(self, trainer: PruningTrainer):
+    def __init__(self, trainer: PruningMixin):
         self.trainer = trainer
         self.skipped = 0
 

@@ -25,6 +25,7 @@ ALLOWED = {
     "trainer": {"config", "distill", "pruning", "export", "models", "utils"},
     "pipeline": {"pipeline", "config", "trainer", "distill", "pruning", "posttrain", "export", "models", "utils"},
     "cli": {"pipeline", "export"},
+    "integrations": {"trainer", "config"},
     "utils": set(),
     "_deprecated": set(),
 }
