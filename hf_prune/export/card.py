@@ -27,7 +27,7 @@ from .files import (
     WEIGHTS_NAME,
     export_files,
 )
-from .report_format import deployment_table, metric_rows
+from .report_format import deployment_table, lower_is_better, metric_rows
 
 logger = logging.get_logger(__name__)
 
@@ -41,6 +41,7 @@ _PIPELINE_TAGS = {
     "AutoModelForTokenClassification": "token-classification",
     "AutoModelForQuestionAnswering": "question-answering",
     "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForCausalLM": "text-generation",
     "AutoModel": "feature-extraction",
 }
 _GLUE_TASKS = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "ax"}
@@ -194,7 +195,8 @@ def make_model_card(
         summary=summary,
         results_rows=results_rows,
         measurement_note=note,
-        metric_name=metric_name,
+        metric_name=f"{metric_name} (lower is better)" if lower_is_better(metric_name) else metric_name,
+        metric_note=report.get("metric_note"),
         metric_rows=[
             (split if name == metric_name else f"{split} ({name})", _number(teacher, 4), _number(value, 4))
             for name, split, teacher, value in scores

@@ -10,7 +10,8 @@ here, on the two models given, in one process:
   with the eager attention implementation (the fused CPU SDPA kernel is invisible to the counter).
 - `latency`: CPU forward time per batch size, median of `repeats` runs, dense and pruned interleaved (d, p, d, p, ...)
   after `warmup` runs of each; `speedup` is dense / pruned.
-- `layers`: heads and FFN width per layer, dense and kept; `metrics`, `stages`, `base_model` and `task` as given.
+- `layers`: heads and FFN width per layer, dense and kept; `metrics`, `stages`, `base_model` and `task` as given;
+  `metric_note`, how the metrics were computed (e.g. how a causal LM's validation text was cut into blocks), as given.
 - `deployment` (added by `hf_prune.export.deploy.write_deployment`): the deployed forms of the export (dense and pruned
   PyTorch fp32, pruned ONNX fp32 and int8), each with its file size, latency from `time_forms` (every form timed
   interleaved in one process) and task metrics.
@@ -199,6 +200,7 @@ def build_report(
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     metric_name: str = "accuracy",
     all_metrics: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+    metric_note: str | None = None,
     stages: Sequence[Mapping] | None = None,
     dense_path: str | Path | None = None,
     pruned_path: str | Path | None = None,
@@ -217,8 +219,9 @@ def build_report(
         dataset: the Hub id of the task's dataset (e.g. `"nyu-mll/glue"`), for the model card.
         metrics: `{"teacher": {split: value}, "pruned": {split: value}}` task metrics, stored as given.
         metric_name: what the values of `metrics` are: the task's main metric (e.g. `"accuracy"`,
-            `"matthews_correlation"`, `"f1"`).
+            `"matthews_correlation"`, `"f1"`, `"perplexity"`).
         all_metrics: every metric of the task, `{"teacher": {split: {metric: value}}, "pruned": {...}}`.
+        metric_note: how the metrics were computed, shown under them by `hf-prune report` and the model card.
         stages: `[{"name": ..., "wall_time_s": ...}, ...]` of the run that produced the pruned model.
         dense_path / pruned_path: folders holding the models' saved weights; when given, file sizes are the sizes of
             their `model*.safetensors` files instead of the bytes of the state dicts.
@@ -312,6 +315,7 @@ def build_report(
         "metrics": _check_metrics(metrics),
         "metric_name": metric_name,
         "all_metrics": _check_all_metrics(all_metrics),
+        "metric_note": None if metric_note is None else str(metric_note),
         "stages": _check_stages(stages),
         "environment": {
             "torch": torch.__version__,

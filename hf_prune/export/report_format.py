@@ -7,13 +7,32 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
 from ..utils import format_float, format_int
 from .files import REPORT_NAME
 
-__all__ = ["load_report", "format_report", "format_deployment", "deployment_table", "metric_rows", "cli_report"]
+__all__ = [
+    "load_report",
+    "format_report",
+    "format_deployment",
+    "deployment_table",
+    "metric_rows",
+    "LOWER_IS_BETTER",
+    "lower_is_better",
+    "metric_notes",
+    "cli_report",
+]
+
+# Metrics whose smaller values are the better ones (every other metric: higher is better).
+LOWER_IS_BETTER = ("perplexity", "mse")
+
+
+def lower_is_better(metric: str | None) -> bool:
+    """Whether smaller values of `metric` are better (perplexity, mean squared error)."""
+    return metric in LOWER_IS_BETTER
 
 
 def load_report(folder: str | Path) -> dict:
@@ -113,6 +132,7 @@ def format_report(report: Mapping) -> str:
             f"(latency: median of {latency.get('repeats')} interleaved runs, {latency.get('seq_len')} tokens, "
             f"{report.get('environment', {}).get('num_threads')} threads)"
         )
+    lines += [wrapped for note in metric_notes(report) for wrapped in textwrap.wrap(f"({note})", 119)]
     layers = report.get("layers") or []
     if layers:
         lines += [""]
@@ -181,6 +201,14 @@ def metric_rows(report: Mapping) -> list[tuple[str, str, float | None, float | N
         for split in dict.fromkeys([*t_all, *p_all]):
             rows.append((name, split, t_all.get(split, {}).get(name), p_all.get(split, {}).get(name)))
     return rows
+
+
+def metric_notes(report: Mapping) -> list[str]:
+    """How to read the report's metrics: which are better when lower, and the report's `metric_note` (how they were
+    computed, e.g. how a causal LM's validation text was cut into blocks)."""
+    lower = [name for name in dict.fromkeys(row[0] for row in metric_rows(report)) if lower_is_better(name)]
+    notes = [f"{', '.join(lower)}: lower is better"] if lower else []
+    return notes + ([str(report["metric_note"])] if report.get("metric_note") else [])
 
 
 def cli_report(args) -> int:

@@ -12,6 +12,7 @@ from transformers import DataCollatorForTokenClassification, DataCollatorWithPad
 from ..config import PruningArguments
 from ..export.persistence import load_pruned, load_teacher, save_pruned
 from ..trainer import PruningTrainer
+from .causal_lm import CausalLMCollator, nll_per_example, pad_token_id
 from .metrics import build_compute_metrics
 from .sources import BASE_MODEL_KEY, base_model_name, load_start_model
 
@@ -96,12 +97,16 @@ class StageContext:
         return load_teacher(source) if source is not None else None
 
     def collator(self):
+        if self.task_spec().is_causal_lm:  # blocks: input ids padded, labels -100 on padding
+            return CausalLMCollator(pad_token_id(self.tokenizer))
         if self.task_spec().is_token_classification:  # pads the per-token labels too (with -100)
             return DataCollatorForTokenClassification(self.tokenizer)
         return DataCollatorWithPadding(self.tokenizer)
 
     def trainer(self, model, args, teacher=None, train: bool = True) -> PruningTrainer:
-        """A `PruningTrainer` of `model` on the stage's data (`train=False`: evaluation only)."""
+        """A `PruningTrainer` of `model` on the stage's data (`train=False`: evaluation only). A causal LM's
+        evaluation reduces each batch's logits to per-block NLL sums at once (see `causal_lm.nll_per_example`)."""
+        causal = self.task_spec().is_causal_lm
         return PruningTrainer(
             model=model,
             args=args,
@@ -111,6 +116,7 @@ class StageContext:
             processing_class=self.tokenizer,
             data_collator=self.collator(),
             compute_metrics=build_compute_metrics(self.task_spec()),
+            preprocess_logits_for_metrics=nll_per_example if causal else None,
             callbacks=list(self.callbacks) if train else None,
         )
 

@@ -4,7 +4,9 @@ tokenization, all driven by a [`TaskSpec`] (see `tasks.py`).
 Raw splits are `datasets.Dataset`s holding the task's text columns and a `label` column: a label id for
 classification, a float for regression, a list of tag ids (one per word) for token classification. Label names are
 the task's, else those of the dataset's `ClassLabel` feature, else the sorted distinct labels of the training split.
-`tokenize_splits` turns raw splits into model inputs.
+A causal-LM task's raw splits hold its text column alone (one document per row: see `causal_lm.read_documents`).
+`tokenize_splits` turns raw splits into model inputs (a causal LM's: blocks of `block_size` tokens, see
+`causal_lm.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Value, concatenate_datasets
 from transformers.utils import logging
 
+from .causal_lm import DEFAULT_BLOCK_SIZE, read_documents, tokenize_text_splits
 from .demo import make_demo_data
 from .tasks import NLI_LABELS, LabelMap, TaskSpec, infer_label_names, parse_task, regression_value
 
@@ -252,16 +255,17 @@ def _validation_names(spec: TaskSpec, available: list[str]) -> list[str]:
     return names
 
 
-def _load_hub(spec: TaskSpec) -> tuple[dict, TaskSpec]:
+def _hub_splits(spec: TaskSpec, columns: list[str]) -> tuple:
+    """The dataset of `load_dataset`, the names of its training and validation splits, checked for `columns`."""
     from datasets import load_dataset
 
     try:
         raw = load_dataset(*(spec.dataset or ()), **spec.dataset_kwargs)
     except Exception as err:  # network, offline mode, missing cache: all end here
-        columns = ", ".join([*spec.text_columns, spec.label_column])
+        kinds = "jsonl or txt" if spec.is_causal_lm else "jsonl, csv or tsv"
         raise ValueError(
             f"Could not load {_dataset_label(spec)} for task {spec.name!r}: {err}. Without Hub access, give local "
-            f"files: data.train_file and data.validation_file (jsonl, csv or tsv with {columns})."
+            f"files: data.train_file and data.validation_file ({kinds} with {', '.join(columns)})."
         ) from err
     available = list(raw)
     if spec.train_split not in raw:
@@ -270,9 +274,14 @@ def _load_hub(spec: TaskSpec) -> tuple[dict, TaskSpec]:
         )
     names = [spec.train_split, *_validation_names(spec, available)]
     present = list(raw[spec.train_split].column_names)
-    missing = [c for c in (*spec.text_columns, spec.label_column) if c not in present]
+    missing = [c for c in columns if c not in present]
     if missing:
         raise ValueError(f"{_dataset_label(spec)} has no column(s) {missing}; it has {present}. {spec.column_hint()}")
+    return raw, names
+
+
+def _load_hub(spec: TaskSpec) -> tuple[dict, TaskSpec]:
+    raw, names = _hub_splits(spec, [*spec.text_columns, spec.label_column])
     feature = raw[spec.train_split].features[spec.label_column]
     class_names = None if spec.is_regression else _class_names(feature)
     if class_names is not None:
@@ -301,6 +310,23 @@ def _load_hub(spec: TaskSpec) -> tuple[dict, TaskSpec]:
     return splits, spec
 
 
+def _load_text(spec: TaskSpec, train_file, val_files: dict[str, str]) -> dict[str, Dataset]:
+    """A causal-LM task's documents: local files (the training files one after the other), the Hub's splits where
+    local files give none."""
+    (column,) = spec.text_columns
+    splits = {}
+    if train_file:
+        docs = [d for path in train_files(train_file) for d in read_documents(path, spec)]
+        splits["train"] = Dataset.from_dict({column: docs})
+    splits.update({name: Dataset.from_dict({column: read_documents(p, spec)}) for name, p in val_files.items()})
+    if train_file and val_files:
+        return splits
+    raw, names = _hub_splits(spec, [column])
+    hub = {("train" if n == spec.train_split else n): raw[n].select_columns([column]) for n in names}
+    train = splits.pop("train", hub["train"])
+    return {"train": train, **(splits or {k: v for k, v in hub.items() if k != "train"})}
+
+
 # ----------------------------------------------------------------------------------------------------- loading
 def _subsample(ds: Dataset, n: int | None, seed: int) -> Dataset:
     if n is None or n >= len(ds):
@@ -316,11 +342,13 @@ def load_task(task, data: Mapping | None = None, seed: int = 0) -> tuple[Dataset
         data: the recipe's `data` section: `train_file` (a path or a list of paths, concatenated) and `validation_file`
             (local files override the Hub data; a validation file's split is named after its stem, or give
             `{split: path}`), `max_train_samples`, `max_eval_samples` (random subsets, drawn with `seed`),
-            `demo_train_size` / `demo_eval_size` (demo task).
+            `demo_train_size` / `demo_eval_size` (demo task). A causal-LM task reads documents (see
+            `causal_lm.read_documents`; the subsets are of documents).
         seed: seed of the subsets and of the demo generator.
 
     Returns:
-        `(splits, spec)`: a `DatasetDict` with the task's text columns and `label`, and the task's [`TaskSpec`].
+        `(splits, spec)`: a `DatasetDict` with the task's text columns and `label` (a causal-LM task: its text column
+        alone), and the task's [`TaskSpec`].
     """
     spec = parse_task(task)
     data = dict(data or {})
@@ -330,13 +358,16 @@ def load_task(task, data: Mapping | None = None, seed: int = 0) -> tuple[Dataset
         splits = dict(
             make_demo_data(int(data.get("demo_train_size", 2000)), int(data.get("demo_eval_size", 400)), seed)
         )
+    elif not has_hub and not (train_file and val_files):
+        kinds = f" (jsonl with a {spec.text_columns[0]!r} column, or txt)" if spec.is_causal_lm else ""
+        raise ValueError(
+            f"Task {spec.name!r} has no dataset to load: give both data.train_file and data.validation_file{kinds}, "
+            "or task.dataset (the arguments of datasets.load_dataset)."
+        )
+    elif spec.is_causal_lm:
+        splits = _load_text(spec, train_file, val_files)
     elif train_file and val_files:
         splits, spec = _read_local_splits(spec, train_file, val_files)
-    elif not has_hub:
-        raise ValueError(
-            f"Task {spec.name!r} has no dataset to load: give both data.train_file and data.validation_file, or "
-            "task.dataset (the arguments of datasets.load_dataset)."
-        )
     else:
         splits, spec = _load_hub(spec)
         if train_file or val_files:  # local files replace the Hub's splits, read with the Hub's label names
@@ -366,20 +397,25 @@ def _align_word_labels(word_ids: list[int | None], labels: list[int]) -> list[in
     return aligned
 
 
-def tokenize_splits(raw: DatasetDict, tokenizer, max_seq_length: int = 128, task=None) -> DatasetDict:
+def tokenize_splits(
+    raw: DatasetDict, tokenizer, max_seq_length: int = 128, task=None, block_size: int | None = None
+) -> DatasetDict:
     """Tokenizes the task's text (one text or a pair; word lists for token classification), truncated to
-    `max_seq_length` and padded later by the collator.
+    `max_seq_length` and padded later by the collator; a causal-LM task's text is packed into blocks instead.
 
     Args:
         raw: splits from [`load_task`].
         tokenizer: the model's tokenizer (a fast one for token classification: words are mapped to tokens).
-        max_seq_length: the longest tokenized sequence.
+        max_seq_length: the longest tokenized sequence (not for causal-LM tasks).
         task: the task (default MNLI: premise / hypothesis pairs).
+        block_size: a causal-LM task's tokens per block (default 128; see `causal_lm.tokenize_text_splits`).
 
     Returns:
         A `DatasetDict` with `input_ids`, `attention_mask`, `token_type_ids` (when the tokenizer makes them), `labels`.
     """
     spec = _spec(task)
+    if spec.is_causal_lm:
+        return tokenize_text_splits(raw, tokenizer, block_size or DEFAULT_BLOCK_SIZE, spec.text_columns[0])
     if spec.is_token_classification and not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"Token classification needs a fast tokenizer (it maps words to tokens); {type(tokenizer).__name__} is "

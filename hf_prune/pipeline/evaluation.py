@@ -1,6 +1,6 @@
 """Evaluation outside the Trainer: a model's predictions and task metric on a tokenized dataset, for a PyTorch model
 and an ONNX Runtime one (`hf_prune.export.onnx.OnnxRuntimeModel`) alike, decoded and scored as the Trainer's
-evaluation does (see `metrics.py`)."""
+evaluation does (see `metrics.py`); a causal LM's perplexity over every predicted token (see `causal_lm.py`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .causal_lm import dataset_perplexity
 from .metrics import decode_predictions, task_scores
 
 __all__ = ["dataset_predictions", "dataset_metric", "split_evaluator"]
@@ -58,8 +59,11 @@ def dataset_metric(model, dataset, collator, batch_size: int = 64, task=None) ->
         dataset: tokenized examples with `labels`.
         collator: pads a list of examples into a batch (e.g. `DataCollatorWithPadding`).
         batch_size: examples per forward pass.
-        task: a `TaskSpec` (see `tasks.py`): its main metric, computed as the Trainer's evaluation does.
+        task: a `TaskSpec` (see `tasks.py`): its main metric, computed as the Trainer's evaluation does (a causal
+            LM's perplexity: see `causal_lm.causal_lm_nll`).
     """
+    if task is not None and task.is_causal_lm:
+        return dataset_perplexity(model, dataset, collator, batch_size)
     predictions, references = dataset_predictions(model, dataset, collator, batch_size, task)
     if task is None:
         return sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)

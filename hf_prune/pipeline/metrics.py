@@ -4,7 +4,8 @@
 `build_compute_metrics` computes them through `evaluate` (`evaluate.load("glue", name)`, `"seqeval"`, or one module
 per metric) when it can load them, and with the functions below when it cannot (offline without a cached copy): the
 definitions are the same (scikit-learn's F1 and Matthews correlation, scipy's Pearson and Spearman, seqeval's default
-entity chunking), so either path gives the same numbers.
+entity chunking), so either path gives the same numbers. A causal-LM task's perplexity is computed from per-block
+sums (see `causal_lm.py`), not through `evaluate`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from transformers.utils import logging
 
+from .causal_lm import compute_perplexity
 from .tasks import parse_task
 
 logger = logging.get_logger(__name__)
@@ -292,12 +294,16 @@ def build_compute_metrics(task=None):
 
     Args:
         task: a `TaskSpec` with its label names known (default: a three-class classification scored by accuracy).
+            A causal-LM task's gives `{"perplexity": ...}` from the rows of `causal_lm.nll_per_example`, which must
+            be the Trainer's `preprocess_logits_for_metrics`.
 
     Returns:
         A function of an `EvalPrediction` returning `{metric: float}`.
     """
     if task is None:
         task = parse_task("mnli")
+    if task.is_causal_lm:
+        return compute_perplexity
     # loaded now, so an unavailable module is reported once, before evaluation starts
     if _entity_level(task):
         load_evaluate_metric("seqeval")

@@ -39,6 +39,7 @@ from transformers.utils import logging
 
 from ..export.report_format import format_report, load_report
 from ..utils import write_json_atomic
+from .causal_lm import block_size_of
 from .context import StageContext, barrier, stage_folder
 from .data import load_task, tokenize_splits
 from .schema import UNHASHED_KEYS, Recipe, check_recipe, load_recipe, packaged_recipe
@@ -245,7 +246,8 @@ def _load_data(recipe: Recipe, tokenizer):
     them."""
     with PartialState().main_process_first():
         raw, task = load_task(recipe.task, recipe.data, recipe.seed)
-    return tokenize_splits(raw, tokenizer, int(recipe.data.get("max_seq_length", 128)), task), task
+    length = int(recipe.data.get("max_seq_length", 128))
+    return tokenize_splits(raw, tokenizer, length, task, block_size_of(recipe.data, task)), task
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -22,9 +22,10 @@ import yaml
 
 from ..config import PruningArguments
 from ..export.onnx import MAX_OPSET, MIN_OPSET
+from .causal_lm import block_size_of
 from .context import CHECKPOINTS_SUBDIR, stage_folder
 from .data import train_files, validation_files
-from .sources import check_model_source, looks_like_path
+from .sources import check_model_source, check_task_model, looks_like_path
 from .stages import RUNNER_ARGS, SPEEDUP_STAGES, STAGE_ARG_RULES, STAGE_OPTIONS, STAGE_TYPES
 from .tasks import TaskSpec, parse_task
 
@@ -46,7 +47,7 @@ TOP_LEVEL_KEYS = (
 )  # fmt: skip
 DATA_KEYS = (
     "train_file", "validation_file", "max_train_samples", "max_eval_samples", "max_seq_length", "demo_train_size",
-    "demo_eval_size",
+    "demo_eval_size", "block_size",
 )  # fmt: skip
 STAGE_KEYS = ("stage", "name", "args")
 # Keys that do not change what a run computes: a rerun may differ in them.
@@ -274,11 +275,13 @@ def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Re
     task = parse_task(raw["task"])
     data = dict(raw.get("data") or {})
     _check_keys(data, DATA_KEYS, "data key")
+    block_size_of(data, task)  # a causal-LM task's blocks; refused for other tasks
     if not task.generated and task.dataset is None and not task.dataset_kwargs:
         if not (data.get("train_file") and data.get("validation_file")):
+            kinds = "jsonl or txt" if task.is_causal_lm else "jsonl, csv or tsv"
             raise ValueError(
-                f"Task {task.name!r} names no dataset: give data.train_file and data.validation_file (jsonl, csv or "
-                "tsv), or task.dataset (the arguments of datasets.load_dataset, e.g. [imdb])."
+                f"Task {task.name!r} names no dataset: give data.train_file and data.validation_file ({kinds}), or "
+                "task.dataset (the arguments of datasets.load_dataset, e.g. [imdb])."
             )
     valid_args = argument_names()
     defaults = dict(raw.get("defaults") or {})
@@ -463,9 +466,11 @@ def packaged_recipe(name: str = "demo") -> Path:
 
 # ----------------------------------------------------------------------------------------------------- checks
 def check_recipe(recipe: Recipe) -> None:
-    """Everything that can be checked before training: models, data files, and every stage's arguments."""
+    """Everything that can be checked before training: models (and whether they fit the task), data files, and
+    every stage's arguments."""
     for what in ("model", "teacher", "tokenizer"):
         check_model_source(what, getattr(recipe, what))
+    check_task_model(recipe, recipe.task_spec)
     data = recipe.data
     files = [*train_files(data.get("train_file")), *validation_files(data.get("validation_file")).values()]
     for path in filter(None, files):

@@ -1,5 +1,6 @@
 """Where a recipe's models come from: the starting model (a folder, a Hub id or a builtin), its tokenizer, the name the
-report and card credit, and the checks that fail early when a model, teacher or tokenizer cannot be found."""
+report and card credit, and the checks that fail early when a model, teacher or tokenizer cannot be found, or does
+not fit the task (a causal LM for a causal-LM task and no other, blocks within the model's context)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import json
 import os
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    set_seed,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
 from ..export.persistence import load_pruned
 from ..models.auto import get_adapter
-from .demo import builtin_source, demo_bert_config, load_tokenizer_by_name
+from .causal_lm import block_size_of
+from .demo import BUILTIN_MODELS, builtin_source, demo_bert_config, load_tokenizer_by_name
 from .tasks import TaskSpec, parse_task
 
 logger = logging.get_logger(__name__)
@@ -25,6 +33,7 @@ __all__ = [
     "looks_like_path",
     "check_model_source",
     "check_task_labels",
+    "check_task_model",
     "model_class",
 ]
 
@@ -62,7 +71,10 @@ def recipe_tokenizer(recipe, task: TaskSpec | None = None):
 
 
 def model_class(task: TaskSpec | None = None) -> type:
-    """The Auto class of a task's model: token classification or sequence classification (and regression)."""
+    """The Auto class of a task's model: causal LM, token classification or sequence classification (and
+    regression)."""
+    if task is not None and task.is_causal_lm:
+        return AutoModelForCausalLM
     if task is not None and task.is_token_classification:
         return AutoModelForTokenClassification
     return AutoModelForSequenceClassification
@@ -107,8 +119,11 @@ def check_task_labels(recipe, task: TaskSpec) -> None:
     """Fails before training when the recipe's teacher, or a starting model that already has a trained head, predicts
     other labels than the task has (another count, other names, or another kind of head).
 
-    A model without a task head (a base encoder) gets a new head sized to the task and is not checked.
+    A model without a task head (a base encoder) gets a new head sized to the task and is not checked; a causal-LM
+    task has no labels (see [`check_task_model`] for its checks).
     """
+    if task.is_causal_lm:
+        return
     wanted = "token classification" if task.is_token_classification else "sequence classification"
     for what, name in (("model", recipe.model), ("teacher", recipe.teacher)):
         config = None if name is None else _model_config(name)
@@ -143,6 +158,51 @@ def check_task_labels(recipe, task: TaskSpec) -> None:
                     f"{list(task.label_names)}: label ids would be read wrongly. Set task.label_names: {names} if "
                     f"the data uses these names, or {fix[0].lower() + fix[1:]}."
                 )
+
+
+def _causal_lm_class(config: dict) -> str | None:
+    """The config's causal-LM class among its `architectures` (e.g. `LlamaForCausalLM`), else None."""
+    wanted = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    return next((a for a in config.get("architectures") or [] if a == wanted), None)
+
+
+def check_task_model(recipe, task: TaskSpec) -> None:
+    """Fails before any work when the model or the teacher does not fit the task: a causal-LM task needs causal LMs
+    (a `...ForCausalLM` checkpoint) whose context (`max_position_embeddings`) holds `data.block_size` tokens; any
+    other task refuses a causal LM (its language-modeling head is not a classifier)."""
+    block_size = block_size_of(recipe.data, task)
+    for what, name in (("model", recipe.model), ("teacher", recipe.teacher)):
+        if name is None:
+            continue
+        config = _model_config(name)
+        if config is None:  # a built-in model, built for the task
+            if task.is_causal_lm and name in BUILTIN_MODELS:  # BERT encoders
+                raise ValueError(
+                    f"{what} {name} is a BERT encoder built in code, not a causal LM, but task {task.name!r} is "
+                    "causal_lm. Give a causal LM (a folder or Hub id of a ...ForCausalLM checkpoint of a supported "
+                    "family: llama, mistral, qwen2, qwen3), or a classification task."
+                )
+            continue
+        causal = _causal_lm_class(config)
+        architectures = config.get("architectures") or [config.get("model_type")]
+        if task.is_causal_lm and causal is None:
+            raise ValueError(
+                f"{what} {name} is a {', '.join(map(str, architectures))} model, not a causal LM, but task "
+                f"{task.name!r} is causal_lm (next-token prediction, scored by perplexity). Give a causal LM (a "
+                "...ForCausalLM checkpoint), or set task.problem_type to the model's kind of task."
+            )
+        if not task.is_causal_lm and causal is not None:
+            raise ValueError(
+                f"{what} {name} is a causal LM ({causal}) but task {task.name!r} is {task.problem_type}. Set "
+                "task: {problem_type: causal_lm, text_column: text} to prune it as a language model, or start from "
+                "a model without a language-modeling head for this task."
+            )
+        limit = config.get("max_position_embeddings") or config.get("n_positions")
+        if block_size is not None and isinstance(limit, int) and block_size > limit:
+            raise ValueError(
+                f"data.block_size={block_size} is longer than the context of {what} {name} (max_position_embeddings="
+                f"{limit}): set data.block_size to at most {limit}."
+            )
 
 
 def _generic(names: list[str]) -> bool:

@@ -1,6 +1,6 @@
-"""The stages that measure and write: `evaluate` (the task's metrics of teacher and model, the teacher's read from its
-metrics cache when these weights met these splits before), `export` (the pruned model with its report and card) and
-`onnx` (the ONNX forms of an export, measured beside the PyTorch ones).
+"""The stages that measure and write: `evaluate` (the task's metrics of teacher and model, a causal LM's perplexity
+included, the teacher's read from its metrics cache when these weights met these splits before), `export` (the pruned
+model with its report and card) and `onnx` (the ONNX forms of an export, measured beside the PyTorch ones).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ..export.files import ONNX_DIR
 from ..export.onnx import export_onnx, read_export_info
 from ..export.persistence import save_pruned
 from ..export.report import build_report
+from .causal_lm import block_size_of, perplexity_note
 from .context import StageContext
 from .evaluation import split_evaluator
 from .metrics_cache import CACHE_NAME, MetricsCache, cache_key, dataset_digest, model_digest
@@ -131,6 +132,9 @@ def stage_export(ctx: StageContext) -> dict:
         teacher_source = ctx.teacher_source()
         dense = ctx.load_teacher() or load_start_model(ctx.recipe, ctx.tokenizer, task)
         stages = [{"name": r["name"], "stage": r["stage"], "wall_time_s": r["wall_time_s"]} for r in ctx.finished]
+        note = None  # how a causal LM's validation text was cut into blocks for its perplexity
+        if task.is_causal_lm:
+            note = perplexity_note(ctx.eval_splits(), block_size_of(ctx.recipe.data, task))
         report = build_report(
             dense,
             model,
@@ -143,6 +147,7 @@ def stage_export(ctx: StageContext) -> dict:
             metrics=metrics,
             metric_name=summary.get("metric", task.main_metric),
             all_metrics=summary.get("all_metrics"),
+            metric_note=note,
             stages=stages,
             dense_path=teacher_source if teacher_source and Path(teacher_source).is_dir() else None,
             pruned_path=ctx.current_model_dir(),

@@ -1,8 +1,8 @@
 """Tasks of the staged pipeline: what a recipe's `task` names, how its labels are read, and its metrics.
 
 A task is a [`TaskSpec`]: the text columns (one or two), the label column, the problem type
-(`single_label_classification`, `regression` or `token_classification`), the label names, the metrics and where the
-data comes from. [`parse_task`] builds one from a recipe's `task` value:
+(`single_label_classification`, `regression`, `token_classification` or `causal_lm`), the label names, the metrics and
+where the data comes from. [`parse_task`] builds one from a recipe's `task` value:
 
 ```yaml
 task: glue/sst2          # cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli: load_dataset("nyu-mll/glue", name)
@@ -13,12 +13,15 @@ task:                    # any dataset with its own columns, from the Hub or fro
   label_column: label
   problem_type: single_label_classification   # or regression, token_classification
   label_names: [neg, pos]               # optional: read from the data when not given
+task:                    # language modeling: text packed into data.block_size blocks, scored by perplexity
+  problem_type: causal_lm
+  text_column: text                     # default text; a .txt file has none (each non-empty line is a document)
 ```
 
 Metrics are those GLUE defines (accuracy; F1 and accuracy for MRPC and QQP; Matthews correlation for CoLA; Pearson and
 Spearman for STS-B) and seqeval's entity-level precision, recall and F1 for token classification. They are computed
 through `evaluate` when it can load them, and with the same definitions here when it cannot (offline): see
-`metrics.py`.
+`metrics.py`. A causal-LM task is scored by perplexity (see `causal_lm.py`), lower being better.
 """
 
 from __future__ import annotations
@@ -49,24 +52,36 @@ __all__ = [
     "is_iob_tagging",
 ]
 
-PROBLEM_TYPES = ("single_label_classification", "regression", "token_classification")
+PROBLEM_TYPES = ("single_label_classification", "regression", "token_classification", "causal_lm")
 # The metrics of a problem type when the task names none (the first is the main one), and those it may name.
 DEFAULT_METRICS = {
     "single_label_classification": ("accuracy",),
     "regression": ("pearson", "spearmanr"),
     "token_classification": ("f1", "precision", "recall", "accuracy"),
+    "causal_lm": ("perplexity",),
 }
 VALID_METRICS = {
     "single_label_classification": ("accuracy", "f1", "matthews_correlation"),
     "regression": ("pearson", "spearmanr", "mse"),
     "token_classification": ("f1", "precision", "recall", "accuracy"),
+    "causal_lm": ("perplexity",),
 }
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 GLUE_DATASET = "nyu-mll/glue"
 TASK_KEYS = (
     "name", "dataset", "text_columns", "label_column", "problem_type", "label_names", "metrics", "train_split",
-    "validation_splits",
+    "validation_splits", "text_column",
 )  # fmt: skip
+# Keys of one kind of task that do not apply to the other, and why.
+_NOT_FOR_CAUSAL_LM = {
+    "text_columns": "it reads one text column: write text_column: <name> (default text)",
+    "label_column": "a causal LM predicts each next token of the text, so there are no labels: remove it",
+    "label_names": "a causal LM predicts each next token of the text, so there are no labels: remove it",
+}
+_ONLY_FOR_CAUSAL_LM = (
+    "it names the text of a problem_type: causal_lm task; set problem_type: causal_lm for language modeling, or "
+    "name this task's text with text_columns: [...] (one or two columns)"
+)
 
 
 @dataclass(frozen=True)
@@ -104,9 +119,11 @@ class TaskSpec:
 
     Args:
         name: the task's name in reports and model cards (`"sst2"`, `"mnli"`, `"demo"`, a dataset id, `"custom"`).
-        text_columns: one or two text columns (token classification: one column of word lists).
-        label_column: the column holding the labels (class names or ids, scores, or per-word tags).
-        problem_type: `single_label_classification`, `regression` or `token_classification`.
+        text_columns: one or two text columns (token classification: one column of word lists; causal LM: the one
+            text column).
+        label_column: the column holding the labels (class names or ids, scores, or per-word tags); unused by a
+            causal LM, whose labels are its input ids.
+        problem_type: `single_label_classification`, `regression`, `token_classification` or `causal_lm`.
         label_names: class (or tag) names in label-id order; None until read from the data. None for regression.
         metrics: metric names, the first being the main one; None for the problem type's defaults.
         dataset: positional arguments of `datasets.load_dataset`, or None (local files or generated data).
@@ -139,10 +156,16 @@ class TaskSpec:
         return self.problem_type == "token_classification"
 
     @property
+    def is_causal_lm(self) -> bool:
+        return self.problem_type == "causal_lm"
+
+    @property
     def num_labels(self) -> int | None:
-        """1 for regression, the number of label names otherwise (None while they are unknown)."""
+        """1 for regression, the number of label names otherwise (None while they are unknown or for a causal LM)."""
         if self.is_regression:
             return 1
+        if self.is_causal_lm:
+            return None
         return None if self.label_names is None else len(self.label_names)
 
     @property
@@ -173,7 +196,10 @@ class TaskSpec:
         return dataclasses.replace(self, label_names=tuple(str(n) for n in names))
 
     def config_kwargs(self) -> dict:
-        """`num_labels`, `id2label`, `label2id` (and `problem_type` for regression) for `from_pretrained` / configs."""
+        """`num_labels`, `id2label`, `label2id` (and `problem_type` for regression) for `from_pretrained` / configs;
+        nothing for a causal LM, whose head is its vocabulary."""
+        if self.is_causal_lm:
+            return {}
         if self.is_regression:  # one output; id2label given too, so a checkpoint's own label map cannot linger
             return {"id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0}, "problem_type": "regression"}
         if self.label_names is None:
@@ -186,6 +212,11 @@ class TaskSpec:
 
     def column_hint(self) -> str:
         """How to fix a file or dataset that lacks the task's columns."""
+        if self.is_causal_lm:
+            return (
+                f"Set task.text_column to the data's text column (now: {self.text_columns[0]}), or give a .txt file "
+                "(each non-empty line is a document)."
+            )
         needed = ", ".join([*self.text_columns, self.label_column])
         if self.glue or self.generated:
             return f"Task {self.name!r} reads the columns {needed}."
@@ -257,22 +288,32 @@ def _parse_mapping(raw: Mapping) -> TaskSpec:
     problem = raw.get("problem_type", "single_label_classification")
     if problem not in PROBLEM_TYPES:
         raise ValueError(f"task.problem_type={problem!r} is not supported. Valid: {', '.join(PROBLEM_TYPES)}.")
-    if raw.get("text_columns") in (None, "", []):
+    wrong = _NOT_FOR_CAUSAL_LM if problem == "causal_lm" else dict.fromkeys(["text_column"], _ONLY_FOR_CAUSAL_LM)
+    for key, why in wrong.items():
+        if key in raw:
+            raise ValueError(f"task.{key} does not apply to problem_type: {problem}: {why}.")
+    if problem == "causal_lm":
+        column = raw.get("text_column", "text")
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"task.text_column must be a column name, e.g. text; got {column!r}.")
+        columns, label_column, names = (column,), "label", None
+    elif raw.get("text_columns") in (None, "", []):
         raise ValueError(
             "The task mapping has no `text_columns`: name the one or two columns holding the text, e.g. "
-            "text_columns: [question, sentence] (token classification: the one column of word lists, e.g. [tokens])."
+            "text_columns: [question, sentence] (token classification: the one column of word lists, e.g. [tokens]; "
+            "language modeling: problem_type: causal_lm with text_column)."
         )
-    columns = _strings(raw["text_columns"], "text_columns", 1, 1 if problem == "token_classification" else 2)
-    label_column = raw.get("label_column", "label")
-    if not isinstance(label_column, str) or not label_column:
-        raise ValueError(f"task.label_column must be a column name, got {label_column!r}.")
-    names = raw.get("label_names")
-    if names is not None:
-        if problem == "regression":
-            raise ValueError("task.label_names does not apply to regression (one score per example): remove it.")
-        names = _strings(names, "label_names", 2)
-        if len(set(names)) != len(names):
-            raise ValueError(f"task.label_names lists a name twice: {list(names)}.")
+    else:
+        columns = _strings(raw["text_columns"], "text_columns", 1, 1 if problem == "token_classification" else 2)
+        label_column, names = raw.get("label_column", "label"), raw.get("label_names")
+        if not isinstance(label_column, str) or not label_column:
+            raise ValueError(f"task.label_column must be a column name, got {label_column!r}.")
+        if names is not None:
+            if problem == "regression":
+                raise ValueError("task.label_names does not apply to regression (one score per example): remove it.")
+            names = _strings(names, "label_names", 2)
+            if len(set(names)) != len(names):
+                raise ValueError(f"task.label_names lists a name twice: {list(names)}.")
     metrics = raw.get("metrics")
     if metrics is not None:
         metrics = _strings(metrics, "metrics", 1)
@@ -303,8 +344,9 @@ def parse_task(raw) -> TaskSpec:
 
     Args:
         raw: `"demo"`, `"glue/<name>"` or a GLUE name alone (e.g. `"mnli"`), a mapping (`dataset`, `text_columns`,
-            `label_column`, `problem_type`, `label_names`, `metrics`, `name`, `train_split`, `validation_splits`), or a
-            `TaskSpec` (returned as is).
+            `label_column`, `problem_type`, `label_names`, `metrics`, `name`, `train_split`, `validation_splits`; for
+            `problem_type: causal_lm`, `text_column` instead of the text and label keys), or a `TaskSpec` (returned
+            as is).
 
     Returns:
         The task's spec; label names stay None until the data is read, unless the task fixes them.
