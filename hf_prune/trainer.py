@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.modeling_utils import unwrap_model
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
@@ -25,6 +24,7 @@ from .config import PruningArguments, multi_process_launch, world_size
 from .distill import causal_lm_distillation_loss, distillation_loss, freeze_teacher
 from .export.persistence import load_teacher
 from .models import structure
+from .models.auto import is_causal_lm_class
 from .models.surgery import prune_ffn_neurons, prune_heads
 from .pruning.builder import build_pruner
 from .pruning.scores import gradients_usable
@@ -414,6 +414,5 @@ class _PruningCallback(TrainerCallback):
 def _is_causal_lm(model) -> bool:
     """Whether `model` is a causal LM with an output head (`...ForCausalLM`)."""
     model = unwrap_model(model)
-    config = getattr(model, "config", None)
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
-    return name is not None and type(model).__name__.removeprefix("Pruned") == name
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return is_causal_lm_class(model_type, type(model).__name__.removeprefix("Pruned"))

@@ -67,6 +67,12 @@ class ChannelSlice:
         """Channels the `count` units of the group take in this Linear's `dim`."""
         return count * self.width
 
+    def parameters_per_unit(self, linear: nn.Linear, bias: bool = False) -> int:
+        """Parameters of `linear` one unit owns: its `width` rows or columns of the weight (and, with `bias`, its
+        bias entries where the slice is rows)."""
+        owned = self.width * linear.weight.shape[1 - self.dim]
+        return owned + (self.width if bias and self.dim == 0 and linear.bias is not None else 0)
+
     def per_unit(self, tensor: torch.Tensor, count: int) -> torch.Tensor:
         """Sum of `tensor` (shaped as this Linear's weight, or its bias for `dim=0`) over each unit's channels: a
         tensor `(count,)`."""

@@ -15,6 +15,7 @@ __all__ = [
     "get_adapter",
     "supported_model_types",
     "auto_class_name",
+    "is_causal_lm_class",
 ]
 
 ADAPTER_MAPPING: dict[str, ArchitectureAdapter] = {}
@@ -68,6 +69,12 @@ def get_adapter(model_or_config) -> ArchitectureAdapter:
             "ArchitectureAdapter subclass, registered with hf_prune.models.auto.register_adapter."
         )
     return ADAPTER_MAPPING[model_type]
+
+
+def is_causal_lm_class(model_type: str | None, class_name: str) -> bool:
+    """Whether `class_name` is the causal-LM class (`...ForCausalLM`) of `model_type`."""
+    name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return name is not None and class_name == name
 
 
 def auto_class_name(model_type: str, class_name: str) -> str:

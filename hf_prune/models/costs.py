@@ -241,12 +241,7 @@ def parameter_unit_costs(model: nn.Module) -> UnitCosts:
         costs, counts = [], []
         for layer in adapter.layers(model):
             group = adapter.unit_group(layer, kind, model.config)
-            owned = 0
-            for s in group.slices:
-                linear = adapter.linear(layer, s.path)
-                owned += s.width * linear.weight.shape[1 - s.dim]
-                if s.dim == 0 and linear.bias is not None:
-                    owned += s.width
+            owned = sum(s.parameters_per_unit(adapter.linear(layer, s.path), bias=True) for s in group.slices)
             costs.append(float(owned))
             counts.append(group.count)
         per_kind[kind] = (costs, counts)

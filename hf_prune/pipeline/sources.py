@@ -14,11 +14,10 @@ from transformers import (
     AutoModelForTokenClassification,
     set_seed,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
 from ..export.persistence import load_pruned
-from ..models.auto import get_adapter
+from ..models.auto import get_adapter, is_causal_lm_class
 from .causal_lm import block_size_of
 from .demo import BUILTIN_MODELS, builtin_source, demo_bert_config, load_tokenizer_by_name
 from .tasks import TaskSpec, parse_task
@@ -162,8 +161,8 @@ def check_task_labels(recipe, task: TaskSpec) -> None:
 
 def _causal_lm_class(config: dict) -> str | None:
     """The config's causal-LM class among its `architectures` (e.g. `LlamaForCausalLM`), else None."""
-    wanted = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
-    return next((a for a in config.get("architectures") or [] if a == wanted), None)
+    model_type = config.get("model_type")
+    return next((a for a in config.get("architectures") or [] if is_causal_lm_class(model_type, a)), None)
 
 
 def check_task_model(recipe, task: TaskSpec) -> None:

@@ -206,7 +206,7 @@ def masked_head_fractions(model) -> dict[int, list[float]]:
     fractions = {}
     for lu in layer_units(model, ATTENTION):
         zeros = unit_sums(lu, lambda linear: (linear.weight == 0).to(torch.int64))
-        per_unit = sum(s.width * linear.weight.shape[1 - s.dim] for s, linear in zip(lu.group.slices, lu.linears))
+        per_unit = sum(s.parameters_per_unit(linear) for s, linear in zip(lu.group.slices, lu.linears))
         fractions[lu.layer] = [round(int(z) / max(per_unit, 1), 4) for z in zeros]
     return fractions
 

@@ -151,7 +151,7 @@ class BlockMaskPruner(ScheduledPruner):
         # of them masked
         removable = 0
         for lu in layer_units(model, ATTENTION):
-            per_unit = sum(s.width * lin.weight.shape[1 - s.dim] for s, lin in zip(lu.group.slices, lu.linears))
+            per_unit = sum(s.parameters_per_unit(lin) for s, lin in zip(lu.group.slices, lu.linears))
             removable += per_unit * len(heads.get(lu.layer, []))
         costs = unit_costs(model, seq_len)
         after = [n - len(heads.get(i, [])) for i, n in enumerate(costs.heads)]
