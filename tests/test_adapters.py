@@ -7,14 +7,13 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
-from utils import VOCAB, TinyDataset, batch, tiny_model, train_args
+from utils import VOCAB, TinyDataset, batch, mask_removed_units, tiny_model, train_args
 
 from hf_prune import PruningTrainer, prune_ffn_neurons, prune_heads, prune_to_speedup
 from hf_prune.models import structure
 from hf_prune.models.adapter import ATTENTION, MLP, ArchitectureAdapter, ChannelSlice, UnitGroup, config_get
 from hf_prune.models.auto import ADAPTER_MAPPING, get_adapter, register_adapter, supported_model_types
 from hf_prune.models.costs import count_flops, unit_costs
-from hf_prune.pruning.units import layer_units
 
 HEADS, KV, HEAD_DIM, HIDDEN, MLP_WIDTH, LAYERS = 8, 4, 8, 32, 24, 3
 
@@ -180,18 +179,6 @@ def logits(model):
         return model(**batch(pad=3)).logits
 
 
-def masked(model, heads, neurons):
-    """The masked equivalent of removing units: their columns of the output projections set to zero."""
-    with torch.no_grad():
-        for lu in layer_units(model, ATTENTION):
-            w = lu.group.output.width
-            for g in heads.get(lu.layer, []):
-                lu.output_linear.weight[:, g * w : (g + 1) * w] = 0
-        for lu in layer_units(model, MLP):
-            lu.output_linear.weight[:, neurons.get(lu.layer, [])] = 0
-    return model
-
-
 # ----------------------------------------------------------------------------------------------------- tests
 def test_registration_is_the_only_change_and_unknown_types_are_refused():
     assert "tiny-fused-gqa" in supported_model_types()
@@ -220,7 +207,7 @@ def test_units_of_grouped_query_attention_behind_a_fused_projection():
 def test_removing_key_value_groups_and_gated_neurons_equals_masking_them(heads):
     neurons = {0: [0, 5, 23], 1: list(range(MLP_WIDTH)), 2: [7]}
     model = fused_model()
-    expected = logits(masked(fused_model(), heads, neurons))
+    expected = logits(mask_removed_units(fused_model(), heads, neurons))
     prune_heads(model, heads)
     prune_ffn_neurons(model, neurons)
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=1e-4)

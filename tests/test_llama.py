@@ -9,13 +9,11 @@ import sys
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from utils import VOCAB, WITHOUT_HF_PRUNE
+from utils import VOCAB, WITHOUT_HF_PRUNE, mask_removed_units
 
 from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, prune_layers, prune_to_speedup, save_pruned
 from hf_prune.models import structure
-from hf_prune.models.adapter import ATTENTION, MLP
 from hf_prune.models.costs import count_flops, unit_costs
-from hf_prune.pruning.units import layer_units
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 LAYERS, HEADS, KV, WIDTH = 3, 8, 4, 40
@@ -61,16 +59,25 @@ def generate(model, steps=6):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, use_cache=True)
 
 
-def masked(model, groups, neurons):
-    """Removing units, done by masks: their columns of o_proj and down_proj set to zero."""
-    with torch.no_grad():
-        for lu in layer_units(model, ATTENTION):
-            w = lu.group.output.width
-            for g in groups.get(lu.layer, []):
-                lu.output_linear.weight[:, g * w : (g + 1) * w] = 0
-        for lu in layer_units(model, MLP):
-            lu.output_linear.weight[:, neurons.get(lu.layer, [])] = 0
-    return model
+def logits_without_hf_prune(folder, trust_remote_code: bool = False):
+    """The logits of `tokens()` from the export loaded by `AutoModelForCausalLM` in a fresh interpreter where
+    `import hf_prune` fails, and the module of the class that loaded it."""
+    ids, mask = tokens()
+    script = (
+        WITHOUT_HF_PRUNE
+        + f"""
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code={trust_remote_code}).eval()
+with torch.no_grad():
+    out = model(input_ids=torch.tensor({ids.tolist()}), attention_mask=torch.tensor({mask.tolist()})).logits
+print(json.dumps([type(model).__module__, out.tolist()]))
+"""
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    module, out = json.loads(run.stdout.strip().splitlines()[-1])
+    return torch.tensor(out), module
 
 
 CASES = [
@@ -82,7 +89,7 @@ CASES = [
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("groups, neurons", CASES)
 def test_removing_groups_and_neurons_equals_masking_them(family, groups, neurons):
-    model, reference = tiny_decoder(family), masked(tiny_decoder(family), groups, neurons)
+    model, reference = tiny_decoder(family), mask_removed_units(tiny_decoder(family), groups, neurons)
     prune_heads(model, groups)
     prune_ffn_neurons(model, neurons)
     torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=1e-4)
@@ -107,21 +114,9 @@ def test_pruned_decoder_saves_and_reloads_with_and_without_hf_prune(family, tmp_
     loaded = load_pruned(folder).eval()
     torch.testing.assert_close(logits(loaded), logits(model))
     assert torch.equal(generate(loaded), generate(model))
-    ids, mask = tokens()
-    script = (
-        WITHOUT_HF_PRUNE
-        + f"""
-import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-with torch.no_grad():
-    out = model(input_ids=torch.tensor({ids.tolist()}), attention_mask=torch.tensor({mask.tolist()})).logits
-print(json.dumps(out.tolist()))
-"""
-    )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    torch.testing.assert_close(torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), logits(model))
+    got, module = logits_without_hf_prune(folder, trust_remote_code=True)
+    assert module.startswith("transformers_modules."), module  # the export's own modeling file
+    torch.testing.assert_close(got, logits(model))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -209,22 +204,9 @@ def test_uniform_shapes_load_as_the_family_s_own_model_without_remote_code(famil
         "num_hidden_layers": LAYERS, "num_key_value_heads": KV, "intermediate_size": WIDTH
     }  # fmt: skip
     assert "trust_remote_code" not in (folder / "README.md").read_text().split("With transformers only")[1]
-    ids, mask = tokens()
-    script = (
-        WITHOUT_HF_PRUNE
-        + f"""
-import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()
-assert type(model).__module__.startswith("transformers.models."), type(model)
-with torch.no_grad():
-    out = model(input_ids=torch.tensor({ids.tolist()}), attention_mask=torch.tensor({mask.tolist()})).logits
-print(json.dumps(out.tolist()))
-"""
-    )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    torch.testing.assert_close(torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), logits(model))
+    got, module = logits_without_hf_prune(folder)
+    assert module.startswith("transformers.models."), module  # the family's own class, no remote code
+    torch.testing.assert_close(got, logits(model))
     # pruned further, unevenly: per-layer sizes again, with the remote code
     prune_heads(model, {0: [0]})
     again = save_pruned(model, tmp_path / "again", card=False, figure=False)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from utils import VOCAB, TinyDataset, tiny_model
+from utils import VOCAB, TinyDataset, mask_removed_units, tiny_model
 
 from hf_prune import PruningArguments, load_pruned, prune_ffn_neurons, prune_heads, prune_to_speedup, save_pruned
 from hf_prune.models import structure
@@ -10,7 +10,6 @@ from hf_prune.models.costs import count_flops, unit_costs
 from hf_prune.posttrain.fisher import mask_fisher, mask_gradients, rearrange_layer, unit_masks
 from hf_prune.posttrain.search import pad_collate
 from hf_prune.pruning.allocation import allocate_units, speedup_budget
-from hf_prune.pruning.units import layer_units
 
 SEQ = 16
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra"]
@@ -133,17 +132,6 @@ def loss_of(grads, keep):
 
 
 # ----------------------------------------------------------------------------------------------------- the path
-def _zero_masked(model, pruned_heads: dict, pruned_neurons: dict):
-    """The masked model: the pruned units' output columns set to zero, nothing removed."""
-    with torch.no_grad():
-        for layer, (attn, mlp) in enumerate(zip(layer_units(model, "attention"), layer_units(model, "mlp"))):
-            size = attn.group.output.width
-            for h in pruned_heads.get(str(layer), []):
-                attn.output_linear.weight[:, h * size : (h + 1) * size] = 0
-            mlp.output_linear.weight[:, pruned_neurons.get(layer, [])] = 0
-    return model
-
-
 @pytest.mark.parametrize("model_type", ARCHS)
 @pytest.mark.parametrize("target", [1.5, 2.0, 3.0])
 def test_prune_to_speedup_meets_the_target_and_matches_the_masked_model(model_type, target, tmp_path):
@@ -157,7 +145,7 @@ def test_prune_to_speedup_meets_the_target_and_matches_the_masked_model(model_ty
     # the masked dense model and the physically pruned one compute the same function
     kept = {int(k): v for k, v in summary["pruned_heads"].items()}
     neurons = {layer: sorted(set(range(64)) - set(_kept_neuron_ids(model, pruned, layer))) for layer in range(3)}
-    masked = _zero_masked(_model(model_type), {str(k): v for k, v in kept.items()}, neurons)
+    masked = mask_removed_units(_model(model_type), kept, neurons)
     batch = pad_collate(1 if model_type != "bert" else 0)([RaggedDataset(4)[i] for i in range(4)])
     batch.pop("labels")
     torch.testing.assert_close(pruned(**batch).logits, masked(**batch).logits, atol=1e-5, rtol=1e-4)

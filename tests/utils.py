@@ -95,3 +95,18 @@ def train_args(output_dir, **overrides):
     )
     kwargs.update(overrides)
     return PruningArguments(**kwargs)
+
+
+def mask_removed_units(model, heads: dict, neurons: dict):
+    """The masked equivalent of removing units: their columns of the attention and MLP output projections set to
+    zero (`{layer: [indices]}` of attention units and of neurons), nothing removed."""
+    from hf_prune.pruning.units import layer_units
+
+    with torch.no_grad():
+        for lu in layer_units(model, "attention"):
+            w = lu.group.output.width
+            for g in heads.get(lu.layer, []):
+                lu.output_linear.weight[:, g * w : (g + 1) * w] = 0
+        for lu in layer_units(model, "mlp"):
+            lu.output_linear.weight[:, neurons.get(lu.layer, [])] = 0
+    return model
