@@ -365,10 +365,19 @@ def test_public_exports():
 
 
 def test_an_export_written_by_hf_prune_0_1_still_loads(tmp_path):
-    """`fixtures/export-0.1.0` was written by hf_prune 0.1.0 (flat package, one architecture table): a tiny BERT with
-    heads and FFN neurons removed, one layer without heads, and the logits it gave for one input."""
-    folder = Path(__file__).parent / "fixtures" / "export-0.1.0"
-    expected = json.loads((folder / "expected.json").read_text())
+    """`fixtures/export-0.1.0` holds the `config.json` and `modeling_hf_prune.py` hf_prune 0.1.0 wrote (flat package,
+    one architecture table) for a tiny BERT with heads and FFN neurons removed and one layer without heads, and the
+    logits it gave for one input. The weights are built here, as 0.1.0 built them: the same seed, the same cuts."""
+    fixture = Path(__file__).parent / "fixtures" / "export-0.1.0"
+    expected = json.loads((fixture / "expected.json").read_text())
+    source = tiny_model("bert", seed=3).eval()
+    prune_heads(source, {0: [1, 3], 1: [0, 1, 2, 3]})
+    prune_ffn_neurons(source, {0: list(range(0, 48, 2)), 1: [5]})
+    folder = tmp_path / "export-0.1.0"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(folder / "model.safetensors"))
+    for name in ("config.json", "modeling_hf_prune.py"):
+        (folder / name).write_text((fixture / name).read_text())
     ids = torch.tensor(expected["input_ids"])
     model = load_pruned(folder).eval()
     assert structure.num_heads(model) == [2, 0] and structure.ffn_size(model) == [24, 47]
