@@ -20,11 +20,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import structure
 from .adapter import ATTENTION, MLP
-from .auto import get_adapter
+from .auto import get_adapter, is_causal_lm_class
 from .surgery import prune_ffn_neurons, prune_heads
 
 __all__ = [
+    "PHASES",
     "dummy_inputs",
+    "prefill_inputs",
+    "time_decode",
     "count_flops",
     "UnitCosts",
     "unit_costs",
@@ -51,9 +54,82 @@ def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0)
     return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
 
 
+def _is_causal_lm(model: nn.Module) -> bool:
+    return is_causal_lm_class(getattr(model.config, "model_type", None), type(model).__name__)
+
+
+# What a forward pass is timed or counted as: "prefill" (one pass over a prompt; for a causal LM the logits of its
+# last token only, as `generate` computes them) or "decode" (one new token at batch 1, reading the KV cache).
+PHASES = ("prefill", "decode")
+
+
+def prefill_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict:
+    """[`dummy_inputs`], plus `logits_to_keep=1` for a causal LM: the prefill of generation computes the
+    vocabulary-sized logits of the last position only, so the output projection is not counted `seq_len` times."""
+    inputs = dummy_inputs(model, batch_size, seq_len, seed)
+    if _is_causal_lm(model):
+        inputs["logits_to_keep"] = 1
+    return inputs
+
+
+@torch.inference_mode()
+def time_decode(
+    models: list[nn.Module], prompt_len: int = 128, new_tokens: int = 32, repeats: int = 5, warmup: int = 2
+) -> list[list[float]]:
+    """Milliseconds per generated token of each causal LM at batch 1 with the KV cache (greedy), timed interleaved.
+
+    One timing is `(t(new_tokens) - median t(1)) / (new_tokens - 1)`, where `t(k)` is the time `generate` takes for
+    `k` new tokens after the same random prompt of `prompt_len` tokens: the prefill cancels out, what is left is the
+    decode steps. Tokens per second is `1000 / ms`.
+
+    Args:
+        models: causal LMs of one vocabulary, in eval mode, on one device.
+        prompt_len: tokens of the prompt (the context each decode step attends to, plus what it generates).
+        new_tokens: generated tokens of the long run (> 1); end-of-sequence tokens are not allowed to stop it.
+        repeats: timings of each model.
+        warmup: untimed rounds of each model first.
+
+    Returns:
+        Per model, its `repeats` per-token times in milliseconds.
+    """
+    from transformers import GenerationConfig
+
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens} must be >= 2 (the decode time is a difference of two runs).")
+    inputs = dummy_inputs(models[0], 1, prompt_len)
+    device = inputs["input_ids"].device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    pad = getattr(models[0].config, "pad_token_id", None)
+    configs = {
+        k: GenerationConfig(max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=pad if pad else 0)
+        for k in (1, new_tokens)
+    }
+
+    def timed(model, k):
+        sync()
+        start = time.perf_counter()
+        model.generate(**inputs, generation_config=configs[k])
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        for model in models:
+            timed(model, new_tokens)
+    ones, manys = [[] for _ in models], [[] for _ in models]
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            ones[i].append(timed(model, 1))
+            manys[i].append(timed(model, new_tokens))
+    # the prefill's median, not each run's own: a difference of two single timings doubles their noise
+    return [
+        [max(t - statistics.median(one), 0.0) * 1000.0 / (new_tokens - 1) for t in many]
+        for one, many in zip(ones, manys)
+    ]
+
+
 @torch.no_grad()
 def _counted(model: nn.Module, seq_len: int) -> FlopCounterMode:
-    inputs = dummy_inputs(model, 1, seq_len)
+    inputs = prefill_inputs(model, 1, seq_len)
     previous = getattr(model.config, "_attn_implementation", None)
     # the fused CPU SDPA kernel is invisible to the counter: count the eager attention, which does the same work
     switch = previous not in (None, "eager") and hasattr(model, "set_attn_implementation")
@@ -72,7 +148,8 @@ def _counted(model: nn.Module, seq_len: int) -> FlopCounterMode:
 
 
 def count_flops(model: nn.Module, seq_len: int) -> int:
-    """FLOPs of one forward pass over a batch of one sequence of `seq_len` tokens (eager attention)."""
+    """FLOPs of one forward pass over a batch of one sequence of `seq_len` tokens (eager attention; for a causal LM,
+    the prefill of generation: logits of the last token only)."""
     return int(_counted(model, seq_len).get_total_flops())
 
 
@@ -160,7 +237,7 @@ def time_interleaved(models: list[nn.Module], inputs: dict, repeats: int, warmup
     Returns:
         Per model, its `repeats` times in milliseconds.
     """
-    device = next(iter(inputs.values())).device
+    device = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device
     # kernels on an accelerator run asynchronously: without a sync the clock would time their launch only
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -178,10 +255,13 @@ def time_interleaved(models: list[nn.Module], inputs: dict, repeats: int, warmup
 
 
 @torch.inference_mode()
-def measured_unit_costs(model: nn.Module, seq_len: int = 128, batch_size: int = 32, repeats: int = 5) -> UnitCosts:
+def measured_unit_costs(
+    model: nn.Module, seq_len: int = 128, batch_size: int = 32, repeats: int = 5, phase: str = "prefill"
+) -> UnitCosts:
     """A cost model in milliseconds of this machine: forward time = base + heads x head + neurons x neuron, fitted by
     least squares to the median times of five copies of `model` (all units; no heads; no neurons; half of each; none),
-    timed interleaved in this process.
+    timed interleaved in this process. With `phase="decode"` (causal LMs) the time is that of one generated token at
+    batch 1 after `seq_len` tokens ([`time_decode`]): what decode tokens/s is the inverse of.
 
     FLOPs miss the work that scales with heads and neurons but is not a matmul (softmax over every head's scores,
     the FFN activation) and the work no unit owns (LayerNorms, residual adds, embeddings); on a CPU at batch 32 the
@@ -189,12 +269,17 @@ def measured_unit_costs(model: nn.Module, seq_len: int = 128, batch_size: int = 
 
     Args:
         model: the model to time (left unchanged).
-        seq_len / batch_size: the input shape the costs hold for.
+        seq_len / batch_size: the input shape the costs hold for (decode: the prompt length; batch 1).
         repeats: timed runs of each copy (median).
+        phase: "prefill" (one forward pass) or "decode" (one new token with the KV cache).
 
     Returns:
         [`UnitCosts`] with `unit="ms"`; `max_speedup` is the measured dense / base ratio.
     """
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r} is not known: use one of {', '.join(PHASES)}.")
+    if phase == "decode" and not _is_causal_lm(model):
+        raise ValueError(f"phase='decode' times generation, which needs a causal LM; {type(model).__name__} is not.")
     heads, neurons = structure.attention_units(model), structure.ffn_size(model)
     was_training = model.training
     variants = []
@@ -205,7 +290,10 @@ def measured_unit_costs(model: nn.Module, seq_len: int = 128, batch_size: int = 
         prune_heads(copy_, {i: list(range(k, h)) for i, (k, h) in enumerate(zip(kept_h, heads)) if k < h})
         prune_ffn_neurons(copy_, {i: list(range(k, n)) for i, (k, n) in enumerate(zip(kept_n, neurons)) if k < n})
         variants.append((copy_, sum(kept_h), sum(kept_n)))
-    times = time_interleaved([v[0] for v in variants], dummy_inputs(model, batch_size, seq_len), repeats)
+    if phase == "decode":
+        times = time_decode([v[0] for v in variants], seq_len, repeats=repeats)
+    else:
+        times = time_interleaved([v[0] for v in variants], prefill_inputs(model, batch_size, seq_len), repeats)
     model.train(was_training)
     design = torch.tensor([[1.0, h, n] for _, h, n in variants], dtype=torch.float64)
     observed = torch.tensor([statistics.median(t) for t in times], dtype=torch.float64)

@@ -8,9 +8,9 @@ from torch import nn
 
 from ..models import structure
 from ..models.adapter import ATTENTION, MLP
-from ..pruning.units import layer_units
+from ..pruning.units import layer_units, unit_sums
 
-__all__ = ["activation_importance", "layer_importance", "LAYER_IMPORTANCE_METHODS"]
+__all__ = ["activation_importance", "magnitude_importance", "layer_importance", "LAYER_IMPORTANCE_METHODS"]
 
 LAYER_IMPORTANCE_METHODS = ("cosine", "loss")
 
@@ -27,9 +27,16 @@ def _forward(model: nn.Module, batch: dict, labels: bool = False):
 
 @torch.no_grad()
 def activation_importance(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The activation importance of Minitron (Muralidharan et al. 2024, section 2.2): per unit, the mean over the real
-    tokens of the L2 norm of its output where it enters its output projection (a head's or key/value group's context
-    vectors; a neuron's gated activation). No labels and no gradients are needed.
+    """The activation importance of Minitron (Muralidharan et al. 2024, section 2.2), made comparable across kinds:
+    per unit, the mean over the real tokens of the L2 norm of what it adds to the residual stream, its output (a
+    head's or key/value group's context vectors; a neuron's gated activation) times its columns of the output
+    projection. No labels and no gradients are needed.
+
+    Minitron ranks heads, neurons and channels each on their own axis and chooses the widths by search; one budget
+    shared by heads and neurons needs one scale. The raw activation norms are not one (a neuron's activation and a
+    group's context vectors differ in size by orders of magnitude: ranked together, every attention unit goes
+    first); their contributions to the residual stream, which both kinds write to, are (the norm-times-activation
+    of Wanda and FLAP, per structured unit).
 
     Args:
         model: a model of a supported family.
@@ -44,12 +51,17 @@ def activation_importance(model: nn.Module, batches: list[dict]) -> tuple[list[t
 
     def hook(kind: str, lu):
         def record(module, args):
-            x = args[0]
             if lu.count == 0:
                 return
             out = lu.group.output
-            part = x.narrow(-1, out.offset, out.span(lu.count)).reshape(*x.shape[:-1], lu.count, out.width)
-            norms = part.float().norm(dim=-1)[state["mask"]]  # (tokens, units)
+            x = args[0][state["mask"]]  # (tokens, in_features)
+            part = x.narrow(-1, out.offset, out.span(lu.count)).float().reshape(-1, lu.count, out.width)
+            weight = module.weight.narrow(1, out.offset, out.span(lu.count)).float()
+            weight = weight.reshape(weight.shape[0], lu.count, out.width)  # (hidden, units, width)
+            if out.width == 1:  # a neuron adds activation x column: its norm is |activation| x the column's norm
+                norms = part.squeeze(-1).abs() * weight.squeeze(-1).norm(dim=0)
+            else:  # few units of many channels (heads, key/value groups): each unit's projection in turn
+                norms = torch.stack([(part[:, u] @ weight[:, u].T).norm(dim=-1) for u in range(lu.count)], dim=-1)
             sums[kind][lu.layer] += norms.sum(dim=0).double().cpu()
 
         return record
@@ -68,6 +80,20 @@ def activation_importance(model: nn.Module, batches: list[dict]) -> tuple[list[t
         model.train(was_training)
     tokens = max(state["tokens"], 1)
     return [s / tokens for s in sums[ATTENTION]], [s / tokens for s in sums[MLP]]
+
+
+@torch.no_grad()
+def magnitude_importance(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per unit, the L2 norm of every weight it owns (its rows of the input projections and its columns of the output
+    projection, as one group: Torch-Pruning's group magnitude). Comparable within a layer and kind only.
+
+    Returns:
+        `(head_importance, neuron_importance)`: per layer, a tensor `(units,)`.
+    """
+    return tuple(
+        [unit_sums(lu, lambda lin: lin.weight.detach().float().square()).sqrt().cpu() for lu in layer_units(model, k)]
+        for k in (ATTENTION, MLP)
+    )
 
 
 def _layer_output(output):

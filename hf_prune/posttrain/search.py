@@ -25,7 +25,14 @@ from transformers.utils import logging
 
 from ..models.adapter import ATTENTION, MLP
 from ..models.auto import get_adapter
-from ..models.costs import dummy_inputs, measured_unit_costs, parameter_unit_costs, time_interleaved, unit_costs
+from ..models.costs import (
+    measured_unit_costs,
+    parameter_unit_costs,
+    prefill_inputs,
+    time_decode,
+    time_interleaved,
+    unit_costs,
+)
 from ..models.surgery import prune_ffn_neurons, prune_heads
 from ..pruning.allocation import allocate_uniform_units, allocate_units, speedup_budget
 from ..pruning.units import layer_units
@@ -45,7 +52,9 @@ __all__ = [
     "prune_to_speedup",
 ]
 
-COST_MODELS = ("flops", "params", "latency")
+COST_MODELS = ("flops", "params", "latency", "decode")
+# the measured cost models, and the phase of generation each times
+TIMED_COST_MODELS = {"latency": "prefill", "decode": "decode"}
 IMPORTANCES = ("fisher", "activation")
 METHODS = {
     "fisher": "fisher mask search, rearrangement and least-squares tuning (Kwon et al. 2022)",
@@ -126,10 +135,17 @@ def _shaped_copy(model: nn.Module, keep_heads: list[torch.Tensor], keep_neurons:
     return shaped
 
 
-def measured_speedup(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 10) -> float:
-    """Median forward time of `dense` over that of `pruned` at `batch_size` x `seq_len`, timed interleaved."""
-    inputs = dummy_inputs(dense, batch_size, seq_len)
-    dense_ms, pruned_ms = time_interleaved([dense, pruned], inputs, repeats, warmup=2)
+def measured_speedup(
+    dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 10, phase: str = "prefill"
+) -> float:
+    """Median forward time of `dense` over that of `pruned` at `batch_size` x `seq_len`, timed interleaved; with
+    `phase="decode"`, the ratio of their times per generated token at batch 1 after `seq_len` tokens (tokens/s of
+    `pruned` over those of `dense`)."""
+    if phase == "decode":
+        dense_ms, pruned_ms = time_decode([dense, pruned], seq_len, repeats=repeats)
+    else:
+        inputs = prefill_inputs(dense, batch_size, seq_len)
+        dense_ms, pruned_ms = time_interleaved([dense, pruned], inputs, repeats, warmup=2)
     return statistics.median(dense_ms) / statistics.median(pruned_ms)
 
 
@@ -139,6 +155,14 @@ def choose_timed(candidates: list[dict], target: float) -> dict:
     if reached:
         return min(reached, key=lambda c: c["measured_speedup"])
     return max(candidates, key=lambda c: c["measured_speedup"])
+
+
+def _cost_model_name(cost_model: str, batch_size: int, seq_len: int) -> str:
+    if cost_model == "latency":
+        return f"latency (ms at {batch_size} x {seq_len})"
+    if cost_model == "decode":
+        return f"decode (ms per token at batch 1 after {seq_len} tokens)"
+    return cost_model
 
 
 # ----------------------------------------------------------------------------------------------------- the path
@@ -206,7 +230,10 @@ def prune_to_speedup(
             [`hf_prune.models.costs.parameter_unit_costs`]) or "latency" (head and neuron
             costs fitted to forward times measured on this machine at `latency_batch_size` x `seq_len`, see
             [`hf_prune.models.costs.measured_unit_costs`]: `target_speedup` is then a predicted speedup of this
-            machine).
+            machine; for a causal LM the forward pass is generation's prefill, logits of the last token only) or
+            "decode" (causal LMs: costs fitted to the time of one generated token at batch 1 with the KV cache after
+            `seq_len` tokens: `target_speedup` is a ratio of decode tokens/s). The timed cost models are calibrated
+            (`calibration_rounds`).
         importance: "fisher" (the Fisher information of unit masks, Kwon et al. 2022; needs labels) or "activation"
             (the mean L2 norm of each unit's output over the sample's tokens, Minitron; see
             [`hf_prune.posttrain.importance.activation_importance`]; no rearrangement, which needs gradients).
@@ -214,9 +241,10 @@ def prune_to_speedup(
             under that constraint ([`hf_prune.pruning.allocation.allocate_uniform_units`]): the export is then the
             family's own config, which plain `from_pretrained` and serving engines load (decoders; see the adapter).
         latency_batch_size: the batch size the latency costs are measured at.
-        calibration_rounds: with `cost_model="latency"`, the chosen shapes are timed against `model` (interleaved, at
-            `latency_batch_size` x `seq_len`) and, while the measured speedup misses `target_speedup` or passes it by
-            more than 3%, searched again with the goal scaled by 1.015 x target / measured, up to this many timings.
+        calibration_rounds: with `cost_model="latency"` (or "decode"), the chosen shapes are timed against `model`
+            (interleaved, at `latency_batch_size` x `seq_len`, or decoding at batch 1) and, while the measured speedup
+            misses `target_speedup` or passes it by more than 3%, searched again with the goal scaled by
+            1.015 x target / measured, up to this many timings.
             The linear cost model misses what uneven layers cost (odd widths, per-layer overheads): the timing sees it.
             The slowest timed shapes that reach the target are kept (else the fastest). The goal moves at most 1.25x
             away from the target (`MAX_CORRECTION`; a larger miss means a busy machine). 0 trusts the cost model.
@@ -242,6 +270,8 @@ def prune_to_speedup(
     flops = unit_costs(model, seq_len)
     if cost_model == "latency":
         costs = measured_unit_costs(model, seq_len, latency_batch_size)
+    elif cost_model == "decode":
+        costs = measured_unit_costs(model, seq_len, 1, phase="decode")
     else:
         costs = flops if cost_model == "flops" else parameter_unit_costs(model)
     budget = speedup_budget(costs, target_speedup)  # an unreachable target fails here, before the Fisher pass
@@ -286,13 +316,13 @@ def prune_to_speedup(
     keep_heads, keep_neurons = search(target_speedup)
     times["search_s"] = time.perf_counter() - t
     calibration = []
-    if cost_model == "latency" and calibration_rounds > 0:
+    if cost_model in TIMED_COST_MODELS and calibration_rounds > 0:
+        timing = {"phase": "decode"} if cost_model == "decode" else {}
         t = time.perf_counter()
         goal = float(target_speedup)
         for _ in range(calibration_rounds):
-            measured = measured_speedup(
-                model, _shaped_copy(model, keep_heads, keep_neurons), latency_batch_size, seq_len
-            )
+            batch = 1 if cost_model == "decode" else latency_batch_size
+            measured = measured_speedup(model, _shaped_copy(model, keep_heads, keep_neurons), batch, seq_len, **timing)
             calibration.append({"goal": goal, "measured_speedup": measured, "keep": (keep_heads, keep_neurons)})
             logger.info("Calibration: shapes searched for %.3fx measure %.3fx.", goal, measured)
             if target_speedup <= measured <= 1.03 * target_speedup:
@@ -358,7 +388,7 @@ def prune_to_speedup(
         "seq_len": seq_len,
         "num_samples": len(rows),
         "tune_samples": tune_rows if tune else 0,
-        "cost_model": f"latency (ms at {latency_batch_size} x {seq_len})" if cost_model == "latency" else cost_model,
+        "cost_model": _cost_model_name(cost_model, latency_batch_size, seq_len),
         "predicted_speedup": costs.total / predicted,
         "measured_speedup": choose_timed(calibration, target_speedup)["measured_speedup"] if calibration else None,
         "calibration": [{k: v for k, v in c.items() if k != "keep"} for c in calibration],

@@ -1,0 +1,90 @@
+"""Decoder cost models (prefill FLOPs with the last token's logits, decode time per token) and the importances the
+decoder benchmark compares (activation contributions, weight magnitude), on tiny Llama models built in code."""
+
+import pytest
+import torch
+from test_llama import KV, LAYERS, WIDTH, CausalBlocks, tiny_decoder
+from utils import VOCAB
+
+from hf_prune import prune_to_speedup
+from hf_prune.models.costs import count_flops, measured_unit_costs, prefill_inputs, time_decode, unit_costs
+from hf_prune.posttrain.importance import activation_importance, magnitude_importance
+from hf_prune.posttrain.search import pad_collate
+
+
+def test_prefill_counts_the_output_projection_for_the_last_token_only():
+    model = tiny_decoder("llama")
+    inputs = prefill_inputs(model, 2, 10)
+    assert inputs["logits_to_keep"] == 1 and inputs["input_ids"].shape == (2, 10)
+    assert model(**inputs).logits.shape == (2, 1, VOCAB)
+    hidden = model.config.hidden_size
+    full = {k: v for k, v in inputs.items() if k != "logits_to_keep"}
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.set_attn_implementation("eager")
+        model(**{k: v[:1] for k, v in full.items()})
+    # a full forward pass computes the vocabulary logits of every position; prefill those of the last only
+    assert counter.get_total_flops() - count_flops(model, 10) == 2 * 9 * hidden * VOCAB
+    assert unit_costs(model, 10).total == count_flops(model, 10)
+
+
+def test_decode_timing_and_its_cost_model():
+    model = tiny_decoder("llama")
+    times = time_decode([model, model], prompt_len=8, new_tokens=4, repeats=3, warmup=1)
+    assert len(times) == 2 and all(len(t) == 3 and all(x >= 0 for x in t) for t in times)
+    with pytest.raises(ValueError, match="new_tokens=1 must be >= 2"):
+        time_decode([model], new_tokens=1)
+    costs = measured_unit_costs(model, 8, 1, repeats=2, phase="decode")
+    assert costs.unit == "ms" and costs.heads == [KV] * LAYERS and costs.base > 0
+    with pytest.raises(ValueError, match="phase='train' is not known"):
+        measured_unit_costs(model, 8, 1, phase="train")
+    _, summary = prune_to_speedup(model, CausalBlocks(32), 1.2, num_samples=32, seq_len=8, tune=False,
+                                  cost_model="decode", calibration_rounds=1)  # fmt: skip
+    assert summary["cost_model"] == "decode (ms per token at batch 1 after 8 tokens)"
+    assert len(summary["calibration"]) == 1 and summary["measured_speedup"] > 0
+
+
+def test_decode_cost_model_needs_a_causal_lm():
+    from test_posttrain import _model
+
+    with pytest.raises(ValueError, match="needs a causal LM"):
+        measured_unit_costs(_model(), 8, 1, phase="decode")
+
+
+def test_activation_importance_is_each_unit_s_contribution_to_the_residual_stream():
+    model = tiny_decoder("llama")
+    data = CausalBlocks(4)
+    batch = pad_collate(0)([data[i] for i in range(4)])
+    heads, neurons = activation_importance(model, [batch])
+    layer = model.model.layers[1]
+    seen = {}
+    handles = [
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("mlp", a[0].detach())),
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("attn", a[0].detach())),
+    ]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in handles:
+        h.remove()
+    tokens = seen["mlp"].reshape(-1, WIDTH)
+    by_hand = torch.stack([(tokens[:, [n]] @ layer.mlp.down_proj.weight[:, [n]].T).norm(dim=-1).mean()
+                           for n in range(WIDTH)])  # fmt: skip
+    torch.testing.assert_close(neurons[1].float(), by_hand, rtol=1e-4, atol=1e-6)
+    width = layer.self_attn.o_proj.in_features // KV  # a key/value group's query heads
+    ctx = seen["attn"].reshape(-1, KV, width)
+    weight = layer.self_attn.o_proj.weight.reshape(-1, KV, width)
+    by_hand = torch.stack([(ctx[:, g] @ weight[:, g].T).norm(dim=-1).mean() for g in range(KV)])
+    torch.testing.assert_close(heads[1].float(), by_hand, rtol=1e-4, atol=1e-6)
+
+
+def test_magnitude_importance_is_the_norm_of_every_weight_a_unit_owns():
+    model = tiny_decoder("llama")
+    heads, neurons = magnitude_importance(model)
+    mlp = model.model.layers[0].mlp
+    n = 5
+    with torch.no_grad():
+        by_hand = (mlp.gate_proj.weight[n].square().sum() + mlp.up_proj.weight[n].square().sum()
+                   + mlp.down_proj.weight[:, n].square().sum()).sqrt()  # fmt: skip
+    assert float(neurons[0][n]) == pytest.approx(float(by_hand), rel=1e-5)
+    assert [h.shape[0] for h in heads] == [KV] * LAYERS and bool((heads[0] > 0).all())
