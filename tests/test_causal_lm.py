@@ -203,11 +203,14 @@ def test_the_causal_lm_task_form_parses():
     "raw, message",
     [
         ({"problem_type": "causal_lm", "text_columns": ["text"]}, "does not apply to problem_type: causal_lm: it "
-         "reads one text column: write text_column"),
+         "reads text_column: write text_column: <name>, or a list of names"),
         ({"problem_type": "causal_lm", "label_column": "label"}, "there are no labels: remove it"),
         ({"problem_type": "causal_lm", "label_names": ["a", "b"]}, "there are no labels: remove it"),
         ({"problem_type": "causal_lm", "metrics": ["accuracy"]}, r"do not apply to causal_lm. Valid: perplexity"),
         ({"problem_type": "causal_lm", "text_column": ""}, "task.text_column must be a column name"),
+        ({"problem_type": "causal_lm", "text_column": []}, r"a list of them, e.g. text or \[premise, hypothesis\]"),
+        ({"problem_type": "causal_lm", "text_column": ["a", 3]}, "task.text_column must be a column name"),
+        ({"problem_type": "causal_lm", "text_column": ["a", "a"]}, "lists a column twice"),
         ({"text_column": "text"}, "does not apply to problem_type: single_label_classification: .*set problem_type: "
          "causal_lm"),
         ({"problem_type": "causal_lm", "text_colum": "text"}, r"Unknown task key\(s\) \['text_colum'\]"),

@@ -50,6 +50,8 @@ __all__ = [
     "causal_lm_nll",
     "dataset_perplexity",
     "TEXT_FORMATS",
+    "document_column",
+    "join_columns",
     "read_documents",
     "tokenize_text_splits",
     "block_size_of",
@@ -264,12 +266,37 @@ def _row(line: str, path: Path, i: int) -> dict:
     return row
 
 
+def document_column(columns: Sequence[str]) -> str:
+    """The column a causal-LM task's raw splits keep their documents in: its text column, or `text` when the task
+    joins several."""
+    return columns[0] if len(columns) == 1 else "text"
+
+
+def join_columns(values: Sequence, columns: Sequence[str], where: str, hint: str = "") -> str:
+    """One document from a row's text columns: their non-empty texts joined by a newline (`""` when none has text).
+
+    Args:
+        values: the row's values of `columns`, in order (None for a missing or null text).
+        columns: the column names, for the error message.
+        where: the row, for the error message.
+        hint: how to fix a value that is not text.
+    """
+    texts = []
+    for column, text in zip(columns, values):
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{where}, column {column!r} holds {text!r}, not text. {hint}".rstrip())
+        if text and text.strip():
+            texts.append(text)
+    return "\n".join(texts)
+
+
 def read_documents(path: str | os.PathLike, task) -> list[str]:
     """The documents of a local file of a causal-LM task, in file order.
 
     A `.txt` file: each non-empty line is a document (lines of whitespace alone are skipped). A `.jsonl` / `.json`
-    file (one JSON object per line): the task's text column of every row (empty or null texts are skipped); a row
-    without that column is refused, naming the columns it has and the fix.
+    file (one JSON object per line): the task's text column of every row, or its text columns joined by a newline
+    (e.g. MNLI's premise and hypothesis; empty or null texts are skipped, and rows without any text); a row without
+    one of those columns is refused, naming the columns it has and the fix.
 
     Args:
         path: the file.
@@ -281,10 +308,11 @@ def read_documents(path: str | os.PathLike, task) -> list[str]:
             f"Data file {path} does not exist. Check data.train_file / data.validation_file in the recipe (relative "
             "paths in a recipe file are resolved against its folder, --set paths against the current directory)."
         )
-    suffix, (column,) = path.suffix.lower(), task.text_columns
+    suffix, columns = path.suffix.lower(), task.text_columns
+    named = " and ".join(map(repr, columns))
     if suffix not in TEXT_FORMATS:
         raise ValueError(
-            f"{path}: a causal_lm task reads {', '.join(TEXT_FORMATS)} files (JSON lines with a {column!r} column, "
+            f"{path}: a causal_lm task reads {', '.join(TEXT_FORMATS)} files (JSON lines with a {named} column, "
             f"or plain text with one document per line), not {suffix or 'a file without suffix'}."
         )
     docs = []
@@ -296,17 +324,16 @@ def read_documents(path: str | os.PathLike, task) -> list[str]:
                 docs.append(line.rstrip("\r\n"))
                 continue
             row = _row(line, path, i)
-            if column not in row:
+            missing = [c for c in columns if c not in row]
+            if missing:
                 raise ValueError(
-                    f"{path}: line {i} has no column {column!r}; it has {sorted(row)}. {task.column_hint()}"
+                    f"{path}: line {i} has no column {missing[0]!r}; it has {sorted(row)}. {task.column_hint()}"
                 )
-            text = row[column]
-            if text is not None and not isinstance(text, str):
-                raise ValueError(f"{path}: line {i}, column {column!r} holds {text!r}, not text. {task.column_hint()}")
-            if text and text.strip():
+            text = join_columns([row[c] for c in columns], columns, f"{path}: line {i}", task.column_hint())
+            if text:
                 docs.append(text)
     if not docs:
-        raise ValueError(f"{path} holds no text: give documents in {column!r} (jsonl) or non-empty lines (txt).")
+        raise ValueError(f"{path} holds no text: give documents in {named} (jsonl) or non-empty lines (txt).")
     return docs
 
 

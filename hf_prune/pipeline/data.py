@@ -20,7 +20,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Value, concatenate_datasets
 from transformers.utils import logging
 
-from .causal_lm import DEFAULT_BLOCK_SIZE, read_documents, tokenize_text_splits
+from .causal_lm import DEFAULT_BLOCK_SIZE, document_column, join_columns, read_documents, tokenize_text_splits
 from .demo import make_demo_data
 from .tasks import NLI_LABELS, LabelMap, TaskSpec, infer_label_names, parse_task, regression_value
 
@@ -312,8 +312,8 @@ def _load_hub(spec: TaskSpec) -> tuple[dict, TaskSpec]:
 
 def _load_text(spec: TaskSpec, train_file, val_files: dict[str, str]) -> dict[str, Dataset]:
     """A causal-LM task's documents: local files (the training files one after the other), the Hub's splits where
-    local files give none."""
-    (column,) = spec.text_columns
+    local files give none; several text columns are joined by a newline per row (see `causal_lm.join_columns`)."""
+    columns, column = spec.text_columns, document_column(spec.text_columns)
     splits = {}
     if train_file:
         docs = [d for path in train_files(train_file) for d in read_documents(path, spec)]
@@ -321,8 +321,18 @@ def _load_text(spec: TaskSpec, train_file, val_files: dict[str, str]) -> dict[st
     splits.update({name: Dataset.from_dict({column: read_documents(p, spec)}) for name, p in val_files.items()})
     if train_file and val_files:
         return splits
-    raw, names = _hub_splits(spec, [column])
-    hub = {("train" if n == spec.train_split else n): raw[n].select_columns([column]) for n in names}
+    raw, names = _hub_splits(spec, list(columns))
+
+    def join(batch):
+        rows = zip(*(batch[c] for c in columns))
+        return {column: [join_columns(r, columns, f"{_dataset_label(spec)}: a row") for r in rows]}
+
+    hub = {}
+    for n in names:
+        ds = raw[n].select_columns(list(columns))
+        if len(columns) > 1:
+            ds = ds.map(join, batched=True, remove_columns=list(columns), desc=f"Joining the text columns of {n}")
+        hub["train" if n == spec.train_split else n] = ds
     train = splits.pop("train", hub["train"])
     return {"train": train, **(splits or {k: v for k, v in hub.items() if k != "train"})}
 
@@ -359,7 +369,8 @@ def load_task(task, data: Mapping | None = None, seed: int = 0) -> tuple[Dataset
             make_demo_data(int(data.get("demo_train_size", 2000)), int(data.get("demo_eval_size", 400)), seed)
         )
     elif not has_hub and not (train_file and val_files):
-        kinds = f" (jsonl with a {spec.text_columns[0]!r} column, or txt)" if spec.is_causal_lm else ""
+        named = " and ".join(map(repr, spec.text_columns))
+        kinds = f" (jsonl with a {named} column, or txt)" if spec.is_causal_lm else ""
         raise ValueError(
             f"Task {spec.name!r} has no dataset to load: give both data.train_file and data.validation_file{kinds}, "
             "or task.dataset (the arguments of datasets.load_dataset)."
@@ -415,7 +426,9 @@ def tokenize_splits(
     """
     spec = _spec(task)
     if spec.is_causal_lm:
-        return tokenize_text_splits(raw, tokenizer, block_size or DEFAULT_BLOCK_SIZE, spec.text_columns[0])
+        return tokenize_text_splits(
+            raw, tokenizer, block_size or DEFAULT_BLOCK_SIZE, document_column(spec.text_columns)
+        )
     if spec.is_token_classification and not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"Token classification needs a fast tokenizer (it maps words to tokens); {type(tokenizer).__name__} is "

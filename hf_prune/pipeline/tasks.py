@@ -16,6 +16,7 @@ task:                    # any dataset with its own columns, from the Hub or fro
 task:                    # language modeling: text packed into data.block_size blocks, scored by perplexity
   problem_type: causal_lm
   text_column: text                     # default text; a .txt file has none (each non-empty line is a document)
+  # text_column: [premise, hypothesis]  # several columns: one document per row, their texts joined by a newline
 ```
 
 Metrics are those GLUE defines (accuracy; F1 and accuracy for MRPC and QQP; Matthews correlation for CoLA; Pearson and
@@ -74,7 +75,7 @@ TASK_KEYS = (
 )  # fmt: skip
 # Keys of one kind of task that do not apply to the other, and why.
 _NOT_FOR_CAUSAL_LM = {
-    "text_columns": "it reads one text column: write text_column: <name> (default text)",
+    "text_columns": "it reads text_column: write text_column: <name>, or a list of names (default text)",
     "label_column": "a causal LM predicts each next token of the text, so there are no labels: remove it",
     "label_names": "a causal LM predicts each next token of the text, so there are no labels: remove it",
 }
@@ -119,8 +120,8 @@ class TaskSpec:
 
     Args:
         name: the task's name in reports and model cards (`"sst2"`, `"mnli"`, `"demo"`, a dataset id, `"custom"`).
-        text_columns: one or two text columns (token classification: one column of word lists; causal LM: the one
-            text column).
+        text_columns: one or two text columns (token classification: one column of word lists; causal LM: its text
+            column, or several whose texts are joined by a newline per row).
         label_column: the column holding the labels (class names or ids, scores, or per-word tags); unused by a
             causal LM, whose labels are its input ids.
         problem_type: `single_label_classification`, `regression`, `token_classification` or `causal_lm`.
@@ -214,8 +215,8 @@ class TaskSpec:
         """How to fix a file or dataset that lacks the task's columns."""
         if self.is_causal_lm:
             return (
-                f"Set task.text_column to the data's text column (now: {self.text_columns[0]}), or give a .txt file "
-                "(each non-empty line is a document)."
+                f"Set task.text_column to the data's text column or a list of them (now: "
+                f"{', '.join(self.text_columns)}), or give a .txt file (each non-empty line is a document)."
             )
         needed = ", ".join([*self.text_columns, self.label_column])
         if self.glue or self.generated:
@@ -294,9 +295,15 @@ def _parse_mapping(raw: Mapping) -> TaskSpec:
             raise ValueError(f"task.{key} does not apply to problem_type: {problem}: {why}.")
     if problem == "causal_lm":
         column = raw.get("text_column", "text")
-        if not isinstance(column, str) or not column:
-            raise ValueError(f"task.text_column must be a column name, e.g. text; got {column!r}.")
-        columns, label_column, names = (column,), "label", None
+        many = isinstance(column, Sequence) and not isinstance(column, str) and len(column) > 0
+        if not (isinstance(column, str) and column) and not (many and all(isinstance(c, str) and c for c in column)):
+            raise ValueError(
+                f"task.text_column must be a column name or a list of them, e.g. text or [premise, hypothesis]; got "
+                f"{column!r}."
+            )
+        columns, label_column, names = ((column,) if isinstance(column, str) else tuple(column)), "label", None
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"task.text_column lists a column twice: {list(columns)}.")
     elif raw.get("text_columns") in (None, "", []):
         raise ValueError(
             "The task mapping has no `text_columns`: name the one or two columns holding the text, e.g. "
@@ -345,8 +352,8 @@ def parse_task(raw) -> TaskSpec:
     Args:
         raw: `"demo"`, `"glue/<name>"` or a GLUE name alone (e.g. `"mnli"`), a mapping (`dataset`, `text_columns`,
             `label_column`, `problem_type`, `label_names`, `metrics`, `name`, `train_split`, `validation_splits`; for
-            `problem_type: causal_lm`, `text_column` instead of the text and label keys), or a `TaskSpec` (returned
-            as is).
+            `problem_type: causal_lm`, `text_column`, a name or a list, instead of the text and label keys), or a
+            `TaskSpec` (returned as is).
 
     Returns:
         The task's spec; label names stay None until the data is read, unless the task fixes them.
