@@ -125,6 +125,9 @@ class ArchitectureAdapter:
     mlp_residual_path: str = ""
     #: whether whole layers can be dropped
     can_drop_layers: bool = False
+    #: whether shapes that are the same in every layer export as the family's own config (no remote code), which
+    #: is what `prune_to_speedup(uniform=True)` is for
+    uniform_exports_own_config: bool = False
     #: whether a sequence classifier of the family reads the first token of the last layer alone (BERT's pooler);
     #: decoders read the last real token
     classifier_reads_first_token: bool = False

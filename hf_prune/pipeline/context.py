@@ -14,7 +14,7 @@ from ..export.persistence import load_pruned, load_teacher, save_pruned
 from ..trainer import PruningTrainer
 from .causal_lm import CausalLMCollator, nll_per_example, pad_token_id
 from .metrics import build_compute_metrics
-from .sources import BASE_MODEL_KEY, base_model_name, load_start_model
+from .sources import BASE_MODEL_KEY, base_model_name, load_start_model, source_folder
 
 __all__ = ["StageContext", "stage_folder", "barrier", "MODEL_SUBDIR", "CHECKPOINTS_SUBDIR"]
 
@@ -85,9 +85,10 @@ class StageContext:
         return load_pruned(folder) if folder else load_start_model(self.recipe, self.tokenizer, self.task_spec())
 
     def teacher_source(self) -> str | None:
-        """The teacher's folder or Hub id: `teacher` of the recipe, else the last finished finetune stage."""
+        """The teacher's folder or Hub id: `teacher` of the recipe (a built-in name: its folder), else the last
+        finished finetune stage."""
         if self.recipe.teacher:
-            return self.recipe.teacher
+            return source_folder(self.recipe.teacher)
         dirs = [r["model_dir"] for r in self.finished if r["stage"] == "finetune"]
         return str(self.output_dir / dirs[-1]) if dirs else None
 

