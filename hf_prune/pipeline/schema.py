@@ -22,10 +22,11 @@ import yaml
 
 from ..config import PruningArguments
 from ..export.onnx import MAX_OPSET, MIN_OPSET
+from ..posttrain.search import COST_MODELS, IMPORTANCES
 from .causal_lm import block_size_of
 from .context import CHECKPOINTS_SUBDIR, stage_folder
 from .data import train_files, validation_files
-from .sources import check_model_source, check_task_model, looks_like_path
+from .sources import check_model_source, check_task_model, check_uniform_stages, looks_like_path
 from .stages import RUNNER_ARGS, SPEEDUP_STAGES, STAGE_ARG_RULES, STAGE_OPTIONS, STAGE_TYPES
 from .tasks import TaskSpec, parse_task
 
@@ -173,8 +174,14 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
         if key in args and args[key] not in allowed:
             raise ValueError(f"{where}: a {kind} stage needs {key} in {list(allowed)}, got {args[key]!r}.")
     if kind == "prune_to_speedup":
-        if entry.get("cost_model", "flops") not in ("flops", "latency"):
-            raise ValueError(f"{where}: cost_model={entry['cost_model']!r} must be 'flops' or 'latency'.")
+        for key, valid in (("cost_model", COST_MODELS), ("importance", IMPORTANCES)):
+            if entry.get(key, options[key]) not in valid:
+                raise ValueError(f"{where}: {key}={entry[key]!r} is not known; use one of {', '.join(valid)}.")
+        if not isinstance(entry.get("uniform", options["uniform"]), bool):
+            raise ValueError(
+                f"{where}: uniform={entry['uniform']!r} must be true or false (true: the same attention units and "
+                "MLP width in every layer, exported as the family's own config)."
+            )
         for key in ("num_samples", "tune_samples", "batch_size", "latency_batch_size"):
             value = entry.get(key, options[key])
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -471,6 +478,7 @@ def check_recipe(recipe: Recipe) -> None:
     for what in ("model", "teacher", "tokenizer"):
         check_model_source(what, getattr(recipe, what))
     check_task_model(recipe, recipe.task_spec)
+    check_uniform_stages(recipe)
     data = recipe.data
     files = [*train_files(data.get("train_file")), *validation_files(data.get("validation_file")).values()]
     for path in filter(None, files):

@@ -63,6 +63,8 @@ STAGE_OPTIONS = {
         "tune_samples": 512,
         "batch_size": 32,
         "cost_model": "flops",
+        "importance": "fisher",
+        "uniform": False,
         "latency_batch_size": 32,
         "calibration_rounds": 3,
     },
@@ -297,6 +299,8 @@ def _prune_to_speedup(ctx: StageContext, args, opts) -> tuple:
         data_collator=ctx.collator(),
         seed=args.seed,
         cost_model=str(opts["cost_model"]),
+        importance=str(opts["importance"]),
+        uniform=bool(opts["uniform"]),
         latency_batch_size=int(opts["latency_batch_size"]),
         calibration_rounds=int(opts["calibration_rounds"]),
     )
