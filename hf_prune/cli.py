@@ -12,6 +12,7 @@ from .export.card import cli_push
 from .export.deploy import cli_onnx
 from .export.report_format import cli_report
 from .pipeline.recipe import cli_compress, cli_run
+from .pipeline.schema import COST_MODELS, IMPORTANCES
 
 logger = logging.get_logger(__name__)
 
@@ -37,32 +38,71 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = sub.add_parser(
         "compress",
-        help="Prune a fine-tuned model to a speedup without training (Fisher mask search and least-squares tuning), "
-        "evaluate it against the dense model and export it with its report and card.",
+        help="Prune a fine-tuned model or a causal LM to a speedup without training (Fisher mask search and "
+        "least-squares tuning), evaluate it against the dense model and export it with its report and card.",
     )
-    compress.add_argument("model", help="The fine-tuned model: a folder or a Hub id.")
-    compress.add_argument("--speedup", type=float, required=True, help="Target FLOPs ratio, dense / pruned (e.g. 2).")
+    compress.add_argument("model", help="The model: a folder, a Hub id or builtin:smollm2.")
+    compress.add_argument(
+        "--speedup",
+        type=float,
+        required=True,
+        help="Target ratio, dense / pruned, of what --cost-model counts (e.g. 2).",
+    )
     compress.add_argument(
         "--task",
-        default="mnli",
-        help="The task of the model and its data: glue/<name> (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or "
-        "demo (default: mnli); a dataset with its own columns is a recipe's task mapping (hf-prune run).",
+        default=None,
+        help="The task of the model and its data: glue/<name> (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), "
+        "demo, or causal_lm (text packed into blocks, scored by perplexity). Default: causal_lm for a causal LM "
+        "(read from its config), else mnli; a dataset with its own columns is a recipe's task mapping (hf-prune run).",
     )
-    compress.add_argument("--train-file", action="append", default=None, help="Local file(s) to sample from.")
-    compress.add_argument("--validation-file", action="append", default=None, help="Local validation file(s).")
+    compress.add_argument(
+        "--train-file", nargs="+", action="extend", default=None, help="Local file(s) to sample from."
+    )
+    compress.add_argument(
+        "--validation-file", nargs="+", action="extend", default=None, help="Local validation file(s)."
+    )
+    compress.add_argument(
+        "--text-column",
+        nargs="+",
+        default=None,
+        help="causal_lm: the text column of jsonl files (default: text); several are joined by a newline per row, "
+        "e.g. --text-column premise hypothesis.",
+    )
+    compress.add_argument(
+        "--block-size", type=int, default=None, help="causal_lm: tokens per block (default 128), at most the context."
+    )
     compress.add_argument("--output-dir", default=None, help="Run folder (default: runs/compress-<model name>).")
     compress.add_argument("--num-samples", type=int, default=2048, help="Examples for the Fisher information.")
     compress.add_argument("--tune-samples", type=int, default=512, help="Examples for the least-squares tuning.")
     compress.add_argument("--no-tune", action="store_true", help="Skip the least-squares mask tuning.")
-    compress.add_argument("--seq-len", type=int, default=128, help="Sequence length of the FLOPs cost model.")
+    compress.add_argument(
+        "--seq-len", type=int, default=128, help="Tokens of the cost model's inputs (decode: the prompt)."
+    )
     compress.add_argument(
         "--cost-model",
-        choices=("flops", "latency"),
+        choices=COST_MODELS,
         default="flops",
-        help="flops: --speedup is a FLOPs ratio; latency: --speedup is the speedup of this machine at batch 32 (unit "
-        "costs measured, the chosen shapes timed and searched again).",
+        help="What --speedup is a ratio of: flops (FLOPs of one forward pass at --seq-len tokens), params "
+        "(non-embedding parameters: 1.25 keeps 80%%), latency (this machine's speed at batch 32, unit costs measured, "
+        "the chosen shapes timed and searched again), decode (causal LMs: decode tokens/s at batch 1 after --seq-len "
+        "tokens, measured the same way).",
     )
-    compress.add_argument("--max-seq-length", type=int, default=128, help="Truncation of the tokenized examples.")
+    compress.add_argument(
+        "--importance",
+        choices=IMPORTANCES,
+        default="fisher",
+        help="fisher: Fisher information of unit masks on the loss (default); activation: mean output norm of each "
+        "unit (Minitron).",
+    )
+    compress.add_argument(
+        "--uniform",
+        action="store_true",
+        help="The same attention units and MLP width in every layer: a decoder's export is then its family's own "
+        "config, which plain from_pretrained and serving engines load.",
+    )
+    compress.add_argument(
+        "--max-seq-length", type=int, default=128, help="Truncation of the tokenized examples (not causal_lm)."
+    )
     compress.add_argument("--max-eval-samples", type=int, default=None, help="Evaluate on a random subset.")
     compress.add_argument(
         "--set",

