@@ -112,6 +112,16 @@ def _results(report: Mapping) -> tuple[list[tuple[str, ...]], str]:
                 _number(b.get("speedup")),
             )
         )
+    decode = report.get("decode") or {}
+    if decode:
+        rows.append(
+            (
+                f"decode tokens/s, batch 1, after {decode.get('prompt_len', '?')} tokens",
+                _number(decode.get("dense_tokens_per_s")),
+                _number(decode.get("pruned_tokens_per_s")),
+                _number(decode.get("speedup")),
+            )
+        )
     env = report.get("environment") or {}
     note = (
         f"parameters counted once per tensor, FLOPs with `torch.utils.flop_counter.FlopCounterMode`, CPU latency as "

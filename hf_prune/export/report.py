@@ -9,8 +9,12 @@ here, on the two models given, in one process:
 - `flops`: `torch.utils.flop_counter.FlopCounterMode` over one forward pass of a batch of `seq_len` tokens, counted
   with the eager attention implementation (the fused CPU SDPA kernel is invisible to the counter).
 - `latency`: CPU forward time per batch size, median of `repeats` runs, dense and pruned interleaved (d, p, d, p, ...)
-  after `warmup` runs of each; `speedup` is dense / pruned.
-- `layers`: heads and FFN width per layer, dense and kept; `metrics`, `stages`, `base_model` and `task` as given;
+  after `warmup` runs of each; `speedup` is dense / pruned. For a causal LM the forward pass is generation's prefill
+  (logits of the last token only).
+- `decode` (causal LMs; else None): tokens/s of greedy generation at batch 1 with the KV cache after `seq_len` tokens,
+  dense and pruned timed interleaved; `speedup` is pruned / dense tokens/s.
+- `layers`: heads and FFN width per layer of the dense model, dense and kept (a layer removed whole keeps nothing and
+  is marked `removed`); `metrics`, `stages`, `base_model` and `task` as given;
   `metric_note`, how the metrics were computed (e.g. how a causal LM's validation text was cut into blocks), as given.
 - `deployment` (added by `hf_prune.export.deploy.write_deployment`): the deployed forms of the export (dense and pruned
   PyTorch fp32, pruned ONNX fp32 and int8), each with its file size, latency from `time_forms` (every form timed
@@ -34,9 +38,9 @@ from torch import nn
 from transformers.utils import logging
 
 from ..models import structure
-from ..models.auto import get_adapter
-from ..models.costs import count_flops, dummy_inputs, time_interleaved
-from ..models.surgery import PRUNED_HEADS_KEY
+from ..models.auto import get_adapter, is_causal_lm
+from ..models.costs import count_flops, dummy_inputs, prefill_inputs, time_decode, time_interleaved
+from ..models.surgery import KEPT_LAYERS_KEY, PRUNED_HEADS_KEY
 
 logger = logging.get_logger(__name__)
 
@@ -95,7 +99,7 @@ def _latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int,
     """Median forward time (ms) of both models, timed interleaved in this process (see [`time_forms`])."""
     timed = time_forms(
         {"dense": dense, "pruned": pruned}, dense, batch_sizes=(batch_size,), seq_len=seq_len, repeats=repeats,
-        warmup=warmup,
+        warmup=warmup, prefill=True,
     )  # fmt: skip
     d, p = timed["dense"][0], timed["pruned"][0]
     return {
@@ -116,6 +120,7 @@ def time_forms(
     seq_len: int = 128,
     repeats: int = 10,
     warmup: int = 2,
+    prefill: bool = False,
 ) -> dict[str, list[dict]]:
     """Median CPU latency of several forms of one model (e.g. PyTorch and ONNX Runtime, fp32 and int8), all timed
     interleaved in this process on the same inputs; speedups are against the first form.
@@ -127,6 +132,8 @@ def time_forms(
         seq_len: tokens per sequence.
         repeats: timed runs per form and batch size (the median is reported).
         warmup: untimed runs per form and batch size before timing.
+        prefill: time a causal LM's forward pass as generation's prefill (logits of the last token only, see
+            [`hf_prune.models.costs.prefill_inputs`]); the forms must then be PyTorch models.
 
     Returns:
         `{name: [{"batch_size", "ms", "speedup", "runs_ms"}, ...]}`, one entry per batch size.
@@ -138,7 +145,7 @@ def time_forms(
     names = list(forms)
     timed = {name: [] for name in names}
     for b in batch_sizes:
-        inputs = dummy_inputs(example_model, int(b), seq_len)
+        inputs = (prefill_inputs if prefill else dummy_inputs)(example_model, int(b), seq_len)
         runs = time_interleaved([forms[n] for n in names], inputs, repeats, warmup)
         reference = statistics.median(runs[0])
         for name, times in zip(names, runs):
@@ -147,6 +154,52 @@ def time_forms(
                 {"batch_size": int(b), "ms": ms, "speedup": reference / ms if ms > 0 else math.inf, "runs_ms": times}
             )
     return timed
+
+
+DECODE_TOKENS = 32  # generated tokens per decode timing
+
+
+def _decode(dense: nn.Module, pruned: nn.Module, prompt_len: int, repeats: int) -> dict:
+    """Decode tokens/s of both causal LMs at batch 1 with the KV cache, timed interleaved (see
+    [`hf_prune.models.costs.time_decode`])."""
+    dense_ms, pruned_ms = time_decode([dense, pruned], prompt_len, DECODE_TOKENS, repeats=repeats)
+    d, p = statistics.median(dense_ms), statistics.median(pruned_ms)
+    return {
+        "batch_size": 1,
+        "prompt_len": prompt_len,
+        "new_tokens": DECODE_TOKENS,
+        "dense_tokens_per_s": 1000.0 / d if d > 0 else math.inf,
+        "pruned_tokens_per_s": 1000.0 / p if p > 0 else math.inf,
+        "speedup": d / p if p > 0 else math.inf,
+        "dense_runs_ms": dense_ms,
+        "pruned_runs_ms": pruned_ms,
+    }
+
+
+def _layer_rows(dense: nn.Module, pruned: nn.Module) -> list[dict]:
+    """One row per layer of the dense model; a layer depth pruning removed keeps nothing (`"removed": True`)."""
+    heads_dense, heads_kept = structure.num_heads(dense), structure.num_heads(pruned)
+    ffn_dense, ffn_kept = structure.ffn_size(dense), structure.ffn_size(pruned)
+    removed = getattr(pruned.config, PRUNED_HEADS_KEY, None) or {}
+    kept_layers = getattr(pruned.config, KEPT_LAYERS_KEY, None) or list(range(len(heads_kept)))
+    position = {int(original): j for j, original in enumerate(kept_layers)}
+    rows = []
+    for i in range(len(heads_dense)):
+        j = position.get(i)
+        rows.append(
+            {
+                "layer": i,
+                "heads_dense": heads_dense[i],
+                "heads_kept": 0 if j is None else heads_kept[j],
+                "heads_removed": list(range(heads_dense[i]))
+                if j is None
+                else sorted(int(h) for h in removed.get(str(j), [])),
+                "ffn_dense": ffn_dense[i],
+                "ffn_kept": 0 if j is None else ffn_kept[j],
+                "removed": j is None,
+            }
+        )
+    return rows
 
 
 def _ratio(before: float, after: float) -> float | None:
@@ -251,13 +304,13 @@ def build_report(
         size_after, method_after = weights_bytes(pruned, pruned_path)
         flops_dense, flops_pruned = count_flops(dense, seq_len), count_flops(pruned, seq_len)
         latency = [_latency(dense, pruned, int(b), seq_len, repeats, warmup) for b in batch_sizes]
+        causal = is_causal_lm(dense) and is_causal_lm(pruned)
+        decode = _decode(dense, pruned, seq_len, max(3, repeats // 2)) if causal else None
     finally:
         dense.train(modes[0])
         pruned.train(modes[1])
 
-    heads_dense, heads_kept = structure.num_heads(dense), structure.num_heads(pruned)
-    ffn_dense, ffn_kept = structure.ffn_size(dense), structure.ffn_size(pruned)
-    removed = getattr(pruned.config, PRUNED_HEADS_KEY, None) or {}
+    layers = _layer_rows(dense, pruned)
     report = {
         "format_version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -266,19 +319,9 @@ def build_report(
         "dataset": dataset,
         "model_type": pruned.config.model_type,
         "architecture": type(pruned).__name__.removeprefix("Pruned"),
-        "layers": [
-            {
-                "layer": i,
-                "heads_dense": heads_dense[i],
-                "heads_kept": heads_kept[i],
-                "heads_removed": sorted(int(h) for h in removed.get(str(i), [])),
-                "ffn_dense": ffn_dense[i],
-                "ffn_kept": ffn_kept[i],
-            }
-            for i in range(len(heads_kept))
-        ],
-        "heads": {"dense": sum(heads_dense), "kept": sum(heads_kept)},
-        "ffn": {"dense": sum(ffn_dense), "kept": sum(ffn_kept)},
+        "layers": layers,
+        "heads": {"dense": sum(r["heads_dense"] for r in layers), "kept": sum(r["heads_kept"] for r in layers)},
+        "ffn": {"dense": sum(r["ffn_dense"] for r in layers), "kept": sum(r["ffn_kept"] for r in layers)},
         "parameters": {
             "encoder_before": enc_before,
             "encoder_after": enc_after,
@@ -310,8 +353,10 @@ def build_report(
             "statistic": "median",
             "order": "interleaved",
             "attn_implementation": getattr(pruned.config, "_attn_implementation", None),
+            "forward": "prefill (logits of the last token)" if causal else "full",
             "batches": latency,
         },
+        "decode": decode,
         "metrics": _check_metrics(metrics),
         "metric_name": metric_name,
         "all_metrics": _check_all_metrics(all_metrics),

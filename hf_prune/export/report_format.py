@@ -124,6 +124,16 @@ def format_report(report: Mapping) -> str:
                 format_float(b.get("speedup"), suffix="x"),
             )
         )
+    decode = report.get("decode")
+    if decode:
+        rows.append(
+            (
+                f"decode tokens/s (batch 1, after {decode.get('prompt_len')})",
+                format_float(decode.get("dense_tokens_per_s")),
+                format_float(decode.get("pruned_tokens_per_s")),
+                format_float(decode.get("speedup"), suffix="x (pruned/dense)"),
+            )
+        )
     for name, split, teacher, pruned in metric_rows(report):
         rows.append((f"{name} {split}", format_float(teacher, 4), format_float(pruned, 4), ""))
     lines += _table(rows)
@@ -138,6 +148,9 @@ def format_report(report: Mapping) -> str:
         lines += [""]
         layer_rows = [("layer", "heads kept", "FFN kept")]
         for layer in layers:
+            if layer.get("removed"):
+                layer_rows.append((str(layer["layer"]), "layer removed", ""))
+                continue
             heads = f"{layer['heads_kept']}/{layer['heads_dense']}"
             layer_rows.append((str(layer["layer"]), heads, f"{layer['ffn_kept']}/{layer['ffn_dense']}"))
         lines += _table(layer_rows)

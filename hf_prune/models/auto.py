@@ -16,6 +16,7 @@ __all__ = [
     "supported_model_types",
     "auto_class_name",
     "is_causal_lm_class",
+    "is_causal_lm",
 ]
 
 ADAPTER_MAPPING: dict[str, ArchitectureAdapter] = {}
@@ -75,6 +76,11 @@ def is_causal_lm_class(model_type: str | None, class_name: str) -> bool:
     """Whether `class_name` is the causal-LM class (`...ForCausalLM`) of `model_type`."""
     name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     return name is not None and class_name == name
+
+
+def is_causal_lm(model) -> bool:
+    """Whether `model` is its family's causal-LM class (what generates text)."""
+    return is_causal_lm_class(getattr(model.config, "model_type", None), type(model).__name__)
 
 
 def auto_class_name(model_type: str, class_name: str) -> str:

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import structure
 from .adapter import ATTENTION, MLP
-from .auto import get_adapter, is_causal_lm_class
+from .auto import get_adapter, is_causal_lm
 from .surgery import prune_ffn_neurons, prune_heads
 
 __all__ = [
@@ -54,10 +54,6 @@ def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0)
     return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    return is_causal_lm_class(getattr(model.config, "model_type", None), type(model).__name__)
-
-
 # What a forward pass is timed or counted as: "prefill" (one pass over a prompt; for a causal LM the logits of its
 # last token only, as `generate` computes them) or "decode" (one new token at batch 1, reading the KV cache).
 PHASES = ("prefill", "decode")
@@ -67,7 +63,7 @@ def prefill_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 
     """[`dummy_inputs`], plus `logits_to_keep=1` for a causal LM: the prefill of generation computes the
     vocabulary-sized logits of the last position only, so the output projection is not counted `seq_len` times."""
     inputs = dummy_inputs(model, batch_size, seq_len, seed)
-    if _is_causal_lm(model):
+    if is_causal_lm(model):
         inputs["logits_to_keep"] = 1
     return inputs
 
@@ -278,7 +274,7 @@ def measured_unit_costs(
     """
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r} is not known: use one of {', '.join(PHASES)}.")
-    if phase == "decode" and not _is_causal_lm(model):
+    if phase == "decode" and not is_causal_lm(model):
         raise ValueError(f"phase='decode' times generation, which needs a causal LM; {type(model).__name__} is not.")
     heads, neurons = structure.attention_units(model), structure.ffn_size(model)
     was_training = model.training

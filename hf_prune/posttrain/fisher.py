@@ -123,16 +123,19 @@ def rearrange_layer(keep: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     if removed == 0 or removed == keep.numel():
         return keep.clone()
     g = grads.double().t().contiguous()  # (units, examples)
-    order = torch.sort(g.pow(2).sum(dim=1), stable=True).indices.tolist()
-    chosen = order[:removed]
-    total = g[chosen].sum(dim=0)
-    for unit in order[removed:]:
-        candidates = chosen + [unit]
+    order = torch.sort(g.pow(2).sum(dim=1), stable=True).indices
+    chosen = order[:removed].clone()  # the removed set, as unit indices
+    rows = g[chosen]  # their gradients, row by row
+    total = rows.sum(dim=0)
+    row_norms = rows.pow(2).sum(dim=1)
+    for unit in order[removed:].tolist():
         with_unit = total + g[unit]
-        drop = int(torch.argmin((with_unit.unsqueeze(0) - g[candidates]).pow(2).sum(dim=1)))
-        if candidates[drop] != unit:
-            total = with_unit - g[candidates[drop]]
-            chosen = candidates[:drop] + candidates[drop + 1 :]
+        # ||with_unit - g_c||^2 for every c in the set, from one matrix-vector product (as `with_unit` minus each row)
+        left = with_unit.pow(2).sum() - 2.0 * (rows @ with_unit) + row_norms
+        drop = int(torch.argmin(left))
+        if left[drop] <= total.pow(2).sum():  # dropping `unit` itself leaves `total` (ties: swap, as argmin would)
+            total = with_unit - rows[drop]
+            chosen[drop], rows[drop], row_norms[drop] = unit, g[unit], g[unit].pow(2).sum()
     new_keep = torch.ones_like(keep)
-    new_keep[torch.tensor(chosen, dtype=torch.long)] = False
+    new_keep[chosen] = False
     return new_keep
