@@ -88,3 +88,27 @@ def test_magnitude_importance_is_the_norm_of_every_weight_a_unit_owns():
                    + mlp.down_proj.weight[:, n].square().sum()).sqrt()  # fmt: skip
     assert float(neurons[0][n]) == pytest.approx(float(by_hand), rel=1e-5)
     assert [h.shape[0] for h in heads] == [KV] * LAYERS and bool((heads[0] > 0).all())
+
+
+def test_report_of_a_depth_and_width_pruned_decoder():
+    import copy
+
+    from hf_prune import prune_ffn_neurons, prune_layers
+    from hf_prune.export.report import build_report
+    from hf_prune.export.report_format import format_report
+
+    dense = tiny_decoder("llama")
+    pruned = prune_layers(copy.deepcopy(dense), [1])
+    prune_ffn_neurons(pruned, {1: list(range(10))})  # the dense model's layer 2
+    report = build_report(dense, pruned, seq_len=8, batch_sizes=(1,), repeats=2, warmup=1)
+    layers = report["layers"]
+    assert [r["layer"] for r in layers] == list(range(LAYERS)) and [r["removed"] for r in layers].count(True) == 1
+    assert layers[1]["removed"] and layers[1]["heads_kept"] == 0 and layers[1]["ffn_kept"] == 0
+    assert layers[2]["ffn_kept"] == WIDTH - 10 and layers[0]["ffn_kept"] == WIDTH
+    assert report["ffn"] == {"dense": LAYERS * WIDTH, "kept": (LAYERS - 1) * WIDTH - 10}
+    assert report["latency"]["forward"] == "prefill (logits of the last token)"
+    decode = report["decode"]
+    assert decode["batch_size"] == 1 and decode["prompt_len"] == 8 and decode["pruned_tokens_per_s"] > 0
+    assert decode["speedup"] == pytest.approx(decode["pruned_tokens_per_s"] / decode["dense_tokens_per_s"])
+    text = format_report(report)
+    assert "layer removed" in text and "decode tokens/s" in text
