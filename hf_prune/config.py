@@ -183,6 +183,16 @@ class PruningArguments(TrainingArguments):
         },
     )
 
+    uniform_shapes: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the same number of attention units and of FFN neurons in every layer, so that a decoder's "
+            "export is its family's own config (plain from_pretrained, serving engines). With "
+            "'heads_and_ffn' the search chooses the best uniform shapes; 'ffn' needs ffn_sparsity_rule='uniform' "
+            "and 'attention' needs attention_granularity='head', both with sparsity_mode='per_layer' and one "
+            "sparsity for every layer."
+        },
+    )
     pruning_targets: list[dict] | str | None = field(
         default=None,
         metadata={
@@ -208,6 +218,21 @@ class PruningArguments(TrainingArguments):
             "all targets (NNI's total_sparsity), removing the same total number of weights."
         },
     )
+
+    def _check_uniform_shapes(self) -> None:
+        if not self.uniform_shapes or self.pruning_method is None:
+            return
+        why = None
+        if self.sparsity_mode != "per_layer" and self.pruning_target != "heads_and_ffn":
+            why = f"sparsity_mode={self.sparsity_mode!r} ranks all layers together: use 'per_layer'"
+        elif self.pruning_target == "ffn" and self.ffn_sparsity_rule != "uniform":
+            why = f"ffn_sparsity_rule={self.ffn_sparsity_rule!r} sets widths per layer: use 'uniform'"
+        elif self.pruning_target == "attention" and self.attention_granularity != "head":
+            why = "block masks empty heads layer by layer: use attention_granularity='head'"
+        elif self.pruning_target != "heads_and_ffn" and self.pruning_targets:
+            why = "pruning_targets entries give layers their own sparsities: remove them"
+        if why:
+            raise ValueError(f"uniform_shapes=True keeps every layer's shapes equal, but {why}.")
 
     def __post_init__(self):
         if multi_process_launch() and not self.use_cpu and not has_accelerator():
@@ -297,6 +322,7 @@ class PruningArguments(TrainingArguments):
         for name in ("pruning_frequency", "taylor_iterations", "taylor_interval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        self._check_uniform_shapes()
         if self.attention_granularity not in ATTENTION_GRANULARITIES:
             raise ValueError(
                 f"attention_granularity={self.attention_granularity!r} is not known. Use one of "

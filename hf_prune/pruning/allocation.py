@@ -95,6 +95,8 @@ def allocate_uniform_units(
     budget: float,
     allowed=None,
     slack: float = 0.0,
+    head_alive: list[torch.Tensor] | None = None,
+    neuron_alive: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Keep-masks with the same number of heads `h` and of neurons `n` in every layer, spending at most `budget`.
 
@@ -109,16 +111,27 @@ def allocate_uniform_units(
         budget: what the kept heads and neurons may spend together.
         allowed: a function `h -> bool` excluding head counts the family's config refuses (default: all).
         slack: how far under `budget` a solution may end.
+        head_alive / neuron_alive: per layer, units that may be kept (default all; gradual pruning passes the current
+            masks so that a removed unit stays removed): `h` and `n` are at most the fewest alive in a layer.
 
     Returns:
         `(head_keep, neuron_keep)`: per layer, bool keep-masks; a `ValueError` when no uniform shape fits.
     """
-    heads, neurons = min(s.numel() for s in head_scores), min(s.numel() for s in neuron_scores)
+
+    def alive_only(scores, alive):
+        if alive is None:
+            return scores, min(s.numel() for s in scores)
+        dead = torch.tensor(float("-inf"), dtype=torch.float64)
+        masked = [torch.where(a.cpu().bool(), s.detach().double().cpu(), dead) for s, a in zip(scores, alive)]
+        return masked, min(int(a.sum()) for a in alive)
+
+    head_scores, heads = alive_only(head_scores, head_alive)
+    neuron_scores, neurons = alive_only(neuron_scores, neuron_alive)
 
     def cumulative(scores, count):
         zero = torch.zeros(1, dtype=torch.float64)
-        ranked = [torch.sort(s.detach().double().cpu(), descending=True).values.cumsum(0) for s in scores]
-        return sum(torch.cat([zero, r])[: count + 1] for r in ranked)
+        ranked = [torch.sort(s.detach().double().cpu(), descending=True).values[:count].cumsum(0) for s in scores]
+        return sum(torch.cat([zero, r]) for r in ranked)
 
     head_cum, neuron_cum = cumulative(head_scores, heads), cumulative(neuron_scores, neurons)
     per_head, per_neuron = sum(costs.head), sum(costs.neuron)

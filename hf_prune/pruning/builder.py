@@ -40,7 +40,8 @@ def build_pruner(model: nn.Module, args) -> BlockMaskPruner | HeadMaskPruner | N
                 "pruning_target='heads_and_ffn' prunes every layer's heads and neurons under one FLOPs budget; "
                 "pruning_targets / pruning_exclude select modules for 'attention' or 'ffn' only. Remove them."
             )
-        return UnitMaskPruner(model, method, schedule, args.target_speedup, args.speedup_seq_len)
+        uniform = bool(getattr(args, "uniform_shapes", False))
+        return UnitMaskPruner(model, method, schedule, args.target_speedup, args.speedup_seq_len, uniform=uniform)
     if args.pruning_target == "ffn":
         rule = args.ffn_sparsity_rule
         sparsities = ffn_layer_sparsities(model, rule, args.target_sparsity)

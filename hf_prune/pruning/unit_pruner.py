@@ -11,12 +11,15 @@ unit, Sanh et al. 2020). At each schedule step the FLOPs budget shrinks along th
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from ..models.adapter import ATTENTION, MLP
+from ..models.auto import get_adapter
 from ..models.costs import unit_costs
-from .allocation import allocate_units
+from .allocation import allocate_uniform_units, allocate_units
 from .base import ScheduledPruner
 from .masks import Schedule
 from .units import layer_units, masked_channels, zero_channels
@@ -40,12 +43,24 @@ class UnitMaskPruner(ScheduledPruner):
         schedule: a cubic schedule: how far towards the target the budget has moved at each step.
         target_speedup: dense FLOPs / pruned FLOPs at the end.
         seq_len: sequence length of the FLOPs cost model.
+        uniform: keep the same number of attention units and of MLP neurons in every layer
+            ([`hf_prune.pruning.allocation.allocate_uniform_units`], head counts the family's config accepts).
     """
 
-    def __init__(self, model: nn.Module, method: str, schedule: Schedule, target_speedup: float, seq_len: int = 128):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str,
+        schedule: Schedule,
+        target_speedup: float,
+        seq_len: int = 128,
+        uniform: bool = False,
+    ):
         if method not in ("taylor", "movement"):
             raise ValueError(f"pruning_target='heads_and_ffn' scores units by 'taylor' or 'movement', not {method!r}.")
         self.method, self.schedule, self.target_speedup = method, schedule, float(target_speedup)
+        # the same shapes in every layer, of the head counts the family's config accepts
+        self.uniform = partial(get_adapter(model).accepts_uniform, model.config) if uniform else None
         self.layers = list(zip(layer_units(model, ATTENTION), layer_units(model, MLP)))
         self.costs = unit_costs(model, seq_len)
         self.costs_target = self.costs.total / self.target_speedup - self.costs.base
@@ -87,9 +102,15 @@ class UnitMaskPruner(ScheduledPruner):
         flops = total * (1.0 - fraction * (1.0 - 1.0 / self.target_speedup))
         budget = flops - self.costs.base
         slack = 0.01 * flops  # end within 1% under the budget: the speedup overshoots by at most about 1%
-        self.head_masks_, self.neuron_masks = allocate_units(
-            self.head_scores, self.neuron_scores, self.costs, budget, self.head_masks_, self.neuron_masks, slack
-        )
+        if self.uniform is not None:
+            self.head_masks_, self.neuron_masks = allocate_uniform_units(
+                self.head_scores, self.neuron_scores, self.costs, budget, self.uniform, slack,
+                self.head_masks_, self.neuron_masks,
+            )  # fmt: skip
+        else:
+            self.head_masks_, self.neuron_masks = allocate_units(
+                self.head_scores, self.neuron_scores, self.costs, budget, self.head_masks_, self.neuron_masks, slack
+            )
         device = self.head_scores[0].device if self.head_scores else "cpu"
         self.head_masks_ = [m.to(device) for m in self.head_masks_]
         self.neuron_masks = [m.to(device) for m in self.neuron_masks]
