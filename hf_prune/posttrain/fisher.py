@@ -3,7 +3,9 @@
 Mask variables multiply the output of every attention unit (its input columns of the attention output projection)
 and of every MLP neuron (its input of the output projection). Their gradients are taken per example (each example gets
 its own copy of the masks, so the gradient of the summed loss with respect to that copy is the example's own
-gradient) and the Fisher information of a unit is the sum of its squared per-example gradients. Within a layer, the
+gradient) and the Fisher information of a unit is the sum of its squared per-example gradients. With one label per
+token (token classification, a causal LM), an example's loss is the sum of its labelled tokens' losses over the mean
+number of labelled tokens per example, so every token weighs the same whatever batch it is in. Within a layer, the
 block of the empirical Fisher matrix then chooses which units to remove together (`rearrange_layer`).
 """
 
@@ -16,9 +18,12 @@ from torch import nn
 
 from ..models import structure
 from ..models.adapter import ATTENTION, MLP
+from ..models.auto import is_causal_lm
 from ..pruning.units import layer_units
 
 __all__ = ["unit_masks", "mask_gradients", "mask_fisher", "rearrange_layer"]
+
+IGNORE_INDEX = -100  # labels the loss does not score (padding, later sub-tokens of a word)
 
 
 def _mask_hook(mask: torch.Tensor, width: int):
@@ -64,18 +69,81 @@ def unit_masks(model: nn.Module, head_masks: list[torch.Tensor], neuron_masks: l
             handle.remove()
 
 
+def _labels_per_token(batch: dict) -> bool:
+    """Whether the batch's labels are one class id per token (token classification, causal LM), not per example."""
+    labels = batch.get("labels")
+    return (
+        labels is not None
+        and not labels.is_floating_point()
+        and labels.dim() == 2
+        and labels.shape == batch["input_ids"].shape
+    )
+
+
+def _scored_tokens(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The labels each position is scored against: a causal LM's are shifted (position `t` predicts token `t + 1`)."""
+    if is_causal_lm(model):
+        return nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return labels
+
+
+def _summed_loss(model: nn.Module, batch: dict, tokens_per_example: float | None) -> torch.Tensor:
+    """The sum over the batch's examples of each example's own loss.
+
+    With one label per example the model's loss is a batch mean, so times the batch size it is that sum. With one
+    label per token the model's loss is a mean over the batch's labelled tokens, whose count differs from batch to
+    batch, so it is recomputed from the logits: an example's loss is the sum of its tokens' cross-entropies divided by
+    `tokens_per_example` (the mean number of labelled tokens per example over every batch), the same constant for
+    every example. Every labelled token then weighs the same, as in the token mean the model trains on.
+    """
+    if tokens_per_example is None:
+        return model(**batch).loss * batch["input_ids"].shape[0]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    targets = _scored_tokens(model, batch["labels"]).to(logits.device)
+    summed = nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return summed / tokens_per_example
+
+
+def _tokens_per_example(model: nn.Module, batches: list[dict]) -> float | None:
+    """The mean number of labelled tokens per example over every batch, or None for one label per example."""
+    token_level = [_labels_per_token(b) for b in batches]
+    if not any(token_level):
+        return None
+    if not all(token_level):
+        raise ValueError(
+            "Some batches have one label per token and others one per example: give the batches of one task."
+        )
+    tokens = sum(int((_scored_tokens(model, b["labels"]) != IGNORE_INDEX).sum()) for b in batches)
+    examples = sum(b["input_ids"].shape[0] for b in batches)
+    if tokens == 0:
+        raise ValueError(
+            f"The {examples} examples have no labelled token (every label is {IGNORE_INDEX}), but the Fisher "
+            "information needs the loss: pass examples with their labels."
+        )
+    return tokens / examples
+
+
 def mask_gradients(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-example gradients of the loss with respect to every head's and every neuron's mask, at masks of one.
 
+    An example's loss is the model's loss on it alone for one label per example (sequence classification,
+    regression). For one label per token (token classification, a causal LM's next tokens; labels of
+    `ignore_index=-100` are not scored), it is the sum of its tokens' cross-entropies over the mean number of
+    labelled tokens per example: every token weighs the same whatever batch it is in, and the examples' losses sum to
+    the token-mean loss times the number of examples, as one label per example does.
+
     Args:
         model: a model with a loss (the batches carry `labels`), in eval mode for deterministic outputs.
-        batches: collated batches on the model's device.
+        batches: collated batches on the model's device (per-token labels padded with -100).
 
     Returns:
         `(head_grads, neuron_grads)`: per layer, a float tensor `(examples, heads)` / `(examples, neurons)`.
     """
     heads, neurons = structure.attention_units(model), structure.ffn_size(model)
     head_grads, neuron_grads = [[] for _ in heads], [[] for _ in neurons]
+    tokens_per_example = _tokens_per_example(model, batches)
     requires = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # only the masks' gradients are needed
     try:
@@ -85,11 +153,11 @@ def mask_gradients(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Te
             hm = [torch.ones(size, h, device=device, requires_grad=True) for h in heads]
             nm = [torch.ones(size, n, device=device, requires_grad=True) for n in neurons]
             with unit_masks(model, hm, nm):
-                loss = model(**batch).loss
-            # The loss is a batch mean: times the batch size it is the sum of per-example losses, whose gradient with
-            # respect to an example's own copy of the masks is that example's gradient.
+                loss = _summed_loss(model, batch, tokens_per_example)
+            # The gradient of the sum of per-example losses with respect to an example's own copy of the masks is
+            # that example's gradient.
             wanted = [m for m in hm + nm if m.shape[-1] > 0]
-            grads = iter(torch.autograd.grad(loss * size, wanted))
+            grads = iter(torch.autograd.grad(loss, wanted))
             for store, masks in ((head_grads, hm), (neuron_grads, nm)):
                 for i, m in enumerate(masks):
                     store[i].append(next(grads).detach().float().cpu() if m.shape[-1] > 0 else torch.zeros(size, 0))
