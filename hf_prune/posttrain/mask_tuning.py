@@ -13,7 +13,7 @@ from ..models.adapter import ATTENTION, MLP, ChannelSlice
 from ..models.auto import get_adapter
 from ..pruning.units import layer_units
 
-__all__ = ["least_squares_scales", "tune_masks"]
+__all__ = ["least_squares_scales", "held_out_batches", "tune_masks"]
 
 
 def least_squares_scales(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -23,6 +23,26 @@ def least_squares_scales(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     ridge = 1e-8 * gram.diagonal().abs().mean().clamp(min=1e-12)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.lstsq(gram + ridge * eye, rhs.unsqueeze(-1)).solution.squeeze(-1)
+
+
+def held_out_batches(count: int, seed: int = 0) -> list[int]:
+    """The batches whose error decides whether a layer's fitted scales are kept: a fifth of them (at least one),
+    drawn at random with `seed`, so the held-out share is not one end of batches sorted by length.
+
+    Args:
+        count: the number of batches.
+        seed: the seed of the draw.
+
+    Returns:
+        The indices of the held-out batches, in increasing order; the others are fitted.
+    """
+    if count < 2:
+        raise ValueError(
+            f"Least-squares mask tuning needs at least 2 batches (one to fit the scales on, one to check them on), "
+            f"got {count}: raise tune_samples or lower batch_size."
+        )
+    chosen = torch.randperm(count, generator=torch.Generator().manual_seed(int(seed)))[: max(1, count // 5)]
+    return sorted(chosen.tolist())
 
 
 def _quadratic(gram, rhs, rr, s) -> float:
@@ -109,16 +129,35 @@ def _call_layer(layer, x, extra):
 
 @torch.no_grad()
 def tune_masks(
-    student: nn.Module, dense: nn.Module, batches: list[dict], keep_heads, keep_neurons, first_token_last: bool
+    student: nn.Module,
+    dense: nn.Module,
+    batches: list[dict],
+    keep_heads,
+    keep_neurons,
+    first_token_last: bool,
+    seed: int = 0,
 ) -> list[dict]:
     """Least-squares scales of the kept heads and neurons, layer by layer, folded into the student's weights.
 
-    With `first_token_last`, the last layer is fitted on the first token alone: a sequence classifier reads nothing
-    else of it (Kwon et al. fit the last FFN of classifiers on the CLS token too).
+    The scales are fitted on four fifths of the batches and kept only where they lower the error on the others (see
+    [`held_out_batches`]).
+
+    Args:
+        student: the model whose removed units' output columns are zeroed; its scales are folded in place.
+        dense: the model whose layer outputs are matched.
+        batches: collated batches (at least 2) on the models' device.
+        keep_heads / keep_neurons: per layer, bool keep-masks of the attention units and MLP neurons.
+        first_token_last: fit the last layer on the first token alone: a sequence classifier reads nothing else of it
+            (Kwon et al. fit the last FFN of classifiers on the CLS token too).
+        seed: the seed of the held-out batches' draw.
+
+    Returns:
+        Per layer, `{"layer", "heads", "neurons"}`: whether the scales were kept and the held-out error before and
+        after them.
     """
     adapter = get_adapter(student)
-    n_check = max(1, len(batches) // 5)
-    held_out = [i >= len(batches) - n_check for i in range(len(batches))]
+    checked = set(held_out_batches(len(batches), seed))
+    held_out = [i in checked for i in range(len(batches))]
     xs, extras = _layer_inputs(dense, batches)
     xd = list(xs)
     all_tokens = [b["attention_mask"].bool() for b in batches]
