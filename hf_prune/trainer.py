@@ -12,7 +12,9 @@ from collections import defaultdict
 from dataclasses import fields
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate import __version__ as accelerate_version
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -20,7 +22,7 @@ from transformers.modeling_utils import unwrap_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from .config import PruningArguments, multi_process_launch, world_size
+from .config import PruningArguments, has_accelerator, multi_process_launch, world_size
 from .distill import causal_lm_distillation_loss, distillation_loss, freeze_teacher
 from .export.persistence import load_teacher
 from .models import structure
@@ -29,6 +31,11 @@ from .models.surgery import prune_ffn_neurons, prune_heads
 from .pruning.builder import build_pruner
 from .pruning.scores import gradients_usable
 from .utils import temporary_path, write_json_atomic
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch without FSDP2
+    FSDPModule = None
 
 logger = logging.get_logger(__name__)
 
@@ -76,6 +83,7 @@ class PruningMixin:
             _check_replicas_synchronised(self.accelerator.distributed_type)
         self.pruner = None
         if self.args.pruning_method is not None:
+            _refuse_sharded_pruning(self)
             # Built now so that a block shape that does not tile the weights, or an unknown model type, fails here.
             self.pruner = build_pruner(self.model, self.args)
             self.add_callback(_PruningCallback(self))
@@ -85,6 +93,19 @@ class PruningMixin:
         # token count, not for the mean losses of classification heads.
         if self._owns_loss:
             self.loss_is_scaled_for_ga = False
+
+    def create_accelerator_and_postprocess(self) -> None:
+        fsdp_version = _cpu_fsdp_version(self.args)
+        if fsdp_version == 1:
+            raise ValueError(
+                f"FSDP1 (fsdp_config version 1) is not supported on the CPU: accelerate {accelerate_version} builds "
+                "its FSDP1 plugin only with a GPU (or other accelerator) device to synchronise the module states on. "
+                f"Use FSDP2 (fsdp_config={{'version': 2}}, the transformers default), which torch {torch.__version__} "
+                "runs on the CPU with gloo, or DDP (torchrun without fsdp)."
+            )
+        super().create_accelerator_and_postprocess()
+        if fsdp_version == 2 and self.accelerator.distributed_type == DistributedType.MULTI_CPU:
+            _enable_fsdp_on_cpu(self)
 
     @property
     def _distilling(self) -> bool:
@@ -135,7 +156,8 @@ class PruningMixin:
 
     def _causal_lm_distillation(self, model, inputs, return_outputs: bool):
         """Token-level distillation of a causal LM ([`distill.causal_lm_distillation_loss`]): both models run with
-        one position of logits, and the loss computes the rest chunk by chunk from their final hidden states."""
+        one position of logits, and the loss computes the rest chunk by chunk from their final hidden states (under
+        FSDP or DeepSpeed, the student's logits come whole from its forward)."""
         args = self.args
         if args.distill_hidden_weight > 0:
             raise ValueError(
@@ -146,14 +168,22 @@ class PruningMixin:
         if labels is None:
             raise ValueError("Causal-LM distillation needs `labels` (the input ids, -100 where nothing is predicted).")
         forward = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
-        # through the (possibly DDP-wrapped) model, so gradients synchronise; one position of logits is all it makes
-        outputs = model(**forward, output_hidden_states=True, logits_to_keep=1)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            # Sharded weights exist whole only inside the wrapped model's forward: the student's output head, called
+            # by the loss outside it, would read freed or partial weights. The student's logits come whole from its
+            # forward instead (batch x length x vocabulary; the teacher's stay chunked).
+            outputs = model(**forward)
+            student_states, student_head = outputs.logits, nn.Identity()
+        else:
+            # through the (possibly DDP-wrapped) model, so gradients synchronise; it makes one position of logits
+            outputs = model(**forward, output_hidden_states=True, logits_to_keep=1)
+            student_states, student_head = outputs.hidden_states[-1], unwrap_model(model).get_output_embeddings()
         with torch.no_grad():
             teacher_outputs = self.teacher(**forward, output_hidden_states=True, logits_to_keep=1)
         parts = causal_lm_distillation_loss(
-            outputs.hidden_states[-1],
+            student_states,
             teacher_outputs.hidden_states[-1],
-            unwrap_model(model).get_output_embeddings(),
+            student_head,
             self.teacher.get_output_embeddings(),
             labels,
             alpha=args.distill_alpha,
@@ -175,6 +205,15 @@ class PruningMixin:
             logs.update({n: round(v.item(), 6) for n, v in zip(names, reduced)})
             self._loss_components.clear()
         super().log(logs, start_time)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's whole weights on every process. Under FSDP they are gathered from the shards, a collective
+        that every process must call; otherwise they are the model's own state dict."""
+        if self.is_fsdp_enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        return unwrap_model(self.model).state_dict()
 
     # ------------------------------------------------------------------ pruning
     def _require_pruner(self, what: str):
@@ -282,15 +321,8 @@ class PruningMixin:
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        if self.pruner is not None and any(
-            getattr(self, flag, False) for flag in ("is_fsdp_enabled", "is_deepspeed_enabled")
-        ):
-            # Sharded parameters have no full `.grad` on any process: the scores would stay empty.
-            raise ValueError(
-                "Pruning under FSDP or DeepSpeed is not supported: they shard the gradients the pruning scores read. "
-                "Train on one process or with DDP (torchrun / accelerate launch --multi_gpu), which is what "
-                "`scripts/prune_mnli.py` and `hf-prune run` do; distillation without pruning may use either."
-            )
+        if self.pruner is not None:
+            _refuse_sharded_pruning(self)
         if resume_from_checkpoint is not None and resume_from_checkpoint is not False and self.pruner is not None:
             if isinstance(resume_from_checkpoint, bool):
                 last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
@@ -317,6 +349,50 @@ class PruningTrainer(PruningMixin, Trainer):
             `TrainingArguments` is upgraded with the default (no pruning, no distillation) fields.
         teacher_model: the frozen teacher, as a model, a local folder or a Hub id.
     """
+
+
+def _refuse_sharded_pruning(trainer) -> None:
+    """Refuses pruning under FSDP or DeepSpeed: sharded parameters have no full `.grad` on any process, so the
+    pruning scores would stay empty."""
+    if any(getattr(trainer, flag, False) for flag in ("is_fsdp_enabled", "is_deepspeed_enabled")):
+        raise ValueError(
+            "Pruning under FSDP or DeepSpeed is not supported: they shard the gradients the pruning scores read. "
+            "Train on one process or with DDP (torchrun / accelerate launch --multi_gpu), which is what "
+            "`scripts/prune_mnli.py` and `hf-prune run` do; distillation without pruning may use either."
+        )
+
+
+def _cpu_fsdp_version(args) -> int | None:
+    """The FSDP version asked for when the run trains on the CPU (use_cpu, or no accelerator), else None."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if plugin_args is None or not (args.use_cpu or not has_accelerator()):
+        return None
+    return int(plugin_args.get("fsdp_version", 2))
+
+
+def _enable_fsdp_on_cpu(trainer) -> None:
+    """Turns on the FSDP2 that the arguments ask for in a multi-process CPU (gloo) run.
+
+    accelerate enables an FSDP plugin only for accelerator devices and silently runs a CPU launch under DDP instead;
+    torch's FSDP2 (`fully_shard`) shards and all-gathers over gloo all the same. This sets the accelerator state as
+    accelerate does on a GPU (its own state and the process state it is copied from), so that `prepare` shards the
+    student and saving gathers the full weights. The teacher is never prepared: each process keeps a full frozen copy.
+    """
+    args, state = trainer.args, trainer.accelerator.state
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    # the checks the Trainer makes when accelerate enables FSDP itself
+    if plugin.activation_checkpointing and args.activation_checkpointing:
+        raise ValueError(
+            "`fsdp_config['activation_checkpointing']` (FSDP's own activation checkpointing) and the "
+            "`activation_checkpointing` training argument can't both be set to True."
+        )
+    if args.save_only_model and (args.load_best_model_at_end or "SHARDED" in str(plugin.state_dict_type)):
+        raise ValueError("save_only_model cannot be used under FSDP with load_best_model_at_end or a sharded state.")
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+    logger.info("FSDP2 on the CPU (gloo) over %d processes: the student is sharded.", args.world_size)
 
 
 def _check_replicas_synchronised(distributed_type) -> None:
@@ -415,4 +491,12 @@ def _is_causal_lm(model) -> bool:
     """Whether `model` is a causal LM with an output head (`...ForCausalLM`)."""
     model = unwrap_model(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return is_causal_lm_class(model_type, type(model).__name__.removeprefix("Pruned"))
+    return is_causal_lm_class(model_type, _model_class(model).__name__.removeprefix("Pruned"))
+
+
+def _model_class(model) -> type:
+    """The class of `model`, before FSDP2 (`fully_shard`) swapped it for a generated `FSDP<name>` subclass."""
+    cls = type(model)
+    if FSDPModule is not None and issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls
