@@ -177,8 +177,14 @@ def stage_finetune(ctx: StageContext) -> dict:
 
 
 def stage_distill(ctx: StageContext) -> dict:
-    """Retraining of the current (pruned) model with distillation from the teacher."""
-    return stage_finetune(ctx)
+    """Retraining of the current (pruned) model with distillation from the teacher (under FSDP too, see README)."""
+    trainer, metrics = _train(ctx)
+    model = trainer.model
+    if trainer.is_fsdp_enabled:  # sharded weights: every process gathers them into a whole copy of the model
+        state = trainer.full_state_dict()
+        model = ctx.load_current_model()
+        model.load_state_dict(state)
+    return {"model_dir": ctx.save_model(model), "metrics": metrics, "summary": {}, "_model": model}
 
 
 def stage_movement(ctx: StageContext) -> dict:
