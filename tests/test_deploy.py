@@ -13,6 +13,7 @@ from utils import batch, tiny_model
 from hf_prune import export_onnx, load_pruned, prune_ffn_neurons, prune_heads, quantize_onnx, save_pruned
 from hf_prune.cli import main
 from hf_prune.export import onnx as onnx_export
+from hf_prune.export import quantize
 from hf_prune.export.deploy import deployment_rows
 from hf_prune.export.onnx import OnnxRuntimeModel, quantized_ops, read_export_info
 from hf_prune.export.report_format import format_report
@@ -157,14 +158,14 @@ def test_a_failure_midway_leaves_no_onnx_folder_and_keeps_an_old_one(tmp_path, m
     def broken(*args, **kwargs):
         raise RuntimeError("quantizer died")
 
-    monkeypatch.setattr(onnx_export, "_quantize_file", broken)
+    monkeypatch.setattr(quantize, "quantize_file", broken)
     with pytest.raises(RuntimeError, match="quantizer died"):
         export_onnx(folder, int8=True)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "modeling_hf_prune.py"]
     monkeypatch.undo()
     export_onnx(folder)
     before = file_bytes(folder)
-    monkeypatch.setattr(onnx_export, "_quantize_file", broken)
+    monkeypatch.setattr(quantize, "quantize_file", broken)
     with pytest.raises(RuntimeError, match="quantizer died"):
         export_onnx(folder, int8=True, overwrite=True)  # a whole new folder, swapped in only when complete
     with pytest.raises(RuntimeError, match="quantizer died"):

@@ -1,20 +1,22 @@
-"""ONNX files of an export: the export of a (pruned) model with dynamic batch and sequence axes, its dynamic int8
-quantization with ONNX Runtime, and `OnnxRuntimeModel`, which runs such a file like a transformers model.
+"""ONNX files of an export: the export of a (pruned) model with dynamic batch and sequence axes, and its int8 form.
 
 `export_onnx(folder)` writes `folder/onnx/model.onnx` (and `model_int8.onnx` with `int8=True`) with
-`folder/onnx/export_info.json` (exporter, opset, inputs, versions, and the check of ONNX Runtime against PyTorch),
-atomically. `hf_prune.export.deploy` measures the forms; this module writes and runs the files.
+`folder/onnx/export_info.json` (exporter, opset, inputs, versions, the digest of the weights it was exported from,
+and the check of ONNX Runtime against PyTorch), atomically. `hf_prune.export.quantize` quantizes, `hf_prune.export
+.runtime` runs the files (`OnnxRuntimeModel`) and `hf_prune.export.deploy` measures them.
 
 Choices, measured on all-MiniLM-L6-v2 pruned to 2x with torch 2.13, transformers 5 and onnxruntime 1.32 on CPU:
 
 - Exporter: the TorchScript tracer (`torch.onnx.export(..., dynamo=False)`). With dynamic batch and sequence axes
   it gives the same logits as the dynamo exporter, which needs `onnxscript` besides and exports about ten times
   slower. Export runs with eager attention: its graph runs a little faster in ONNX Runtime than the SDPA one.
-- int8: dynamic quantization by ONNX Runtime (`quantize_dynamic`: int8 weights with one scale per output channel,
-  which kept accuracy closer to fp32 than one scale per tensor at the same speed; uint8 activations quantized per
-  batch). The default `weight_type="qint8"` runs faster than `"quint8"` where the CPU has VNNI. torchao's
-  `quantize_` (int8 dynamic activations and weights) ran slower than ONNX Runtime int8 at batch 1 and 32, and
-  `torch.ao.quantization.quantize_dynamic` is deprecated, so there is no PyTorch int8 form.
+- int8: dynamic quantization by ONNX Runtime (see `hf_prune.export.quantize`). The default `weight_type="qint8"`
+  runs faster than `"quint8"` where the CPU has VNNI. torchao's `quantize_` (int8 dynamic activations and weights)
+  ran slower than ONNX Runtime int8 at batch 1 and 32, and `torch.ao.quantization.quantize_dynamic` is deprecated,
+  so there is no PyTorch int8 form.
+- Staleness: `export_info.json` records a SHA-256 digest of the export's `config.json` and weights. int8 is added
+  to an existing `onnx/` folder only when `model.onnx` was exported from the weights the folder holds now, and the
+  deployed forms are measured only then.
 
 onnx and onnxruntime come with the `[onnx]` extra: this module imports without them, and what needs them raises an
 ImportError naming `pip install "hf-prune[onnx]"`.
@@ -22,11 +24,9 @@ ImportError naming `pip install "hf-prune[onnx]"`.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging as pylogging
 import os
-import platform
-import re
 import shutil
 import warnings
 from datetime import datetime, timezone
@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 from transformers.utils import logging
 
 from ..models.auto import get_adapter
 from ..models.costs import dummy_inputs
-from ..utils import recover_interrupted, swap_into_place, temporary_folder, temporary_path, write_json_atomic
+from ..utils import recover_interrupted, swap_into_place, temporary_folder, write_json_atomic
+from . import quantize as quantization
 from .files import (
     CONFIG_NAME,
     ONNX_DIR,
@@ -51,53 +51,28 @@ from .files import (
     WEIGHTS_NAME,
 )
 from .persistence import load_pruned
+from .quantize import quantize_onnx, quantized_ops  # noqa: F401  (their 0.2 home; the public API imports them here)
+from .runtime import INSTALL_HINT, OnnxRuntimeModel, cpu_has_vnni, require_onnx  # noqa: F401  (as above)
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "export_onnx",
-    "quantize_onnx",
-    "quantized_ops",
-    "OnnxRuntimeModel",
     "read_export_info",
     "check_export",
-    "require_onnx",
+    "export_digest",
+    "check_onnx_source",
     "DEFAULT_OPSET",
     "MIN_OPSET",
     "MAX_OPSET",
-    "INSTALL_HINT",
-    "cpu_has_vnni",
 ]
 
-INSTALL_HINT = 'pip install "hf-prune[onnx]"'
 DEFAULT_OPSET = 17  # the first opset with a LayerNormalization op
 MIN_OPSET = 11  # dynamic Slice (the sequence axis) and CumSum (roberta's position ids) need opset 11
 MAX_OPSET = 20  # the newest opset the TorchScript exporter writes
 EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
 INFO_VERSION = 1
-WEIGHT_TYPES = ("qint8", "quint8")
-# Operators that only a quantized model holds (dynamic, static QDQ and QOperator formats alike).
-QUANTIZED_OPS = frozenset(
-    {
-        "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "QLinearMatMul",
-        "QLinearConv", "ConvInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-        "QEmbedLayerNormalization", "DynamicQuantizeLSTM", "MatMulNBits",
-    }
-)  # fmt: skip
 CHECK_TOLERANCE = 1e-3  # export-time check of ONNX Runtime against PyTorch (float reordering stays far below it)
-
-
-def require_onnx():
-    """`(onnx, onnxruntime)`, or an ImportError that names the extra to install."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as err:
-        raise ImportError(
-            f"ONNX export and int8 quantization need the onnx and onnxruntime packages ({err}). Install them with: "
-            f"{INSTALL_HINT}"
-        ) from err
-    return onnx, onnxruntime
 
 
 def check_export(path: str | os.PathLike) -> Path:
@@ -126,47 +101,55 @@ def read_export_info(onnx_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-# ----------------------------------------------------------------------------------------------------- running
-class OnnxRuntimeModel:
-    """An ONNX file run by ONNX Runtime on the CPU, called like a transformers model: `model(**batch).logits`.
+# ----------------------------------------------------------------------------------------------------- staleness
+def _source_files(folder: Path) -> list[str]:
+    """The files whose content the ONNX graph is made of: the config and every weights file (shards included)."""
+    index = folder / WEIGHTS_INDEX_NAME
+    if not (folder / WEIGHTS_NAME).is_file() and index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [CONFIG_NAME, WEIGHTS_INDEX_NAME, *shards]
+    return [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def export_digest(export_dir: str | os.PathLike) -> dict:
+    """`{"files": [...], "sha256": ...}`: a SHA-256 digest of an export's `config.json` and weights files (names and
+    contents), as `export_info.json` records it for the weights `model.onnx` was exported from."""
+    folder = check_export(export_dir)
+    files = _source_files(folder)
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return {"files": files, "sha256": digest.hexdigest()}
+
+
+def check_onnx_source(export_dir: str | os.PathLike, info: dict | None = None) -> bool:
+    """Raises when the `onnx/` folder of an export was exported from other weights than the folder holds now.
 
     Args:
-        path: the `.onnx` file.
-        num_threads: intra-op threads (default: `torch.get_num_threads()`, so both runtimes get the same cores).
-        spin: let idle ONNX Runtime threads spin (its default). Off here: spinning threads keep their cores busy
-            while PyTorch runs next in the same process, which would slow the forms timed after them.
+        export_dir: the export folder.
+        info: its `onnx/export_info.json` (read when not given).
+
+    Returns:
+        True when the recorded digest matches; False when the folder records none (written before digests were
+        recorded), so it cannot be checked.
     """
-
-    def __init__(self, path: str | os.PathLike, num_threads: int | None = None, spin: bool = False):
-        _, ort = require_onnx()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(num_threads or torch.get_num_threads())
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_name = self.session.get_outputs()[0].name
-
-    def eval(self) -> OnnxRuntimeModel:
-        return self
-
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **unused):
-        """Runs one batch (torch tensors, numpy arrays or lists); other keyword inputs (e.g. `labels`) are ignored."""
-        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        given = {k: torch.as_tensor(v).detach().to("cpu", torch.int64) for k, v in given.items() if v is not None}
-        types = given.get("token_type_ids")
-        if "token_type_ids" not in self.input_names and types is not None and bool(types.any()):
-            raise ValueError(f"{self.path} takes no token_type_ids, but non-zero ones were given.")
-        defaults = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}
-        feeds = {}
-        for name in self.input_names:
-            value = given[name] if name in given else defaults[name](given["input_ids"])
-            feeds[name] = value.numpy()
-        out = torch.from_numpy(self.session.run([self.output_name], feeds)[0])
-        if self.output_name == "logits":
-            return SequenceClassifierOutput(logits=out)
-        return BaseModelOutput(last_hidden_state=out)
+    folder = check_export(export_dir)
+    info = read_export_info(folder / ONNX_DIR) if info is None else info
+    recorded = (info.get("source") or {}).get("sha256")
+    if recorded is None:
+        return False
+    if export_digest(folder)["sha256"] != recorded:
+        raise ValueError(
+            f"{folder / ONNX_DIR / ONNX_NAME} was exported from other weights than {folder} holds now (its "
+            f"{ONNX_INFO_NAME} records another digest of {', '.join(info['source'].get('files', []))}). Export it "
+            f"again from the current weights: hf_prune.export_onnx({str(folder)!r}, int8=..., overwrite=True), or "
+            "`hf-prune onnx DIR [--int8] --overwrite`."
+        )
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -175,12 +158,16 @@ def _input_names(config) -> list[str]:
 
 
 def _inputs(model, names: list[str], batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random tokens with padding at the end of the first row, so that the traced graph keeps the mask path."""
+    """Random tokens with padding at the end of the first row, so that the traced graph keeps the mask path; pairs
+    of segments (`token_type_ids` 0, then 1) where the model takes token types, so that both segments' embeddings
+    are traced and checked."""
     max_len = getattr(model.config, "max_position_embeddings", seq_len + 2) - 2  # roberta offsets its positions
     inputs = dummy_inputs(model, batch_size, min(seq_len, max_len), seed)
     inputs["attention_mask"][0, -2:] = 0
     if "token_type_ids" in names:
-        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        types = torch.zeros_like(inputs["input_ids"])
+        types[:, types.shape[1] // 2 :] = 1  # the second segment of every row
+        inputs["token_type_ids"] = types
     return {name: inputs[name] for name in names}
 
 
@@ -210,11 +197,15 @@ def _check_against_torch(model, path: Path, names: list[str]) -> dict:
             f"{inputs['input_ids'].shape[1]} tokens; nothing was written. Try another --opset, or report the model "
             "type and versions."
         )
-    return {"batch_size": 3, "seq_len": int(inputs["input_ids"].shape[1]), "max_abs_diff": diff}
+    checked = {"batch_size": 3, "seq_len": int(inputs["input_ids"].shape[1]), "max_abs_diff": diff}
+    if "token_type_ids" in inputs:
+        checked["token_type_ids"] = sorted(int(t) for t in inputs["token_type_ids"].unique())
+    return checked
 
 
 def _export_fp32(folder: Path, path: Path, opset: int, check: bool) -> dict:
     require_onnx()
+    source = export_digest(folder)  # before loading: the digest describes the weights the graph is made of
     model = load_pruned(folder, attn_implementation="eager").eval()
     names = _input_names(model.config)
     sample = _inputs(model, names, 2, 8, seed=0)
@@ -245,6 +236,7 @@ def _export_fp32(folder: Path, path: Path, opset: int, check: bool) -> dict:
         "outputs": [output],
         "dynamic_axes": axes,
         "files": {"fp32": ONNX_NAME},
+        "source": source,
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -257,124 +249,50 @@ def _export_fp32(folder: Path, path: Path, opset: int, check: bool) -> dict:
     return info
 
 
-def quantized_ops(path: str | os.PathLike) -> list[str]:
-    """The quantized operators an ONNX file holds (empty for a float model)."""
-    onnx, _ = require_onnx()
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a second name of `source` (no copy of a large model), or a copy where links are not possible."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # protobuf raises its own DecodeError types
-        raise ValueError(f"{path} is not a readable ONNX file ({err}).") from err
-    return sorted({node.op_type for node in model.graph.node if node.op_type in QUANTIZED_OPS})
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
-class _DropRecords(pylogging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
-def _empty_weight_nodes(path: Path) -> list[str]:
-    """Nodes reading an empty weight: the projections of a layer that kept no head or no FFN neuron.
-
-    Dynamic quantization of an empty activation (the input of such a layer's output projection) gives a scale that
-    corrupts everything after it, and per-channel quantization of an empty weight fails; these nodes do no work, so
-    they stay in fp32.
-    """
-    onnx, _ = require_onnx()
-    graph = onnx.load(str(path), load_external_data=False).graph
-    empty = {t.name for t in graph.initializer if 0 in t.dims}
-    return [node.name for node in graph.node if empty.intersection(node.input)]
+def _int8_done(target: Path, info: dict) -> bool:
+    """Whether `onnx/` holds a complete int8 model: the file, and the info that records it. A file the info does not
+    record is what an older, interrupted addition of int8 left; it is quantized again."""
+    q8 = target / ONNX_INT8_NAME
+    recorded = (info.get("files") or {}).get("int8") == ONNX_INT8_NAME and "int8" in info
+    if q8.exists() and not recorded:
+        logger.warning("%s is not recorded in %s (an interrupted quantization): quantizing again.", q8, ONNX_INFO_NAME)
+    return q8.exists() and recorded
 
 
-def _quantize_file(source: Path, output: Path, weight_type: str) -> dict:
-    require_onnx()
-    reduce_range = not cpu_has_vnni()
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    if weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"weight_type={weight_type!r} must be one of {', '.join(WEIGHT_TYPES)}.")
-    found = quantized_ops(source)
-    if found:
+def _add_int8(folder: Path, target: Path, weight_type: str) -> None:
+    """Adds `model_int8.onnx` to an existing `onnx/` folder, as a new folder swapped in whole: its other files are
+    linked into a temporary folder, the int8 model and the updated info are written there, then the folders are
+    exchanged. A process killed at any point leaves the old folder or the new one (and a temporary folder that the
+    next call removes)."""
+    info = read_export_info(target)
+    if not check_onnx_source(folder, info):
         raise ValueError(
-            f"{source} is already quantized (it holds {', '.join(found)}); quantizing it again would lose accuracy "
-            f"for nothing. Quantize the fp32 model ({ONNX_NAME}) instead."
+            f"{target / ONNX_NAME} records no digest of the weights it was exported from (written by an older "
+            f"hf_prune, or not by export_onnx), so it may not match {folder} now. Export it again: "
+            f"hf_prune.export_onnx({str(folder)!r}, int8=True, overwrite=True), or `hf-prune onnx DIR --int8 "
+            "--overwrite`."
         )
-    # on failure the quantizer leaves its shape-inferred copy beside the source
-    inferred = source.with_name(f"{source.stem}-inferred{source.suffix}")
-    existed = inferred.exists()
-    # The quantizer advises its pre-processing on every call; that pre-processing (symbolic shape inference) fails on
-    # the graphs of transformers encoders, so the advice is dropped rather than repeated to the user. It logs through
-    # the root logger, whose first use would also install a handler for the whole process: a NullHandler prevents it.
-    root, advice = pylogging.getLogger(), _DropRecords("Please consider to run pre-processing")
-    guard = None if root.handlers else pylogging.NullHandler()
-    root.addFilter(advice)
-    if guard is not None:
-        root.addHandler(guard)
+    tmp = temporary_folder(target)
     try:
-        qtype = QuantType.QInt8 if weight_type == "qint8" else QuantType.QUInt8
-        # one scale per output channel: closer to fp32 accuracy than one per tensor, at the same speed (measured)
-        quantize_dynamic(
-            str(source),
-            str(output),
-            weight_type=qtype,
-            per_channel=True,
-            reduce_range=reduce_range,
-            nodes_to_exclude=_empty_weight_nodes(source),
-        )
-    finally:
-        root.removeFilter(advice)
-        if guard is not None:
-            root.removeHandler(guard)
-        if not existed:
-            inferred.unlink(missing_ok=True)
-    return _quantize_info(weight_type, reduce_range)
-
-
-def quantize_onnx(
-    model_path: str | os.PathLike,
-    output_path: str | os.PathLike | None = None,
-    *,
-    weight_type: str = "qint8",
-    overwrite: bool = False,
-) -> Path:
-    """Dynamic int8 quantization of an fp32 ONNX file with ONNX Runtime, written atomically.
-
-    Args:
-        model_path: the fp32 `.onnx` file (e.g. `export/onnx/model.onnx`).
-        output_path: where to write (default: `<name>_int8.onnx` beside `model_path`, e.g. `model_int8.onnx`).
-        weight_type: `"qint8"` (default; fastest where the CPU has VNNI) or `"quint8"`.
-        overwrite: replace an existing output file.
-
-    Returns:
-        The quantized file.
-    """
-    require_onnx()
-    source = Path(model_path)
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} is not a file. Pass an ONNX file, e.g. the {ONNX_NAME} of export_onnx.")
-    found = quantized_ops(source)
-    if found:
-        raise ValueError(
-            f"{source} is already quantized (it holds {', '.join(found)}); quantizing it again would lose accuracy "
-            f"for nothing. Quantize the fp32 model ({ONNX_NAME}) instead."
-        )
-    output = Path(output_path) if output_path is not None else source.with_name(f"{source.stem}_int8{source.suffix}")
-    if output.absolute() == source.absolute():
-        raise ValueError(f"output_path is the model itself ({source}); write the int8 model to another file.")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists. Pass overwrite=True (--overwrite) to quantize again.")
-    recover_interrupted(output)  # a quantization killed midway leaves its temporary file: removed here
-    tmp = temporary_path(output, output.suffix)  # the suffix kept last: the ONNX writer reads the format from it
-    try:
-        _quantize_file(source, tmp, weight_type)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
-    logger.info("Quantized %s to int8: %s.", source, output)
-    return output
+        for path in sorted(target.iterdir()):
+            if path.is_file() and path.name not in (ONNX_INT8_NAME, ONNX_INFO_NAME) and not path.name.startswith("."):
+                _link_or_copy(path, tmp / path.name)
+        info["int8"] = quantization.quantize_file(tmp / ONNX_NAME, tmp / ONNX_INT8_NAME, weight_type)
+        info.setdefault("files", {})["int8"] = ONNX_INT8_NAME
+        write_json_atomic(tmp / ONNX_INFO_NAME, info)
+        swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Quantized %s to int8: %s.", target / ONNX_NAME, target / ONNX_INT8_NAME)
 
 
 def export_onnx(
@@ -391,12 +309,14 @@ def export_onnx(
     The per-layer head counts and FFN widths (also zero) are rebuilt by `load_pruned`; the graph takes `input_ids`,
     `attention_mask` (and `token_type_ids` for bert and electra) with dynamic batch and sequence axes, and returns
     `logits` (or `last_hidden_state` for a base model). The logits of ONNX Runtime are checked against PyTorch on a
-    batch of another shape before anything is written.
+    batch of another shape, with both token types where the model takes them, before anything is written.
 
     Args:
         export_dir: a folder written by `save_pruned` (`config.json` and `model.safetensors`).
-        int8: also write `model_int8.onnx` (see [`quantize_onnx`]). When `onnx/` holds `model.onnx` only, that file
-            is quantized and nothing else changes.
+        int8: also write `model_int8.onnx` (see [`hf_prune.export.quantize.quantize_onnx`]). When `onnx/` holds
+            `model.onnx` only, that file is quantized and nothing else changes; it must have been exported from the
+            weights the folder holds now (`export_info.json` records their digest), else this raises, naming
+            `overwrite=True`.
         opset: ONNX opset, from `MIN_OPSET` to `MAX_OPSET`.
         overwrite: replace an existing non-empty `onnx/` folder (the old one is removed only once the new one is
             complete).
@@ -412,21 +332,18 @@ def export_onnx(
     recover_interrupted(target)
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset={opset!r} must be an integer from {MIN_OPSET} to {MAX_OPSET}.")
+    if weight_type not in quantization.WEIGHT_TYPES:
+        raise ValueError(f"weight_type={weight_type!r} must be one of {', '.join(quantization.WEIGHT_TYPES)}.")
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} is a file; move it away to export to ONNX there.")
-    fp32, q8 = target / ONNX_NAME, target / ONNX_INT8_NAME
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        if int8 and q8.exists():
+        if int8 and _int8_done(target, read_export_info(target)):
             raise FileExistsError(
-                f"{q8} already exists, so {folder} is quantized already. Pass overwrite=True (--overwrite) to export "
-                "and quantize it again."
+                f"{target / ONNX_INT8_NAME} already exists, so {folder} is quantized already. Pass overwrite=True "
+                "(--overwrite) to export and quantize it again."
             )
-        if int8 and fp32.is_file():
-            quantize_onnx(fp32, q8, weight_type=weight_type)
-            info = read_export_info(target)
-            info.setdefault("files", {})["int8"] = ONNX_INT8_NAME
-            info["int8"] = _quantize_info(weight_type, not cpu_has_vnni())
-            write_json_atomic(target / ONNX_INFO_NAME, info)
+        if int8 and (target / ONNX_NAME).is_file():
+            _add_int8(folder, target, weight_type)
             return target
         raise FileExistsError(
             f"{target} already exists and is not empty. Pass overwrite=True (--overwrite) to replace it (the old "
@@ -436,7 +353,7 @@ def export_onnx(
     try:
         info = _export_fp32(folder, tmp / ONNX_NAME, opset, check)
         if int8:
-            info["int8"] = _quantize_file(tmp / ONNX_NAME, tmp / ONNX_INT8_NAME, weight_type)
+            info["int8"] = quantization.quantize_file(tmp / ONNX_NAME, tmp / ONNX_INT8_NAME, weight_type)
             info["files"]["int8"] = ONNX_INT8_NAME
         write_json_atomic(tmp / ONNX_INFO_NAME, info)
         swap_into_place(tmp, target)
@@ -445,33 +362,3 @@ def export_onnx(
         raise
     logger.info("Exported %s to ONNX (opset %d): %s.", folder, opset, ", ".join(sorted(info["files"].values())))
     return target
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this CPU has int8 dot-product instructions (VNNI or AMX), or is not an x86 CPU.
-
-    Without them (x86 with AVX2 only), ONNX Runtime's u8 x s8 kernels add pairs of products in int16 and saturate, so
-    8-bit weights with one scale per channel can move the logits of a small model by as much as their size (measured
-    on an AVX2-only AMD EPYC: 20% of the largest logit, against 3% with 7-bit weights). Quantization there uses 7-bit
-    weights (`reduce_range=True`), as ONNX Runtime advises for such machines.
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return True  # not Linux: no flags to read, keep the full 8 bits
-    flags = set(re.findall(r"[a-z0-9_]+", "".join(line for line in text.splitlines() if line.startswith("flags"))))
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"})
-
-
-def _quantize_info(weight_type: str, reduce_range: bool) -> dict:
-    return {
-        "file": ONNX_INT8_NAME,
-        "method": "onnxruntime.quantization.quantize_dynamic",
-        "weight_type": weight_type,
-        "activations": "uint8, quantized per tensor at run time",
-        "per_channel": True,
-        "reduce_range": reduce_range,
-        "source": ONNX_NAME,
-    }
