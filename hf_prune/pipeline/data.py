@@ -290,6 +290,13 @@ def _load_hub(spec: TaskSpec) -> tuple[dict, TaskSpec]:
                 f"task.label_names lists {len(spec.label_names)} labels but {_dataset_label(spec)}'s "
                 f"{spec.label_column!r} has {len(class_names)}: {class_names}. Remove task.label_names to use these."
             )
+        if spec.label_names is not None and [n.lower() for n in spec.label_names] != [n.lower() for n in class_names]:
+            # the data holds ids in the ClassLabel's order: other names would relabel every example
+            raise ValueError(
+                f"task.label_names {list(spec.label_names)} differ from the names of {_dataset_label(spec)}'s "
+                f"{spec.label_column!r} ClassLabel feature {class_names}, whose order the data's label ids follow. "
+                f"Set task.label_names: {class_names} (or remove it to use these)."
+            )
         if spec.label_names is None:
             spec = spec.with_label_names(class_names)
     splits = {}
