@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from .causal_lm import DEFAULT_BLOCK_SIZE, document_column, join_columns, read_documents, tokenize_text_splits
 from .demo import make_demo_data
+from .metrics import check_task_metrics
 from .tasks import NLI_LABELS, LabelMap, TaskSpec, infer_label_names, parse_task, regression_value
 
 logger = logging.get_logger(__name__)
@@ -133,7 +134,7 @@ def _resolve_names(spec: TaskSpec, values: list, where: str) -> TaskSpec:
         return spec
     names = infer_label_names(values, where)
     logger.info("Task %s: %d labels read from %s: %s.", spec.name, len(names), where, list(names))
-    return spec.with_label_names(names)
+    return spec.with_label_names(names, inferred=True)
 
 
 def _label_ids(columns: dict[str, list], spec: TaskSpec, where: str) -> Dataset:
@@ -392,6 +393,7 @@ def load_task(task, data: Mapping | None = None, seed: int = 0) -> tuple[Dataset
             local, spec = _read_local_splits(spec, train_file, val_files)
             train = local.pop("train", splits["train"])
             splits = {"train": train, **(local or {k: v for k, v in splits.items() if k != "train"})}
+    check_task_metrics(spec, warn=True)  # the label names are known now
     splits["train"] = _subsample(splits["train"], data.get("max_train_samples"), seed)
     for name in [n for n in splits if n != "train"]:
         splits[name] = _subsample(splits[name], data.get("max_eval_samples"), seed)

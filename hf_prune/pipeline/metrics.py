@@ -1,6 +1,10 @@
 """Task metrics as GLUE and seqeval define them, as pure functions of plain numbers, and the Trainer's
 `compute_metrics` built from a task.
 
+`f1` is the F1 of one class: `task.positive_label` (by name) against all the others, else label id 1 of a two-label
+task; with more than two labels it needs `positive_label`, or one of the averages `f1_macro`, `f1_micro`,
+`f1_weighted` (scikit-learn's `average`) instead. `check_task_metrics` refuses the rest before training.
+
 `build_compute_metrics` computes them through `evaluate` (`evaluate.load("glue", name)`, `"seqeval"`, or one module
 per metric) when it can load them, and with the functions below when it cannot (offline without a cached copy): the
 definitions are the same (scikit-learn's F1 and Matthews correlation, scipy's Pearson and Spearman, seqeval's default
@@ -11,18 +15,22 @@ sums (see `causal_lm.py`), not through `evaluate`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 from transformers.utils import logging
 
 from .causal_lm import compute_perplexity
-from .tasks import parse_task
+from .tasks import TaskSpec, is_iob_tagging, parse_task
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "accuracy",
     "f1_score",
+    "F1_AVERAGES",
+    "positive_label_id",
+    "check_task_metrics",
     "matthews_corrcoef",
     "pearson",
     "spearman",
@@ -37,6 +45,8 @@ __all__ = [
 ]
 
 ENTITY_METRICS = ("f1", "precision", "recall")  # seqeval's, over entity spans
+# The F1 of every class averaged (scikit-learn's `average`), for more than two classes; `f1` is the F1 of one class.
+F1_AVERAGES = {"f1_macro": "macro", "f1_micro": "micro", "f1_weighted": "weighted"}
 
 
 # ----------------------------------------------------------------------------------------------------- classification
@@ -46,14 +56,37 @@ def accuracy(predictions, references) -> float:
     return float((predictions == references).mean()) if len(references) else 0.0
 
 
-def f1_score(predictions, references, pos_label: int = 1) -> float:
-    """Binary F1 of the class `pos_label`: `2 TP / (2 TP + FP + FN)`, 0 when there is no positive at all (as
-    scikit-learn's `f1_score` with its default `zero_division`)."""
+def f1_score(predictions, references, pos_label: int = 1, average: str = "binary") -> float:
+    """F1 as scikit-learn's `f1_score` computes it (its default `zero_division`: 0 where a class has no true or
+    predicted example).
+
+    Args:
+        predictions / references: class ids.
+        pos_label: the class of `average="binary"`: `2 TP / (2 TP + FP + FN)` of that class against all the others.
+        average: `"binary"`, or over the classes present in `predictions` or `references`: `"macro"` (the mean of
+            the per-class F1), `"micro"` (from the summed counts: accuracy for one label per example) or
+            `"weighted"` (the mean weighted by each class's number of references).
+
+    Returns:
+        The F1, 0 for no examples.
+    """
+    if average not in ("binary", "macro", "micro", "weighted"):
+        raise ValueError(f"average={average!r} is not one of binary, macro, micro, weighted.")
     predictions, references = np.asarray(predictions), np.asarray(references)
-    tp = int(((predictions == pos_label) & (references == pos_label)).sum())
-    fp = int(((predictions == pos_label) & (references != pos_label)).sum())
-    fn = int(((predictions != pos_label) & (references == pos_label)).sum())
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    classes = [pos_label] if average == "binary" else np.union1d(predictions, references)
+    tp = np.array([((predictions == k) & (references == k)).sum() for k in classes], dtype=np.float64)
+    fp = np.array([((predictions == k) & (references != k)).sum() for k in classes], dtype=np.float64)
+    fn = np.array([((predictions != k) & (references == k)).sum() for k in classes], dtype=np.float64)
+    if average == "micro":
+        tp, fp, fn = tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True)
+    denominator = 2 * tp + fp + fn
+    per_class = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    if not len(per_class):
+        return 0.0
+    if average == "weighted":
+        support = tp + fn
+        return float(per_class @ support / support.sum()) if support.sum() else 0.0
+    return float(per_class.mean())
 
 
 def matthews_corrcoef(predictions, references) -> float:
@@ -169,6 +202,7 @@ def entity_scores(references: Sequence[Sequence[str]], predictions: Sequence[Seq
 LOCAL_METRICS = {
     "accuracy": accuracy,
     "f1": f1_score,
+    **{name: partial(f1_score, average=average) for name, average in F1_AVERAGES.items()},
     "matthews_correlation": matthews_corrcoef,
     "pearson": pearson,
     "spearmanr": spearman,
@@ -178,6 +212,7 @@ LOCAL_METRICS = {
 EVALUATE_MODULES = {
     "accuracy": ("accuracy", "accuracy"),
     "f1": ("f1", "f1"),
+    **{name: ("f1", "f1") for name in F1_AVERAGES},
     "matthews_correlation": ("matthews_correlation", "matthews_correlation"),
     "pearson": ("pearsonr", "pearsonr"),
     "spearmanr": ("spearmanr", "spearmanr"),
@@ -234,6 +269,97 @@ def _through_evaluate(path: str, config_name: str | None, keys: dict[str, str], 
         return None
 
 
+# ----------------------------------------------------------------------------------------------------- checks
+def positive_label_id(task: TaskSpec) -> int | None:
+    """The label id whose F1 `f1` reports: `task.positive_label` matched by name (exactly, else without regard to
+    case), else label id 1 of a two-label task (or of a task whose names are not known); None when there is none."""
+    names = task.label_names
+    if task.positive_label is None:
+        return 1 if names is None or len(names) == 2 else None
+    if names is None:
+        raise ValueError(f"The label names of task {task.name!r} are not known yet: load its data first.")
+    wanted = task.positive_label
+    found = [i for i, n in enumerate(names) if n == wanted] or [
+        i for i, n in enumerate(names) if n.lower() == wanted.lower()
+    ]
+    return found[0] if found else None
+
+
+def check_task_metrics(task: TaskSpec, warn: bool = False) -> TaskSpec:
+    """Fails before training when a metric of the task is not defined for its labels, naming the fix: `f1` of more
+    than two classes without `positive_label` (the averages are `f1_macro`, `f1_micro`, `f1_weighted`), a
+    `positive_label` that is not a label name or that no metric reads, entity scores of tags that are not IOB-style.
+
+    Args:
+        task: the task; the checks that need its label names wait until they are known.
+        warn: log a warning when `f1`'s positive class is label id 1 only because the names were sorted.
+
+    Returns:
+        `task`, unchanged.
+    """
+    names, labels = task.metric_names, task.label_names
+    if task.positive_label is not None:
+        if task.problem_type != "single_label_classification":
+            raise ValueError(
+                f"task.positive_label names the class whose F1 `f1` reports, which applies to "
+                f"single_label_classification, not to {task.problem_type}: remove task.positive_label."
+            )
+        if "f1" not in names:
+            raise ValueError(
+                f"task.positive_label={task.positive_label!r} names the class whose F1 `f1` reports, but the task's "
+                f"metrics {list(names)} have no f1: add f1 to task.metrics, or remove task.positive_label."
+            )
+    if labels is None:
+        return task
+    if task.is_token_classification and task.metrics and not is_iob_tagging(labels):
+        entity = [n for n in task.metrics if n in ENTITY_METRICS]
+        if entity:
+            raise ValueError(
+                f"task.metrics {entity} are seqeval's entity-level scores, but the tags of task {task.name!r} "
+                f"({', '.join(labels)}) are not entity tags (O, B-X, I-X, ...): set task.metrics: [accuracy] (token "
+                "accuracy), or give IOB tags."
+            )
+    if task.problem_type != "single_label_classification" or "f1" not in names:
+        return task
+    if task.positive_label is not None and positive_label_id(task) is None:
+        raise ValueError(
+            f"task.positive_label={task.positive_label!r} is not a label of task {task.name!r}: give one of its "
+            f"label names {list(labels)}."
+        )
+    if task.positive_label is None and len(labels) > 2:
+        raise ValueError(
+            f"task.metrics has f1, the F1 of one class, but task {task.name!r} has {len(labels)} labels "
+            f"({', '.join(labels)}). Name an average instead: f1_macro (the mean of the per-class F1), f1_micro (the "
+            "F1 of the counts summed over the classes) or f1_weighted (the per-class F1 weighted by each class's "
+            "examples); or set task.positive_label to the class whose F1 against all the others f1 should report, "
+            f"one of {list(labels)}."
+        )
+    if warn and task.positive_label is None and task.labels_inferred and tuple(labels) != ("0", "1"):
+        logger.warning(
+            "Task %s: f1 is the F1 of the label %r, label id 1 of the sorted label names %s. Set "
+            "task.positive_label to the class whose F1 to report.",
+            task.name,
+            labels[1],
+            list(labels),
+        )
+    return task
+
+
+def _metric_inputs(task: TaskSpec, name: str, predictions, references) -> tuple[list, list, dict]:
+    """What one metric is computed on: `f1` on whether each id is the positive class (one class against all the
+    others), an averaged F1 with its `average`, any other metric on the ids as they are."""
+    if name == "f1" and not task.is_token_classification:
+        positive = positive_label_id(task)
+        if positive is None:
+            check_task_metrics(task)  # raises, naming the fix
+        predictions = [int(p == positive) for p in np.asarray(predictions).tolist()]
+        references = [int(r == positive) for r in np.asarray(references).tolist()]
+        return predictions, references, {"pos_label": 1}
+    if name in F1_AVERAGES:
+        return predictions, references, {"average": F1_AVERAGES[name]}
+    return predictions, references, {}
+
+
 def task_scores(task, predictions, references) -> dict[str, float]:
     """Every metric of `task` on decoded predictions (class ids, scores, or per-sentence tag lists).
 
@@ -251,7 +377,11 @@ def task_scores(task, predictions, references) -> dict[str, float]:
         out = _through_evaluate("seqeval", None, keys, predictions=predictions, references=references)
         scores = out or entity_scores(references, predictions)
         return {n: float(scores[n]) for n in names}
-    if task.glue is not None and set(names) <= set(GLUE_METRIC_KEYS.get(task.glue, ())):
+    if (
+        task.glue is not None
+        and task.positive_label is None
+        and set(names) <= set(GLUE_METRIC_KEYS.get(task.glue, ()))
+    ):
         out = _through_evaluate(
             "glue", task.glue, {n: n for n in names}, predictions=predictions, references=references
         )
@@ -261,8 +391,9 @@ def task_scores(task, predictions, references) -> dict[str, float]:
     scores = {}
     for name in names:
         path, key = EVALUATE_MODULES[name]
-        out = _through_evaluate(path, None, {name: key}, predictions=predictions, references=references)
-        scores[name] = out[name] if out is not None else LOCAL_METRICS[name](predictions, references)
+        preds, refs, kwargs = _metric_inputs(task, name, predictions, references)
+        out = _through_evaluate(path, None, {name: key}, predictions=preds, references=refs, **kwargs)
+        scores[name] = out[name] if out is not None else LOCAL_METRICS[name](preds, refs, **kwargs)
     return scores
 
 
@@ -304,10 +435,15 @@ def build_compute_metrics(task=None):
         task = parse_task("mnli")
     if task.is_causal_lm:
         return compute_perplexity
+    check_task_metrics(task)
     # loaded now, so an unavailable module is reported once, before evaluation starts
     if _entity_level(task):
         load_evaluate_metric("seqeval")
-    elif task.glue is not None and set(task.metric_names) <= set(GLUE_METRIC_KEYS.get(task.glue, ())):
+    elif (
+        task.glue is not None
+        and task.positive_label is None
+        and set(task.metric_names) <= set(GLUE_METRIC_KEYS.get(task.glue, ()))
+    ):
         load_evaluate_metric("glue", task.glue)
     else:
         for name in task.metric_names:

@@ -13,6 +13,8 @@ task:                    # any dataset with its own columns, from the Hub or fro
   label_column: label
   problem_type: single_label_classification   # or regression, token_classification
   label_names: [neg, pos]               # optional: read from the data when not given
+  metrics: [f1, accuracy]               # optional; f1 of more than two labels: f1_macro, f1_micro or f1_weighted,
+  positive_label: pos                   # or the class (by name) whose F1 against all the others f1 reports
 task:                    # language modeling: text packed into data.block_size blocks, scored by perplexity
   problem_type: causal_lm
   text_column: text                     # default text; a .txt file has none (each non-empty line is a document)
@@ -62,7 +64,7 @@ DEFAULT_METRICS = {
     "causal_lm": ("perplexity",),
 }
 VALID_METRICS = {
-    "single_label_classification": ("accuracy", "f1", "matthews_correlation"),
+    "single_label_classification": ("accuracy", "f1", "f1_macro", "f1_micro", "f1_weighted", "matthews_correlation"),
     "regression": ("pearson", "spearmanr", "mse"),
     "token_classification": ("f1", "precision", "recall", "accuracy"),
     "causal_lm": ("perplexity",),
@@ -71,7 +73,7 @@ NLI_LABELS = ("entailment", "neutral", "contradiction")
 GLUE_DATASET = "nyu-mll/glue"
 TASK_KEYS = (
     "name", "dataset", "text_columns", "label_column", "problem_type", "label_names", "metrics", "train_split",
-    "validation_splits", "text_column",
+    "validation_splits", "text_column", "positive_label",
 )  # fmt: skip
 # Keys of one kind of task that do not apply to the other, and why.
 _NOT_FOR_CAUSAL_LM = {
@@ -126,13 +128,16 @@ class TaskSpec:
             causal LM, whose labels are its input ids.
         problem_type: `single_label_classification`, `regression`, `token_classification` or `causal_lm`.
         label_names: class (or tag) names in label-id order; None until read from the data. None for regression.
-        metrics: metric names, the first being the main one; None for the problem type's defaults.
+        metrics: metric names, the first being the main one; None for the problem type's defaults. `f1` is the F1
+            of one class (`positive_label`, else label id 1 of two); `f1_macro`, `f1_micro`, `f1_weighted` average it.
         dataset: positional arguments of `datasets.load_dataset`, or None (local files or generated data).
         dataset_kwargs: keyword arguments of `datasets.load_dataset`.
         train_split: the dataset's training split.
         validation_splits: the splits evaluated on; None for every `validation*` split of the dataset (else `test`).
         glue: the GLUE task name (selects `evaluate.load("glue", name)`), or None.
         generated: the offline demo task, whose data hf_prune generates.
+        positive_label: the name of the class whose F1 `f1` reports (against all the others), or None.
+        labels_inferred: whether the label names are the sorted distinct labels of the training data.
     """
 
     name: str
@@ -147,6 +152,8 @@ class TaskSpec:
     validation_splits: tuple[str, ...] | None = None
     glue: str | None = None
     generated: bool = False
+    positive_label: str | None = None
+    labels_inferred: bool = False
 
     @property
     def is_regression(self) -> bool:
@@ -193,8 +200,8 @@ class TaskSpec:
             return str(self.dataset[0])
         return str(self.dataset_kwargs["path"]) if self.dataset_kwargs.get("path") else None
 
-    def with_label_names(self, names: Sequence[str]) -> TaskSpec:
-        return dataclasses.replace(self, label_names=tuple(str(n) for n in names))
+    def with_label_names(self, names: Sequence[str], inferred: bool = False) -> TaskSpec:
+        return dataclasses.replace(self, label_names=tuple(str(n) for n in names), labels_inferred=inferred)
 
     def config_kwargs(self) -> dict:
         """`num_labels`, `id2label`, `label2id` (and `problem_type` for regression) for `from_pretrained` / configs;
@@ -328,6 +335,9 @@ def _parse_mapping(raw: Mapping) -> TaskSpec:
         bad = [m for m in metrics if m not in valid]
         if bad:
             raise ValueError(f"task.metrics {bad} do not apply to {problem}. Valid: {', '.join(valid)}.")
+    positive = raw.get("positive_label")
+    if positive is not None and (isinstance(positive, bool) or not isinstance(positive, (str, int)) or positive == ""):
+        raise ValueError(f"task.positive_label must be a label name, e.g. positive_label: yes; got {positive!r}.")
     dataset, dataset_kwargs = _dataset_args(raw.get("dataset"))
     splits = raw.get("validation_splits")
     default_name = (dataset or (dataset_kwargs.get("path"),))[0] or "custom"
@@ -343,6 +353,7 @@ def _parse_mapping(raw: Mapping) -> TaskSpec:
         dataset_kwargs=dataset_kwargs,
         train_split=str(raw.get("train_split", "train")),
         validation_splits=None if splits is None else _strings(splits, "validation_splits", 1),
+        positive_label=None if positive is None else str(positive),
     )
 
 
@@ -351,9 +362,9 @@ def parse_task(raw) -> TaskSpec:
 
     Args:
         raw: `"demo"`, `"glue/<name>"` or a GLUE name alone (e.g. `"mnli"`), a mapping (`dataset`, `text_columns`,
-            `label_column`, `problem_type`, `label_names`, `metrics`, `name`, `train_split`, `validation_splits`; for
-            `problem_type: causal_lm`, `text_column`, a name or a list, instead of the text and label keys), or a
-            `TaskSpec` (returned as is).
+            `label_column`, `problem_type`, `label_names`, `metrics`, `positive_label`, `name`, `train_split`,
+            `validation_splits`; for `problem_type: causal_lm`, `text_column`, a name or a list, instead of the text
+            and label keys), or a `TaskSpec` (returned as is).
 
     Returns:
         The task's spec; label names stay None until the data is read, unless the task fixes them.
