@@ -152,8 +152,8 @@ def tune_masks(
         seed: the seed of the held-out batches' draw.
 
     Returns:
-        Per layer, `{"layer", "heads", "neurons"}`: whether the scales were kept and the held-out error before and
-        after them.
+        Per layer, `{"layer", "heads", "neurons"}` (`heads` / `neurons` where the layer keeps any): whether the
+        scales were kept and the held-out error before and after them.
     """
     adapter = get_adapter(student)
     checked = set(held_out_batches(len(batches), seed))
