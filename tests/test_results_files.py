@@ -1,0 +1,239 @@
+"""Results files and folders written whole: unique temporary names, read-modify-writes under a lock from several
+processes, files of one folder written together (completed after a kill), and folders swapped in one atomic step
+(the published model cards of benchmarks/accuracy_at_speed.py)."""
+
+import importlib.util
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hf_prune import utils
+from hf_prune.utils import (
+    LOCK_MARK,
+    TMP_MARK,
+    exchange_paths,
+    file_lock,
+    recover_files_together,
+    swap_into_place,
+    temporary_folder,
+    temporary_path,
+    update_json_atomic,
+    write_files_together,
+    write_json_atomic,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_temporary_names_are_unique_and_recoverable(tmp_path):
+    target = tmp_path / "results.json"
+    names = {temporary_path(target) for _ in range(100)}
+    assert len(names) == 100
+    for name in names:
+        assert name.parent == tmp_path and name.name.startswith(f".results.json{TMP_MARK}{os.getpid()}-")
+    assert temporary_path(target, ".onnx").suffix == ".onnx"
+    assert not list(tmp_path.iterdir())  # nothing is created
+
+
+def test_concurrent_whole_file_writes_never_share_a_temporary_file(tmp_path):
+    """Two threads writing one file at once: with one fixed temporary name the second writer's rename would find
+    the file moved away, or rename the other's half-written file."""
+    path, errors = tmp_path / "results.json", []
+
+    def writer(tag):
+        try:
+            for i in range(200):
+                write_json_atomic(path, {"writer": tag, "i": i, "pad": "x" * 2000})
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(tag,)) for tag in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert json.loads(path.read_text())["i"] == 199
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def _add_keys(path: str, prefix: str, start, count: int) -> None:
+    start.wait()
+    for i in range(count):
+        update_json_atomic(path, lambda obj, key=f"{prefix}{i}": obj.setdefault("rows", {}).update({key: i}))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fcntl.flock between forked processes (Linux)")
+def test_two_processes_updating_one_file_lose_no_update(tmp_path):
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"rows": {}, "setup": "kept"})
+    context = multiprocessing.get_context("fork")
+    start = context.Event()
+    workers = [context.Process(target=_add_keys, args=(str(path), p, start, 50)) for p in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    start.set()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    result = json.loads(path.read_text())
+    assert sorted(result["rows"]) == sorted([f"a{i}" for i in range(50)] + [f"b{i}" for i in range(50)])
+    assert result["setup"] == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no lock or temporary file left
+
+
+def test_the_lock_excludes_another_process_and_is_removed(tmp_path):
+    path = tmp_path / "results.json"
+    code = (
+        "import sys, time\n"
+        "from hf_prune.utils import file_lock\n"
+        "with file_lock(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(1.5)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert (tmp_path / f".results.json{LOCK_MARK}").exists()
+    began = time.perf_counter()
+    with file_lock(path):
+        waited = time.perf_counter() - began  # taken only once the other process let go, 1.5 s after it said so
+    holder.wait()
+    assert waited > 1.0
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------- together
+def test_files_written_together_are_completed_after_a_kill(tmp_path):
+    """Killed after the first rename: the card is new, the report old (never a new report beside an old card);
+    the next call completes the report."""
+    card, report = tmp_path / "README.md", tmp_path / "pruning_report.json"
+    card.write_text("old card")
+    report.write_text('{"old": true}')
+    killed = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from hf_prune import utils\n"
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    if Path(dst).name == 'pruning_report.json':\n"
+        "        os._exit(9)\n"
+        "    return real(src, dst)\n"
+        "os.replace = replace\n"
+        "folder = Path(sys.argv[1])\n"
+        "utils.write_files_together({folder / 'README.md': 'new card', folder / 'pruning_report.json': '{\"new\": 1}'})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killed, str(tmp_path)])
+    assert done.returncode == 9
+    assert card.read_text() == "new card" and json.loads(report.read_text()) == {"old": True}
+    assert recover_files_together(tmp_path) == ["pruning_report.json"]
+    assert card.read_text() == "new card" and json.loads(report.read_text()) == {"new": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "pruning_report.json"]
+
+
+def test_a_kill_before_the_commit_list_changes_nothing(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("old card")
+    killed = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from hf_prune import utils\n"
+        "utils.write_json_atomic = lambda *args, **kwargs: os._exit(9)\n"
+        "folder = Path(sys.argv[1])\n"
+        "utils.write_files_together({folder / 'README.md': 'new card', folder / 'pruning_report.json': '{}'})\n"
+    )
+    assert subprocess.run([sys.executable, "-c", killed, str(tmp_path)]).returncode == 9
+    assert recover_files_together(tmp_path) == []
+    utils.recover_interrupted(card)
+    utils.recover_interrupted(tmp_path / "pruning_report.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"] and card.read_text() == "old card"
+    with pytest.raises(ValueError, match="one folder"):
+        write_files_together({tmp_path / "a": "x", tmp_path / "sub" / "b": "y"})
+
+
+# ----------------------------------------------------------------------------------------------------- swaps
+def _exchange_works(folder: Path) -> bool:
+    a, b = folder / "probe-a", folder / "probe-b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        return exchange_paths(a, b)
+    finally:
+        shutil.rmtree(a)
+        shutil.rmtree(b)
+
+
+def _watch_steps(monkeypatch, folder: Path, seen: list):
+    """Records, after every rename and removal, whether `folder` holds its README (what a reader would find)."""
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        seen.append((folder / "README.md").is_file())
+
+    def rmtree(path, *args, **kwargs):
+        seen.append((folder / "README.md").is_file())
+        real_rmtree(path, *args, **kwargs)
+        seen.append((folder / "README.md").is_file())
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+
+
+def test_a_folder_swapped_in_is_never_missing(tmp_path, monkeypatch):
+    if not _exchange_works(tmp_path):
+        pytest.skip("this filesystem has no atomic exchange (renameat2 RENAME_EXCHANGE)")
+    target = tmp_path / "card"
+    target.mkdir()
+    (target / "README.md").write_text("old")
+    new = temporary_folder(target)
+    (new / "README.md").write_text("new")
+    seen = []
+    _watch_steps(monkeypatch, target, seen)
+    swap_into_place(new, target)
+    monkeypatch.undo()
+    assert seen and all(seen) and (target / "README.md").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["card"]
+    # the two-rename fallback (systems without the exchange) leaves a moment without the folder
+    new = temporary_folder(target)
+    (new / "README.md").write_text("newer")
+    seen = []
+    _watch_steps(monkeypatch, target, seen)
+    swap_into_place(new, target, exchange=False)
+    monkeypatch.undo()
+    assert False in seen and (target / "README.md").read_text() == "newer"
+
+
+def _accuracy_at_speed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("accuracy_at_speed", ROOT / "benchmarks" / "accuracy_at_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_publish_card_replaces_the_card_folder_in_one_step(tmp_path, monkeypatch):
+    if not _exchange_works(tmp_path):
+        pytest.skip("this filesystem has no atomic exchange (renameat2 RENAME_EXCHANGE)")
+    publish_card = _accuracy_at_speed().publish_card
+    export, cards = tmp_path / "export", tmp_path / "cards" / "minilm-2x"
+    export.mkdir()
+    for name, text in (("README.md", "card 1"), ("pruning_report.json", "{}"), ("model.safetensors", "weights")):
+        (export / name).write_text(text)
+    publish_card(export, cards)
+    assert sorted(p.name for p in cards.iterdir()) == ["README.md", "pruning_report.json"]  # never the weights
+    (export / "README.md").write_text("card 2")
+    seen = []
+    _watch_steps(monkeypatch, cards, seen)
+    publish_card(export, cards)
+    monkeypatch.undo()
+    assert seen and all(seen)
+    assert (cards / "README.md").read_text() == "card 2"
+    assert [p.name for p in cards.parent.iterdir()] == ["minilm-2x"]
