@@ -87,7 +87,7 @@ def test_two_processes_prune_to_speedup_once_and_train_the_same_model(assets, tm
         {"stage": "finetune", "args": {"max_steps": 2}},
         {
             "stage": "prune_to_speedup", "cost_model": "latency", "num_samples": 32, "tune_samples": 32,
-            "latency_batch_size": 16, "args": {"target_speedup": 1.15, "speedup_seq_len": 64},
+            "batch_size": 16, "latency_batch_size": 16, "args": {"target_speedup": 1.15, "speedup_seq_len": 64},
         },
         {"stage": "distill", "args": {"max_steps": 2}},
     ]  # fmt: skip

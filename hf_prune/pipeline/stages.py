@@ -66,7 +66,7 @@ STAGE_OPTIONS = {
         "importance": "fisher",
         "uniform": False,
         "latency_batch_size": 32,
-        "calibration_rounds": 3,
+        "calibration_rounds": 4,
     },
     "export": {"path": "final", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10, "card": True, "figure": True},
     # path: the folder of an earlier export stage (default: the last one)

@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -36,6 +38,7 @@ from ..models.costs import (
 from ..models.surgery import prune_ffn_neurons, prune_heads
 from ..pruning.allocation import allocate_uniform_units, allocate_units, speedup_budget
 from ..pruning.units import layer_units
+from .calibration import calibrate
 from .fisher import mask_fisher, mask_gradients, rearrange_layer
 from .importance import activation_importance
 from .mask_tuning import tune_masks
@@ -44,9 +47,9 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "pad_collate",
+    "paired_speedups",
     "measured_speedup",
-    "choose_timed",
-    "MAX_CORRECTION",
+    "timing_threads",
     "COST_MODELS",
     "IMPORTANCES",
     "prune_to_speedup",
@@ -116,12 +119,6 @@ def _batches(rows: list[dict], batch_size: int, collate, device) -> list[dict[st
 
 
 # ----------------------------------------------------------------------------------------------------- calibration
-# How far calibration may move the goal from the target. The fitted line missed measured speedups by 7-12% on MiniLM
-# at batch 32 on a CPU; a miss several times larger comes from a busy machine (threads of other processes slow a
-# small model more than a big one), and following it would prune far past the target.
-MAX_CORRECTION = 1.25
-
-
 def _removed(keeps: list[torch.Tensor]) -> dict[int, list[int]]:
     """`{layer: [unit indices to remove]}` of per-layer keep-masks (layers keeping every unit left out)."""
     return {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keeps) if not bool(k.all())}
@@ -135,10 +132,10 @@ def _shaped_copy(model: nn.Module, keep_heads: list[torch.Tensor], keep_neurons:
     return shaped
 
 
-def measured_speedup(
+def paired_speedups(
     dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 10, phase: str = "prefill"
-) -> float:
-    """Median forward time of `dense` over that of `pruned` at `batch_size` x `seq_len`, timed interleaved; with
+) -> list[float]:
+    """Per interleaved round, the forward time of `dense` over that of `pruned` at `batch_size` x `seq_len`; with
     `phase="decode"`, the ratio of their times per generated token at batch 1 after `seq_len` tokens (tokens/s of
     `pruned` over those of `dense`)."""
     if phase == "decode":
@@ -146,15 +143,42 @@ def measured_speedup(
     else:
         inputs = prefill_inputs(dense, batch_size, seq_len)
         dense_ms, pruned_ms = time_interleaved([dense, pruned], inputs, repeats, warmup=2)
-    return statistics.median(dense_ms) / statistics.median(pruned_ms)
+    return [d / p if p > 0 else float("inf") for d, p in zip(dense_ms, pruned_ms)]
 
 
-def choose_timed(candidates: list[dict], target: float) -> dict:
-    """The timed candidate to keep: the slowest one that reaches the target (the most units kept), else the fastest."""
-    reached = [c for c in candidates if c["measured_speedup"] >= target]
-    if reached:
-        return min(reached, key=lambda c: c["measured_speedup"])
-    return max(candidates, key=lambda c: c["measured_speedup"])
+def measured_speedup(
+    dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 10, phase: str = "prefill"
+) -> float:
+    """The median of [`paired_speedups`]."""
+    return statistics.median(paired_speedups(dense, pruned, batch_size, seq_len, repeats, phase))
+
+
+@contextmanager
+def timing_threads(threads: int | None):
+    """Runs the block with `threads` intra-op threads (None: unchanged), restoring the previous count after."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_some_of_each(costs, budget: float, target_speedup: float, allow_empty_kinds: bool) -> None:
+    """Refuses a target that only removing every attention unit or every MLP neuron of the model reaches: a typo in
+    a target would otherwise give a model that predicts a constant."""
+    if allow_empty_kinds:
+        return
+    one_head = min((c for c, h in zip(costs.head, costs.heads) if h > 0), default=0.0)
+    one_neuron = min((c for c, n in zip(costs.neuron, costs.neurons) if n > 0), default=0.0)
+    if one_head + one_neuron > budget + 1e-6:
+        largest = costs.total / (costs.base + one_head + one_neuron)
+        raise ValueError(
+            f"target_speedup={target_speedup} leaves no attention unit or no MLP neuron in the whole model: the "
+            f"largest target that keeps some of each is {largest:.3g}x ({costs.unit}). Ask for less, or pass "
+            "allow_empty_kinds=True if a model without attention (or without MLPs) is what you want."
+        )
 
 
 def _cost_model_name(cost_model: str, batch_size: int, seq_len: int) -> str:
@@ -178,7 +202,13 @@ def _check_uniform_reachable(model, costs, budget: float, target_speedup: float)
         )
 
 
-def _check_samples(rows: list[dict], tune_rows: int, hidden: int, units: int) -> None:
+def _check_samples(rows: list[dict], tune_rows: int, hidden: int, units: int, batch_size: int) -> None:
+    if -(-tune_rows // batch_size) < 2:
+        raise ValueError(
+            "The least-squares mask tuning needs at least 2 batches (one to fit the scales on, one to check them on); "
+            f"tune_samples={tune_rows} at batch_size={batch_size} gives one. Raise tune_samples or lower batch_size, "
+            "or pass tune=False."
+        )
     tokens = sum(len(r["input_ids"]) for r in rows[:tune_rows])
     needed = 10 * units
     if tune_rows < 5 or tokens * hidden * 4 // 5 < needed:
@@ -206,7 +236,10 @@ def prune_to_speedup(
     importance: str = "fisher",
     uniform: bool = False,
     latency_batch_size: int = 32,
-    calibration_rounds: int = 3,
+    calibration_rounds: int = 4,
+    cost_device: str | torch.device | None = None,
+    cost_threads: int | None = None,
+    allow_empty_kinds: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Prunes heads and FFN neurons of a fine-tuned model to `target_speedup` times fewer FLOPs, without training.
 
@@ -219,8 +252,8 @@ def prune_to_speedup(
         num_samples: examples for the Fisher information (Kwon et al. use 2048).
         seq_len: sequence length of the FLOPs cost model.
         tune: rescale the kept units by least squares against the dense model.
-        tune_samples: examples (of the sample) used for tuning; a fifth of them is held out to accept each layer's
-            scales.
+        tune_samples: examples (of the sample) used for tuning, in at least two batches; a fifth of the batches (a
+            seeded random choice) is held out to accept each layer's scales.
         rearrange: choose each layer's removed units with its block of the Fisher matrix.
         batch_size: examples per forward pass.
         data_collator: turns a list of examples into a batch (default: pads `input_ids` with the model's pad token).
@@ -242,12 +275,18 @@ def prune_to_speedup(
             family's own config, which plain `from_pretrained` and serving engines load (decoders; see the adapter).
         latency_batch_size: the batch size the latency costs are measured at.
         calibration_rounds: with `cost_model="latency"` (or "decode"), the chosen shapes are timed against `model`
-            (interleaved, at `latency_batch_size` x `seq_len`, or decoding at batch 1) and, while the measured speedup
-            misses `target_speedup` or passes it by more than 3%, searched again with the goal scaled by
-            1.015 x target / measured, up to this many timings.
-            The linear cost model misses what uneven layers cost (odd widths, per-layer overheads): the timing sees it.
-            The slowest timed shapes that reach the target are kept (else the fastest). The goal moves at most 1.25x
-            away from the target (`MAX_CORRECTION`; a larger miss means a busy machine). 0 trusts the cost model.
+            (10 interleaved rounds, at `latency_batch_size` x `seq_len`, or decoding at batch 1) and searched again
+            toward the target until one holds with a margin for the noise the rounds show, up to this many timings
+            (see [`hf_prune.posttrain.calibration.calibrate`]); the chosen shapes are then re-timed, and that timing is
+            the `measured_speedup` reported. The linear cost model misses what uneven layers cost (odd widths,
+            per-layer overheads): the timing sees it. 0 trusts the cost model.
+        cost_device: where the timed cost models time the model (default: the model's device); the importance and the
+            tuning run on the model's device (move the model to the training device first).
+        cost_threads: intra-op threads while timing on a CPU (default: every core, `os.cpu_count()`, whatever a
+            launcher set: `torchrun` sets one thread per process); recorded in the summary.
+        allow_empty_kinds: allow a target that only removing every attention unit or every MLP neuron of the model
+            reaches, and a search that removes them all (by default both are refused: such a model predicts nearly a
+            constant).
 
     Returns:
         `(pruned_model, summary)`: the physically pruned copy, and what was done and measured (FLOPs before / after and
@@ -268,13 +307,22 @@ def prune_to_speedup(
     if calibration_rounds < 0:
         raise ValueError(f"calibration_rounds={calibration_rounds} must be >= 0 (0 trusts the cost model).")
     flops = unit_costs(model, seq_len)
-    if cost_model == "latency":
-        costs = measured_unit_costs(model, seq_len, latency_batch_size)
-    elif cost_model == "decode":
-        costs = measured_unit_costs(model, seq_len, 1, phase="decode")
-    else:
-        costs = flops if cost_model == "flops" else parameter_unit_costs(model)
+    timed = cost_model in TIMED_COST_MODELS
+    timing_model, timing = model, {}
+    if timed:
+        device = torch.device(cost_device) if cost_device is not None else next(model.parameters()).device
+        timing_model = model if device == next(model.parameters()).device else copy.deepcopy(model).to(device)
+        threads = (cost_threads or os.cpu_count() or 1) if device.type == "cpu" else None
+        timing = {"device": str(device), "threads": threads}
+    with timing_threads(timing.get("threads")):
+        if cost_model == "latency":
+            costs = measured_unit_costs(timing_model, seq_len, latency_batch_size)
+        elif cost_model == "decode":
+            costs = measured_unit_costs(timing_model, seq_len, 1, phase="decode")
+        else:
+            costs = flops if cost_model == "flops" else parameter_unit_costs(model)
     budget = speedup_budget(costs, target_speedup)  # an unreachable target fails here, before the Fisher pass
+    _check_some_of_each(costs, budget, target_speedup, allow_empty_kinds)
     if uniform:
         _check_uniform_reachable(model, costs, budget, target_speedup)
     rows = _examples(dataset, num_samples, seed)
@@ -285,7 +333,7 @@ def prune_to_speedup(
     hidden = model.config.hidden_size
     tune_rows = min(tune_samples, len(rows))
     if tune:
-        _check_samples(rows, tune_rows, hidden, max([*costs.heads, *costs.neurons]))
+        _check_samples(rows, tune_rows, hidden, max([*costs.heads, *costs.neurons]), batch_size)
     device = next(model.parameters()).device
     pad = getattr(model.config, "pad_token_id", None)
     collate = data_collator or pad_collate(pad if isinstance(pad, int) else 0)
@@ -311,42 +359,28 @@ def prune_to_speedup(
         if uniform:
             accepts = partial(get_adapter(model).accepts_uniform, model.config)
             return allocate_uniform_units(head_fisher, neuron_fisher, costs, budget, accepts, slack=slack / 2)
-        return allocate_units(head_fisher, neuron_fisher, costs, budget, slack=slack / 2)
+        keep_each = not allow_empty_kinds
+        return allocate_units(head_fisher, neuron_fisher, costs, budget, slack=slack / 2, keep_each=keep_each)
 
     keep_heads, keep_neurons = search(target_speedup)
     times["search_s"] = time.perf_counter() - t
-    calibration = []
-    if cost_model in TIMED_COST_MODELS and calibration_rounds > 0:
-        timing = {"phase": "decode"} if cost_model == "decode" else {}
+    calibration, retimed = [], None
+    if timed and calibration_rounds > 0:
         t = time.perf_counter()
-        goal = float(target_speedup)
-        for _ in range(calibration_rounds):
-            batch = 1 if cost_model == "decode" else latency_batch_size
-            measured = measured_speedup(model, _shaped_copy(model, keep_heads, keep_neurons), batch, seq_len, **timing)
-            calibration.append({"goal": goal, "measured_speedup": measured, "keep": (keep_heads, keep_neurons)})
-            logger.info("Calibration: shapes searched for %.3fx measure %.3fx.", goal, measured)
-            if target_speedup <= measured <= 1.03 * target_speedup:
-                break
-            goal *= 1.015 * target_speedup / measured  # aim at the middle of the accepted window
-            if not target_speedup / MAX_CORRECTION <= goal <= target_speedup * MAX_CORRECTION:
-                logger.warning(
-                    "Calibration stops: shapes predicted to run %.2fx faster measure %.2fx, further from the cost "
-                    "model than a busy machine's noise usually puts them. Time on an otherwise idle machine (a "
-                    "shared one slows small models more than big ones), or pass calibration_rounds=0.",
-                    costs.total
-                    / costs.flops([int(k.sum()) for k in keep_heads], [int(k.sum()) for k in keep_neurons]),
-                    measured,
-                )
-                break
-            if goal * 1.02 >= costs.max_speedup:
-                logger.warning(
-                    "Calibration stops: a measured %.2fx needs more than the %.2fx the cost model can reach.",
-                    target_speedup,
-                    costs.max_speedup,
-                )
-                break
-            keep_heads, keep_neurons = search(goal)
-        keep_heads, keep_neurons = choose_timed(calibration, target_speedup)["keep"]
+        phase, batch = ("decode", 1) if cost_model == "decode" else ("prefill", latency_batch_size)
+
+        def time_shapes(keep) -> list[float]:
+            return paired_speedups(timing_model, _shaped_copy(timing_model, *keep), batch, seq_len, phase=phase)
+
+        def describe(keep) -> dict:
+            heads, neurons = [int(k.sum()) for k in keep[0]], [int(k.sum()) for k in keep[1]]
+            return {"predicted_speedup": costs.total / costs.flops(heads, neurons), "heads": heads, "ffn": neurons}
+
+        with timing_threads(timing["threads"]):
+            (keep_heads, keep_neurons), calibration, retimed = calibrate(
+                search, time_shapes, target_speedup, calibration_rounds,
+                (keep_heads, keep_neurons), costs.max_speedup, describe,
+            )  # fmt: skip
         times["calibration_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if rearrange:
@@ -370,7 +404,7 @@ def prune_to_speedup(
             type(model).__name__.endswith("ForSequenceClassification")
             and get_adapter(model).classifier_reads_first_token
         )
-        tuning = tune_masks(student, model, tune_batches, keep_heads, keep_neurons, first_token)
+        tuning = tune_masks(student, model, tune_batches, keep_heads, keep_neurons, first_token, seed=seed)
     times["tune_s"] = time.perf_counter() - t
 
     pruned_heads, pruned_neurons = _removed(keep_heads), _removed(keep_neurons)
@@ -390,8 +424,10 @@ def prune_to_speedup(
         "tune_samples": tune_rows if tune else 0,
         "cost_model": _cost_model_name(cost_model, latency_batch_size, seq_len),
         "predicted_speedup": costs.total / predicted,
-        "measured_speedup": choose_timed(calibration, target_speedup)["measured_speedup"] if calibration else None,
-        "calibration": [{k: v for k, v in c.items() if k != "keep"} for c in calibration],
+        "measured_speedup": retimed["speedup"] if retimed else None,
+        "measured_noise": retimed["noise"] if retimed else None,
+        "calibration": calibration,
+        "timing": timing or None,
         "flops_before": flops.total,
         "flops_after": after.total,
         "flops_ratio": flops.total / after.total,

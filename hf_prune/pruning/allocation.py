@@ -34,6 +34,7 @@ def allocate_units(
     head_alive: list[torch.Tensor] | None = None,
     neuron_alive: list[torch.Tensor] | None = None,
     slack: float = 0.0,
+    keep_each: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Keep-masks of heads and neurons that spend at most `budget` FLOPs and keep the most importance.
 
@@ -49,6 +50,7 @@ def allocate_units(
         budget: FLOPs that the kept heads and neurons may spend together.
         head_alive / neuron_alive: per layer, units that may be kept (default all); the others stay removed.
         slack: how far under `budget` a solution may end.
+        keep_each: only solutions that keep at least one head and one neuron in the model (when any fits).
 
     Returns:
         `(head_keep, neuron_keep)`: per layer, bool keep-masks.
@@ -74,6 +76,11 @@ def allocate_units(
     n_count = (torch.searchsorted(n_cost, left + 1e-6, right=True) - 1).clamp(min=0)
     spent = h_cost + n_cost[n_count]
     importance = torch.where(fits, h_imp + n_imp[n_count], torch.tensor(float("-inf"), dtype=torch.float64))
+    if keep_each:
+        some = (torch.arange(len(h_cost)) > 0) & (n_count > 0)
+        if bool((fits & some).any()):
+            importance = torch.where(some, importance, torch.tensor(float("-inf"), dtype=torch.float64))
+            fits = fits & some
     full = fits & (spent >= budget - slack - 1e-6)
     if bool(full.any()):
         importance = torch.where(full, importance, torch.tensor(float("-inf"), dtype=torch.float64))
