@@ -4,17 +4,28 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
+from transformers import AutoTokenizer, DataCollatorForTokenClassification, DataCollatorWithPadding
 from transformers.utils import logging
 
 from .export.card import cli_push
 from .export.deploy import cli_onnx
+from .export.files import CONFIG_NAME, REPORT_NAME
 from .export.report_format import cli_report
+from .pipeline.data import read_local_file, tokenize_splits, validation_files
+from .pipeline.evaluation import split_evaluator
 from .pipeline.recipe import cli_compress, cli_run
 from .pipeline.schema import COST_MODELS, IMPORTANCES
+from .pipeline.tasks import parse_task
 
 logger = logging.get_logger(__name__)
+
+# What `tokenizer.save_pretrained` writes (one of them at least): without them transformers would build a tokenizer
+# from the model type's defaults instead of the export's own.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +143,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="Replace an existing onnx/ folder (once the new one is complete)."
     )
     onnx.add_argument("--opset", type=int, default=17, help="ONNX opset, 11 to 20 (default: 17).")
+    onnx.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="Only write the files. By default every deployed form is then timed (interleaved with the PyTorch "
+        "export, on this CPU) and written into DIR/pruning_report.json and the model card.",
+    )
+    onnx.add_argument(
+        "--validation-file",
+        nargs="+",
+        action="extend",
+        default=None,
+        help="Local validation file(s) (jsonl, csv or tsv with the task's columns): each form's task metric on them "
+        "joins the measurements (the split is the file's stem).",
+    )
+    onnx.add_argument(
+        "--task",
+        default=None,
+        help="The task of --validation-file: a GLUE name or demo (default: the task in DIR/pruning_report.json).",
+    )
+    onnx.add_argument("--max-seq-length", type=int, default=128, help="Truncation of --validation-file's texts.")
+    onnx.add_argument("--eval-batch-size", type=int, default=64, help="Batch size of the --validation-file scoring.")
+    onnx.add_argument(
+        "--dense",
+        default=None,
+        help="The dense model (a folder or a Hub id) timed beside the forms (default: the report's dense_path when "
+        "that folder exists).",
+    )
+    onnx.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="Batch sizes to time (1 32).")
+    onnx.add_argument(
+        "--seq-len", type=int, default=None, help="Tokens per timed sequence (128, or the model's context if shorter)."
+    )
+    onnx.add_argument("--repeats", type=int, default=10, help="Timed runs per form and batch size (median; 10).")
 
     push = sub.add_parser("push", help="Create a Hub repo and upload an exported folder to it.")
     push.add_argument("dir", help="An exported folder.")
@@ -139,6 +182,47 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="Create the repo as private.")
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
     return parser
+
+
+def onnx_evaluator(args):
+    """`(eval_fn, metric name)` of `hf-prune onnx DIR --validation-file ...`: each form's task metric on the files,
+    tokenized with DIR's tokenizer (`(None, None)` without files). Built before the export, so that a missing
+    tokenizer or task fails before any work."""
+    if not args.validation_file or getattr(args, "no_measure", False):
+        return None, None
+    folder = Path(args.dir)
+    report_path, config_path = folder / REPORT_NAME, folder / CONFIG_NAME
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    name = args.task or report.get("task")
+    if not name:
+        raise ValueError("--validation-file needs the task: pass --task (a GLUE name such as mnli, or demo).")
+    try:
+        task = parse_task(name)
+    except ValueError as err:
+        raise ValueError(f"{err} Pass the task of --validation-file with --task.") from err
+    if task.is_causal_lm:
+        raise ValueError(
+            "hf-prune onnx --validation-file scores classification and token classification tasks; a causal LM's "
+            "perplexity is measured by the evaluate stage of `hf-prune run`."
+        )
+    if task.label_names is None and config_path.is_file():  # the export's labels, in its label-id order
+        labels = json.loads(config_path.read_text(encoding="utf-8")).get("id2label") or {}
+        if labels:
+            task = task.with_label_names([labels[str(i)] for i in range(len(labels))])
+    fix = "Export the model with its tokenizer (hf_prune.save_pruned(model, folder, tokenizer)) or leave out "
+    fix += "--validation-file."
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{folder} holds no tokenizer to read --validation-file with. {fix}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"The tokenizer in {folder} does not load ({err}). {fix}") from err
+    raw = {split: read_local_file(path, task) for split, path in validation_files(args.validation_file).items()}
+    splits = tokenize_splits(raw, tokenizer, args.max_seq_length, task)
+    collator = (DataCollatorForTokenClassification if task.is_token_classification else DataCollatorWithPadding)(
+        tokenizer
+    )
+    return split_evaluator(splits, collator, args.eval_batch_size, task), task.main_metric
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return cli_report(args)
         if args.command == "onnx":
-            return cli_onnx(args)
+            return cli_onnx(args, *onnx_evaluator(args))
         if args.command == "push":
             return cli_push(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:

@@ -288,6 +288,11 @@ def test_onnx_stage_exports_measures_and_reports_every_form(assets, tmp_path, ca
     assert on_disk["deployment"] == deployment and on_disk["flops"] == result.report["flops"]
     card = (export / "README.md").read_text()
     assert "## Deploy on CPU" in card and "onnx/model_int8.onnx" in card
+    # the CPU beside every form, and the fastest form of this machine, in the report and the card
+    assert deployment["cpu"]["model"] and all(f["cpu"] == deployment["cpu"] for f in deployment["forms"])
+    assert set(deployment["fastest"]) == {"1", "4"} and set(deployment["int8_gain"]) == {"1", "4"}
+    assert f"Measured on {deployment['cpu']['model']}" in card and "fastest here: " in card
+    assert str(tmp_path) not in card  # the teacher and the start model are local folders: named, never by path
     assert "|---:|\n| dense PyTorch fp32 | " in card and "| pruned ONNX int8 | " in card  # one markdown table
     stage = result.state["finished"][-1]
     assert stage["stage"] == "onnx" and stage["summary"]["files"] == ["model.onnx", "model_int8.onnx"]

@@ -19,6 +19,8 @@ __all__ = [
     "format_report",
     "format_deployment",
     "deployment_table",
+    "cpu_text",
+    "deployment_machine_note",
     "metric_rows",
     "LOWER_IS_BETTER",
     "lower_is_better",
@@ -197,7 +199,35 @@ def format_deployment(deployment: Mapping, metric_name: str | None = None) -> li
         f"{deployment.get('seq_len')} tokens, {deployment.get('num_threads')} threads; speedup against "
         f"{forms[0].get('name')})"
     )
-    return [*_table(rows), note]
+    machine = deployment_machine_note(deployment)
+    return [*_table(rows), note, *textwrap.wrap(f"({machine})", 119)] if machine else [*_table(rows), note]
+
+
+def cpu_text(cpu: Mapping) -> str:
+    """`AMD EPYC 7B13, 2 threads of 4, AVX-512 no, VNNI no, AMX no`: the CPU of a deployment section."""
+    if not cpu:
+        return "CPU not recorded"
+    flags = ", ".join(
+        f"{label} {'-' if cpu.get(key) is None else ('yes' if cpu.get(key) else 'no')}"
+        for label, key in (("AVX-512", "avx512"), ("VNNI", "vnni"), ("AMX", "amx"))
+    )
+    threads = f"{cpu.get('threads')} threads of {cpu.get('logical_cpus')}"
+    return f"{cpu.get('model') or 'unknown CPU'} ({cpu.get('machine')}), {threads}, {flags}"
+
+
+def deployment_machine_note(deployment: Mapping) -> str | None:
+    """Where the deployed forms were measured and which was fastest there (None for sections written before the
+    CPU was recorded)."""
+    if not deployment.get("cpu"):
+        return None
+    note = f"measured on {cpu_text(deployment['cpu'])}"
+    fastest = deployment.get("fastest") or {}
+    if fastest:
+        note += "; fastest here: " + ", ".join(f"{name} at batch {b}" for b, name in fastest.items())
+    slower = [b for b, gain in (deployment.get("int8_gain") or {}).items() if gain <= 1.0]
+    if slower:
+        note += f"; int8 is not faster than fp32 on this CPU at batch {', '.join(slower)}"
+    return note
 
 
 def metric_rows(report: Mapping) -> list[tuple[str, str, float | None, float | None]]:
