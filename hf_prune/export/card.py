@@ -4,6 +4,7 @@ and uploads of an exported folder to the Hub."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from ..models.auto import auto_class_name, get_adapter
 from ..models.surgery import original_heads_kept
 from ..utils import format_float, format_int
 from .files import (
+    BASE_MODEL_CONFIG_KEY,
     CARD_NAME,
     CONFIG_NAME,
     EVAL_CACHE_NAME,
@@ -27,11 +29,11 @@ from .files import (
     WEIGHTS_NAME,
     export_files,
 )
-from .report_format import deployment_table, lower_is_better, metric_rows
+from .report_format import deployment_machine_note, deployment_table, lower_is_better, metric_rows
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["make_model_card", "plot_head_map", "push_to_hub", "cli_push", "TEMPLATE"]
+__all__ = ["make_model_card", "lineage", "plot_head_map", "push_to_hub", "cli_push", "TEMPLATE"]
 
 TEMPLATE = "model_card.md"
 REQUIRED_FILES = (WEIGHTS_NAME, CONFIG_NAME, MODELING_NAME, CARD_NAME)
@@ -82,6 +84,85 @@ def _hub_id(name) -> str | None:
     if not name or not isinstance(name, str) or os.path.exists(name) or not _HUB_ID.match(name):
         return None
     return name
+
+
+def _local_name(name: str) -> str:
+    """A local model folder as a card may name it: relative to the working folder when it lies inside it, else its
+    own name; never an absolute path."""
+    path = Path(os.path.expanduser(name))
+    if not path.is_absolute():
+        return path.as_posix()
+    for base in (Path.cwd(), Path.cwd().resolve()):
+        if path.is_relative_to(base) and path != base:
+            return path.relative_to(base).as_posix()
+    return path.name or "a local model"
+
+
+def _recorded_base(name) -> str | None:
+    """The base model a local model folder records in its `config.json` (`hf_prune_base_model`, written by the
+    stages of `hf-prune run`), or None."""
+    path = Path(os.path.expanduser(str(name))) / CONFIG_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(BASE_MODEL_CONFIG_KEY) if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def lineage(report: Mapping | None, config=None) -> dict[str, str | None]:
+    """Where an export comes from, as its model card names it.
+
+    Args:
+        report: the export's report (`base_model`, `dense_path` and `lineage` are read).
+        config: the export's config (its recorded `hf_prune_base_model`).
+
+    Returns:
+        `{"base_model": ..., "teacher": ..., "teacher_id": ...}`: the Hub id of the model the teacher was fine-tuned
+        from (the recipe's `model`, or the base the teacher, its folder or the export records; None when none is a
+        Hub id), the dense teacher by Hub id or by a relative name (never an absolute path; None when unknown), and
+        its Hub id (None for a local teacher).
+    """
+    report = report or {}
+    recorded = report.get("lineage") or {}
+    # the teacher: its folder, else the dense model's Hub id, else the recipe's model when that is a folder (a dense
+    # model loaded from elsewhere, e.g. a built-in package, is no teacher to name)
+    named = [report.get("dense_path"), _hub_id(recorded.get("teacher"))]
+    named.append(report.get("base_model") if not _hub_id(report.get("base_model")) else None)
+    dense = next((n for n in named if n and isinstance(n, str)), None)
+    candidates = [recorded.get("base_model"), report.get("base_model")]
+    for local in (report.get("base_model"), report.get("dense_path"), recorded.get("teacher")):
+        if local and isinstance(local, str) and not _hub_id(local):
+            candidates.append(_recorded_base(local))
+    candidates += [_get(config, BASE_MODEL_CONFIG_KEY), _get(config, "_name_or_path"), recorded.get("teacher")]
+    base = next((c for c in map(_hub_id, candidates) if c), None)
+    teacher_id = _hub_id(dense)
+    teacher = (teacher_id or _local_name(dense)) if dense else None
+    return {"base_model": base, "teacher": teacher, "teacher_id": teacher_id}
+
+
+def _summary(where: Mapping, task: str | None, model_type: str | None) -> str:
+    """The card's first sentence: the teacher that was pruned and the model it was fine-tuned from."""
+    base, teacher = where["base_model"], where["teacher"]
+    tuned = f" fine-tuned on {task}" if task else " fine-tuned"
+    if teacher and teacher != base:
+        text = f"A structurally pruned version of `{teacher}`"
+        if base:
+            text += f", which is [`{base}`](https://huggingface.co/{base}){tuned}."
+        else:
+            text += f",{tuned}." if task else "."
+    else:
+        origin = f"`{base}`" if base else f"a model of type `{model_type}`"
+        text = f"A structurally pruned version of {origin}" + (f",{tuned}." if task else ".")
+    return text + " Attention heads and FFN neurons were removed physically, so the model is smaller and faster as is."
+
+
+def _default_name(where: Mapping, task: str | None, model_type: str | None) -> str:
+    """`<base model>-<task>-pruned`, e.g. `all-MiniLM-L6-v2-mnli-pruned` (the teacher's Hub id, or the model type,
+    when the base model is unknown)."""
+    stem = (where["base_model"] or where.get("teacher_id") or model_type or "model").split("/")[-1]
+    task_name = (task or "").split("/")[-1].split(":")[0]
+    if task_name and task_name.lower() not in stem.lower():
+        stem += f"-{task_name}"
+    return f"{stem}-pruned"
 
 
 def _scaled(x, scale: float):
@@ -153,7 +234,8 @@ def make_model_card(
         A `huggingface_hub.ModelCard`; `.save(path)` writes it.
     """
     report = report or {}
-    base_model = report.get("base_model") or _get(config, "_name_or_path")
+    where = lineage(report, config)
+    base_model = where["base_model"]
     auto_class = _auto_class(config)
     metrics = report.get("metrics") or {}
     metric_name = report.get("metric_name") or "accuracy"
@@ -161,7 +243,7 @@ def make_model_card(
     scores = metric_rows({**report, "metric_name": metric_name})  # the task's main metric first, then its others
     datasets = _datasets(report)
     pipeline_tag = _PIPELINE_TAGS.get(auto_class)
-    model_name = (repo_id or f"{base_model or _get(config, 'model_type')}-pruned").split("/")[-1]
+    model_name = (repo_id or _default_name(where, report.get("task"), _get(config, "model_type"))).split("/")[-1]
     eval_results = None
     if pruned and datasets and pipeline_tag:
         eval_results = [
@@ -178,7 +260,7 @@ def make_model_card(
             if value is not None and math.isfinite(value)
         ]
     card_data = ModelCardData(
-        base_model=_hub_id(base_model),
+        base_model=base_model,
         datasets=datasets,
         metrics=list(dict.fromkeys(name for name, *_ in scores)) if metrics else None,
         library_name="transformers",
@@ -190,10 +272,7 @@ def make_model_card(
     rows = _layer_rows(config)
     heads_kept = sum(int(r[1].split(" / ")[0]) for r in rows)
     heads_dense = sum(int(r[1].split(" / ")[1]) for r in rows)
-    origin = f"`{base_model}`" if base_model else f"a model of type `{_get(config, 'model_type')}`"
-    summary = f"A structurally pruned version of {origin}"
-    summary += f", fine-tuned on {report['task']}." if report.get("task") else "."
-    summary += " Attention heads and FFN neurons were removed physically, so the model is smaller and faster as is."
+    summary = _summary(where, report.get("task"), _get(config, "model_type"))
     results_rows, note = _results(report) if report else ([], "")
     stages = report.get("stages") or []
     env = report.get("environment") or {}
@@ -240,6 +319,8 @@ def _deployment(report: Mapping, metric_name: str) -> dict:
         + (f"; int8: `{int8.get('method')}`, {int8.get('weight_type')} weights" if int8 else "")
         + "."
     )
+    machine = deployment_machine_note(deployment)
+    note += f" {machine[0].upper()}{machine[1:]}." if machine else ""
     onnx_file = "onnx/model_int8.onnx" if int8 else "onnx/model.onnx"
     return {"deploy_header": table[0], "deploy_rows": table[1:], "deploy_note": note, "deploy_onnx_file": onnx_file}
 

@@ -20,6 +20,7 @@ __all__ = [
     "ONNX_NAME",
     "ONNX_INT8_NAME",
     "ONNX_INFO_NAME",
+    "BASE_MODEL_CONFIG_KEY",
     "export_files",
 ]
 
@@ -38,6 +39,9 @@ ONNX_DIR = "onnx"
 ONNX_NAME = "model.onnx"
 ONNX_INT8_NAME = "model_int8.onnx"
 ONNX_INFO_NAME = "export_info.json"
+# The config key in which the stages of `hf-prune run` record the model a saved model was fine-tuned from (the same
+# key as `hf_prune.pipeline.sources.BASE_MODEL_KEY`); model cards read it to name the base model.
+BASE_MODEL_CONFIG_KEY = "hf_prune_base_model"
 
 
 def export_files(folder: str | Path) -> list[str]:

@@ -13,6 +13,8 @@ here, on the two models given, in one process:
   (logits of the last token only).
 - `decode` (causal LMs; else None): tokens/s of greedy generation at batch 1 with the KV cache after `seq_len` tokens,
   dense and pruned timed interleaved; `speedup` is pruned / dense tokens/s.
+- `lineage`: the dense model's `name_or_path` (`teacher`) and the base model its config records (`base_model`), for
+  the model card (see `hf_prune.export.card.lineage`).
 - `layers`: heads and FFN width per layer of the dense model, dense and kept (a layer removed whole keeps nothing and
   is marked `removed`); `metrics`, `stages`, `base_model` and `task` as given;
   `metric_note`, how the metrics were computed (e.g. how a causal LM's validation text was cut into blocks), as given.
@@ -315,6 +317,11 @@ def build_report(
         "format_version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": base_model or getattr(dense.config, "name_or_path", None) or None,
+        # the dense model as loaded, and the base it records (`hf_prune_base_model`): the model card's lineage
+        "lineage": {
+            "teacher": getattr(dense.config, "name_or_path", None) or None,
+            "base_model": getattr(dense.config, "hf_prune_base_model", None),
+        },
         "task": task,
         "dataset": dataset,
         "model_type": pruned.config.model_type,
