@@ -36,8 +36,15 @@ from transformers.utils import logging
 
 from ..models.adapter import ArchitectureAdapter
 from ..models.auto import AUTO_CLASS_MAPPINGS, get_adapter
-from ..models.surgery import record_shapes
-from ..utils import recover_interrupted, swap_into_place, temporary_folder
+from ..models.surgery import prune_ffn_neurons, prune_heads, record_shapes
+from ..utils import (
+    file_lock,
+    recover_files_together,
+    recover_interrupted,
+    swap_into_place,
+    temporary_folder,
+    write_files_together,
+)
 from . import card as cards
 from .files import (
     CARD_NAME,
@@ -53,7 +60,7 @@ from .files import (
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["save_pruned", "load_pruned", "load_teacher", "pruned_class", "modeling_source"]
+__all__ = ["save_pruned", "load_pruned", "load_teacher", "pruned_class", "modeling_source", "rebuild_card"]
 
 _PRUNED_CLASSES: dict[type, type] = {}
 
@@ -112,9 +119,20 @@ def _check_target(target: Path, overwrite: bool) -> None:
         )
 
 
+def _written_config(model):
+    """The config an export of `model` writes: its own, naming the transformers class, with the `auto_map` of the
+    remote code when the family's config cannot describe the layers."""
+    base = _base_class(model)
+    written = copy.deepcopy(model.config)
+    written.architectures = [base.__name__]
+    needs_code = get_adapter(model).needs_remote_code(model.config)
+    written.auto_map = _auto_map(model.config.model_type, base.__name__) if needs_code else None
+    return written
+
+
 def _write_weights_and_config(model, folder: Path):
     """Writes the weights, `config.json` and the modeling file; returns the config as written."""
-    base = _base_class(model)
+    written = _written_config(model)
     architectures = model.config.architectures
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
@@ -122,16 +140,14 @@ def _write_weights_and_config(model, folder: Path):
     model.config.architectures = architectures
     config_path = folder / CONFIG_NAME
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["architectures"] = [base.__name__]
-    adapter = get_adapter(model)
-    if adapter.needs_remote_code(model.config):
-        config["auto_map"] = _auto_map(model.config.model_type, base.__name__)
+    config["architectures"] = written.architectures
+    if written.auto_map:
+        config["auto_map"] = written.auto_map
+        adapter = get_adapter(model)
         (folder / MODELING_NAME).write_text(modeling_source(adapter, config["auto_map"]), encoding="utf-8")
     else:  # the family's own config describes every layer: plain from_pretrained loads it, no remote code
         config.pop("auto_map", None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    written = copy.deepcopy(model.config)
-    written.architectures, written.auto_map = config["architectures"], config.get("auto_map")
     return written
 
 
@@ -199,7 +215,8 @@ def save_pruned(
         if pickled:
             raise RuntimeError(f"The export would contain pickled files {pickled}; exports hold safetensors only.")
         _check_target(target, overwrite)
-        swap_into_place(tmp, target)
+        # moved aside, moved in, restored on failure (tests/test_persistence.py pins that path for exports)
+        swap_into_place(tmp, target, exchange=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -362,3 +379,61 @@ def load_teacher(teacher: nn.Module | str | os.PathLike, student: nn.Module | No
             "student the teacher's `num_labels` and label mapping."
         )
     return teacher
+
+
+# ----------------------------------------------------------------------------------------------------- cards
+def _config_from_report(report: dict):
+    """The config of the model a report describes, rebuilt from its `layers` (heads and FFN widths kept per layer,
+    the heads removed) on a stand-in of the report's architecture: what a card needs, not the weights' sizes."""
+    layers, name = report.get("layers") or [], report.get("architecture")
+    base = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not layers or not isinstance(base, type) or any(layer.get("removed") for layer in layers):
+        raise ValueError(
+            "The report names no per-layer shapes of a transformers architecture (or layers were removed whole), so "
+            "the card cannot be rebuilt from it alone: put the export's config.json beside it."
+        )
+    heads, ffn = layers[0]["heads_dense"], layers[0]["ffn_dense"]
+    fields = {"num_hidden_layers": len(layers), "num_attention_heads": heads, "num_key_value_heads": heads}
+    fields.update(intermediate_size=ffn, hidden_size=4 * heads, head_dim=4, vocab_size=16, max_position_embeddings=32)
+    config = transformers.AutoConfig.for_model(report["model_type"], **fields)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        model = base(config)
+        prune_heads(model, {i: layer["heads_removed"] for i, layer in enumerate(layers)})
+        prune_ffn_neurons(model, {i: range(layer["ffn_dense"] - layer["ffn_kept"]) for i, layer in enumerate(layers)})
+    record_shapes(model)
+    return _written_config(model)
+
+
+def rebuild_card(folder: str | os.PathLike, *, base_model: str | None = None, repo_id: str | None = None) -> Path:
+    """Writes the model card of an export again from its `pruning_report.json`, without its weights: after a change
+    of the card's code, or in a folder that publishes only the card, its figure and its report.
+
+    Args:
+        folder: an export, or a folder with `pruning_report.json` (and `head_map.png`); its `config.json` is used
+            when there is one, else the config is rebuilt from the report's per-layer shapes.
+        base_model: the Hub id of the model the teacher was fine-tuned from, recorded in the report's `lineage`
+            when the report does not name it (reports written before lineage was recorded).
+        repo_id: the Hub repo the card is for.
+
+    Returns:
+        The card written (`README.md`), together with the report (see `hf_prune.utils.write_files_together`).
+    """
+    folder = Path(folder)
+    report_path, card_path = folder / REPORT_NAME, folder / CARD_NAME
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {REPORT_NAME}: rebuild_card writes a card from an export's report.")
+    with file_lock(report_path):
+        recover_files_together(folder)
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        if base_model is not None:
+            report.setdefault("lineage", {})["base_model"] = base_model
+        if (folder / CONFIG_NAME).is_file():
+            config = transformers.AutoConfig.from_pretrained(folder)
+        else:
+            config = _config_from_report(report)
+        figure = FIGURE_NAME if (folder / FIGURE_NAME).is_file() else None
+        card = cards.make_model_card(report, config, repo_id=repo_id, figure_name=figure)
+        write_files_together({card_path: str(card), report_path: json.dumps(report, indent=2) + "\n"})
+    logger.info("Wrote the model card %s from %s.", card_path, report_path)
+    return card_path
