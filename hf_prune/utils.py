@@ -134,8 +134,9 @@ def file_lock(path: str | Path) -> Iterator[None]:
     The lock is `fcntl.flock` on a sidecar file `.<name>.hf-prune-lock` beside `path` (Linux and other POSIX systems,
     local filesystems; an advisory lock: it excludes only the writers that take it too). The lock file is removed
     by its holder before the lock is released; a waiter that then holds a removed file tries again, so two
-    processes never both believe they hold the lock. Where `fcntl` does not exist (Windows) nothing is locked.
-    Locks do not nest: the same process taking the lock of one path twice waits for itself.
+    processes never both believe they hold the lock. A holder that is killed leaves the file behind, unlocked (the
+    kernel releases the lock): the next holder takes it and removes it. Where `fcntl` does not exist (Windows)
+    nothing is locked. Locks do not nest: the same process taking the lock of one path twice waits for itself.
 
     Args:
         path: the file to guard (it need not exist; its folder is created).

@@ -68,7 +68,8 @@ def test_concurrent_whole_file_writes_never_share_a_temporary_file(tmp_path):
 def _add_keys(path: str, prefix: str, start, count: int) -> None:
     start.wait()
     for i in range(count):
-        update_json_atomic(path, lambda obj, key=f"{prefix}{i}": obj.setdefault("rows", {}).update({key: i}))
+        row = {f"{prefix}{i}": i}
+        update_json_atomic(path, lambda obj, row=row: obj.setdefault("rows", {}).update(row))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fcntl.flock between forked processes (Linux)")
@@ -128,7 +129,8 @@ def test_files_written_together_are_completed_after_a_kill(tmp_path):
         "    return real(src, dst)\n"
         "os.replace = replace\n"
         "folder = Path(sys.argv[1])\n"
-        "utils.write_files_together({folder / 'README.md': 'new card', folder / 'pruning_report.json': '{\"new\": 1}'})\n"
+        "files = {folder / 'README.md': 'new card', folder / 'pruning_report.json': '{\"new\": 1}'}\n"
+        "utils.write_files_together(files)\n"
     )
     done = subprocess.run([sys.executable, "-c", killed, str(tmp_path)])
     assert done.returncode == 9
