@@ -166,7 +166,8 @@ def _inputs(model, names: list[str], batch_size: int, seq_len: int, seed: int) -
     inputs["attention_mask"][0, -2:] = 0
     if "token_type_ids" in names:
         types = torch.zeros_like(inputs["input_ids"])
-        types[:, types.shape[1] // 2 :] = 1  # the second segment of every row
+        if getattr(model.config, "type_vocab_size", 2) > 1:
+            types[:, types.shape[1] // 2 :] = 1  # the second segment of every row
         inputs["token_type_ids"] = types
     return {name: inputs[name] for name in names}
 
