@@ -88,9 +88,10 @@ def tiny_recipe(assets: dict, output_dir, movement_steps: int = 6, **defaults) -
     }
 
 
-def run_on_two_processes(recipe: dict, folder: Path, port: int) -> list[dict]:
+def run_on_two_processes(recipe: dict, folder: Path, port: int, fail_search: bool = False):
     """Runs `recipe` under `torchrun --nproc_per_node 2` on the CPU, as a user would launch it (no use_cpu, no
-    inherited launcher variables), and returns what each rank recorded (see `main`)."""
+    inherited launcher variables), and returns what each rank recorded (see `main`); with `fail_search`, the main
+    process's `prune_to_speedup` raises and the finished process is returned."""
     import subprocess
 
     import yaml
@@ -98,6 +99,8 @@ def run_on_two_processes(recipe: dict, folder: Path, port: int) -> list[dict]:
     recipe_path = Path(folder) / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    if fail_search:
+        env["FAIL_SEARCH_ON_MAIN"] = "1"
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
@@ -106,6 +109,8 @@ def run_on_two_processes(recipe: dict, folder: Path, port: int) -> list[dict]:
         [*cmd, os.path.abspath(__file__), str(recipe_path), str(out_json)],
         capture_output=True, text=True, timeout=240, env=env,
     )  # fmt: skip
+    if fail_search:
+        return proc
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads(Path(f"{out_json}.rank{r}").read_text()) for r in (0, 1)]
 
@@ -163,6 +168,8 @@ def main(recipe_path: str, out_json: str) -> None:
 
     def counted(*args, **kwargs):  # which processes ran the retraining-free search
         calls.append(1)
+        if os.environ.get("FAIL_SEARCH_ON_MAIN") and int(os.environ.get("RANK", 0)) == 0:
+            raise ValueError("the search failed on purpose")
         return prune_to_speedup(*args, **kwargs)
 
     stages.prune_to_speedup = counted

@@ -2,8 +2,10 @@
 joint_prune stages, and `PruningTrainer` pruning heads and neurons jointly to a FLOPs ratio."""
 
 import json
+import time
 
 import pytest
+import torch
 from recipe_run import make_tiny_assets, model_shapes, run_on_two_processes, tiny_recipe
 from utils import TinyDataset, tiny_model, train_args
 
@@ -102,6 +104,57 @@ def test_two_processes_prune_to_speedup_once_and_train_the_same_model(assets, tm
     assert sum(chosen["heads_after"]) + sum(chosen["ffn_after"]) < sum(chosen["heads_before"]) + sum(
         chosen["ffn_before"]
     )
+
+
+def test_a_failed_search_on_the_main_process_stops_every_rank(assets, tmp_path):
+    raw = tiny_recipe(assets, tmp_path / "run")
+    raw["stages"] = [{"stage": "prune_to_speedup", "num_samples": 32, "tune": False,
+                      "args": {"target_speedup": 1.2, "distill_alpha": 0.0, "speedup_seq_len": 32}}]  # fmt: skip
+    started = time.perf_counter()
+    proc = run_on_two_processes(raw, tmp_path, port=29557, fail_search=True)
+    assert proc.returncode != 0
+    assert time.perf_counter() - started < 200  # not the process group's 30-minute timeout
+    out = proc.stdout + proc.stderr
+    assert "the search failed on purpose" in out
+    assert "prune_to_speedup failed on the main process: ValueError: the search failed on purpose" in out
+
+
+def test_the_search_runs_on_the_training_device_with_the_named_timing(assets, tmp_path, monkeypatch):
+    from hf_prune.pipeline import stages
+    from hf_prune.pipeline.context import StageContext
+
+    moved, seen = [], {}
+    load = StageContext.load_current_model
+
+    def spied_load(self):
+        model = load(self)
+        to = model.to
+
+        def spy(*args, **kwargs):
+            moved.append(args[0] if args else kwargs.get("device"))
+            return to(*args, **kwargs)
+
+        model.to = spy
+        return model
+
+    search = stages.prune_to_speedup
+
+    def spied_search(model, *args, **kwargs):
+        seen.update(device=next(model.parameters()).device, **kwargs)
+        return search(model, *args, **kwargs)
+
+    monkeypatch.setattr(StageContext, "load_current_model", spied_load)
+    monkeypatch.setattr(stages, "prune_to_speedup", spied_search)
+    raw = tiny_recipe(assets, tmp_path / "run")
+    raw["stages"] = [{"stage": "prune_to_speedup", "num_samples": 32, "tune": False, "cost_threads": 1,
+                      "cost_device": "cpu",
+                      "args": {"target_speedup": 1.2, "distill_alpha": 0.0, "speedup_seq_len": 32}}]  # fmt: skip
+    run_recipe(raw)
+    assert [torch.device(d) for d in moved] == [torch.device("cpu")]  # args.device of this machine
+    assert seen["device"] == torch.device("cpu") and seen["cost_threads"] == 1 and seen["cost_device"] == "cpu"
+    raw["stages"][0]["cost_threads"] = 0
+    with pytest.raises(ValueError, match="cost_threads=0 must be a positive integer"):
+        run_recipe(raw)
 
 
 @pytest.mark.parametrize("method", ["taylor", "movement"])

@@ -191,6 +191,11 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
             raise ValueError(
                 f"{where}: calibration_rounds={rounds!r} must be an integer >= 0 (0 trusts the cost model)."
             )
+        threads, device = entry.get("cost_threads"), entry.get("cost_device")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"{where}: cost_threads={threads!r} must be a positive integer, or null for every core.")
+        if device is not None and not isinstance(device, str):
+            raise ValueError(f"{where}: cost_device={device!r} must be a device name such as 'cpu' or 'cuda:0'.")
     if kind == "prune_heads" and not 0.0 < float(entry.get("min_masked", 1.0)) <= 1.0:
         raise ValueError(f"{where}: min_masked={entry['min_masked']} must be in (0, 1]; 1 removes fully masked heads.")
     if kind == "onnx":

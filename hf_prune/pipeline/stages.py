@@ -67,6 +67,8 @@ STAGE_OPTIONS = {
         "uniform": False,
         "latency_batch_size": 32,
         "calibration_rounds": 4,
+        "cost_device": None,  # where timed costs are measured (default: the training device)
+        "cost_threads": None,  # CPU threads while timing (default: every core)
     },
     "export": {"path": "final", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10, "card": True, "figure": True},
     # path: the folder of an earlier export stage (default: the last one)
@@ -279,22 +281,33 @@ def stage_taylor_ffn(ctx: StageContext) -> dict:
 
 def stage_prune_to_speedup(ctx: StageContext) -> dict:
     """Retraining-free pruning of heads and FFN neurons to `target_speedup` (see
-    [`hf_prune.posttrain.search.prune_to_speedup`]) on a sample of the training split."""
+    [`hf_prune.posttrain.search.prune_to_speedup`]) on a sample of the training split, on the training device."""
     args, opts = ctx.arguments(), ctx.spec
     if world_size() > 1:
         # One process chooses and the others load its choice: measured costs (cost_model="latency") and the order of
         # reductions differ between processes, and ranks that prune differently cannot train together.
-        summary = [_prune_to_speedup(ctx, args, opts)[1] if ctx.is_main else None]
-        barrier()  # the main process has written the model; the next stage loads it from model_dir
-        torch.distributed.broadcast_object_list(summary, src=0)
-        return {"model_dir": ctx.model_dir(), "metrics": {}, "summary": summary[0]}
+        outcome, failure = [None], None
+        if ctx.is_main:
+            try:
+                outcome = [{"summary": _prune_to_speedup(ctx, args, opts)[1]}]
+            except Exception as err:  # every rank stops with it, instead of waiting for the group's timeout
+                failure, outcome = err, [{"error": f"{type(err).__name__}: {err}"}]
+        barrier()  # the main process has written the model (or failed); the next stage loads it from model_dir
+        torch.distributed.broadcast_object_list(outcome, src=0)
+        if "error" in outcome[0]:
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"prune_to_speedup failed on the main process: {outcome[0]['error']}")
+        return {"model_dir": ctx.model_dir(), "metrics": {}, "summary": outcome[0]["summary"]}
     pruned, summary = _prune_to_speedup(ctx, args, opts)
     return {"model_dir": ctx.model_dir(), "metrics": {}, "summary": summary, "_model": pruned}
 
 
 def _prune_to_speedup(ctx: StageContext, args, opts) -> tuple:
+    # the Fisher pass and the tuning run where training runs; timed costs where cost_device says (default: there)
+    model = ctx.load_current_model().to(args.device)
     pruned, summary = prune_to_speedup(
-        ctx.load_current_model(),
+        model,
         ctx.splits()["train"],
         args.target_speedup,
         int(opts["num_samples"]),
@@ -309,6 +322,8 @@ def _prune_to_speedup(ctx: StageContext, args, opts) -> tuple:
         uniform=bool(opts["uniform"]),
         latency_batch_size=int(opts["latency_batch_size"]),
         calibration_rounds=int(opts["calibration_rounds"]),
+        cost_device=opts["cost_device"],
+        cost_threads=opts["cost_threads"],
     )
     ctx.save_model(pruned)
     return pruned, summary
