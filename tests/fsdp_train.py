@@ -122,13 +122,13 @@ def refusals(output_dir: str) -> dict:
 
 
 def recipes(output_dir: str, assets: dict) -> dict:
-    """A recipe whose distill stage trains under FSDP (the finetune stage before it under DDP), and one that asks a
-    pruning stage for FSDP; `assets` as `recipe_run.make_tiny_assets` writes them."""
+    """A recipe whose finetune and distill stages train under FSDP, and one that asks a pruning stage for FSDP;
+    `assets` as `recipe_run.make_tiny_assets` writes them."""
     from hf_prune.pipeline.recipe import run_recipe
 
     fsdp = {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["BertLayer"]}}
     recipe = tiny_recipe(assets, os.path.join(output_dir, "recipe"), max_steps=2, save_steps=1)
-    recipe["stages"] = [{"stage": "finetune"}, {"stage": "distill", "args": {"max_steps": 3, **fsdp}}]
+    recipe["stages"] = [{"stage": "finetune", "args": fsdp}, {"stage": "distill", "args": {"max_steps": 3, **fsdp}}]
     result = run_recipe(recipe)
     found = {
         "finished": [r["name"] for r in result.state["finished"]],

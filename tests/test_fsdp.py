@@ -114,5 +114,8 @@ def test_a_recipe_distill_stage_trains_under_fsdp_and_a_pruning_stage_is_refused
     assert saved.keys() == r0["recipe"]["final"].keys()
     for key, value in saved.items():  # what the main process wrote is the gathered model
         assert [value.double().sum().item(), value.double().abs().sum().item()] == r0["recipe"]["final"][key], key
+    # the finetune stage under FSDP wrote a whole teacher too, which the distill stage started from
+    teacher = load_pruned(folder / "recipe" / "01-finetune" / "model").state_dict()
+    assert teacher.keys() == saved.keys() and any(not torch.equal(teacher[k], saved[k]) for k in saved)
     for rank in (r0, r1):
         assert "Pruning under FSDP or DeepSpeed is not supported" in rank["recipe"]["pruning_error"]

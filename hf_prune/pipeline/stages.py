@@ -172,20 +172,27 @@ def _train(ctx: StageContext) -> tuple[PruningTrainer, dict]:
     return trainer, metrics
 
 
+def _whole_model(ctx: StageContext, trainer):
+    """The trained model; under FSDP every process gathers the sharded weights into a whole copy of it."""
+    if not trainer.is_fsdp_enabled:
+        return trainer.model
+    state = trainer.full_state_dict()
+    model = ctx.load_current_model()
+    model.load_state_dict(state)
+    return model
+
+
 def stage_finetune(ctx: StageContext) -> dict:
-    """Dense fine-tuning; its model is the frozen teacher of the later stages."""
+    """Dense fine-tuning; its model is the frozen teacher of the later stages (under FSDP too, see README)."""
     trainer, metrics = _train(ctx)
-    return {"model_dir": ctx.save_model(trainer.model), "metrics": metrics, "summary": {}, "_model": trainer.model}
+    model = _whole_model(ctx, trainer)
+    return {"model_dir": ctx.save_model(model), "metrics": metrics, "summary": {}, "_model": model}
 
 
 def stage_distill(ctx: StageContext) -> dict:
     """Retraining of the current (pruned) model with distillation from the teacher (under FSDP too, see README)."""
     trainer, metrics = _train(ctx)
-    model = trainer.model
-    if trainer.is_fsdp_enabled:  # sharded weights: every process gathers them into a whole copy of the model
-        state = trainer.full_state_dict()
-        model = ctx.load_current_model()
-        model.load_state_dict(state)
+    model = _whole_model(ctx, trainer)
     return {"model_dir": ctx.save_model(model), "metrics": metrics, "summary": {}, "_model": model}
 
 
