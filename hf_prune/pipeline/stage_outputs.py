@@ -60,8 +60,17 @@ def teacher_metrics(ctx: StageContext, teacher, args, splits: dict) -> dict[str,
     """The teacher's metrics on every split, evaluated only for the splits the cache does not hold for these weights,
     this split content and every metric of the task (one cache entry per metric)."""
     cache = MetricsCache(teacher_cache_path(ctx))
-    model_key, names = model_digest(teacher), ctx.task_spec().metric_names
-    keys = {split: {m: cache_key(model_key, dataset_digest(ds), m) for m in names} for split, ds in splits.items()}
+    spec = ctx.task_spec()
+    model_key, names = model_digest(teacher), spec.metric_names
+    # a metric read for one class (f1 of the positive label) is another number for another class
+    positive = getattr(spec, "positive_label", None)
+
+    def metric_key(m: str) -> str:
+        return m if positive is None else f"{m}[{positive}]"
+
+    keys = {}
+    for split, ds in splits.items():
+        keys[split] = {m: cache_key(model_key, dataset_digest(ds), metric_key(m)) for m in names}
     results = {split: {m: cache.get(key) for m, key in split_keys.items()} for split, split_keys in keys.items()}
     missing = {split: splits[split] for split, values in results.items() if None in values.values()}
     if missing:
