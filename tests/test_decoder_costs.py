@@ -112,3 +112,11 @@ def test_report_of_a_depth_and_width_pruned_decoder():
     assert decode["speedup"] == pytest.approx(decode["pruned_tokens_per_s"] / decode["dense_tokens_per_s"])
     text = format_report(report)
     assert "layer removed" in text and "decode tokens/s" in text
+
+
+def test_a_cut_that_would_break_the_grouped_query_layout_is_refused_with_the_unit_named():
+    from hf_prune import prune_heads
+
+    model = tiny_decoder("llama")  # 4 key/value groups of 2 query heads: query head 7 is no unit of its own
+    with pytest.raises(ValueError, match=r"key/value groups index \[7\] out of range .* one query head alone cannot"):
+        prune_heads(model, {0: [7]})

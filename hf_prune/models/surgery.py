@@ -35,7 +35,9 @@ PRUNED_HEADS_KEY = "hf_prune_pruned_heads"
 KEPT_LAYERS_KEY = "hf_prune_kept_layers"
 
 
-def _check_indices(kind: str, items: Mapping[int, Iterable[int]], sizes: list[int]) -> dict[int, list[int]]:
+def _check_indices(
+    kind: str, items: Mapping[int, Iterable[int]], sizes: list[int], hint: str = ""
+) -> dict[int, list[int]]:
     """Validates `{layer: [index, ...]}` against the current sizes; returns sorted, de-duplicated lists."""
     if not isinstance(items, Mapping):
         raise TypeError(f"{kind} must be a dict {{layer_index: [indices]}}, got {type(items).__name__}.")
@@ -50,6 +52,7 @@ def _check_indices(kind: str, items: Mapping[int, Iterable[int]], sizes: list[in
             raise ValueError(
                 f"{kind} index {bad} out of range for layer {layer}, which has {sizes[layer]} {kind} "
                 f"(valid: 0..{sizes[layer] - 1}). Indices refer to the model's current {kind}, after earlier pruning."
+                + hint
             )
         if idx:
             checked[layer] = idx
@@ -99,8 +102,16 @@ def prune_units(model: nn.Module, kind: str, units: Mapping[int, Iterable[int]])
     config = model.config
     layers = adapter.layers(model)
     groups = [adapter.unit_group(layer, kind, config) for layer in layers]
+    per_unit = adapter.heads_per_unit(config) if kind == ATTENTION else 1
     label = "heads" if kind == ATTENTION else "neurons"
-    units = _check_indices(label, units, [g.count for g in groups])
+    hint = ""
+    if per_unit > 1:  # grouped-query attention: a unit is a key/value group, so every layer keeps a valid layout
+        label = "key/value groups"
+        hint = (
+            f" Under grouped-query attention whole groups go: group g is query heads {per_unit}g to {per_unit}g + "
+            f"{per_unit - 1} with their key and value head; one query head alone cannot be removed."
+        )
+    units = _check_indices(label, units, [g.count for g in groups], hint)
     removed_map = {str(k): list(v) for k, v in (getattr(config, PRUNED_HEADS_KEY, None) or {}).items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
