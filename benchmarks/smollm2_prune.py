@@ -18,6 +18,8 @@ tuning, physical removal):
 - `dense`;
 - `hf_prune-p10/-p20/-p30`: 10%, 20%, 30% of the non-embedding parameters removed (`cost_model="params"`);
 - `hf_prune-p20-uniform`: the same search with every layer keeping the same shapes (loads as a plain LlamaForCausalLM);
+- `hf_prune-p20-3rounds`: the same target in three rounds (`prune_in_rounds`: importance and tuning again on each
+  round's model);
 - `hf_prune-act-p20`: the search on activation importance (Minitron's, as each unit's contribution to the residual
   stream) instead of the Fisher;
 - `hf_prune-prefill1.3/1.5`: 1.3x / 1.5x measured prefill speed (`cost_model="latency"`, batch 1 x 256 tokens,
@@ -50,7 +52,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_prune import PruningArguments, PruningTrainer, prune_ffn_neurons, prune_heads, prune_layers, prune_to_speedup
+from hf_prune import (
+    PruningArguments,
+    PruningTrainer,
+    prune_ffn_neurons,
+    prune_heads,
+    prune_in_rounds,
+    prune_layers,
+    prune_to_speedup,
+)
 from hf_prune.export.persistence import load_pruned, save_pruned
 from hf_prune.models import structure
 from hf_prune.models.costs import parameter_unit_costs, prefill_inputs, time_decode, time_interleaved
@@ -72,6 +82,7 @@ HF_PRUNE_ROWS = {
     "hf_prune-p30": dict(target_speedup=1 / 0.7, cost_model="params"),
     "hf_prune-p20-uniform": dict(target_speedup=1 / 0.8, cost_model="params", uniform=True),
     "hf_prune-act-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="activation"),
+    "hf_prune-p20-3rounds": dict(target_speedup=1 / 0.8, cost_model="params", rounds=3),
     "hf_prune-prefill1.3": dict(target_speedup=1.3, cost_model="latency", latency_batch_size=1, seq_len=256),
     "hf_prune-prefill1.5": dict(target_speedup=1.5, cost_model="latency", latency_batch_size=1, seq_len=256),
 }
@@ -269,13 +280,18 @@ def main(argv=None) -> None:
         kwargs = {"seq_len": args.block_size, "num_samples": len(calibration), "tune_samples": args.tune_samples,
                   "batch_size": 8, **kwargs}  # fmt: skip
         started = time.perf_counter()
-        pruned, summary = prune_to_speedup(dense, calibration, **kwargs)
+        rounds = kwargs.pop("rounds", 1)
+        if rounds > 1:
+            target = kwargs.pop("target_speedup")
+            pruned, summary = prune_in_rounds(dense, calibration, target, rounds, **kwargs)
+        else:
+            pruned, summary = prune_to_speedup(dense, calibration, **kwargs)
         wall = time.perf_counter() - started
         export(name, pruned)
-        keep = ("cost_model", "predicted_speedup", "measured_speedup", "calibration", "wall_time_s", "method")
+        keep = ("cost_model", "predicted_speedup", "measured_speedup", "calibration", "wall_time_s", "method", "rounds")
         record(name, {**evaluate(pruned, tokenizer, val, held_out), "pruning_wall_time_s": wall,
                       "calibration_tokens": sum(len(b["input_ids"]) for b in calibration),
-                      "summary": {k: summary[k] for k in keep}})  # fmt: skip
+                      "summary": {k: summary.get(k) for k in keep}})  # fmt: skip
     batches = [pad_collate(0)(calibration[i : i + 8]) for i in range(0, len(calibration), 8)]
     scores = {}
     for shape in BASELINE_SHAPES:

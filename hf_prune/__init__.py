@@ -9,6 +9,7 @@ from .export.onnx import export_onnx, quantize_onnx
 from .export.persistence import load_pruned, save_pruned
 from .models import structure
 from .models.surgery import prune_ffn_neurons, prune_heads, prune_layers
+from .posttrain.rounds import prune_in_rounds
 from .posttrain.search import prune_to_speedup
 from .trainer import PruningTrainer
 
@@ -22,6 +23,7 @@ __all__ = [
     "prune_heads",
     "prune_layers",
     "prune_to_speedup",
+    "prune_in_rounds",
     "save_pruned",
     "load_pruned",
     "export_onnx",

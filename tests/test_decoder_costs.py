@@ -120,3 +120,32 @@ def test_a_cut_that_would_break_the_grouped_query_layout_is_refused_with_the_uni
     model = tiny_decoder("llama")  # 4 key/value groups of 2 query heads: query head 7 is no unit of its own
     with pytest.raises(ValueError, match=r"key/value groups index \[7\] out of range .* one query head alone cannot"):
         prune_heads(model, {0: [7]})
+
+
+def test_pruning_in_rounds_reaches_the_target_and_measures_importance_each_round(monkeypatch):
+    import hf_prune.posttrain.rounds as rounds_module
+    from hf_prune import prune_in_rounds
+    from hf_prune.models.costs import parameter_unit_costs
+
+    model = tiny_decoder("llama")
+    calls = []
+    search = rounds_module.prune_to_speedup
+
+    def counted(current, *args, **kwargs):
+        calls.append(parameter_unit_costs(current).total)
+        return search(current, *args, **kwargs)
+
+    monkeypatch.setattr(rounds_module, "prune_to_speedup", counted)
+    dense = parameter_unit_costs(model).total
+    pruned, summary = prune_in_rounds(model, CausalBlocks(64), 1.4, 3, cost_model="params", num_samples=64,
+                                      seq_len=12, tune_samples=64)  # fmt: skip
+    kept = parameter_unit_costs(pruned).total
+    assert 1.4 <= dense / kept <= 1.4 * 1.02 and summary["predicted_speedup"] == pytest.approx(dense / kept)
+    # every round starts from the model the round before left, smaller each time
+    assert len(calls) == len(summary["rounds"]) == 3 and calls[0] == dense and calls[0] > calls[1] > calls[2]
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3] and summary["rounds"][-1]["reached"] >= 1.4
+    assert summary["heads_before"] == [KV] * LAYERS and "in 3 rounds" in summary["method"]
+    with pytest.raises(ValueError, match="rounds need a counted cost model"):
+        prune_in_rounds(model, CausalBlocks(8), 1.4, 2, cost_model="latency")
+    with pytest.raises(ValueError, match="rounds=0 must be a positive integer"):
+        prune_in_rounds(model, CausalBlocks(8), 1.4, 0)
