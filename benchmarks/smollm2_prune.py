@@ -288,7 +288,8 @@ def main(argv=None) -> None:
             pruned, summary = prune_to_speedup(dense, calibration, **kwargs)
         wall = time.perf_counter() - started
         export(name, pruned)
-        keep = ("cost_model", "predicted_speedup", "measured_speedup", "calibration", "wall_time_s", "method", "rounds")
+        keep = ("cost_model", "predicted_speedup", "measured_speedup", "calibration", "wall_time_s", "method")
+        keep += ("rounds",)
         record(name, {**evaluate(pruned, tokenizer, val, held_out), "pruning_wall_time_s": wall,
                       "calibration_tokens": sum(len(b["input_ids"]) for b in calibration),
                       "summary": {k: summary.get(k) for k in keep}})  # fmt: skip
