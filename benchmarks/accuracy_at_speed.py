@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import shutil
 import sys
 import time
@@ -77,6 +76,7 @@ from hf_prune.utils import recover_interrupted, swap_into_place, temporary_folde
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from posttrain_mnli import DATA, magnitude_prune  # noqa: E402
+from stats import mcnemar, retimed_speedups, same_shape_spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = (
@@ -307,57 +307,20 @@ def retime(results: dict, results_path: Path, teacher, out: Path, tag: str, repe
 
     def record(on_disk: dict) -> None:
         for key in rows:
-            row = on_disk["rows"][key]
-            for batch in timed[key]:
-                name = f"speedup_b{batch['batch_size']}"
-                row.setdefault(f"{name}_at_run", row[name])
-                row[name] = batch["speedup"]
+            row = on_disk["rows"][key] = retimed_speedups(on_disk["rows"][key], timed[key])
             row["retimed"] = {
                 "at": when, "repeats": repeats, "models_interleaved": len(forms),
                 "torch_threads": torch.get_num_threads(),
                 "teacher_ms": {str(b["batch_size"]): b["ms"] for b in timed["teacher"]},
             }  # fmt: skip
-        on_disk["retime_noise"] = same_shape_spread(forms, timed, when)
+        shapes = {
+            key: (tuple(structure.num_heads(model)), tuple(structure.ffn_size(model)))
+            for key, model in forms.items()
+            if key != "teacher"
+        }
+        on_disk["retime_noise"] = same_shape_spread(shapes, timed, when)
 
     results.update(update_json_atomic(results_path, record))
-
-
-def same_shape_spread(forms: dict, timed: dict, when: str) -> dict:
-    """The timing noise of one retime, read off the rows that share their shapes (per-layer heads and FFN widths:
-    the same computation, whatever weights they hold): per batch size, the largest relative spread of their
-    speedups."""
-    groups: dict[tuple, list[str]] = {}
-    for key, model in forms.items():
-        if key != "teacher":
-            groups.setdefault((tuple(structure.num_heads(model)), tuple(structure.ffn_size(model))), []).append(key)
-    shared = [keys for keys in groups.values() if len(keys) > 1]
-    spread = {}
-    for batch in ("1", "32"):
-        worst = 0.0
-        for keys in shared:
-            speedups = [b["speedup"] for key in keys for b in timed[key] if str(b["batch_size"]) == batch]
-            worst = max(worst, max(speedups) / min(speedups) - 1)
-        spread[f"b{batch}"] = round(worst, 4)
-    return {"at": when, "groups": [sorted(keys) for keys in shared], "largest_relative_spread": spread}
-
-
-def mcnemar(correct_a: torch.Tensor, correct_b: torch.Tensor) -> dict:
-    """McNemar's exact test of two classifiers on the same examples (boolean tensors: each one right or not).
-
-    Only the pairs where they disagree count: under the null hypothesis each of those is won by either side with
-    probability 1/2, so the two-sided p-value is twice the binomial tail of the smaller count. The accuracy difference
-    comes with a 95% interval from the paired per-example differences (normal approximation).
-    """
-    a_only, b_only = int((correct_a & ~correct_b).sum()), int((~correct_a & correct_b).sum())
-    n, k = a_only + b_only, min(a_only, b_only)
-    tail = sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)) for i in
-               range(k + 1)) if n else 1.0  # fmt: skip
-    diff = correct_a.float() - correct_b.float()
-    half = 1.96 * float(diff.std()) / math.sqrt(diff.numel())
-    return {
-        "examples": diff.numel(), "a_only_right": a_only, "b_only_right": b_only, "p_value": min(1.0, 2 * tail),
-        "accuracy_difference": float(diff.mean()), "ci95": [float(diff.mean()) - half, float(diff.mean()) + half],
-    }  # fmt: skip
 
 
 def paired(results: dict, results_path: Path, out: Path, tag: str, data: Path, rows: list, target: float, steps: int):
