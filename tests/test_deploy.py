@@ -119,7 +119,6 @@ def test_deployment_rows_without_a_dense_model_and_the_report_table(exported):
     assert [f["name"] for f in deployment["forms"]] == ["pruned PyTorch fp32", "pruned ONNX fp32", "pruned ONNX int8"]
     assert calls == ["PrunedBertForSequenceClassification", "OnnxRuntimeModel", "OnnxRuntimeModel"]
     assert deployment["reference"] == "pruned PyTorch fp32" and deployment["forms"][2]["metrics"] == {"eval": 0.5}
-    assert [b["speedup"] for b in deployment["forms"][0]["latency"]] == [1.0, 1.0]
     sizes = [f["file_bytes"] for f in deployment["forms"]]
     assert sizes == [(folder / f["file"]).stat().st_size for f in deployment["forms"]]
     table = format_report({"deployment": deployment})
@@ -276,8 +275,6 @@ def test_onnx_stage_exports_measures_and_reports_every_form(assets, tmp_path, ca
     forms = {f["name"]: f for f in deployment["forms"]}
     for form in forms.values():
         assert [b["batch_size"] for b in form["latency"]] == [1, 4] and len(form["latency"][0]["runs_ms"]) == 2
-        assert form["file_bytes"] > 0 and 0.0 <= form["metrics"]["validation_matched"] <= 1.0
-    assert forms["dense PyTorch fp32"]["latency"][0]["speedup"] == 1.0
     assert forms["pruned ONNX int8"]["file_bytes"] < forms["pruned ONNX fp32"]["file_bytes"]
     # the same predictions give the same accuracy, measured here and by the evaluation of the export stage
     accuracy = {name: f["metrics"]["validation_matched"] for name, f in forms.items()}
