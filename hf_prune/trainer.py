@@ -13,8 +13,7 @@ from dataclasses import fields
 
 import torch
 from accelerate import __version__ as accelerate_version
-from accelerate.state import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -22,7 +21,7 @@ from transformers.modeling_utils import unwrap_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from .config import PruningArguments, has_accelerator, multi_process_launch, world_size
+from .config import PruningArguments, multi_process_launch, world_size
 from .distill import causal_lm_distillation_loss, distillation_loss, freeze_teacher
 from .export.persistence import load_teacher
 from .models import structure
@@ -30,12 +29,8 @@ from .models.auto import is_causal_lm_class
 from .models.surgery import prune_ffn_neurons, prune_heads
 from .pruning.builder import build_pruner
 from .pruning.scores import gradients_usable
+from .sharding import cpu_fsdp_version, enable_fsdp_on_cpu, unsharded_class
 from .utils import temporary_path, write_json_atomic
-
-try:
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # torch without FSDP2
-    FSDPModule = None
 
 logger = logging.get_logger(__name__)
 
@@ -95,7 +90,7 @@ class PruningMixin:
             self.loss_is_scaled_for_ga = False
 
     def create_accelerator_and_postprocess(self) -> None:
-        fsdp_version = _cpu_fsdp_version(self.args)
+        fsdp_version = cpu_fsdp_version(self.args)
         if fsdp_version == 1:
             raise ValueError(
                 f"FSDP1 (fsdp_config version 1) is not supported on the CPU: accelerate {accelerate_version} builds "
@@ -105,7 +100,7 @@ class PruningMixin:
             )
         super().create_accelerator_and_postprocess()
         if fsdp_version == 2 and self.accelerator.distributed_type == DistributedType.MULTI_CPU:
-            _enable_fsdp_on_cpu(self)
+            enable_fsdp_on_cpu(self)
 
     @property
     def _distilling(self) -> bool:
@@ -362,39 +357,6 @@ def _refuse_sharded_pruning(trainer) -> None:
         )
 
 
-def _cpu_fsdp_version(args) -> int | None:
-    """The FSDP version asked for when the run trains on the CPU (use_cpu, or no accelerator), else None."""
-    plugin_args = getattr(args, "fsdp_plugin_args", None)
-    if plugin_args is None or not (args.use_cpu or not has_accelerator()):
-        return None
-    return int(plugin_args.get("fsdp_version", 2))
-
-
-def _enable_fsdp_on_cpu(trainer) -> None:
-    """Turns on the FSDP2 that the arguments ask for in a multi-process CPU (gloo) run.
-
-    accelerate enables an FSDP plugin only for accelerator devices and silently runs a CPU launch under DDP instead;
-    torch's FSDP2 (`fully_shard`) shards and all-gathers over gloo all the same. This sets the accelerator state as
-    accelerate does on a GPU (its own state and the process state it is copied from), so that `prepare` shards the
-    student and saving gathers the full weights. The teacher is never prepared: each process keeps a full frozen copy.
-    """
-    args, state = trainer.args, trainer.accelerator.state
-    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
-    # the checks the Trainer makes when accelerate enables FSDP itself
-    if plugin.activation_checkpointing and args.activation_checkpointing:
-        raise ValueError(
-            "`fsdp_config['activation_checkpointing']` (FSDP's own activation checkpointing) and the "
-            "`activation_checkpointing` training argument can't both be set to True."
-        )
-    if args.save_only_model and (args.load_best_model_at_end or "SHARDED" in str(plugin.state_dict_type)):
-        raise ValueError("save_only_model cannot be used under FSDP with load_best_model_at_end or a sharded state.")
-    state.fsdp_plugin = plugin
-    state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    trainer.is_fsdp_enabled = True
-    logger.info("FSDP2 on the CPU (gloo) over %d processes: the student is sharded.", args.world_size)
-
-
 def _check_replicas_synchronised(distributed_type) -> None:
     """Refuses a multi-process launch that the Trainer set up as a single-process run: every process would train its
     own replica, unsynchronised, and prune different weights."""
@@ -491,12 +453,4 @@ def _is_causal_lm(model) -> bool:
     """Whether `model` is a causal LM with an output head (`...ForCausalLM`)."""
     model = unwrap_model(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return is_causal_lm_class(model_type, _model_class(model).__name__.removeprefix("Pruned"))
-
-
-def _model_class(model) -> type:
-    """The class of `model`, before FSDP2 (`fully_shard`) swapped it for a generated `FSDP<name>` subclass."""
-    cls = type(model)
-    if FSDPModule is not None and issubclass(cls, FSDPModule):
-        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
-    return cls
+    return is_causal_lm_class(model_type, unsharded_class(model).__name__.removeprefix("Pruned"))
