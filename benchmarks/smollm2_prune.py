@@ -348,18 +348,19 @@ def table(results: dict) -> str:
         return "no results yet"
     dense = rows["dense"]
     lines = [
-        "| row | non-emb. params | ppl (x dense) | held-out ppl | prefill | decode tok/s | layers | pruning s |",
+        "| row | non-emb. params | ppl (x dense) | held-out ppl | prefill 1x256 | decode tok/s | layers | pruning s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        t = timed.get(name, {})
+        t = timed.get(name)
         kept = row["non_embedding_parameters"] / dense["non_embedding_parameters"]
         wall = row.get("pruning_wall_time_s", row.get("wall_time_s"))
+        prefill = f"{t['prefill_ms']:.0f} ms ({t['prefill_speedup']:.2f}x)" if t else "-"
+        decode = f"{t['decode_tokens_per_s']:.1f} ({t['decode_speedup']:.2f}x)" if t else "-"
         lines.append(
             f"| {name} | {kept:.1%} | {row['perplexity']:.1f} ({row['perplexity'] / dense['perplexity']:.2f}x) | "
-            f"{row['held_out_perplexity']:.1f} | {t.get('prefill_speedup', float('nan')):.2f}x | "
-            f"{t.get('decode_tokens_per_s', float('nan')):.1f} ({t.get('decode_speedup', float('nan')):.2f}x) | "
-            f"{row['layers']} | {'' if wall is None else f'{wall:.0f}'} |"
+            f"{row['held_out_perplexity']:.1f} | {prefill} | {decode} | {row['layers']} | "
+            f"{'' if wall is None else f'{wall:.0f}'} |"
         )
     return "\n".join(lines)
 
