@@ -20,6 +20,7 @@ tuning, physical removal):
 - `hf_prune-p20-uniform`: the same search with every layer keeping the same shapes (loads as a plain LlamaForCausalLM);
 - `hf_prune-p20-3rounds`: the same target in three rounds (`prune_in_rounds`: importance and tuning again on each
   round's model);
+- `hf_prune-p20-no-tune`: without the least-squares tuning (what it is worth on a decoder);
 - `hf_prune-act-p20`: the search on activation importance (Minitron's, as each unit's contribution to the residual
   stream) instead of the Fisher;
 - `hf_prune-prefill1.3/1.5`: 1.3x / 1.5x measured prefill speed (`cost_model="latency"`, batch 1 x 256 tokens,
@@ -83,6 +84,7 @@ HF_PRUNE_ROWS = {
     "hf_prune-p20-uniform": dict(target_speedup=1 / 0.8, cost_model="params", uniform=True),
     "hf_prune-act-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="activation"),
     "hf_prune-p20-3rounds": dict(target_speedup=1 / 0.8, cost_model="params", rounds=3),
+    "hf_prune-p20-no-tune": dict(target_speedup=1 / 0.8, cost_model="params", tune=False),
     "hf_prune-prefill1.3": dict(target_speedup=1.3, cost_model="latency", latency_batch_size=1, seq_len=256),
     "hf_prune-prefill1.5": dict(target_speedup=1.5, cost_model="latency", latency_batch_size=1, seq_len=256),
 }
