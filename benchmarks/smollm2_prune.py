@@ -26,7 +26,8 @@ tuning, physical removal):
 - `hf_prune-prefill1.3/1.5`: 1.3x / 1.5x measured prefill speed (`cost_model="latency"`, batch 1 x 256 tokens,
   calibrated by timing);
 - `magnitude@ROW`, `activation@ROW`: at exactly ROW's shapes, each layer keeps its units of largest group weight norm
-  (Torch-Pruning's magnitude) or largest mean activation contribution (Wanda-sp / Minitron style), no tuning;
+  (Torch-Pruning's magnitude) or largest mean activation contribution (Minitron's mean norm, `power=1`; Wanda-sp
+  style), no tuning;
 - `depth-p20`: whole layers removed by Block Influence (ShortGPT, cosine of a layer's input and output) to the
   parameter count of hf_prune-p20;
 - with `--distill`: `hf_prune-prefill1.5+distill` and the baseline at those shapes with the lower held-out perplexity,
@@ -304,9 +305,9 @@ def main(argv=None) -> None:
                 continue
             started = time.perf_counter()
             if kind not in scores:
-                scores[kind] = (
-                    magnitude_importance(dense) if kind == "magnitude" else activation_importance(dense, batches)
-                )
+                # Minitron's mean norm (power=1): the baseline ranks within each layer only
+                minitron = activation_importance(dense, batches, power=1) if kind == "activation" else None
+                scores[kind] = magnitude_importance(dense) if kind == "magnitude" else minitron
             pruned = baseline_at(dense, rows[shape], scores[kind])
             wall = time.perf_counter() - started
             export(name, pruned)

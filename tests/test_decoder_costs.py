@@ -82,7 +82,8 @@ def test_activation_importance_is_each_unit_s_contribution_to_the_residual_strea
     model = tiny_decoder("llama")
     data = CausalBlocks(4)
     batch = pad_collate(0)([data[i] for i in range(4)])
-    heads, neurons = activation_importance(model, [batch])
+    heads, neurons = activation_importance(model, [batch], power=1)
+    squared = activation_importance(model, [batch])  # the default: mean squared norms
     layer = model.model.layers[1]
     seen = {}
     handles = [
@@ -97,6 +98,11 @@ def test_activation_importance_is_each_unit_s_contribution_to_the_residual_strea
     by_hand = torch.stack([(tokens[:, [n]] @ layer.mlp.down_proj.weight[:, [n]].T).norm(dim=-1).mean()
                            for n in range(WIDTH)])  # fmt: skip
     torch.testing.assert_close(neurons[1].float(), by_hand, rtol=1e-4, atol=1e-6)
+    by_hand_sq = torch.stack([(tokens[:, [n]] @ layer.mlp.down_proj.weight[:, [n]].T).norm(dim=-1).square().mean()
+                              for n in range(WIDTH)])  # fmt: skip
+    torch.testing.assert_close(squared[1][1].float(), by_hand_sq, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="power=3 must be 1"):
+        activation_importance(model, [batch], power=3)
     width = layer.self_attn.o_proj.in_features // KV  # a key/value group's query heads
     ctx = seen["attn"].reshape(-1, KV, width)
     weight = layer.self_attn.o_proj.weight.reshape(-1, KV, width)
