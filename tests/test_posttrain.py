@@ -199,6 +199,8 @@ def test_bad_input_fails_before_any_work():
         prune_to_speedup(model, data, 1000.0, seq_len=SEQ)
     with pytest.raises(ValueError, match="Too few samples for the least-squares"):
         prune_to_speedup(model, data, 2.0, num_samples=4, seq_len=SEQ)
+    with pytest.raises(ValueError, match="needs at least 2 batches .* tune_samples=64 at batch_size=64 gives one"):
+        prune_to_speedup(model, TinyDataset(64), 2.0, num_samples=64, tune_samples=64, batch_size=64, seq_len=SEQ)
     unlabeled = [{"input_ids": [5, 6, 7]}] * 8
     with pytest.raises(ValueError, match="no `labels`"):
         prune_to_speedup(model, unlabeled, 2.0, seq_len=SEQ)

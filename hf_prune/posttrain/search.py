@@ -203,12 +203,6 @@ def _check_uniform_reachable(model, costs, budget: float, target_speedup: float)
 
 
 def _check_samples(rows: list[dict], tune_rows: int, hidden: int, units: int, batch_size: int) -> None:
-    if -(-tune_rows // batch_size) < 2:
-        raise ValueError(
-            "The least-squares mask tuning needs at least 2 batches (one to fit the scales on, one to check them on); "
-            f"tune_samples={tune_rows} at batch_size={batch_size} gives one. Raise tune_samples or lower batch_size, "
-            "or pass tune=False."
-        )
     tokens = sum(len(r["input_ids"]) for r in rows[:tune_rows])
     needed = 10 * units
     if tune_rows < 5 or tokens * hidden * 4 // 5 < needed:
@@ -216,6 +210,12 @@ def _check_samples(rows: list[dict], tune_rows: int, hidden: int, units: int, ba
             f"Too few samples for the least-squares mask tuning: {tune_rows} examples ({tokens} tokens) give "
             f"{tokens * hidden * 4 // 5} equations on the 80% fitted, for up to {units} scales per layer (at least "
             f"{needed} and 5 examples are needed). Raise num_samples / tune_samples, or pass tune=False."
+        )
+    if -(-tune_rows // batch_size) < 2:
+        raise ValueError(
+            "The least-squares mask tuning needs at least 2 batches (one to fit the scales on, one to check them on); "
+            f"tune_samples={tune_rows} at batch_size={batch_size} gives one. Raise tune_samples or lower batch_size, "
+            "or pass tune=False."
         )
 
 
