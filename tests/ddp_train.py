@@ -102,18 +102,14 @@ class TamperOnRank1(TrainerCallback):
                 s.neg_()
 
 
-def run(name: str, overrides: dict, output_dir: str, world: int, tamper: bool = False) -> dict:
-    overrides = dict(overrides)
-    accumulation = overrides.pop("gradient_accumulation_steps", 1)
-    decoder = overrides.pop("decoder", False)
-    if "target_speedup" not in overrides:
-        overrides["target_sparsity"] = 0.5
-    args = PruningArguments(
-        output_dir=os.path.join(output_dir, name),
+def launched_args(output_dir: str, world: int, accumulation: int, max_steps: int, **overrides) -> PruningArguments:
+    """The arguments of a scenario: the same global batch of `GLOBAL_BATCH` on any number of processes, no saving."""
+    return PruningArguments(
+        output_dir=output_dir,
         per_device_train_batch_size=GLOBAL_BATCH // (world * accumulation),
         gradient_accumulation_steps=accumulation,
         learning_rate=1e-2,
-        max_steps=8,
+        max_steps=max_steps,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -122,6 +118,15 @@ def run(name: str, overrides: dict, output_dir: str, world: int, tamper: bool = 
         dataloader_num_workers=0,
         **overrides,
     )
+
+
+def run(name: str, overrides: dict, output_dir: str, world: int, tamper: bool = False) -> dict:
+    overrides = dict(overrides)
+    accumulation = overrides.pop("gradient_accumulation_steps", 1)
+    decoder = overrides.pop("decoder", False)
+    if "target_speedup" not in overrides:
+        overrides["target_sparsity"] = 0.5
+    args = launched_args(os.path.join(output_dir, name), world, accumulation, max_steps=8, **overrides)
     build, data = (tiny_decoder, CausalBlocks(64)) if decoder else (tiny_model, TinyDataset(64))
     teacher = build(seed=1) if args.distill_alpha > 0 else None
     trainer = PruningTrainer(model=build(seed=0), args=args, teacher_model=teacher, train_dataset=data)

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from ddp_train import launched_args  # noqa: E402
 from recipe_run import model_shapes, tiny_recipe  # noqa: E402
 from test_llama import CausalBlocks, tokens  # noqa: E402
 from test_llama import tiny_decoder as llama_decoder  # noqa: E402
@@ -23,7 +24,6 @@ from utils import TinyDataset, batch, tiny_model  # noqa: E402
 
 from hf_prune import PruningArguments, PruningTrainer  # noqa: E402
 
-GLOBAL_BATCH = 8
 SCENARIOS = {
     # token-level distillation with the teacher's logits chunked; gradient accumulation under FSDP's no-sync steps
     "decoder": {"distill_alpha": 0.5, "distill_chunk_size": 7, "gradient_accumulation_steps": 2},
@@ -61,21 +61,7 @@ def run(name: str, overrides: dict, output_dir: str, world: int) -> dict:
     accumulation = overrides.pop("gradient_accumulation_steps", 1)
     fsdp_config = overrides.pop("fsdp_config", {})
     sharded = {"fsdp": True, "fsdp_config": fsdp_config} if world > 1 else {}
-    args = PruningArguments(
-        output_dir=os.path.join(output_dir, name),
-        per_device_train_batch_size=GLOBAL_BATCH // (world * accumulation),
-        gradient_accumulation_steps=accumulation,
-        learning_rate=1e-2,
-        max_steps=4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-        **sharded,
-        **overrides,
-    )
+    args = launched_args(os.path.join(output_dir, name), world, accumulation, max_steps=4, **sharded, **overrides)
     decoder = name == "decoder"
     build, data = (tiny_decoder, CausalBlocks(64)) if decoder else (tiny_model, TinyDataset(64))
     trainer = PruningTrainer(model=build(seed=0), args=args, teacher_model=build(seed=1), train_dataset=data)

@@ -64,16 +64,6 @@ def sentences(n: int, seed: int) -> list[str]:
     return [f"the {pick(ANIMALS)} {pick(VERBS)} the {pick(ANIMALS)} in the {pick(PLACES)}" for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def lm_folder(tmp_path_factory):
-    """A tiny Llama (context of 64 positions) saved with its word-level tokenizer."""
-    folder = tmp_path_factory.mktemp("lm") / "tiny-llama"
-    tokenizer = word_tokenizer()
-    tiny_decoder("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def text_files(tmp_path):
     """Training documents as jsonl (two sentences each), validation as txt (a sentence per line)."""

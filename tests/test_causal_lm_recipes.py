@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from recipe_run import make_tiny_assets
-from test_causal_lm import sentences, word_tokenizer
-from test_llama import tiny_decoder
+from test_causal_lm import sentences
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_prune import load_pruned
@@ -30,21 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 PAIRS = {"problem_type": "causal_lm", "text_column": ["premise", "hypothesis"], "name": "pairs"}
 
 
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    """A tiny Llama (context of 64 positions) saved with its word-level tokenizer: the stand-in for SmolLM2."""
-    folder = tmp_path_factory.mktemp("smollm2") / "tiny-llama"
-    tokenizer = word_tokenizer()
-    tiny_decoder("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
-def smollm2(monkeypatch, llama_folder):
+def smollm2(monkeypatch, lm_folder):
     """`builtin:smollm2` resolved to the tiny Llama."""
-    monkeypatch.setattr(builtin_models, "smollm2_folder", lambda cache_dir=None: llama_folder)
-    return llama_folder
+    monkeypatch.setattr(builtin_models, "smollm2_folder", lambda cache_dir=None: lm_folder)
+    return lm_folder
 
 
 def write_pairs(path: Path, n: int, seed: int, drop: str | None = None) -> Path:
@@ -211,11 +200,11 @@ def test_the_smollm2_recipe_runs_on_a_tiny_llama(smollm2, pairs, tmp_path):
     assert "perplexity" in (result.export_dir / "README.md").read_text()
 
 
-def test_compress_prunes_a_causal_lm_folder_from_its_text(llama_folder, pairs, tmp_path, capsys):
+def test_compress_prunes_a_causal_lm_folder_from_its_text(lm_folder, pairs, tmp_path, capsys):
     train_a, train_b, valid = pairs
     out = tmp_path / "compressed"
     code = cli_main([
-        "compress", str(llama_folder), "--speedup", "1.25", "--cost-model", "params", "--uniform",
+        "compress", str(lm_folder), "--speedup", "1.25", "--cost-model", "params", "--uniform",
         "--importance", "activation", "--train-file", str(train_a), str(train_b), "--validation-file", str(valid),
         "--text-column", "premise", "hypothesis", "--block-size", "16", "--seq-len", "16", "--num-samples", "32",
         "--tune-samples", "32", "--output-dir", str(out), "--set", "defaults.use_cpu=true",

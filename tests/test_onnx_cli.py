@@ -14,7 +14,7 @@ import torch
 from recipe_run import make_tiny_assets
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
-from utils import tiny_model
+from utils import KILLED_BEFORE_REPORT, tiny_model
 
 from hf_prune import export_onnx, load_pruned, prune_ffn_neurons, prune_heads, save_pruned
 from hf_prune.cli import main
@@ -186,16 +186,10 @@ def test_report_and_card_are_written_together(assets, tmp_path):
     deployment = deployment_rows(None, folder, batch_sizes=(1,), seq_len=8, repeats=1, warmup=0)
     (tmp_path / "deployment.json").write_text(json.dumps(deployment))
     killed = (
-        "import json, os, sys\n"
-        "from pathlib import Path\n"
+        "import json, sys\n"
         "from hf_prune.export.deploy import write_deployment\n"
-        "real = os.replace\n"
-        "def replace(src, dst):\n"
-        "    if Path(dst).name == 'pruning_report.json':\n"
-        "        os._exit(9)\n"
-        "    return real(src, dst)\n"
-        "os.replace = replace\n"
-        "write_deployment(sys.argv[1], json.loads(Path(sys.argv[2]).read_text()))\n"
+        + KILLED_BEFORE_REPORT
+        + "write_deployment(sys.argv[1], json.loads(Path(sys.argv[2]).read_text()))\n"
     )
     done = subprocess.run([sys.executable, "-c", killed, str(folder), str(tmp_path / "deployment.json")])
     assert done.returncode == 9

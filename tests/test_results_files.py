@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from utils import KILLED_BEFORE_REPORT
 
 from hf_prune import utils
 from hf_prune.utils import (
@@ -119,18 +120,12 @@ def test_files_written_together_are_completed_after_a_kill(tmp_path):
     card.write_text("old card")
     report.write_text('{"old": true}')
     killed = (
-        "import os, sys\n"
-        "from pathlib import Path\n"
+        "import sys\n"
         "from hf_prune import utils\n"
-        "real = os.replace\n"
-        "def replace(src, dst):\n"
-        "    if Path(dst).name == 'pruning_report.json':\n"
-        "        os._exit(9)\n"
-        "    return real(src, dst)\n"
-        "os.replace = replace\n"
-        "folder = Path(sys.argv[1])\n"
-        "files = {folder / 'README.md': 'new card', folder / 'pruning_report.json': '{\"new\": 1}'}\n"
-        "utils.write_files_together(files)\n"
+        + KILLED_BEFORE_REPORT
+        + "folder = Path(sys.argv[1])\n"
+        + "files = {folder / 'README.md': 'new card', folder / 'pruning_report.json': '{\"new\": 1}'}\n"
+        + "utils.write_files_together(files)\n"
     )
     done = subprocess.run([sys.executable, "-c", killed, str(tmp_path)])
     assert done.returncode == 9

@@ -110,3 +110,17 @@ def mask_removed_units(model, heads: dict, neurons: dict):
         for lu in layer_units(model, "mlp"):
             lu.output_linear.weight[:, neurons.get(lu.layer, [])] = 0
     return model
+
+
+# The start of a script (`python -c`) killed when it is about to rename a file into `pruning_report.json`: what a
+# crash between the writes of one export leaves behind. It defines `os` and `Path` for the rest of the script.
+KILLED_BEFORE_REPORT = (
+    "import os\n"
+    "from pathlib import Path\n"
+    "real = os.replace\n"
+    "def replace(src, dst):\n"
+    "    if Path(dst).name == 'pruning_report.json':\n"
+    "        os._exit(9)\n"
+    "    return real(src, dst)\n"
+    "os.replace = replace\n"
+)
