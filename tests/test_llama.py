@@ -246,7 +246,7 @@ def test_parameter_cost_model_counts_non_embedding_parameters_exactly():
         )
 
 
-@pytest.mark.parametrize("importance", ["fisher", "activation"])
+@pytest.mark.parametrize("importance", ["fisher", "activation", "hybrid"])
 def test_prune_to_a_share_of_parameters_with_either_importance(importance):
     from hf_prune.models.costs import parameter_unit_costs
 
@@ -257,6 +257,26 @@ def test_prune_to_a_share_of_parameters_with_either_importance(importance):
     assert 0.8 / 1.02 <= kept <= 0.8 + 1e-9  # 20% of the non-embedding parameters removed, within the 2% slack
     assert summary["importance"] == importance and summary["cost_model"] == "params"
     assert torch.isfinite(logits(pruned)).all()
+
+
+def test_hybrid_importance_keeps_the_fisher_shapes_and_the_most_active_units():
+    from hf_prune.posttrain.importance import activation_importance
+    from hf_prune.posttrain.search import keep_top, pad_collate
+
+    assert keep_top(torch.tensor([True, False, True, False]), torch.tensor([0.1, 3.0, 2.0, 2.0])).tolist() == [
+        False, True, True, False,
+    ]  # fmt: skip
+    model, data = tiny_decoder("llama"), CausalBlocks(64)
+    options = dict(num_samples=64, seq_len=12, cost_model="params", tune=False)
+    _, fisher = prune_to_speedup(model, data, 1.4, **options)
+    _, hybrid = prune_to_speedup(model, data, 1.4, importance="hybrid", **options)
+    assert hybrid["heads_after"] == fisher["heads_after"] and hybrid["ffn_after"] == fisher["ffn_after"]
+    batches = [pad_collate(0)([data[i] for i in range(j, j + 32)]) for j in (0, 32)]
+    groups = activation_importance(model, batches, power=1)[0]
+    for layer, scores in enumerate(groups):
+        removed = hybrid["pruned_heads"].get(str(layer), [])
+        kept = [u for u in range(len(scores)) if u not in removed]
+        assert not removed or min(scores[kept]) >= max(scores[removed])
 
 
 def test_activation_and_layer_importance():

@@ -46,6 +46,7 @@ from .mask_tuning import tune_masks
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "keep_top",
     "pad_collate",
     "paired_speedups",
     "measured_speedup",
@@ -58,13 +59,30 @@ __all__ = [
 COST_MODELS = ("flops", "params", "latency", "decode")
 # the measured cost models, and the phase of generation each times
 TIMED_COST_MODELS = {"latency": "prefill", "decode": "decode"}
-IMPORTANCES = ("fisher", "activation")
+IMPORTANCES = ("fisher", "activation", "hybrid")
 METHODS = {
     "fisher": "fisher mask search, rearrangement and least-squares tuning (Kwon et al. 2022)",
     "activation": "activation importance (Minitron), mask search and least-squares tuning",
+    "hybrid": "fisher mask search, activation choice within layers (Minitron) and least-squares tuning",
 }
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def keep_top(keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The keep-mask with as many units as `keep` keeps, those of highest `scores` (ties: the lower index).
+
+    Args:
+        keep: bool keep-mask of one layer's units (only its count is used).
+        scores: one score per unit.
+
+    Returns:
+        The new bool keep-mask.
+    """
+    order = torch.argsort(scores.double().cpu(), descending=True, stable=True)
+    out = torch.zeros_like(keep)
+    out[order[: int(keep.sum())].to(keep.device)] = True
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -267,9 +285,11 @@ def prune_to_speedup(
             "decode" (causal LMs: costs fitted to the time of one generated token at batch 1 with the KV cache after
             `seq_len` tokens: `target_speedup` is a ratio of decode tokens/s). The timed cost models are calibrated
             (`calibration_rounds`).
-        importance: "fisher" (the Fisher information of unit masks, Kwon et al. 2022; needs labels) or "activation"
+        importance: "fisher" (the Fisher information of unit masks, Kwon et al. 2022; needs labels), "activation"
             (the mean L2 norm of each unit's output over the sample's tokens, Minitron; see
-            [`hf_prune.posttrain.importance.activation_importance`]; no rearrangement, which needs gradients).
+            [`hf_prune.posttrain.importance.activation_importance`]; no rearrangement, which needs gradients) or
+            "hybrid" (the Fisher search decides how many units each layer keeps, the mean activation norm which ones:
+            instead of the rearrangement, see [`keep_top`]).
         uniform: keep the same number of attention units and of MLP neurons in every layer, chosen by the search
             under that constraint ([`hf_prune.pruning.allocation.allocate_uniform_units`]): the export is then the
             family's own config, which plain `from_pretrained` and serving engines load (decoders; see the adapter).
@@ -341,10 +361,15 @@ def prune_to_speedup(
     times = {}
 
     t = time.perf_counter()
-    if importance == "fisher":
+    if importance in ("fisher", "hybrid"):
         head_grads, neuron_grads = mask_gradients(model, batches)
         head_fisher, neuron_fisher = mask_fisher(head_grads), mask_fisher(neuron_grads)
         times["fisher_s"] = time.perf_counter() - t
+        if importance == "hybrid":
+            t = time.perf_counter()
+            # power=1: Minitron's mean norm ranks units within a layer; across layers it misallocates (importance.py)
+            within = activation_importance(model, batches, power=1)
+            times["importance_s"] = time.perf_counter() - t
     else:  # Minitron's activation importance: no gradients, so no Fisher-based rearrangement either
         head_fisher, neuron_fisher = activation_importance(model, batches)
         times["importance_s"] = time.perf_counter() - t
@@ -383,7 +408,10 @@ def prune_to_speedup(
             )  # fmt: skip
         times["calibration_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    if rearrange:
+    if importance == "hybrid":
+        keep_heads = [keep_top(k, a) for k, a in zip(keep_heads, within[0])]
+        keep_neurons = [keep_top(k, a) for k, a in zip(keep_neurons, within[1])]
+    elif rearrange:
         keep_heads = [rearrange_layer(k, g) for k, g in zip(keep_heads, head_grads)]
         keep_neurons = [rearrange_layer(k, g) for k, g in zip(keep_neurons, neuron_grads)]
     times["search_s"] += time.perf_counter() - t
