@@ -85,6 +85,8 @@ HF_PRUNE_ROWS = {
     "hf_prune-p20-uniform": dict(target_speedup=1 / 0.8, cost_model="params", uniform=True),
     "hf_prune-act-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="activation"),
     "hf_prune-hybrid-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid"),
+    "hf_prune-hybrid-depth-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid",
+                                      drop_layers=True),
     "hf_prune-p20-3rounds": dict(target_speedup=1 / 0.8, cost_model="params", rounds=3),
     "hf_prune-p20-no-tune": dict(target_speedup=1 / 0.8, cost_model="params", tune=False),
     "hf_prune-prefill1.3": dict(target_speedup=1.3, cost_model="latency", latency_batch_size=1, seq_len=256),

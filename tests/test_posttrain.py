@@ -240,7 +240,7 @@ def _speedup_miss(predicted, ratios):
 def test_latency_costs_fit_their_timings_and_predict_the_speedup_of_held_out_shapes(monkeypatch):
     import hf_prune.models.costs as costs_module
     from hf_prune.models.costs import measured_unit_costs, prefill_inputs, time_interleaved
-    from hf_prune.posttrain.search import paired_speedups, timing_threads
+    from hf_prune.posttrain.timing import paired_speedups, timing_threads
 
     # Big enough that the units' matmuls, not Python's per-module overhead, dominate the time. One thread: another
     # process on the machine then delays a timing by what it takes, not a thread pool waiting on its slowest thread.
@@ -368,7 +368,7 @@ def test_targets_that_leave_no_attention_or_no_mlp_are_refused_unless_asked_for(
 
 
 def test_measured_speedup_is_the_first_models_time_over_the_seconds():
-    from hf_prune.posttrain.search import measured_speedup, timing_threads
+    from hf_prune.posttrain.timing import measured_speedup, timing_threads
 
     # a model whose matmuls dominate its time, and a copy with a quarter of its heads and an eighth of its neurons
     # (about 4x faster on a CPU)

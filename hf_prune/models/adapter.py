@@ -191,6 +191,11 @@ class ArchitectureAdapter:
         per-layer config lists, the layer count). Only for adapters with `can_drop_layers`."""
         raise NotImplementedError(f"{type(self).__name__} cannot drop layers.")
 
+    def empty_layer_is_identity(self, model: nn.Module) -> bool:
+        """Whether a layer left with no attention unit and no MLP neuron returns its input unchanged, so that removing
+        it whole changes no output (pre-norm residual layers whose output projections have no bias)."""
+        return False
+
     def is_pruned_config(self, config_dict: dict) -> bool:
         """Whether a `config.json` (as a dict) records per-layer shapes."""
         raise NotImplementedError

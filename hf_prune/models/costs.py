@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import structure
 from .adapter import ATTENTION, MLP
 from .auto import get_adapter, is_causal_lm
-from .surgery import prune_ffn_neurons, prune_heads
+from .surgery import prune_ffn_neurons, prune_heads, prune_layers
 
 __all__ = [
     "PHASES",
@@ -156,8 +156,11 @@ class UnitCosts:
     Args:
         seq_len: the sequence length they were counted at.
         head / neuron: per layer, the FLOPs of one head / one FFN neuron.
-        base: the FLOPs no head or neuron owns (embedding projections, pooler, classifier).
+        base: the FLOPs no head or neuron owns (embedding projections, pooler, classifier, each layer's norms).
         heads / neurons: per layer, the current counts.
+        unit: what the costs count ("FLOPs", "ms", "parameters").
+        layer: per layer, the part of `base` that removing the whole layer saves (its norms, residual adds and, when
+            timed, the per-layer overhead of the runtime); empty when not known (then no layer saves anything).
     """
 
     seq_len: int
@@ -167,14 +170,34 @@ class UnitCosts:
     heads: list[int]
     neurons: list[int]
     unit: str = "FLOPs"
+    layer: list[float] = field(default_factory=list)
 
-    def flops(self, heads: list[int] | None = None, neurons: list[int] | None = None) -> float:
-        """FLOPs of the model with `heads` / `neurons` per layer (default: the current counts)."""
+    def flops(self, heads: list[int] | None = None, neurons: list[int] | None = None, dropped=()) -> float:
+        """FLOPs of the model with `heads` / `neurons` per layer (default: the current counts) and without the layers
+        `dropped` (their units are then not counted either)."""
         heads = self.heads if heads is None else heads
         neurons = self.neurons if neurons is None else neurons
+        gone = set(dropped)
+        saved = sum(self.layer[i] for i in gone) if self.layer else 0.0
+        kept = [i for i in range(len(heads)) if i not in gone]
         return (
-            self.base + sum(h * c for h, c in zip(heads, self.head)) + sum(n * c for n, c in zip(neurons, self.neuron))
+            self.base
+            - saved
+            + sum(heads[i] * self.head[i] for i in kept)
+            + sum(neurons[i] * self.neuron[i] for i in kept)
         )
+
+    def without_layers(self, dropped) -> UnitCosts:
+        """The costs of the model once the layers `dropped` are removed whole: the other layers, renumbered in order,
+        and `base` less what the dropped layers' fixed parts cost."""
+        gone = set(dropped)
+        keep = [i for i in range(len(self.head)) if i not in gone]
+        saved = sum(self.layer[i] for i in gone) if self.layer else 0.0
+        return UnitCosts(
+            self.seq_len, [self.head[i] for i in keep], [self.neuron[i] for i in keep], self.base - saved,
+            [self.heads[i] for i in keep], [self.neurons[i] for i in keep], self.unit,
+            [self.layer[i] for i in keep] if self.layer else [],
+        )  # fmt: skip
 
     @property
     def total(self) -> float:
@@ -206,17 +229,19 @@ def unit_costs(model: nn.Module, seq_len: int = 128) -> UnitCosts:
         return sum(int(per_module.get(f"{prefix}.{layer_prefix}{path}", 0)) for path in paths)
 
     heads, neurons = structure.attention_units(model), structure.ffn_size(model)
-    attn, ffn = [], []
+    attn, ffn, whole = [], [], []
     for layer_prefix in structure.layer_prefixes(model):
         attn.append(flops_of(layer_prefix, adapter.attention_cost_paths))
         ffn.append(flops_of(layer_prefix, adapter.mlp_cost_paths))
+        whole.append(int(per_module.get(f"{prefix}.{layer_prefix.rstrip('.')}", 0)))
     # Every layer has the same hidden and head sizes, so a layer without heads (or neurons) costs what the others do.
     head_costs = [a / h for a, h in zip(attn, heads) if h > 0]
     neuron_costs = [f / n for f, n in zip(ffn, neurons) if n > 0]
     head = [a / h if h > 0 else (head_costs[0] if head_costs else 0.0) for a, h in zip(attn, heads)]
     neuron = [f / n if n > 0 else (neuron_costs[0] if neuron_costs else 0.0) for f, n in zip(ffn, neurons)]
     total = int(counter.get_total_flops())
-    return UnitCosts(seq_len, head, neuron, float(total - sum(attn) - sum(ffn)), heads, neurons)
+    fixed = [float(max(w - a - f, 0)) for w, a, f in zip(whole, attn, ffn)]
+    return UnitCosts(seq_len, head, neuron, float(total - sum(attn) - sum(ffn)), heads, neurons, layer=fixed)
 
 
 @torch.inference_mode()
@@ -256,8 +281,9 @@ def measured_unit_costs(
 ) -> UnitCosts:
     """A cost model in milliseconds of this machine: forward time = base + heads x head + neurons x neuron, fitted by
     least squares to the median times of five copies of `model` (all units; no heads; no neurons; half of each; none),
-    timed interleaved in this process. With `phase="decode"` (causal LMs) the time is that of one generated token at
-    batch 1 after `seq_len` tokens ([`time_decode`]): what decode tokens/s is the inverse of.
+    timed interleaved in this process; for a family that can drop layers, a sixth copy with half the layers gives the
+    fixed cost of a layer (`UnitCosts.layer`, part of `base`). With `phase="decode"` (causal LMs) the time is that of
+    one generated token at batch 1 after `seq_len` tokens ([`time_decode`]): what decode tokens/s is the inverse of.
 
     FLOPs miss the work that scales with heads and neurons but is not a matmul (softmax over every head's scores,
     the FFN activation) and the work no unit owns (LayerNorms, residual adds, embeddings); on a CPU at batch 32 the
@@ -277,30 +303,39 @@ def measured_unit_costs(
     if phase == "decode" and not is_causal_lm(model):
         raise ValueError(f"phase='decode' times generation, which needs a causal LM; {type(model).__name__} is not.")
     heads, neurons = structure.attention_units(model), structure.ffn_size(model)
+    layers = len(heads)
+    # a family that can drop layers also gets the fixed cost of a layer, from a copy with the second half removed
+    depth = get_adapter(model).can_drop_layers and layers > 1
     was_training = model.training
     variants = []
-    for fh, fn in ((1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (0.0, 0.0)):
+    shapes = [(1.0, 1.0, layers), (0.0, 1.0, layers), (1.0, 0.0, layers), (0.5, 0.5, layers), (0.0, 0.0, layers)]
+    for fh, fn, kept_layers in shapes + ([(1.0, 1.0, (layers + 1) // 2)] if depth else []):
         copy_ = copy.deepcopy(model).eval()
         kept_h = [round(h * fh) for h in heads]
         kept_n = [round(n * fn) for n in neurons]
         prune_heads(copy_, {i: list(range(k, h)) for i, (k, h) in enumerate(zip(kept_h, heads)) if k < h})
         prune_ffn_neurons(copy_, {i: list(range(k, n)) for i, (k, n) in enumerate(zip(kept_n, neurons)) if k < n})
-        variants.append((copy_, sum(kept_h), sum(kept_n)))
+        if kept_layers < layers:
+            prune_layers(copy_, range(kept_layers, layers))
+        variants.append((copy_, sum(kept_h[:kept_layers]), sum(kept_n[:kept_layers]), kept_layers))
     if phase == "decode":
         times = time_decode([v[0] for v in variants], seq_len, repeats=repeats)
     else:
         times = time_interleaved([v[0] for v in variants], prefill_inputs(model, batch_size, seq_len), repeats)
     model.train(was_training)
-    design = torch.tensor([[1.0, h, n] for _, h, n in variants], dtype=torch.float64)
+    design = torch.tensor([[1.0, h, n, k][: 4 if depth else 3] for _, h, n, k in variants], dtype=torch.float64)
     observed = torch.tensor([statistics.median(t) for t in times], dtype=torch.float64)
-    base, head, neuron = torch.linalg.lstsq(design, observed.unsqueeze(-1)).solution.squeeze(-1).tolist()
+    fitted = torch.linalg.lstsq(design, observed.unsqueeze(-1)).solution.squeeze(-1).tolist()
+    base, head, neuron = fitted[:3]
     # timing noise must not make a unit free or negative: a floor of a thousandth of its share of the dense time
     floor = observed[0].item() / 1000.0
     head = max(head, floor / max(sum(heads), 1))
     neuron = max(neuron, floor / max(sum(neurons), 1))
-    base = max(base, floor)
-    layers = len(heads)
-    return UnitCosts(seq_len, [head] * layers, [neuron] * layers, base, heads, neurons, unit="ms")
+    per_layer = max(fitted[3], 0.0) if depth else 0.0
+    base = max(base + per_layer * layers, floor)  # the layers' fixed costs are part of base, as counted FLOPs are
+    per_layer = min(per_layer, (base - floor) / layers)
+    fixed = [per_layer] * layers if depth else []
+    return UnitCosts(seq_len, [head] * layers, [neuron] * layers, base, heads, neurons, unit="ms", layer=fixed)
 
 
 def parameter_unit_costs(model: nn.Module) -> UnitCosts:
@@ -331,4 +366,8 @@ def parameter_unit_costs(model: nn.Module) -> UnitCosts:
         per_kind[kind] = (costs, counts)
     (head, heads), (neuron, neurons) = per_kind[ATTENTION], per_kind[MLP]
     owned_total = sum(h * c for h, c in zip(heads, head)) + sum(n * c for n, c in zip(neurons, neuron))
-    return UnitCosts(0, head, neuron, float(total - owned_total), heads, neurons, unit="parameters")
+    fixed = [
+        float(sum(p.numel() for p in layer.parameters()) - h * hc - n * nc)
+        for layer, h, hc, n, nc in zip(adapter.layers(model), heads, head, neurons, neuron)
+    ]
+    return UnitCosts(0, head, neuron, float(total - owned_total), heads, neurons, unit="parameters", layer=fixed)

@@ -21,7 +21,7 @@ from ..models.adapter import ATTENTION, MLP
 from ..models.auto import is_causal_lm
 from ..pruning.units import layer_units
 
-__all__ = ["unit_masks", "mask_gradients", "mask_fisher", "rearrange_layer"]
+__all__ = ["unit_masks", "mask_gradients", "mask_fisher", "layer_fisher", "rearrange_layer"]
 
 IGNORE_INDEX = -100  # labels the loss does not score (padding, later sub-tokens of a word)
 
@@ -170,6 +170,23 @@ def mask_gradients(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Te
 def mask_fisher(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """The diagonal Fisher information of each unit: the sum over examples of its squared gradient."""
     return [g.pow(2).sum(dim=0) for g in grads]
+
+
+def layer_fisher(head_grads: list[torch.Tensor], neuron_grads: list[torch.Tensor]) -> torch.Tensor:
+    """The Fisher information of removing each layer's units all together: `sum_examples (sum_units g)^2`, the loss
+    increase the layer's block of the empirical Fisher matrix predicts (Kwon et al. 2022, section 4.2) for the layer
+    emptied, on the scale of `mask_fisher` (a sum over examples). Where an empty layer is a pass-through (pre-norm
+    decoders), that is the loss of removing the layer whole.
+
+    Args:
+        head_grads / neuron_grads: per layer, per-example mask gradients `(examples, units)` (`mask_gradients`).
+
+    Returns:
+        A float tensor `(layers,)`.
+    """
+    return torch.stack(
+        [(h.double().sum(dim=1) + n.double().sum(dim=1)).pow(2).sum() for h, n in zip(head_grads, neuron_grads)]
+    ).float()
 
 
 def rearrange_layer(keep: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import time
-from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -27,30 +25,21 @@ from transformers.utils import logging
 
 from ..models.adapter import ATTENTION, MLP
 from ..models.auto import get_adapter
-from ..models.costs import (
-    measured_unit_costs,
-    parameter_unit_costs,
-    prefill_inputs,
-    time_decode,
-    time_interleaved,
-    unit_costs,
-)
-from ..models.surgery import prune_ffn_neurons, prune_heads
-from ..pruning.allocation import allocate_uniform_units, allocate_units, speedup_budget
+from ..models.costs import measured_unit_costs, parameter_unit_costs, unit_costs
+from ..models.surgery import prune_ffn_neurons, prune_heads, prune_layers
+from ..pruning.allocation import allocate_uniform_units, allocate_units, allocate_with_depth, speedup_budget
 from ..pruning.units import layer_units
 from .calibration import calibrate
-from .fisher import mask_fisher, mask_gradients, rearrange_layer
+from .fisher import layer_fisher, mask_fisher, mask_gradients, rearrange_layer
 from .importance import activation_importance
 from .mask_tuning import tune_masks
+from .timing import empty_layers, paired_speedups, removed_units, shaped_copy, timing_threads
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "keep_top",
     "pad_collate",
-    "paired_speedups",
-    "measured_speedup",
-    "timing_threads",
     "COST_MODELS",
     "IMPORTANCES",
     "prune_to_speedup",
@@ -137,50 +126,18 @@ def _batches(rows: list[dict], batch_size: int, collate, device) -> list[dict[st
 
 
 # ----------------------------------------------------------------------------------------------------- calibration
-def _removed(keeps: list[torch.Tensor]) -> dict[int, list[int]]:
-    """`{layer: [unit indices to remove]}` of per-layer keep-masks (layers keeping every unit left out)."""
-    return {i: (~k).nonzero().flatten().tolist() for i, k in enumerate(keeps) if not bool(k.all())}
-
-
-def _shaped_copy(model: nn.Module, keep_heads: list[torch.Tensor], keep_neurons: list[torch.Tensor]) -> nn.Module:
-    """An untuned copy with the kept units only: its forward time is the pruned model's (tuning changes values)."""
-    shaped = copy.deepcopy(model).eval()
-    prune_heads(shaped, _removed(keep_heads))
-    prune_ffn_neurons(shaped, _removed(keep_neurons))
-    return shaped
-
-
-def paired_speedups(
-    dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 10, phase: str = "prefill"
-) -> list[float]:
-    """Per interleaved round, the forward time of `dense` over that of `pruned` at `batch_size` x `seq_len`; with
-    `phase="decode"`, the ratio of their times per generated token at batch 1 after `seq_len` tokens (tokens/s of
-    `pruned` over those of `dense`)."""
-    if phase == "decode":
-        dense_ms, pruned_ms = time_decode([dense, pruned], seq_len, repeats=repeats)
-    else:
-        inputs = prefill_inputs(dense, batch_size, seq_len)
-        dense_ms, pruned_ms = time_interleaved([dense, pruned], inputs, repeats, warmup=2)
-    return [d / p if p > 0 else float("inf") for d, p in zip(dense_ms, pruned_ms)]
-
-
-def measured_speedup(
-    dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 10, phase: str = "prefill"
-) -> float:
-    """The median of [`paired_speedups`]."""
-    return statistics.median(paired_speedups(dense, pruned, batch_size, seq_len, repeats, phase))
-
-
-@contextmanager
-def timing_threads(threads: int | None):
-    """Runs the block with `threads` intra-op threads (None: unchanged), restoring the previous count after."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def _check_drop_layers(model, importance: str) -> None:
+    adapter = get_adapter(model)
+    if not (adapter.can_drop_layers and adapter.empty_layer_is_identity(model)):
+        raise ValueError(
+            f"drop_layers=True needs layers that are a pass-through once empty (pre-norm, no output-projection bias); "
+            f"{type(model).__name__} ({model.config.model_type}) has not. Prune its units with drop_layers=False."
+        )
+    if importance not in ("fisher", "hybrid"):
+        raise ValueError(
+            f"drop_layers=True weighs layers by the Fisher information of their units: use importance='fisher' or "
+            f"'hybrid', not {importance!r}."
+        )
 
 
 def _check_some_of_each(costs, budget: float, target_speedup: float, allow_empty_kinds: bool) -> None:
@@ -258,6 +215,7 @@ def prune_to_speedup(
     cost_device: str | torch.device | None = None,
     cost_threads: int | None = None,
     allow_empty_kinds: bool = False,
+    drop_layers: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Prunes heads and FFN neurons of a fine-tuned model to `target_speedup` times fewer FLOPs, without training.
 
@@ -307,6 +265,11 @@ def prune_to_speedup(
         allow_empty_kinds: allow a target that only removing every attention unit or every MLP neuron of the model
             reaches, and a search that removes them all (by default both are refused: such a model predicts nearly a
             constant).
+        drop_layers: let the search also remove whole layers, where that loses less (by the Fisher estimate of
+            [`hf_prune.posttrain.fisher.layer_fisher`]) than spending the target on units alone; every layer left
+            without units is then removed, saving its fixed cost too (see
+            [`hf_prune.pruning.allocation.allocate_with_depth`]). For families whose empty layer is a pass-through
+            (pre-norm decoders without output biases); needs `importance="fisher"` or `"hybrid"`.
 
     Returns:
         `(pruned_model, summary)`: the physically pruned copy, and what was done and measured (FLOPs before / after and
@@ -326,6 +289,8 @@ def prune_to_speedup(
         raise ValueError(f"importance={importance!r} is not known: use one of {', '.join(IMPORTANCES)}.")
     if calibration_rounds < 0:
         raise ValueError(f"calibration_rounds={calibration_rounds} must be >= 0 (0 trusts the cost model).")
+    if drop_layers:
+        _check_drop_layers(model, importance)
     flops = unit_costs(model, seq_len)
     timed = cost_model in TIMED_COST_MODELS
     timing_model, timing = model, {}
@@ -341,10 +306,12 @@ def prune_to_speedup(
             costs = measured_unit_costs(timing_model, seq_len, 1, phase="decode")
         else:
             costs = flops if cost_model == "flops" else parameter_unit_costs(model)
-    budget = speedup_budget(costs, target_speedup)  # an unreachable target fails here, before the Fisher pass
-    _check_some_of_each(costs, budget, target_speedup, allow_empty_kinds)
+    # an unreachable target fails here, before the Fisher pass (with depth: what one layer left could reach)
+    reachable = costs.without_layers(range(1, len(costs.head))) if drop_layers else costs
+    budget = speedup_budget(reachable, target_speedup, reference_flops=costs.total)
+    _check_some_of_each(reachable, budget, target_speedup, allow_empty_kinds)
     if uniform:
-        _check_uniform_reachable(model, costs, budget, target_speedup)
+        _check_uniform_reachable(model, reachable, budget, target_speedup)
     rows = _examples(dataset, num_samples, seed)
     if len(rows) < num_samples:
         logger.warning(
@@ -380,12 +347,15 @@ def prune_to_speedup(
     def search(goal: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # at most 2% over the goal: the kept units may spend down to budget - slack
         slack = costs.total / goal - costs.total / (1.02 * goal)  # in the cost model's unit
-        budget = speedup_budget(costs, goal)
         if uniform:
             accepts = partial(get_adapter(model).accepts_uniform, model.config)
-            return allocate_uniform_units(head_fisher, neuron_fisher, costs, budget, accepts, slack=slack / 2)
-        keep_each = not allow_empty_kinds
-        return allocate_units(head_fisher, neuron_fisher, costs, budget, slack=slack / 2, keep_each=keep_each)
+            allocate = partial(allocate_uniform_units, allowed=accepts, slack=slack / 2)
+        else:
+            allocate = partial(allocate_units, slack=slack / 2, keep_each=not allow_empty_kinds)
+        if drop_layers:
+            loss = layer_fisher(head_grads, neuron_grads)
+            return allocate_with_depth(head_fisher, neuron_fisher, costs, goal, loss, allocate)[:2]
+        return allocate(head_fisher, neuron_fisher, costs, speedup_budget(costs, goal))
 
     keep_heads, keep_neurons = search(target_speedup)
     times["search_s"] = time.perf_counter() - t
@@ -395,16 +365,19 @@ def prune_to_speedup(
         phase, batch = ("decode", 1) if cost_model == "decode" else ("prefill", latency_batch_size)
 
         def time_shapes(keep) -> list[float]:
-            return paired_speedups(timing_model, _shaped_copy(timing_model, *keep), batch, seq_len, phase=phase)
+            shaped = shaped_copy(timing_model, *keep, drop_empty=drop_layers)
+            return paired_speedups(timing_model, shaped, batch, seq_len, phase=phase)
 
         def describe(keep) -> dict:
             heads, neurons = [int(k.sum()) for k in keep[0]], [int(k.sum()) for k in keep[1]]
-            return {"predicted_speedup": costs.total / costs.flops(heads, neurons), "heads": heads, "ffn": neurons}
+            gone = empty_layers(*keep) if drop_layers else []
+            predicted = costs.total / costs.flops(heads, neurons, dropped=gone)
+            return {"predicted_speedup": predicted, "heads": heads, "ffn": neurons, "dropped_layers": gone}
 
         with timing_threads(timing["threads"]):
             (keep_heads, keep_neurons), calibration, retimed = calibrate(
                 search, time_shapes, target_speedup, calibration_rounds,
-                (keep_heads, keep_neurons), costs.max_speedup, describe,
+                (keep_heads, keep_neurons), costs.total / reachable.base, describe,
             )  # fmt: skip
         times["calibration_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -435,9 +408,12 @@ def prune_to_speedup(
         tuning = tune_masks(student, model, tune_batches, keep_heads, keep_neurons, first_token, seed=seed)
     times["tune_s"] = time.perf_counter() - t
 
-    pruned_heads, pruned_neurons = _removed(keep_heads), _removed(keep_neurons)
+    pruned_heads, pruned_neurons = removed_units(keep_heads), removed_units(keep_neurons)
     prune_heads(student, pruned_heads)
     prune_ffn_neurons(student, pruned_neurons)
+    dropped = empty_layers(keep_heads, keep_neurons) if drop_layers else []
+    if dropped:  # pass-throughs once empty (checked above): removing them changes no output
+        prune_layers(student, dropped)
     model.train(was_training)
     after = unit_costs(student, seq_len)
     predicted = costs.flops(after.heads, after.neurons)
@@ -465,6 +441,7 @@ def prune_to_speedup(
         "ffn_after": after.neurons,
         "pruned_heads": {str(k): v for k, v in pruned_heads.items()},
         "pruned_neurons": {str(k): len(v) for k, v in pruned_neurons.items()},
+        "dropped_layers": dropped,
         "tuning": tuning,
         "wall_time_s": {k: round(v, 3) for k, v in times.items()},
     }

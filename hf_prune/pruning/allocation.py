@@ -3,11 +3,13 @@ which heads and neurons to keep in it by importance (Kwon et al. 2022, Algorithm
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..models.costs import UnitCosts
 
-__all__ = ["speedup_budget", "allocate_units", "allocate_uniform_units"]
+__all__ = ["speedup_budget", "allocate_units", "allocate_uniform_units", "allocate_with_depth"]
 
 
 def speedup_budget(costs: UnitCosts, target_speedup: float, reference_flops: float | None = None) -> float:
@@ -172,3 +174,66 @@ def allocate_uniform_units(
         return keep
 
     return top(head_scores, h), top(neuron_scores, n)
+
+
+def allocate_with_depth(
+    head_scores: list[torch.Tensor],
+    neuron_scores: list[torch.Tensor],
+    costs: UnitCosts,
+    target_speedup: float,
+    layer_loss: torch.Tensor,
+    allocate: Callable[..., tuple[list[torch.Tensor], list[torch.Tensor]]],
+    max_dropped: int | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """Keep-masks that may also remove whole layers, where that loses less than spending the budget on units alone.
+
+    Candidate `d` removes the `d` layers of least `layer_loss` (their fixed cost, `costs.layer`, is then saved too)
+    and spends what is left of the target on the other layers' units with `allocate`. Its estimated loss is the
+    importance of the units removed from the kept layers plus `layer_loss` of the dropped ones; the candidate of least
+    estimated loss wins (`d = 0` is the search without depth, so it is never worse by that estimate). `layer_loss`
+    must be on the scale of the unit scores: for Fisher scores, the Fisher information of removing every unit of the
+    layer together (`hf_prune.posttrain.fisher.layer_fisher`).
+
+    Args:
+        head_scores / neuron_scores: per layer, the importance of each unit.
+        costs: the [`UnitCosts`] of the model, with `costs.layer` (what dropping a layer saves beyond its units).
+        target_speedup: dense cost / pruned cost.
+        layer_loss: `(layers,)`, the estimated loss of removing each layer whole.
+        allocate: `(head_scores, neuron_scores, costs, budget) -> (head_keep, neuron_keep)`, e.g. `allocate_units`
+            with its options bound; a `ValueError` from it skips the candidate.
+        max_dropped: the most layers removed (default: all but one).
+
+    Returns:
+        `(head_keep, neuron_keep, dropped)`: per layer (of the model), bool keep-masks (all False in a dropped
+        layer), and the dropped layers' indices.
+    """
+    layers = len(head_scores)
+    order = torch.argsort(layer_loss.double().cpu(), stable=True).tolist()
+    most = layers - 1 if max_dropped is None else min(max_dropped, layers - 1)
+    allowed = costs.total / target_speedup
+    best, error = None, None
+    for d in range(most + 1):
+        dropped = sorted(order[:d])
+        kept = [i for i in range(layers) if i not in set(dropped)]
+        sub = costs.without_layers(dropped)
+        if allowed - sub.base <= 0:
+            continue
+        try:
+            heads, neurons = [head_scores[i] for i in kept], [neuron_scores[i] for i in kept]
+            hk, nk = allocate(heads, neurons, sub, allowed - sub.base)
+        except ValueError as err:
+            error = err
+            continue
+        removed = sum(float(head_scores[i][~k].double().sum()) for i, k in zip(kept, hk))
+        removed += sum(float(neuron_scores[i][~k].double().sum()) for i, k in zip(kept, nk))
+        loss = removed + float(layer_loss.double()[dropped].sum())
+        if best is None or loss < best[0]:
+            best = (loss, dropped, hk, nk)
+    if best is None:
+        raise error or ValueError(f"No candidate reaches target_speedup={target_speedup}.")
+    _, dropped, hk, nk = best
+    head_keep = [torch.zeros(s.shape, dtype=torch.bool) for s in head_scores]
+    neuron_keep = [torch.zeros(s.shape, dtype=torch.bool) for s in neuron_scores]
+    for j, i in enumerate(i for i in range(layers) if i not in set(dropped)):
+        head_keep[i], neuron_keep[i] = hk[j], nk[j]
+    return head_keep, neuron_keep, dropped

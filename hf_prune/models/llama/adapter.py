@@ -121,6 +121,11 @@ class LlamaAdapter(ArchitectureAdapter):
     def needs_remote_code(self, config) -> bool:
         return config_get(config, KV_HEADS_KEY) is not None or config_get(config, MLP_KEY) is not None
 
+    def empty_layer_is_identity(self, model: nn.Module) -> bool:
+        # pre-norm: x + attention(norm(x)) + mlp(norm(...)); with no units each adds only its output bias
+        outputs = (self.attention_roles["o_proj"], self.mlp_roles["down_proj"])
+        return all(self.linear(layer, path).bias is None for layer in self.layers(model) for path in outputs)
+
     def is_pruned_config(self, config_dict: dict) -> bool:
         return KV_HEADS_KEY in config_dict or MLP_KEY in config_dict or DENSE_SHAPE_KEY in config_dict
 

@@ -1,0 +1,97 @@
+"""Depth in the retraining-free search: the per-layer fixed costs of every cost model, the allocation that may drop
+whole layers, and `prune_to_speedup(drop_layers=True)` on decoders whose empty layers are pass-throughs."""
+
+import copy
+
+import pytest
+import torch
+from test_llama import LAYERS, CausalBlocks, logits, non_embedding_parameters, tiny_decoder
+
+from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, prune_layers, prune_to_speedup, save_pruned
+from hf_prune.models import structure
+from hf_prune.models.costs import count_flops, measured_unit_costs, parameter_unit_costs, unit_costs
+from hf_prune.pruning.allocation import allocate_units, allocate_with_depth
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])
+def test_a_decoder_layer_emptied_of_units_is_a_pass_through(family):
+    model = tiny_decoder(family).eval()
+    assert structure.get_layers(model) and len(structure.get_layers(model)) == LAYERS
+    emptied = copy.deepcopy(model)
+    prune_heads(emptied, {1: list(range(structure.attention_units(model)[1]))})
+    prune_ffn_neurons(emptied, {1: list(range(structure.ffn_size(model)[1]))})
+    dropped = prune_layers(copy.deepcopy(model), [1])
+    torch.testing.assert_close(logits(emptied), logits(dropped), rtol=0, atol=0)
+    from hf_prune.models.auto import get_adapter
+
+    assert get_adapter(model).empty_layer_is_identity(model)
+    assert not get_adapter(model).empty_layer_is_identity(tiny_decoder("llama"))  # attention_bias: o_proj has a bias
+
+
+def test_cost_models_say_what_removing_a_layer_saves():
+    model = tiny_decoder("mistral").eval()
+    flops, params = unit_costs(model, 12), parameter_unit_costs(model)
+    assert len(flops.layer) == len(params.layer) == LAYERS and min(params.layer) > 0
+    shallow = prune_layers(copy.deepcopy(model), [0, 2])
+    assert flops.flops(dropped=[0, 2]) == count_flops(shallow, 12)
+    assert params.flops(dropped=[0, 2]) == non_embedding_parameters(shallow)
+    rest = params.without_layers([0, 2])
+    assert rest.total == non_embedding_parameters(shallow) and rest.heads == [params.heads[1]]
+    timed = measured_unit_costs(model, seq_len=12, batch_size=2, repeats=2)
+    assert len(timed.layer) == LAYERS and all(0 <= c <= timed.base for c in timed.layer)
+
+
+def test_allocation_drops_a_layer_only_when_it_loses_less():
+    layers, heads, neurons = 4, 4, 8
+    g = torch.Generator().manual_seed(0)
+    head_scores = [torch.rand(heads, generator=g) + 1 for _ in range(layers)]
+    neuron_scores = [torch.rand(neurons, generator=g) + 1 for _ in range(layers)]
+    model = tiny_decoder("mistral", num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         intermediate_size=neurons)  # fmt: skip
+    costs = parameter_unit_costs(model)
+
+    def allocate(h, n, c, budget):
+        return allocate_units(h, n, c, budget)
+
+    # a layer whose removal costs (almost) nothing goes, and frees its fixed cost for the others
+    cheap = torch.full((layers,), 1e6)
+    cheap[2] = 0.01
+    hk, nk, dropped = allocate_with_depth(head_scores, neuron_scores, costs, 1.6, cheap, allocate)
+    assert dropped == [2] and not hk[2].any() and not nk[2].any()
+    kept_cost = costs.flops([int(k.sum()) for k in hk], [int(k.sum()) for k in nk], dropped=dropped)
+    assert costs.total / kept_cost >= 1.6 - 1e-9
+    # layers that cost more to remove than their units: the search without depth
+    hk, nk, dropped = allocate_with_depth(head_scores, neuron_scores, costs, 1.6, torch.full((layers,), 1e6), allocate)
+    plain = allocate_units(head_scores, neuron_scores, costs, costs.total / 1.6 - costs.base)
+    assert dropped == [] and all(torch.equal(a, b) for a, b in zip(hk + nk, plain[0] + plain[1]))
+
+
+def test_prune_to_speedup_drops_a_layer_the_fisher_says_is_cheap(monkeypatch, tmp_path):
+    import hf_prune.posttrain.search as search
+
+    model = tiny_decoder("mistral").eval()
+    real = search.layer_fisher
+
+    def layer_fisher(head_grads, neuron_grads):
+        loss = real(head_grads, neuron_grads)
+        loss[1] = 0.0  # removing layer 1 is free: the search must take it
+        return loss
+
+    monkeypatch.setattr(search, "layer_fisher", layer_fisher)
+    pruned, summary = prune_to_speedup(model, CausalBlocks(64), 1.5, num_samples=64, seq_len=12, tune_samples=64,
+                                       cost_model="params", drop_layers=True)  # fmt: skip
+    assert summary["dropped_layers"] == [1]
+    assert len(structure.get_layers(pruned)) == LAYERS - 1 and pruned.config.hf_prune_kept_layers == [0, 2]
+    kept = parameter_unit_costs(pruned).total / parameter_unit_costs(model).total
+    assert 1 / (1.5 * 1.02) <= kept <= 1 / 1.5 + 1e-9
+    save_pruned(pruned, tmp_path / "out")
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "out")), logits(pruned))
+
+
+def test_drop_layers_is_refused_where_an_empty_layer_is_not_a_pass_through():
+    data = CausalBlocks(16)
+    with pytest.raises(ValueError, match="pass-through once empty"):
+        prune_to_speedup(tiny_decoder("llama"), data, 1.5, num_samples=16, seq_len=12, drop_layers=True)
+    with pytest.raises(ValueError, match="importance='fisher' or 'hybrid'"):
+        prune_to_speedup(tiny_decoder("mistral"), data, 1.5, num_samples=16, seq_len=12, drop_layers=True,
+                         importance="activation")  # fmt: skip
