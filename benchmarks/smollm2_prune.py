@@ -23,14 +23,19 @@ tuning, physical removal):
 - `hf_prune-p20-no-tune`: without the least-squares tuning (what it is worth on a decoder);
 - `hf_prune-act-p20`: the search on activation importance (Minitron's, as each unit's contribution to the residual
   stream) instead of the Fisher;
+- `hf_prune-hybrid-p20`: the Fisher search sizes each layer, Minitron's mean activation norm picks its units
+  (`importance="hybrid"`); `hf_prune-hybrid-depth-p20`: the same, the search also free to remove whole layers
+  (`drop_layers=True`);
 - `hf_prune-prefill1.3/1.5`: 1.3x / 1.5x measured prefill speed (`cost_model="latency"`, batch 1 x 256 tokens,
   calibrated by timing);
-- `magnitude@ROW`, `activation@ROW`: at exactly ROW's shapes, each layer keeps its units of largest group weight norm
+- `hf_prune-decode1.3`: 1.3x measured decode tokens/s (`cost_model="decode"`, batch 1 after 128 tokens, calibrated),
+  hybrid importance, layers may go: the shapes of the distillation goal (1.5x prefill and 1.3x decode);
+- `magnitude@ROW`, `activation@ROW`: at exactly ROW's shapes (its dropped layers dropped), each layer keeps its units of largest group weight norm
   (Torch-Pruning's magnitude) or largest mean activation contribution (Minitron's mean norm, `power=1`; Wanda-sp
   style), no tuning;
 - `depth-p20`: whole layers removed by Block Influence (ShortGPT, cosine of a layer's input and output) to the
   parameter count of hf_prune-p20;
-- with `--distill`: `hf_prune-prefill1.5+distill` and the baseline at those shapes with the lower held-out perplexity,
+- with `--distill`: `hf_prune-decode1.3+distill` and the baseline at those shapes with the lower held-out perplexity,
   `+distill`, each distilled from the dense model (`T^2 KL` over the vocabulary, `PruningTrainer`) for the same
   `--distill-tokens`.
 
@@ -91,9 +96,11 @@ HF_PRUNE_ROWS = {
     "hf_prune-p20-no-tune": dict(target_speedup=1 / 0.8, cost_model="params", tune=False),
     "hf_prune-prefill1.3": dict(target_speedup=1.3, cost_model="latency", latency_batch_size=1, seq_len=256),
     "hf_prune-prefill1.5": dict(target_speedup=1.5, cost_model="latency", latency_batch_size=1, seq_len=256),
+    "hf_prune-decode1.3": dict(target_speedup=1.3, cost_model="decode", importance="hybrid", drop_layers=True),
 }
-BASELINE_SHAPES = ("hf_prune-p10", "hf_prune-p20", "hf_prune-p30", "hf_prune-prefill1.3", "hf_prune-prefill1.5")
-DISTILL_FROM = "hf_prune-prefill1.5"
+BASELINE_SHAPES = ("hf_prune-p10", "hf_prune-p20", "hf_prune-p30", "hf_prune-prefill1.3", "hf_prune-prefill1.5",
+                   "hf_prune-decode1.3")  # fmt: skip
+DISTILL_FROM = "hf_prune-decode1.3"
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -117,8 +124,10 @@ def non_embedding_parameters(model) -> int:
 
 
 def shapes(model) -> dict:
+    layers = len(structure.get_layers(model))
     return {
-        "layers": len(structure.get_layers(model)),
+        "layers": layers,
+        "kept_layers": list(getattr(model.config, "hf_prune_kept_layers", None) or range(layers)),
         "kv_groups": structure.attention_units(model),
         "mlp": structure.ffn_size(model),
     }
@@ -171,8 +180,16 @@ def baseline_at(dense, reference: dict, scores) -> torch.nn.Module:
 
     model = copy.deepcopy(dense)
     head_scores, neuron_scores = scores
-    prune_heads(model, keep_same_shapes(head_scores, reference["kv_groups"]))
-    prune_ffn_neurons(model, keep_same_shapes(neuron_scores, reference["mlp"]))
+    # a row that dropped layers: the same layers go (by their dense index), the others keep the row's counts
+    kept = reference.get("kept_layers") or list(range(len(head_scores)))
+    heads, neurons = [0] * len(head_scores), [0] * len(neuron_scores)
+    for j, layer in enumerate(kept):
+        heads[layer], neurons[layer] = reference["kv_groups"][j], reference["mlp"][j]
+    prune_heads(model, keep_same_shapes(head_scores, heads))
+    prune_ffn_neurons(model, keep_same_shapes(neuron_scores, neurons))
+    dropped = [i for i in range(len(head_scores)) if i not in set(kept)]
+    if dropped:
+        prune_layers(model, dropped)
     return model
 
 
