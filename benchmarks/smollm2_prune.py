@@ -30,9 +30,9 @@ tuning, physical removal):
   calibrated by timing);
 - `hf_prune-decode1.3`: 1.3x measured decode tokens/s (`cost_model="decode"`, batch 1 after 128 tokens, calibrated),
   hybrid importance, layers may go: the shapes of the distillation goal (1.5x prefill and 1.3x decode);
-- `magnitude@ROW`, `activation@ROW`: at exactly ROW's shapes (its dropped layers dropped), each layer keeps its units of largest group weight norm
-  (Torch-Pruning's magnitude) or largest mean activation contribution (Minitron's mean norm, `power=1`; Wanda-sp
-  style), no tuning;
+- `magnitude@ROW`, `activation@ROW`: at exactly ROW's shapes (its dropped layers dropped), each layer keeps its
+  units of largest group weight norm (Torch-Pruning's magnitude) or largest mean activation contribution (Minitron's
+  mean norm, `power=1`; Wanda-sp style), no tuning;
 - `depth-p20`: whole layers removed by Block Influence (ShortGPT, cosine of a layer's input and output) to the
   parameter count of hf_prune-p20;
 - with `--distill`: `hf_prune-decode1.3+distill` and the baseline at those shapes with the lower held-out perplexity,

@@ -8,6 +8,7 @@ from .distill import distillation_loss
 from .export.onnx import export_onnx, quantize_onnx
 from .export.persistence import load_pruned, save_pruned
 from .models import structure
+from .models.hidden import prune_hidden_dims
 from .models.surgery import prune_ffn_neurons, prune_heads, prune_layers
 from .posttrain.rounds import prune_in_rounds
 from .posttrain.search import prune_to_speedup
@@ -22,6 +23,7 @@ __all__ = [
     "prune_ffn_neurons",
     "prune_heads",
     "prune_layers",
+    "prune_hidden_dims",
     "prune_to_speedup",
     "prune_in_rounds",
     "save_pruned",

@@ -191,6 +191,16 @@ class ArchitectureAdapter:
         per-layer config lists, the layer count). Only for adapters with `can_drop_layers`."""
         raise NotImplementedError(f"{type(self).__name__} cannot drop layers.")
 
+    def hidden_modules(self, model: nn.Module) -> dict[str, list[str]]:
+        """Qualified names of the modules on the residual stream, by role (see `hf_prune.models.hidden`):
+        `embeddings`, `norms`, `readers` (Linears whose input is the stream), `writers` (Linears whose output is added
+        to it) and `sources` (writers with no LayerNorm after them). Families without hidden-dimension pruning
+        raise a `ValueError` naming the fix."""
+        raise ValueError(
+            f"Hidden dimensions of model_type={model.config.model_type!r} cannot be pruned yet; prune its attention "
+            "units, MLP neurons or layers instead."
+        )
+
     def empty_layer_is_identity(self, model: nn.Module) -> bool:
         """Whether a layer left with no attention unit and no MLP neuron returns its input unchanged, so that removing
         it whole changes no output (pre-norm residual layers whose output projections have no bias)."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..adapter import ATTENTION, MLP, ArchitectureAdapter, ChannelSlice, UnitGroup, config_get, set_module
 from . import modeling_hf_prune
-from .modeling_hf_prune import FFN_KEY, HEADS_KEY, LAYOUT_KEY, EmptySelfAttention
+from .modeling_hf_prune import FFN_KEY, HEADS_KEY, HIDDEN_KEY, LAYOUT_KEY, EmptySelfAttention
 
 __all__ = ["BertAdapter", "BERT_LAYOUT"]
 
@@ -106,9 +106,51 @@ class BertAdapter(ArchitectureAdapter):
         setattr(config, FFN_KEY, [self.unit_group(layer, MLP, config).count for layer in layers])
         setattr(config, LAYOUT_KEY, dict(self.layout))
 
+    def hidden_modules(self, model: nn.Module) -> dict[str, list[str]]:
+        base = getattr(model, "base_model", model)
+        names = {id(m): n for n, m in model.named_modules()}
+        prefix = names[id(base)] + "." if names[id(base)] else ""
+        head = _residual_head_readers(model, base)
+        tables = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+        stream = [f"{prefix}embeddings.{n}" for n in tables if getattr(base.embeddings, n, None) is not None]
+        norms, sources = [f"{prefix}embeddings.LayerNorm"], []
+        if getattr(base, "embeddings_project", None) is not None:  # ELECTRA with embedding_size != hidden_size:
+            stream, norms, sources = [], [], [f"{prefix}embeddings_project"]  # the stream starts at the projection
+        layers = [f"{names[id(layer)]}." for layer in self.layers(model)]
+        lay = self.layout
+        return {
+            "embeddings": stream,
+            "norms": norms + [f"{p}{n}" for p in layers for n in ("attention.output.LayerNorm", "output.LayerNorm")],
+            "readers": [f"{p}{lay[r]}" for p in layers for r in ("query", "key", "value", "ffn_in")]
+            + ([f"{prefix}pooler.dense"] if getattr(base, "pooler", None) is not None else [])
+            + head,
+            "writers": [f"{p}{lay[r]}" for p in layers for r in ("attention_output", "ffn_out")],
+            "sources": sources,
+        }
+
     def is_pruned_config(self, config_dict: dict) -> bool:
-        return HEADS_KEY in config_dict or FFN_KEY in config_dict
+        return HEADS_KEY in config_dict or FFN_KEY in config_dict or HIDDEN_KEY in config_dict
 
     def model_input_names(self, config) -> list[str]:
         names = ["input_ids", "attention_mask"]
         return names + ["token_type_ids"] if config.model_type in self.token_type_models else names
+
+
+def _residual_head_readers(model: nn.Module, base: nn.Module) -> list[str]:
+    """The task head's Linears that read the residual stream (not the pooler's output), or a `ValueError`."""
+    if model is base:
+        return []
+    name = type(model).__name__
+    if name.endswith("ForTokenClassification"):
+        return ["classifier"]
+    if name.endswith("ForQuestionAnswering"):
+        return ["qa_outputs"]
+    pooled = getattr(base, "pooler", None) is not None
+    if name.endswith(("ForSequenceClassification", "ForMultipleChoice")):
+        # BERT's classifier reads the pooler; RoBERTa's and ELECTRA's heads read the first token's hidden state
+        head = getattr(model, "classifier", None)
+        return ["classifier.dense"] if isinstance(getattr(head, "dense", None), nn.Linear) and not pooled else []
+    raise ValueError(
+        f"Hidden dimensions of {name} cannot be pruned: its head is not one hf_prune knows (sequence or token "
+        "classification, multiple choice, question answering). Prune heads and FFN neurons instead."
+    )

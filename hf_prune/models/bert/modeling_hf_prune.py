@@ -1,7 +1,7 @@
 # Self-contained: this file is copied next to every exported model as its remote-code modeling file, so it imports
 # nothing but torch and transformers. It rebuilds the per-layer shapes recorded in config.json before the weights are
 # loaded, so `from_pretrained` loads a pruned model without random init or size-mismatch warnings.
-"""Rebuilding pruned shapes from a config: per-layer attention heads and FFN widths."""
+"""Rebuilding pruned shapes from a config: per-layer attention heads and FFN widths, and the residual width."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from torch import nn
 LAYOUT_KEY = "hf_prune_layout"
 HEADS_KEY = "layer_num_attention_heads"
 FFN_KEY = "layer_intermediate_sizes"
+# `{"size": kept residual width, role: [qualified module names]}` (written by hf_prune.models.hidden)
+HIDDEN_KEY = "hf_prune_hidden"
 
 
 class EmptySelfAttention(nn.Module):
@@ -80,13 +82,38 @@ def set_layer_ffn(layer: nn.Module, layout: dict, width: int) -> None:
     _set_module(layer, layout["ffn_out"], _resized(layer.get_submodule(layout["ffn_out"]), in_features=width))
 
 
+def apply_hidden_width(model: nn.Module, config) -> nn.Module:
+    """Rebuilds the modules on the residual stream at the kept width recorded in `config` (no-op if none)."""
+    hidden = getattr(config, HIDDEN_KEY, None)
+    if not hidden:
+        return model
+    size = int(hidden["size"])
+    for name in hidden.get("embeddings", []):
+        old = model.get_submodule(name)
+        new = nn.Embedding(old.num_embeddings, size, padding_idx=old.padding_idx, device=old.weight.device,
+                           dtype=old.weight.dtype)  # fmt: skip
+        _set_module(model, name, new)
+    for name in hidden.get("norms", []):
+        old = model.get_submodule(name)
+        affine = old.weight is not None
+        new = nn.LayerNorm(size, eps=old.eps, elementwise_affine=affine, bias=old.bias is not None,
+                           device=old.weight.device if affine else None, dtype=old.weight.dtype if affine else None)
+        _set_module(model, name, new)
+    for name in hidden.get("readers", []):
+        _set_module(model, name, _resized(model.get_submodule(name), in_features=size))
+    for name in list(hidden.get("writers", [])) + list(hidden.get("sources", [])):
+        _set_module(model, name, _resized(model.get_submodule(name), out_features=size))
+    return model
+
+
 def apply_pruned_shapes(model: nn.Module, config) -> nn.Module:
-    """Reshapes `model`'s layers to the per-layer head counts and FFN widths recorded in `config` (no-op if none)."""
+    """Reshapes `model`'s layers to the per-layer head counts and FFN widths recorded in `config`, then the residual
+    width (no-op if none)."""
     layout = getattr(config, LAYOUT_KEY, None)
     heads = getattr(config, HEADS_KEY, None)
     ffn = getattr(config, FFN_KEY, None)
     if not layout or (heads is None and ffn is None):
-        return model
+        return apply_hidden_width(model, config)
     base = getattr(model, "base_model", model)
     layers = base.get_submodule(layout["layers"])
     head_size = config.hidden_size // getattr(config, layout["config_heads"])
@@ -95,7 +122,7 @@ def apply_pruned_shapes(model: nn.Module, config) -> nn.Module:
             set_layer_heads(layer, layout, int(heads[i]), head_size)
         if ffn is not None and ffn[i] != getattr(config, layout["config_ffn"]):
             set_layer_ffn(layer, layout, int(ffn[i]))
-    return model
+    return apply_hidden_width(model, config)
 
 
 class PrunedModelMixin:

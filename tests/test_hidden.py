@@ -1,0 +1,131 @@
+"""Hidden-dimension pruning of the BERT family: masked equals pruned (alone and with heads, neurons and a layer left
+without heads), save and reload with and without hf_prune, the heads that read the stream, refusals."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification
+from utils import WITHOUT_HF_PRUNE, batch, tiny_config, tiny_model
+
+from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, prune_hidden_dims, save_pruned
+from hf_prune.models.bert import modeling_hf_prune
+from hf_prune.models.hidden import HIDDEN_KEY, hidden_mask, hidden_width, masked_layer_norm
+
+DROP = [0, 3, 4, 9, 17, 30]
+
+
+def outputs(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.start_logits
+
+
+def keep_mask(width, drop):
+    keep = torch.ones(width, dtype=torch.bool)
+    keep[drop] = False
+    return keep
+
+
+def test_masked_layer_norm_is_a_layer_norm_of_the_kept_dimensions():
+    x, w, b = torch.randn(3, 5, 8), torch.randn(8), torch.randn(8)
+    keep = keep_mask(8, [1, 6])
+    out = masked_layer_norm(x, keep, w, b, 1e-5)
+    ref = torch.nn.functional.layer_norm(x[..., keep], (6,), w[keep], b[keep], 1e-5)
+    torch.testing.assert_close(out[..., keep], ref)
+    assert (out[..., ~keep] == 0).all()
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "electra"])
+def test_removing_hidden_dimensions_equals_masking_them(arch):
+    overrides = {"embedding_size": 16} if arch == "electra" else {}  # ELECTRA's projected embeddings
+    model = tiny_model(arch, **overrides).eval()
+    inputs = batch(pad=3)
+    with hidden_mask(model, keep_mask(32, DROP)):
+        masked = outputs(model, inputs)
+    pruned = prune_hidden_dims(copy.deepcopy(model), DROP)
+    torch.testing.assert_close(outputs(pruned, inputs), masked, rtol=1e-5, atol=1e-5)
+    assert hidden_width(pruned) == 32 - len(DROP) and pruned.config.hidden_size == 32
+    assert pruned.config.hf_prune_hidden_kept == [d for d in range(32) if d not in DROP]
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("head", ["token", "qa"])
+def test_heads_that_read_the_stream_lose_the_same_columns(head):
+    torch.manual_seed(0)
+    cls = AutoModelForTokenClassification if head == "token" else AutoModelForQuestionAnswering
+    model = cls.from_config(tiny_config("bert", num_labels=2 if head == "qa" else 3)).eval()
+    inputs = batch()
+    with hidden_mask(model, keep_mask(32, DROP)):
+        masked = outputs(model, inputs)
+    torch.testing.assert_close(outputs(prune_hidden_dims(copy.deepcopy(model), DROP), inputs), masked)
+
+
+def test_hidden_dimensions_with_heads_neurons_and_a_layer_without_heads(tmp_path):
+    model = tiny_model("bert").eval()
+    prune_heads(model, {0: [0, 1, 2, 3], 1: [2]})
+    prune_ffn_neurons(model, {1: list(range(10))})
+    inputs = batch(pad=2)
+    with hidden_mask(model, keep_mask(32, DROP)):
+        masked = outputs(model, inputs)
+    pruned = prune_hidden_dims(copy.deepcopy(model), DROP)
+    prune_hidden_dims(pruned, [0, 1])  # a second cut: indices of the current dimensions
+    again = keep_mask(32, DROP)
+    again[again.nonzero().flatten()[:2]] = False
+    with hidden_mask(model, again):
+        torch.testing.assert_close(outputs(pruned, inputs), outputs(model, inputs), rtol=1e-5, atol=1e-5)
+    assert pruned.config.hf_prune_hidden_kept == again.nonzero().flatten().tolist()
+    assert masked.shape == outputs(pruned, inputs).shape
+
+    save_pruned(pruned, tmp_path / "out")
+    torch.testing.assert_close(outputs(load_pruned(tmp_path / "out"), inputs), outputs(pruned, inputs))
+    # a fresh interpreter without hf_prune: transformers and the remote-code file alone
+    script = WITHOUT_HF_PRUNE + f"""
+import torch
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "out")!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    out = model(input_ids=torch.tensor({inputs["input_ids"].tolist()}),
+                attention_mask=torch.tensor({inputs["attention_mask"].tolist()})).logits
+print(json.dumps(out.tolist()))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    torch.testing.assert_close(torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), outputs(pruned, inputs))
+
+
+def test_the_remote_code_file_reads_the_key_hf_prune_writes():
+    assert modeling_hf_prune.HIDDEN_KEY == HIDDEN_KEY
+
+
+def test_bad_hidden_dimensions_are_refused():
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="out of range"):
+        prune_hidden_dims(model, [32])
+    with pytest.raises(ValueError, match="keep at least one"):
+        prune_hidden_dims(model, range(32))
+    from transformers import AutoModelForMaskedLM
+
+    with pytest.raises(ValueError, match="head is not one hf_prune knows"):
+        prune_hidden_dims(AutoModelForMaskedLM.from_config(tiny_config("bert")), [0])
+    from test_llama import tiny_decoder
+
+    with pytest.raises(ValueError, match="cannot be pruned yet"):
+        prune_hidden_dims(tiny_decoder("mistral"), [0])
+
+
+@pytest.mark.parametrize("arch", ["bert", "electra"])
+def test_onnx_of_a_model_with_fewer_hidden_dimensions_gives_its_logits(arch, tmp_path):
+    from hf_prune import export_onnx
+    from hf_prune.export.onnx import OnnxRuntimeModel
+
+    model = tiny_model(arch, **({"embedding_size": 16} if arch == "electra" else {})).eval()
+    prune_heads(model, {0: [1]})
+    prune_hidden_dims(model, DROP)
+    folder = save_pruned(model, tmp_path / arch, card=False, figure=False)
+    runner = OnnxRuntimeModel(export_onnx(folder) / "model.onnx")
+    inputs = batch(3, 9, pad=2)
+    torch.testing.assert_close(runner(**inputs).logits, outputs(model, inputs), atol=1e-4, rtol=0)
