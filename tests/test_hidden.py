@@ -9,11 +9,14 @@ import sys
 import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification
-from utils import WITHOUT_HF_PRUNE, batch, tiny_config, tiny_model
+from utils import WITHOUT_HF_PRUNE, TinyDataset, batch, tiny_config, tiny_model
 
-from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, prune_hidden_dims, save_pruned
+from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, prune_hidden_dims, prune_to_speedup, save_pruned
 from hf_prune.models.bert import modeling_hf_prune
+from hf_prune.models.costs import count_flops
 from hf_prune.models.hidden import HIDDEN_KEY, hidden_mask, hidden_width, masked_layer_norm
+from hf_prune.posttrain.mask_tuning import tune_masks
+from hf_prune.posttrain.search import pad_collate
 
 DROP = [0, 3, 4, 9, 17, 30]
 
@@ -129,3 +132,66 @@ def test_onnx_of_a_model_with_fewer_hidden_dimensions_gives_its_logits(arch, tmp
     runner = OnnxRuntimeModel(export_onnx(folder) / "model.onnx")
     inputs = batch(3, 9, pad=2)
     torch.testing.assert_close(runner(**inputs).logits, outputs(model, inputs), atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------- search
+def test_the_search_narrows_the_stream_where_it_loses_less_and_reaches_the_target(monkeypatch, tmp_path):
+    import hf_prune.posttrain.search as search
+
+    model = tiny_model("bert").eval()
+    real = search.mask_fisher
+
+    def mask_fisher(grads):  # the hidden dimensions' Fisher (one (examples, hidden) tensor) made nearly free
+        scores = real(grads)
+        return [s * 1e-6 for s in scores] if len(grads) == 1 and grads[0].shape[1] == 32 else scores
+
+    monkeypatch.setattr(search, "mask_fisher", mask_fisher)
+    pruned, summary = prune_to_speedup(model, TinyDataset(64), 2.0, num_samples=64, seq_len=12, tune_samples=64,
+                                       batch_size=16, prune_hidden=True)  # fmt: skip
+    assert summary["hidden_before"] == 32 and summary["hidden_after"] == hidden_width(pruned) < 32
+    ratio = count_flops(model, 12) / count_flops(pruned, 12)
+    assert 2.0 <= ratio <= 2.0 * 1.02 + 1e-9 and summary["predicted_speedup"] == pytest.approx(ratio)
+    save_pruned(pruned, tmp_path / "out")
+    inputs = batch()
+    torch.testing.assert_close(outputs(load_pruned(tmp_path / "out"), inputs), outputs(pruned, inputs))
+
+
+def test_the_search_keeps_the_full_width_when_dimensions_cost_more_than_units(monkeypatch):
+    import hf_prune.posttrain.search as search
+
+    model = tiny_model("bert").eval()
+    _, plain = prune_to_speedup(model, TinyDataset(64), 1.3, num_samples=64, seq_len=12, tune=False, batch_size=16)
+    real = search.mask_fisher
+
+    def mask_fisher(grads):  # every hidden dimension far more important than any unit
+        scores = real(grads)
+        return [s * 0 + 1e9 for s in scores] if len(grads) == 1 and grads[0].shape[1] == 32 else scores
+
+    monkeypatch.setattr(search, "mask_fisher", mask_fisher)
+    _, summary = prune_to_speedup(model, TinyDataset(64), 1.3, num_samples=64, seq_len=12, tune=False, batch_size=16,
+                                  prune_hidden=True)  # fmt: skip
+    assert summary["hidden_after"] == 32
+    assert summary["heads_after"] == plain["heads_after"] and summary["ffn_after"] == plain["ffn_after"]
+
+
+def test_tuning_with_every_dimension_kept_is_the_tuning_without_hidden_masks():
+
+    dense = tiny_model("bert").eval()
+    data = TinyDataset(32)
+    batches = [pad_collate(0)([data[i] for i in range(j, j + 8)]) for j in range(0, 32, 8)]
+    keep_heads = [torch.tensor([True, False, True, True])] * 2
+    keep_neurons = [torch.arange(48) % 3 != 0] * 2
+    a, b = copy.deepcopy(dense), copy.deepcopy(dense)
+    tune_masks(a, dense, batches, keep_heads, keep_neurons, True)
+    tune_masks(b, dense, batches, keep_heads, keep_neurons, True, keep_hidden=torch.ones(32, dtype=torch.bool))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, msg=name)
+
+
+def test_hidden_search_refusals():
+
+    with pytest.raises(ValueError, match="importance='fisher'"):
+        prune_to_speedup(tiny_model("bert"), TinyDataset(16), 1.5, num_samples=16, prune_hidden=True,
+                         importance="activation")  # fmt: skip
+    with pytest.raises(ValueError, match="uniform=False"):
+        prune_to_speedup(tiny_model("bert"), TinyDataset(16), 1.5, num_samples=16, prune_hidden=True, uniform=True)

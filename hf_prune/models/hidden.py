@@ -33,6 +33,7 @@ __all__ = [
     "hidden_width",
     "masked_layer_norm",
     "hidden_mask",
+    "hidden_scale",
     "prune_hidden_dims",
 ]
 
@@ -110,6 +111,32 @@ def hidden_mask(model: nn.Module, keep: torch.Tensor):
             handles.append(model.get_submodule(name).register_forward_hook(norm_hook))
         for name in modules["sources"]:
             handles.append(model.get_submodule(name).register_forward_hook(zero_hook))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def hidden_scale(model: nn.Module, scale: torch.Tensor):
+    """Multiplies the residual stream by `scale` wherever it is written (the outputs of its LayerNorms and of the
+    projections that write it without one): the soft mask whose gradient at one gives each dimension's importance
+    (the Fisher information of a hidden mask, as for heads and neurons; CoFi's hidden mask).
+
+    Args:
+        model: a model whose family supports hidden-dimension pruning.
+        scale: `(hidden,)`, or `(batch, hidden)` for one mask per example.
+    """
+    modules = _modules(model)
+
+    def hook(module, args, output):
+        s = scale.to(device=output.device, dtype=output.dtype)
+        return output * (s.view(s.shape[0], *([1] * (output.dim() - 2)), -1) if s.dim() == 2 else s)
+
+    handles = []
+    try:
+        for name in modules["norms"] + modules["sources"]:
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
         yield model
     finally:
         for handle in handles:

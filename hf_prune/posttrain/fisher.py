@@ -11,7 +11,7 @@ block of the empirical Fisher matrix then chooses which units to remove together
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from ..models import structure
 from ..models.adapter import ATTENTION, MLP
 from ..models.auto import is_causal_lm
+from ..models.hidden import hidden_scale, hidden_width
 from ..pruning.units import layer_units
 
 __all__ = ["unit_masks", "mask_gradients", "mask_fisher", "layer_fisher", "rearrange_layer"]
@@ -125,8 +126,9 @@ def _tokens_per_example(model: nn.Module, batches: list[dict]) -> float | None:
     return tokens / examples
 
 
-def mask_gradients(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-example gradients of the loss with respect to every head's and every neuron's mask, at masks of one.
+def mask_gradients(model: nn.Module, batches: list[dict], hidden: bool = False) -> tuple[list[torch.Tensor], ...]:
+    """Per-example gradients of the loss with respect to every head's and every neuron's mask, at masks of one (and,
+    with `hidden`, of the residual stream's dimensions: [`hf_prune.models.hidden.hidden_scale`]).
 
     An example's loss is the model's loss on it alone for one label per example (sequence classification,
     regression). For one label per token (token classification, a causal LM's next tokens; labels of
@@ -138,11 +140,15 @@ def mask_gradients(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Te
         model: a model with a loss (the batches carry `labels`), in eval mode for deterministic outputs.
         batches: collated batches on the model's device (per-token labels padded with -100).
 
+        hidden: also the gradients of a mask over the residual stream's dimensions, shared by every layer.
+
     Returns:
-        `(head_grads, neuron_grads)`: per layer, a float tensor `(examples, heads)` / `(examples, neurons)`.
+        `(head_grads, neuron_grads)`: per layer, a float tensor `(examples, heads)` / `(examples, neurons)`; with
+        `hidden`, a third element `(examples, hidden)`.
     """
     heads, neurons = structure.attention_units(model), structure.ffn_size(model)
-    head_grads, neuron_grads = [[] for _ in heads], [[] for _ in neurons]
+    head_grads, neuron_grads, hidden_grads = [[] for _ in heads], [[] for _ in neurons], []
+    width = hidden_width(model) if hidden else 0
     tokens_per_example = _tokens_per_example(model, batches)
     requires = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # only the masks' gradients are needed
@@ -152,19 +158,23 @@ def mask_gradients(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Te
             device = batch["input_ids"].device
             hm = [torch.ones(size, h, device=device, requires_grad=True) for h in heads]
             nm = [torch.ones(size, n, device=device, requires_grad=True) for n in neurons]
-            with unit_masks(model, hm, nm):
+            dm = torch.ones(size, width, device=device, requires_grad=True)
+            with unit_masks(model, hm, nm), (hidden_scale(model, dm) if hidden else nullcontext()):
                 loss = _summed_loss(model, batch, tokens_per_example)
             # The gradient of the sum of per-example losses with respect to an example's own copy of the masks is
             # that example's gradient.
-            wanted = [m for m in hm + nm if m.shape[-1] > 0]
+            wanted = [m for m in hm + nm if m.shape[-1] > 0] + ([dm] if hidden else [])
             grads = iter(torch.autograd.grad(loss, wanted))
             for store, masks in ((head_grads, hm), (neuron_grads, nm)):
                 for i, m in enumerate(masks):
                     store[i].append(next(grads).detach().float().cpu() if m.shape[-1] > 0 else torch.zeros(size, 0))
+            if hidden:
+                hidden_grads.append(next(grads).detach().float().cpu())
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
-    return [torch.cat(g) for g in head_grads], [torch.cat(g) for g in neuron_grads]
+    out = [torch.cat(g) for g in head_grads], [torch.cat(g) for g in neuron_grads]
+    return (*out, torch.cat(hidden_grads)) if hidden else out
 
 
 def mask_fisher(grads: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -5,12 +5,15 @@ folded into the output projections. Used by `posttrain.search.prune_to_speedup`.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
 from ..models import structure
 from ..models.adapter import ATTENTION, MLP, ChannelSlice
 from ..models.auto import get_adapter
+from ..models.hidden import hidden_mask
 from ..pruning.units import layer_units
 
 __all__ = ["least_squares_scales", "held_out_batches", "tune_masks"]
@@ -136,6 +139,7 @@ def tune_masks(
     keep_neurons,
     first_token_last: bool,
     seed: int = 0,
+    keep_hidden: torch.Tensor | None = None,
 ) -> list[dict]:
     """Least-squares scales of the kept heads and neurons, layer by layer, folded into the student's weights.
 
@@ -150,16 +154,30 @@ def tune_masks(
         first_token_last: fit the last layer on the first token alone: a sequence classifier reads nothing else of it
             (Kwon et al. fit the last FFN of classifiers on the CLS token too).
         seed: the seed of the held-out batches' draw.
+        keep_hidden: bool keep-mask of the residual dimensions the student keeps (None: all): the student then runs
+            as with them removed ([`hf_prune.models.hidden.hidden_mask`]) and the fit matches the kept dimensions.
 
     Returns:
         Per layer, `{"layer", "heads", "neurons"}` (`heads` / `neurons` where the layer keeps any): whether the
         scales were kept and the held-out error before and after them.
     """
-    adapter = get_adapter(student)
     checked = set(held_out_batches(len(batches), seed))
     held_out = [i in checked for i in range(len(batches))]
-    xs, extras = _layer_inputs(dense, batches)
-    xd = list(xs)
+    xd, extras = _layer_inputs(dense, batches)
+    masked = hidden_mask(student, keep_hidden) if keep_hidden is not None else nullcontext()
+    with masked:
+        return _tune_layers(student, dense, batches, (keep_heads, keep_neurons), first_token_last, held_out,
+                            (xd, extras), keep_hidden)  # fmt: skip
+
+
+def _tune_layers(student, dense, batches, keeps, first_token_last, held_out, dense_inputs, keep_hidden) -> list[dict]:
+    """The layer-by-layer fit of [`tune_masks`] (`keeps`: the head and neuron keep-masks; `dense_inputs`: the dense
+    model's first-layer inputs and layer arguments per batch)."""
+    adapter = get_adapter(student)
+    (keep_heads, keep_neurons), (xd, extras) = keeps, dense_inputs
+    # the student's own layer inputs: with hidden dimensions removed, its embeddings are normalised over the kept ones
+    xs = list(xd) if keep_hidden is None else _layer_inputs(student, batches)[0]
+    dims = slice(None) if keep_hidden is None else keep_hidden.nonzero().flatten().to(xd[0].device)
     all_tokens = [b["attention_mask"].bool() for b in batches]
     first_tokens = []
     for mask in all_tokens:
@@ -207,9 +225,9 @@ def tune_masks(
                 ctx = seen["ctx"][tokens[b]]  # (tokens, units * width)
                 parts = torch.stack(
                     [ctx[:, _cols(head_slice, h)] @ w_o[:, _cols(head_slice, h)].t() for h in heads]
-                )  # (k, tokens, hidden)
+                )[..., dims]  # (k, tokens, hidden kept)
                 bias = s_lin["attention_output"].bias
-                r = attn_target[b][tokens[b]] - x[tokens[b]] - (bias if bias is not None else 0)
+                r = (attn_target[b][tokens[b]] - x[tokens[b]] - (bias if bias is not None else 0))[:, dims]
                 flat = parts.flatten(1).double()
                 stats.add(held_out[b], flat @ flat.t(), flat @ r.flatten().double(), r.double().pow(2).sum())
             for h in handles:
@@ -223,14 +241,14 @@ def tune_masks(
         if neurons:
             stats = _Stats(len(neurons), w_down.device)
             kept = torch.tensor(neurons, device=w_down.device)
-            w = w_down[:, kept].double()
+            w = w_down[dims][:, kept].double()
             ww = w.t() @ w
             seen, handles = _capture({"act": s_lin["ffn_out"], "res": s_lin["mlp_residual"]})
             for b, x in enumerate(xs):
                 _call_layer(s_layer, x, extras[b])
                 act = seen["act"][tokens[b]][:, kept].double()  # (tokens, k)
                 bias = s_lin["ffn_out"].bias
-                r = (ffn_target[b] - seen["res"] - (bias if bias is not None else 0))[tokens[b]].double()
+                r = (ffn_target[b] - seen["res"] - (bias if bias is not None else 0))[tokens[b]][:, dims].double()
                 # A = [act_j * w_j]: A^T A = (act^T act) * (w^T w), A^T r = sum_tokens act * (r @ w)
                 stats.add(held_out[b], (act.t() @ act) * ww, (act * (r @ w)).sum(dim=0), r.pow(2).sum())
             for h in handles:

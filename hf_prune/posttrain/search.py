@@ -26,14 +26,22 @@ from transformers.utils import logging
 from ..models.adapter import ATTENTION, MLP
 from ..models.auto import get_adapter
 from ..models.costs import measured_unit_costs, parameter_unit_costs, unit_costs
+from ..models.hidden import hidden_width, prune_hidden_dims
 from ..models.surgery import prune_ffn_neurons, prune_heads, prune_layers
-from ..pruning.allocation import allocate_uniform_units, allocate_units, allocate_with_depth, speedup_budget
+from ..pruning.allocation import (
+    allocate_uniform_units,
+    allocate_units,
+    allocate_with_depth,
+    allocate_with_width,
+    speedup_budget,
+)
 from ..pruning.units import layer_units
 from .calibration import calibrate
 from .fisher import layer_fisher, mask_fisher, mask_gradients, rearrange_layer
 from .importance import activation_importance
 from .mask_tuning import tune_masks
 from .timing import empty_layers, paired_speedups, removed_units, shaped_copy, timing_threads
+from .width import candidate_widths, width_costs
 
 logger = logging.get_logger(__name__)
 
@@ -140,6 +148,15 @@ def _check_drop_layers(model, importance: str) -> None:
         )
 
 
+def _check_prune_hidden(model, importance: str, drop_layers: bool, uniform: bool) -> None:
+    get_adapter(model).hidden_modules(model)  # a family or task head without hidden-dimension pruning fails here
+    if importance != "fisher":
+        raise ValueError(f"prune_hidden=True weighs dimensions by their Fisher information: use importance='fisher', "
+                         f"not {importance!r}.")  # fmt: skip
+    if drop_layers or uniform:
+        raise ValueError("prune_hidden=True searches widths on its own: pass drop_layers=False and uniform=False.")
+
+
 def _check_some_of_each(costs, budget: float, target_speedup: float, allow_empty_kinds: bool) -> None:
     """Refuses a target that only removing every attention unit or every MLP neuron of the model reaches: a typo in
     a target would otherwise give a model that predicts a constant."""
@@ -216,6 +233,7 @@ def prune_to_speedup(
     cost_threads: int | None = None,
     allow_empty_kinds: bool = False,
     drop_layers: bool = False,
+    prune_hidden: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Prunes heads and FFN neurons of a fine-tuned model to `target_speedup` times fewer FLOPs, without training.
 
@@ -270,6 +288,11 @@ def prune_to_speedup(
             without units is then removed, saving its fixed cost too (see
             [`hf_prune.pruning.allocation.allocate_with_depth`]). For families whose empty layer is a pass-through
             (pre-norm decoders without output biases); needs `importance="fisher"` or `"hybrid"`.
+        prune_hidden: let the search also narrow the residual stream (hidden dimensions, shared by every layer: see
+            [`hf_prune.models.hidden`]), trying widths down to half ([`hf_prune.posttrain.width.candidate_widths`])
+            and keeping the one of least estimated loss ([`hf_prune.pruning.allocation.allocate_with_width`]); the
+            dimensions' importance is the Fisher information of a mask on the stream. Needs `importance="fisher"`;
+            not with `drop_layers` or `uniform`.
 
     Returns:
         `(pruned_model, summary)`: the physically pruned copy, and what was done and measured (FLOPs before / after and
@@ -291,6 +314,8 @@ def prune_to_speedup(
         raise ValueError(f"calibration_rounds={calibration_rounds} must be >= 0 (0 trusts the cost model).")
     if drop_layers:
         _check_drop_layers(model, importance)
+    if prune_hidden:
+        _check_prune_hidden(model, importance, drop_layers, uniform)
     flops = unit_costs(model, seq_len)
     timed = cost_model in TIMED_COST_MODELS
     timing_model, timing = model, {}
@@ -317,7 +342,7 @@ def prune_to_speedup(
         logger.warning(
             "The dataset has %d examples, fewer than num_samples=%d: using them all.", len(rows), num_samples
         )
-    hidden = model.config.hidden_size
+    hidden = hidden_width(model)
     tune_rows = min(tune_samples, len(rows))
     if tune:
         _check_samples(rows, tune_rows, hidden, max([*costs.heads, *costs.neurons]), batch_size)
@@ -329,8 +354,12 @@ def prune_to_speedup(
 
     t = time.perf_counter()
     if importance in ("fisher", "hybrid"):
-        head_grads, neuron_grads = mask_gradients(model, batches)
+        grads = mask_gradients(model, batches, hidden=prune_hidden)
+        head_grads, neuron_grads = grads[:2]
         head_fisher, neuron_fisher = mask_fisher(head_grads), mask_fisher(neuron_grads)
+        if prune_hidden:
+            hidden_fisher = mask_fisher([grads[2]])[0]
+            costs_at = width_costs(model, costs, cost_model, seq_len, timing_model, latency_batch_size)
         times["fisher_s"] = time.perf_counter() - t
         if importance == "hybrid":
             t = time.perf_counter()
@@ -344,7 +373,7 @@ def prune_to_speedup(
 
     t = time.perf_counter()
 
-    def search(goal: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def search(goal: float) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
         # at most 2% over the goal: the kept units may spend down to budget - slack
         slack = costs.total / goal - costs.total / (1.02 * goal)  # in the cost model's unit
         if uniform:
@@ -354,10 +383,14 @@ def prune_to_speedup(
             allocate = partial(allocate_units, slack=slack / 2, keep_each=not allow_empty_kinds)
         if drop_layers:
             loss = layer_fisher(head_grads, neuron_grads)
-            return allocate_with_depth(head_fisher, neuron_fisher, costs, goal, loss, allocate)[:2]
-        return allocate(head_fisher, neuron_fisher, costs, speedup_budget(costs, goal))
+            return *allocate_with_depth(head_fisher, neuron_fisher, costs, goal, loss, allocate)[:2], None
+        if prune_hidden:
+            widths = candidate_widths(hidden)
+            return allocate_with_width(head_fisher, neuron_fisher, hidden_fisher, costs_at, costs.total, goal, widths,
+                                       allocate)  # fmt: skip
+        return *allocate(head_fisher, neuron_fisher, costs, speedup_budget(costs, goal)), None
 
-    keep_heads, keep_neurons = search(target_speedup)
+    keep_heads, keep_neurons, keep_hidden = search(target_speedup)
     times["search_s"] = time.perf_counter() - t
     calibration, retimed = [], None
     if timed and calibration_rounds > 0:
@@ -365,19 +398,22 @@ def prune_to_speedup(
         phase, batch = ("decode", 1) if cost_model == "decode" else ("prefill", latency_batch_size)
 
         def time_shapes(keep) -> list[float]:
-            shaped = shaped_copy(timing_model, *keep, drop_empty=drop_layers)
+            shaped = shaped_copy(timing_model, *keep[:2], drop_empty=drop_layers, keep_hidden=keep[2])
             return paired_speedups(timing_model, shaped, batch, seq_len, phase=phase)
 
         def describe(keep) -> dict:
             heads, neurons = [int(k.sum()) for k in keep[0]], [int(k.sum()) for k in keep[1]]
-            gone = empty_layers(*keep) if drop_layers else []
-            predicted = costs.total / costs.flops(heads, neurons, dropped=gone)
-            return {"predicted_speedup": predicted, "heads": heads, "ffn": neurons, "dropped_layers": gone}
+            gone = empty_layers(*keep[:2]) if drop_layers else []
+            width = hidden if keep[2] is None else int(keep[2].sum())
+            at = costs if keep[2] is None else costs_at(width)
+            predicted = costs.total / at.flops(heads, neurons, dropped=gone)
+            return {"predicted_speedup": predicted, "heads": heads, "ffn": neurons, "dropped_layers": gone,
+                    "hidden": width}  # fmt: skip
 
         with timing_threads(timing["threads"]):
-            (keep_heads, keep_neurons), calibration, retimed = calibrate(
+            (keep_heads, keep_neurons, keep_hidden), calibration, retimed = calibrate(
                 search, time_shapes, target_speedup, calibration_rounds,
-                (keep_heads, keep_neurons), costs.total / reachable.base, describe,
+                (keep_heads, keep_neurons, keep_hidden), costs.total / reachable.base, describe,
             )  # fmt: skip
         times["calibration_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -405,7 +441,8 @@ def prune_to_speedup(
             type(model).__name__.endswith("ForSequenceClassification")
             and get_adapter(model).classifier_reads_first_token
         )
-        tuning = tune_masks(student, model, tune_batches, keep_heads, keep_neurons, first_token, seed=seed)
+        tuning = tune_masks(student, model, tune_batches, keep_heads, keep_neurons, first_token, seed=seed,
+                            keep_hidden=keep_hidden)  # fmt: skip
     times["tune_s"] = time.perf_counter() - t
 
     pruned_heads, pruned_neurons = removed_units(keep_heads), removed_units(keep_neurons)
@@ -414,9 +451,12 @@ def prune_to_speedup(
     dropped = empty_layers(keep_heads, keep_neurons) if drop_layers else []
     if dropped:  # pass-throughs once empty (checked above): removing them changes no output
         prune_layers(student, dropped)
+    if keep_hidden is not None:
+        prune_hidden_dims(student, (~keep_hidden).nonzero().flatten().tolist())
     model.train(was_training)
     after = unit_costs(student, seq_len)
-    predicted = costs.flops(after.heads, after.neurons)
+    kept_at = costs if keep_hidden is None else costs_at(int(keep_hidden.sum()))
+    predicted = kept_at.flops([int(k.sum()) for k in keep_heads], [int(k.sum()) for k in keep_neurons], dropped)
     times["total_s"] = time.perf_counter() - started
     summary = {
         "method": METHODS[importance],
@@ -442,6 +482,8 @@ def prune_to_speedup(
         "pruned_heads": {str(k): v for k, v in pruned_heads.items()},
         "pruned_neurons": {str(k): len(v) for k, v in pruned_neurons.items()},
         "dropped_layers": dropped,
+        "hidden_before": hidden,
+        "hidden_after": hidden_width(student),
         "tuning": tuning,
         "wall_time_s": {k: round(v, 3) for k, v in times.items()},
     }

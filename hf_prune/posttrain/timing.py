@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..models.costs import prefill_inputs, time_decode, time_interleaved
+from ..models.hidden import prune_hidden_dims
 from ..models.surgery import prune_ffn_neurons, prune_heads, prune_layers
 
 __all__ = ["removed_units", "empty_layers", "shaped_copy", "paired_speedups", "measured_speedup", "timing_threads"]
@@ -27,16 +28,22 @@ def empty_layers(keep_heads: list[torch.Tensor], keep_neurons: list[torch.Tensor
 
 
 def shaped_copy(
-    model: nn.Module, keep_heads: list[torch.Tensor], keep_neurons: list[torch.Tensor], drop_empty: bool = False
+    model: nn.Module,
+    keep_heads: list[torch.Tensor],
+    keep_neurons: list[torch.Tensor],
+    drop_empty: bool = False,
+    keep_hidden: torch.Tensor | None = None,
 ) -> nn.Module:
-    """An untuned copy with the kept units only (and, with `drop_empty`, without its empty layers): its forward time
-    is the pruned model's (tuning changes values, not shapes)."""
+    """An untuned copy with the kept units only (with `drop_empty`, without its empty layers; with `keep_hidden`, only
+    those residual dimensions): its forward time is the pruned model's (tuning changes values, not shapes)."""
     shaped = copy.deepcopy(model).eval()
     prune_heads(shaped, removed_units(keep_heads))
     prune_ffn_neurons(shaped, removed_units(keep_neurons))
     empty = empty_layers(keep_heads, keep_neurons) if drop_empty else []
     if empty and len(empty) < len(keep_heads):
         prune_layers(shaped, empty)
+    if keep_hidden is not None:
+        prune_hidden_dims(shaped, (~keep_hidden).nonzero().flatten().tolist())
     return shaped
 
 

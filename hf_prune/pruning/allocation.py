@@ -9,7 +9,7 @@ import torch
 
 from ..models.costs import UnitCosts
 
-__all__ = ["speedup_budget", "allocate_units", "allocate_uniform_units", "allocate_with_depth"]
+__all__ = ["speedup_budget", "allocate_units", "allocate_uniform_units", "allocate_with_depth", "allocate_with_width"]
 
 
 def speedup_budget(costs: UnitCosts, target_speedup: float, reference_flops: float | None = None) -> float:
@@ -237,3 +237,60 @@ def allocate_with_depth(
     for j, i in enumerate(i for i in range(layers) if i not in set(dropped)):
         head_keep[i], neuron_keep[i] = hk[j], nk[j]
     return head_keep, neuron_keep, dropped
+
+
+def allocate_with_width(
+    head_scores: list[torch.Tensor],
+    neuron_scores: list[torch.Tensor],
+    hidden_scores: torch.Tensor,
+    costs_at: Callable[[int], UnitCosts],
+    reference: float,
+    target_speedup: float,
+    widths: list[int],
+    allocate: Callable[..., tuple[list[torch.Tensor], list[torch.Tensor]]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Keep-masks that may also narrow the residual stream, where that loses less than spending the target on units
+    at the full width (CoFi's hidden dimensions, chosen by the same estimate as the units).
+
+    Candidate width `w` keeps the `w` residual dimensions of highest `hidden_scores`; what each head and neuron
+    costs at that width (`costs_at(w)`: projections read and write fewer dimensions) leaves a budget that `allocate`
+    spends on units. The estimated loss is the importance of the removed dimensions plus that of the removed units;
+    the candidate of least estimated loss wins (the full width is the search without hidden dimensions).
+
+    Args:
+        head_scores / neuron_scores: per layer, the importance of each unit.
+        hidden_scores: `(hidden,)`, the importance of each residual dimension, on the units' scale.
+        costs_at: width -> the [`UnitCosts`] of the model at that residual width.
+        reference: the dense model's cost (the target is `reference / target_speedup`).
+        target_speedup: dense cost / pruned cost.
+        widths: candidate widths (at most the current width).
+        allocate: `(head_scores, neuron_scores, costs, budget) -> (head_keep, neuron_keep)`; a `ValueError` from it
+            skips the candidate.
+
+    Returns:
+        `(head_keep, neuron_keep, hidden_keep)`: per layer bool keep-masks, and the bool keep-mask `(hidden,)`.
+    """
+    order = torch.argsort(hidden_scores.double().cpu(), descending=True, stable=True)
+    allowed = reference / target_speedup
+    best, error = None, None
+    for width in sorted({int(w) for w in widths}, reverse=True):
+        if not 0 < width <= hidden_scores.numel():
+            raise ValueError(f"Width {width} is out of range: the residual stream has {hidden_scores.numel()}.")
+        keep = torch.zeros(hidden_scores.numel(), dtype=torch.bool)
+        keep[order[:width]] = True
+        costs = costs_at(width)
+        if allowed - costs.base <= 0:
+            continue
+        try:
+            hk, nk = allocate(head_scores, neuron_scores, costs, allowed - costs.base)
+        except ValueError as err:
+            error = err
+            continue
+        loss = float(hidden_scores.double().cpu()[~keep].sum())
+        loss += sum(float(s[~k].double().sum()) for s, k in zip(head_scores, hk))
+        loss += sum(float(s[~k].double().sum()) for s, k in zip(neuron_scores, nk))
+        if best is None or loss < best[0]:
+            best = (loss, hk, nk, keep)
+    if best is None:
+        raise error or ValueError(f"No residual width reaches target_speedup={target_speedup}.")
+    return best[1], best[2], best[3]
