@@ -88,10 +88,68 @@ def test_prune_to_speedup_drops_a_layer_the_fisher_says_is_cheap(monkeypatch, tm
     torch.testing.assert_close(logits(load_pruned(tmp_path / "out")), logits(pruned))
 
 
-def test_drop_layers_is_refused_where_an_empty_layer_is_not_a_pass_through():
-    data = CausalBlocks(16)
-    with pytest.raises(ValueError, match="pass-through once empty"):
-        prune_to_speedup(tiny_decoder("llama"), data, 1.5, num_samples=16, seq_len=12, drop_layers=True)
+def test_drop_layers_needs_the_fisher():
     with pytest.raises(ValueError, match="importance='fisher' or 'hybrid'"):
-        prune_to_speedup(tiny_decoder("mistral"), data, 1.5, num_samples=16, seq_len=12, drop_layers=True,
+        prune_to_speedup(tiny_decoder("mistral"), CausalBlocks(16), 1.5, num_samples=16, seq_len=12, drop_layers=True,
                          importance="activation")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------- encoders
+@pytest.mark.parametrize("arch", ["bert", "roberta", "electra"])
+def test_a_gated_off_encoder_layer_equals_the_layer_removed(arch):
+    from utils import batch, tiny_model
+
+    from hf_prune.posttrain.fisher import layer_gates
+
+    model = tiny_model(arch, num_hidden_layers=3).eval()
+    inputs = batch(pad=2)
+    gates = torch.ones(4, 3)
+    gates[:, 1] = 0.0
+    with torch.no_grad(), layer_gates(model, gates):
+        gated = model(**inputs).logits
+    dropped = prune_layers(copy.deepcopy(model), [1])
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(**inputs).logits, gated)
+    assert dropped.config.num_hidden_layers == 2 and dropped.config.hf_prune_kept_layers == [0, 2]
+
+
+def test_prune_to_speedup_drops_an_encoder_layer_its_gate_says_is_cheap(monkeypatch, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from utils import WITHOUT_HF_PRUNE, TinyDataset, batch, tiny_model
+
+    import hf_prune.posttrain.search as search
+
+    model = tiny_model("bert", num_hidden_layers=3).eval()
+    real = search.mask_fisher
+
+    def mask_fisher(grads):  # the layer gates' Fisher (one (examples, layers) tensor): layer 1 is free to remove
+        scores = real(grads)
+        if len(grads) == 1 and grads[0].shape[1] == 3:
+            scores[0][1] = 0.0
+        return scores
+
+    monkeypatch.setattr(search, "mask_fisher", mask_fisher)
+    pruned, summary = prune_to_speedup(model, TinyDataset(64), 1.8, num_samples=64, seq_len=12, tune_samples=64,
+                                       batch_size=16, drop_layers=True)  # fmt: skip
+    assert summary["dropped_layers"] == [1] and len(structure.get_layers(pruned)) == 2
+    assert {"layer": 1, "dropped": True} in summary["tuning"]
+    assert count_flops(model, 12) / count_flops(pruned, 12) >= 1.8
+    save_pruned(pruned, tmp_path / "out")
+    inputs = batch()
+    with torch.no_grad():
+        expected = pruned(**inputs).logits
+        torch.testing.assert_close(load_pruned(tmp_path / "out")(**inputs).logits, expected)
+    script = WITHOUT_HF_PRUNE + f"""
+import torch
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "out")!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    out = model(input_ids=torch.tensor({inputs["input_ids"].tolist()}),
+                attention_mask=torch.tensor({inputs["attention_mask"].tolist()})).logits
+print(json.dumps(out.tolist()))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    torch.testing.assert_close(torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), expected)

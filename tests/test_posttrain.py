@@ -259,15 +259,18 @@ def test_latency_costs_fit_their_timings_and_predict_the_speedup_of_held_out_sha
         costs = measured_unit_costs(model, seq, batch_size=batch, repeats=5)
     monkeypatch.undo()
     assert costs.unit == "ms" and costs.heads == [8, 8] and costs.neurons == [1024, 1024]
-    # the five timed copies: all units, no heads, no neurons, half of each, none
+    # the six timed copies: all units, no heads, no neurons, half of each, none, and half the layers
     assert [(h, n) for h, n, _ in fitted] == [
         ([8] * layers, [1024] * layers), ([0] * layers, [1024] * layers), ([8] * layers, [0] * layers),
-        ([4] * layers, [512] * layers), ([0] * layers, [0] * layers),
+        ([4] * layers, [512] * layers), ([0] * layers, [0] * layers), ([8], [1024]),
     ]  # fmt: skip
+    assert len(costs.layer) == layers and all(0 <= c <= costs.base for c in costs.layer)
     # the fitted line passes near each copy's median (its residuals are a small part of the dense time) ...
     dense_ms = fitted[0][2]
     for heads, neurons, median in fitted:
-        assert abs(costs.flops(heads, neurons) - median) <= 0.15 * dense_ms, (heads, neurons, median)
+        gone = list(range(len(heads), layers))
+        predicted = costs.flops(heads + [0] * len(gone), neurons + [0] * len(gone), dropped=gone)
+        assert abs(predicted - median) <= 0.15 * dense_ms, (heads, neurons, median)
     # ... and predicts the speedup of shapes it was not fitted on, timed interleaved with the dense model
     held_out = [([6, 6], [256, 256]), ([2, 2], [768, 768]), ([8, 3], [128, 896])]
     shapes = [_shaped(model, h, n) for h, n in held_out]

@@ -12,6 +12,7 @@ block of the empirical Fisher matrix then chooses which units to remove together
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from ..models.auto import is_causal_lm
 from ..models.hidden import hidden_scale, hidden_width
 from ..pruning.units import layer_units
 
-__all__ = ["unit_masks", "mask_gradients", "mask_fisher", "layer_fisher", "rearrange_layer"]
+__all__ = ["unit_masks", "layer_gates", "mask_gradients", "mask_fisher", "layer_fisher", "rearrange_layer"]
 
 IGNORE_INDEX = -100  # labels the loss does not score (padding, later sub-tokens of a word)
 
@@ -64,6 +65,35 @@ def unit_masks(model: nn.Module, head_masks: list[torch.Tensor], neuron_masks: l
                         f"{lu.output_linear.in_features}."
                     )
                 handles.append(lu.output_linear.register_forward_pre_hook(_mask_hook(mask, out.width)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def layer_gates(model: nn.Module, gates: torch.Tensor):
+    """Gates every whole layer: its output becomes `x + g * (layer(x) - x)` for its input `x` (`gates`: `(batch,
+    layers)`, one per example). At `g = 0` the layer is skipped, which is what removing it does, so the Fisher
+    information of the gate estimates the loss of removing the layer, whatever a layer without units still computes
+    (a post-LayerNorm layer normalises twice).
+    """
+    inputs, handles = {}, []
+
+    def pre(module, args, kwargs, i):
+        inputs[i] = args[0] if args else kwargs["hidden_states"]
+
+    def post(module, args, kwargs, output, i):
+        x = inputs.pop(i)
+        out = output[0] if isinstance(output, tuple) else output
+        g = gates[:, i].to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+        gated = x + g * (out - x)
+        return (gated, *output[1:]) if isinstance(output, tuple) else gated
+
+    try:
+        for i, layer in enumerate(structure.get_layers(model)):
+            handles.append(layer.register_forward_pre_hook(partial(pre, i=i), with_kwargs=True))
+            handles.append(layer.register_forward_hook(partial(post, i=i), with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -126,9 +156,12 @@ def _tokens_per_example(model: nn.Module, batches: list[dict]) -> float | None:
     return tokens / examples
 
 
-def mask_gradients(model: nn.Module, batches: list[dict], hidden: bool = False) -> tuple[list[torch.Tensor], ...]:
+def mask_gradients(
+    model: nn.Module, batches: list[dict], hidden: bool = False, layers: bool = False
+) -> tuple[list[torch.Tensor], ...]:
     """Per-example gradients of the loss with respect to every head's and every neuron's mask, at masks of one (and,
-    with `hidden`, of the residual stream's dimensions: [`hf_prune.models.hidden.hidden_scale`]).
+    with `hidden`, of the residual stream's dimensions, [`hf_prune.models.hidden.hidden_scale`]; with `layers`, of a
+    gate on every whole layer, [`layer_gates`]).
 
     An example's loss is the model's loss on it alone for one label per example (sequence classification,
     regression). For one label per token (token classification, a causal LM's next tokens; labels of
@@ -141,13 +174,14 @@ def mask_gradients(model: nn.Module, batches: list[dict], hidden: bool = False) 
         batches: collated batches on the model's device (per-token labels padded with -100).
 
         hidden: also the gradients of a mask over the residual stream's dimensions, shared by every layer.
+        layers: also the gradients of the layer gates.
 
     Returns:
         `(head_grads, neuron_grads)`: per layer, a float tensor `(examples, heads)` / `(examples, neurons)`; with
-        `hidden`, a third element `(examples, hidden)`.
+        `hidden` or `layers`, two more: `(examples, hidden)` and `(examples, layers)` (None for the one not asked).
     """
     heads, neurons = structure.attention_units(model), structure.ffn_size(model)
-    head_grads, neuron_grads, hidden_grads = [[] for _ in heads], [[] for _ in neurons], []
+    head_grads, neuron_grads, hidden_grads, layer_grads = [[] for _ in heads], [[] for _ in neurons], [], []
     width = hidden_width(model) if hidden else 0
     tokens_per_example = _tokens_per_example(model, batches)
     requires = [p.requires_grad for p in model.parameters()]
@@ -159,22 +193,31 @@ def mask_gradients(model: nn.Module, batches: list[dict], hidden: bool = False) 
             hm = [torch.ones(size, h, device=device, requires_grad=True) for h in heads]
             nm = [torch.ones(size, n, device=device, requires_grad=True) for n in neurons]
             dm = torch.ones(size, width, device=device, requires_grad=True)
-            with unit_masks(model, hm, nm), (hidden_scale(model, dm) if hidden else nullcontext()):
+            lm = torch.ones(size, len(heads), device=device, requires_grad=True)
+            with (
+                unit_masks(model, hm, nm),
+                hidden_scale(model, dm) if hidden else nullcontext(),
+                layer_gates(model, lm) if layers else nullcontext(),
+            ):
                 loss = _summed_loss(model, batch, tokens_per_example)
             # The gradient of the sum of per-example losses with respect to an example's own copy of the masks is
             # that example's gradient.
-            wanted = [m for m in hm + nm if m.shape[-1] > 0] + ([dm] if hidden else [])
+            wanted = [m for m in hm + nm if m.shape[-1] > 0] + ([dm] if hidden else []) + ([lm] if layers else [])
             grads = iter(torch.autograd.grad(loss, wanted))
             for store, masks in ((head_grads, hm), (neuron_grads, nm)):
                 for i, m in enumerate(masks):
                     store[i].append(next(grads).detach().float().cpu() if m.shape[-1] > 0 else torch.zeros(size, 0))
             if hidden:
                 hidden_grads.append(next(grads).detach().float().cpu())
+            if layers:
+                layer_grads.append(next(grads).detach().float().cpu())
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
     out = [torch.cat(g) for g in head_grads], [torch.cat(g) for g in neuron_grads]
-    return (*out, torch.cat(hidden_grads)) if hidden else out
+    if not (hidden or layers):
+        return out
+    return *out, torch.cat(hidden_grads) if hidden else None, torch.cat(layer_grads) if layers else None
 
 
 def mask_fisher(grads: list[torch.Tensor]) -> list[torch.Tensor]:

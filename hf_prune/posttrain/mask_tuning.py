@@ -140,6 +140,7 @@ def tune_masks(
     first_token_last: bool,
     seed: int = 0,
     keep_hidden: torch.Tensor | None = None,
+    dropped: tuple[int, ...] | list[int] = (),
 ) -> list[dict]:
     """Least-squares scales of the kept heads and neurons, layer by layer, folded into the student's weights.
 
@@ -156,6 +157,8 @@ def tune_masks(
         seed: the seed of the held-out batches' draw.
         keep_hidden: bool keep-mask of the residual dimensions the student keeps (None: all): the student then runs
             as with them removed ([`hf_prune.models.hidden.hidden_mask`]) and the fit matches the kept dimensions.
+        dropped: layers the student will lose whole: it skips them (its input passes on), so the next layer's fit
+            makes up for them against the dense model's output of the dropped layer.
 
     Returns:
         Per layer, `{"layer", "heads", "neurons"}` (`heads` / `neurons` where the layer keeps any): whether the
@@ -167,10 +170,12 @@ def tune_masks(
     masked = hidden_mask(student, keep_hidden) if keep_hidden is not None else nullcontext()
     with masked:
         return _tune_layers(student, dense, batches, (keep_heads, keep_neurons), first_token_last, held_out,
-                            (xd, extras), keep_hidden)  # fmt: skip
+                            (xd, extras), keep_hidden, set(dropped))  # fmt: skip
 
 
-def _tune_layers(student, dense, batches, keeps, first_token_last, held_out, dense_inputs, keep_hidden) -> list[dict]:
+def _tune_layers(
+    student, dense, batches, keeps, first_token_last, held_out, dense_inputs, keep_hidden, dropped
+) -> list[dict]:
     """The layer-by-layer fit of [`tune_masks`] (`keeps`: the head and neuron keep-masks; `dense_inputs`: the dense
     model's first-layer inputs and layer arguments per batch)."""
     adapter = get_adapter(student)
@@ -189,6 +194,10 @@ def _tune_layers(student, dense, batches, keeps, first_token_last, held_out, den
     s_attn, s_mlp = layer_units(student, ATTENTION), layer_units(student, MLP)
     d_attn, d_mlp = layer_units(dense, ATTENTION), layer_units(dense, MLP)
     for layer_idx, (s_layer, d_layer) in enumerate(zip(structure.get_layers(student), structure.get_layers(dense))):
+        if layer_idx in dropped:  # the student skips it; the dense model runs it
+            xd = [_call_layer(d_layer, x, extras[b]) for b, x in enumerate(xd)]
+            report.append({"layer": layer_idx, "dropped": True})
+            continue
         # the projections the fit reads: the attention and MLP outputs, and the module whose input is the residual
         # stream the MLP output is added to
         s_lin = {

@@ -135,11 +135,10 @@ def _batches(rows: list[dict], batch_size: int, collate, device) -> list[dict[st
 
 # ----------------------------------------------------------------------------------------------------- calibration
 def _check_drop_layers(model, importance: str) -> None:
-    adapter = get_adapter(model)
-    if not (adapter.can_drop_layers and adapter.empty_layer_is_identity(model)):
+    if not get_adapter(model).can_drop_layers:
         raise ValueError(
-            f"drop_layers=True needs layers that are a pass-through once empty (pre-norm, no output-projection bias); "
-            f"{type(model).__name__} ({model.config.model_type}) has not. Prune its units with drop_layers=False."
+            f"drop_layers=True needs a family whose layers can be removed; {type(model).__name__} "
+            f"({model.config.model_type}) has not. Prune its units with drop_layers=False."
         )
     if importance not in ("fisher", "hybrid"):
         raise ValueError(
@@ -283,11 +282,13 @@ def prune_to_speedup(
         allow_empty_kinds: allow a target that only removing every attention unit or every MLP neuron of the model
             reaches, and a search that removes them all (by default both are refused: such a model predicts nearly a
             constant).
-        drop_layers: let the search also remove whole layers, where that loses less (by the Fisher estimate of
-            [`hf_prune.posttrain.fisher.layer_fisher`]) than spending the target on units alone; every layer left
-            without units is then removed, saving its fixed cost too (see
-            [`hf_prune.pruning.allocation.allocate_with_depth`]). For families whose empty layer is a pass-through
-            (pre-norm decoders without output biases); needs `importance="fisher"` or `"hybrid"`.
+        drop_layers: let the search also remove whole layers, where that loses less than spending the target on
+            units alone ([`hf_prune.pruning.allocation.allocate_with_depth`]), saving their fixed cost too. Where an
+            empty layer is a pass-through (pre-norm decoders without output biases) a layer's loss is the Fisher of
+            emptying it ([`hf_prune.posttrain.fisher.layer_fisher`]) and every layer left without units goes; otherwise
+            (post-LayerNorm encoders) it is the Fisher of a gate that skips it
+            ([`hf_prune.posttrain.fisher.layer_gates`]), the chosen layers go and the tuning makes up for them. Needs
+            `importance="fisher"` or `"hybrid"`.
         prune_hidden: let the search also narrow the residual stream (hidden dimensions, shared by every layer: see
             [`hf_prune.models.hidden`]), trying widths down to half ([`hf_prune.posttrain.width.candidate_widths`])
             and keeping the one of least estimated loss ([`hf_prune.pruning.allocation.allocate_with_width`]); the
@@ -354,9 +355,13 @@ def prune_to_speedup(
 
     t = time.perf_counter()
     if importance in ("fisher", "hybrid"):
-        grads = mask_gradients(model, batches, hidden=prune_hidden)
+        # a layer that is no pass-through once empty (post-LayerNorm) is weighed by the Fisher of a gate on it
+        gated = drop_layers and not get_adapter(model).empty_layer_is_identity(model)
+        grads = mask_gradients(model, batches, hidden=prune_hidden, layers=gated)
         head_grads, neuron_grads = grads[:2]
         head_fisher, neuron_fisher = mask_fisher(head_grads), mask_fisher(neuron_grads)
+        if gated:
+            gate_fisher = mask_fisher([grads[3]])[0]
         if prune_hidden:
             hidden_fisher = mask_fisher([grads[2]])[0]
             costs_at = width_costs(model, costs, cost_model, seq_len, timing_model, latency_batch_size)
@@ -373,7 +378,7 @@ def prune_to_speedup(
 
     t = time.perf_counter()
 
-    def search(goal: float) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    def search(goal: float) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None, list[int]]:
         # at most 2% over the goal: the kept units may spend down to budget - slack
         slack = costs.total / goal - costs.total / (1.02 * goal)  # in the cost model's unit
         if uniform:
@@ -382,15 +387,17 @@ def prune_to_speedup(
         else:
             allocate = partial(allocate_units, slack=slack / 2, keep_each=not allow_empty_kinds)
         if drop_layers:
-            loss = layer_fisher(head_grads, neuron_grads)
-            return *allocate_with_depth(head_fisher, neuron_fisher, costs, goal, loss, allocate)[:2], None
+            loss = gate_fisher if gated else layer_fisher(head_grads, neuron_grads)
+            hk, nk, gone = allocate_with_depth(head_fisher, neuron_fisher, costs, goal, loss, allocate)
+            # a pass-through once empty: every empty layer goes (the chosen ones and any the units left empty)
+            return hk, nk, None, (gone if gated else empty_layers(hk, nk))
         if prune_hidden:
             widths = candidate_widths(hidden)
-            return allocate_with_width(head_fisher, neuron_fisher, hidden_fisher, costs_at, costs.total, goal, widths,
-                                       allocate)  # fmt: skip
-        return *allocate(head_fisher, neuron_fisher, costs, speedup_budget(costs, goal)), None
+            return *allocate_with_width(head_fisher, neuron_fisher, hidden_fisher, costs_at, costs.total, goal, widths,
+                                        allocate), []  # fmt: skip
+        return *allocate(head_fisher, neuron_fisher, costs, speedup_budget(costs, goal)), None, []
 
-    keep_heads, keep_neurons, keep_hidden = search(target_speedup)
+    keep_heads, keep_neurons, keep_hidden, dropped = search(target_speedup)
     times["search_s"] = time.perf_counter() - t
     calibration, retimed = [], None
     if timed and calibration_rounds > 0:
@@ -398,12 +405,12 @@ def prune_to_speedup(
         phase, batch = ("decode", 1) if cost_model == "decode" else ("prefill", latency_batch_size)
 
         def time_shapes(keep) -> list[float]:
-            shaped = shaped_copy(timing_model, *keep[:2], drop_empty=drop_layers, keep_hidden=keep[2])
+            shaped = shaped_copy(timing_model, *keep[:2], dropped=keep[3], keep_hidden=keep[2])
             return paired_speedups(timing_model, shaped, batch, seq_len, phase=phase)
 
         def describe(keep) -> dict:
             heads, neurons = [int(k.sum()) for k in keep[0]], [int(k.sum()) for k in keep[1]]
-            gone = empty_layers(*keep[:2]) if drop_layers else []
+            gone = keep[3]
             width = hidden if keep[2] is None else int(keep[2].sum())
             at = costs if keep[2] is None else costs_at(width)
             predicted = costs.total / at.flops(heads, neurons, dropped=gone)
@@ -411,9 +418,9 @@ def prune_to_speedup(
                     "hidden": width}  # fmt: skip
 
         with timing_threads(timing["threads"]):
-            (keep_heads, keep_neurons, keep_hidden), calibration, retimed = calibrate(
+            (keep_heads, keep_neurons, keep_hidden, dropped), calibration, retimed = calibrate(
                 search, time_shapes, target_speedup, calibration_rounds,
-                (keep_heads, keep_neurons, keep_hidden), costs.total / reachable.base, describe,
+                (keep_heads, keep_neurons, keep_hidden, dropped), costs.total / reachable.base, describe,
             )  # fmt: skip
         times["calibration_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -442,14 +449,13 @@ def prune_to_speedup(
             and get_adapter(model).classifier_reads_first_token
         )
         tuning = tune_masks(student, model, tune_batches, keep_heads, keep_neurons, first_token, seed=seed,
-                            keep_hidden=keep_hidden)  # fmt: skip
+                            keep_hidden=keep_hidden, dropped=dropped)  # fmt: skip
     times["tune_s"] = time.perf_counter() - t
 
     pruned_heads, pruned_neurons = removed_units(keep_heads), removed_units(keep_neurons)
     prune_heads(student, pruned_heads)
     prune_ffn_neurons(student, pruned_neurons)
-    dropped = empty_layers(keep_heads, keep_neurons) if drop_layers else []
-    if dropped:  # pass-throughs once empty (checked above): removing them changes no output
+    if dropped:  # pass-throughs once empty, or weighed by their gates' Fisher and tuned around
         prune_layers(student, dropped)
     if keep_hidden is not None:
         prune_hidden_dims(student, (~keep_hidden).nonzero().flatten().tolist())

@@ -31,17 +31,16 @@ def shaped_copy(
     model: nn.Module,
     keep_heads: list[torch.Tensor],
     keep_neurons: list[torch.Tensor],
-    drop_empty: bool = False,
+    dropped: list[int] | tuple[int, ...] = (),
     keep_hidden: torch.Tensor | None = None,
 ) -> nn.Module:
-    """An untuned copy with the kept units only (with `drop_empty`, without its empty layers; with `keep_hidden`, only
-    those residual dimensions): its forward time is the pruned model's (tuning changes values, not shapes)."""
+    """An untuned copy with the kept units only (without the layers `dropped`; with `keep_hidden`, only those
+    residual dimensions): its forward time is the pruned model's (tuning changes values, not shapes)."""
     shaped = copy.deepcopy(model).eval()
     prune_heads(shaped, removed_units(keep_heads))
     prune_ffn_neurons(shaped, removed_units(keep_neurons))
-    empty = empty_layers(keep_heads, keep_neurons) if drop_empty else []
-    if empty and len(empty) < len(keep_heads):
-        prune_layers(shaped, empty)
+    if dropped and len(dropped) < len(keep_heads):
+        prune_layers(shaped, dropped)
     if keep_hidden is not None:
         prune_hidden_dims(shaped, (~keep_hidden).nonzero().flatten().tolist())
     return shaped

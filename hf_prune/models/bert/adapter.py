@@ -51,6 +51,9 @@ class BertAdapter(ArchitectureAdapter):
     mlp_residual_path = BERT_LAYOUT["ffn_in"]
     modeling_module = modeling_hf_prune
     classifier_reads_first_token = True
+    # post-LayerNorm: a layer without units still normalises twice, so removing it changes the function (the search
+    # weighs that with the Fisher of a gate on the whole layer; see posttrain.fisher.layer_gates)
+    can_drop_layers = True
     # model types whose tokenizers return token_type_ids; roberta and xlm-roberta use one segment only
     token_type_models = ("bert", "electra")
 
@@ -105,6 +108,17 @@ class BertAdapter(ArchitectureAdapter):
         setattr(config, HEADS_KEY, [self.unit_group(layer, ATTENTION, config).count for layer in layers])
         setattr(config, FFN_KEY, [self.unit_group(layer, MLP, config).count for layer in layers])
         setattr(config, LAYOUT_KEY, dict(self.layout))
+
+    def drop_layers(self, model: nn.Module, keep: list[int]) -> None:
+        base = getattr(model, "base_model", model)
+        encoder = base.get_submodule(self.layout["layers"].rpartition(".")[0])
+        layers = self.layers(model)
+        setattr(encoder, self.layout["layers"].rpartition(".")[2], nn.ModuleList(layers[i] for i in keep))
+        for new, layer in enumerate(self.layers(model)):  # caches (decoder use) are indexed by layer_idx
+            for module in layer.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new
+        setattr(model.config, self.layout["config_layers"], len(keep))
 
     def hidden_modules(self, model: nn.Module) -> dict[str, list[str]]:
         base = getattr(model, "base_model", model)
