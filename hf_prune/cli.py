@@ -103,7 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=IMPORTANCES,
         default="fisher",
         help="fisher: Fisher information of unit masks on the loss (default); activation: mean output norm of each "
-        "unit (Minitron).",
+        "unit (Minitron); hybrid: the Fisher sizes each layer, the mean output norm picks its units.",
+    )
+    compress.add_argument(
+        "--drop-layers", action="store_true", help="Let the search remove whole layers where that loses less."
+    )
+    compress.add_argument(
+        "--prune-hidden",
+        action="store_true",
+        help="Let the search narrow the residual stream (hidden dimensions; BERT-family encoders).",
     )
     compress.add_argument(
         "--uniform",

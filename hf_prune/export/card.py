@@ -212,6 +212,14 @@ def _results(report: Mapping) -> tuple[list[tuple[str, ...]], str]:
     return rows, note
 
 
+def _hidden_note(report: Mapping) -> str:
+    """`", 288 of 384 hidden dimensions"` where the residual width was pruned, else empty."""
+    hidden = report.get("hidden_size") or {}
+    if not hidden or hidden.get("kept") == hidden.get("dense"):
+        return ""
+    return f", {hidden['kept']} of {hidden['dense']} hidden dimensions"
+
+
 def _layer_rows(config) -> list[tuple[str, str, str]]:
     _, dense_heads, dense_ffn = get_adapter(config).dense_shape(config)
     heads, ffn = get_adapter(config).config_shapes(config)
@@ -290,7 +298,9 @@ def make_model_card(
             (split if name == metric_name else f"{split} ({name})", _number(teacher, 4), _number(value, 4))
             for name, split, teacher, value in scores
         ],
-        structure_summary=f"{heads_kept} of {heads_dense} attention heads kept over {len(rows)} layers.",
+        structure_summary=f"{heads_kept} of {heads_dense} attention heads kept over {len(rows)} layers"
+        + _hidden_note(report or {})
+        + ".",
         figure_name=figure_name,
         layer_rows=rows,
         model_path=repo_id or "path/to/export",

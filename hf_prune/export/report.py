@@ -42,6 +42,7 @@ from transformers.utils import logging
 from ..models import structure
 from ..models.auto import get_adapter, is_causal_lm
 from ..models.costs import count_flops, dummy_inputs, prefill_inputs, time_decode, time_interleaved
+from ..models.hidden import hidden_width
 from ..models.surgery import KEPT_LAYERS_KEY, PRUNED_HEADS_KEY
 
 logger = logging.get_logger(__name__)
@@ -328,6 +329,7 @@ def build_report(
         "architecture": type(pruned).__name__.removeprefix("Pruned"),
         "layers": layers,
         "heads": {"dense": sum(r["heads_dense"] for r in layers), "kept": sum(r["heads_kept"] for r in layers)},
+        "hidden_size": {"dense": hidden_width(dense), "kept": hidden_width(pruned)},
         "ffn": {"dense": sum(r["ffn_dense"] for r in layers), "kept": sum(r["ffn_kept"] for r in layers)},
         "parameters": {
             "encoder_before": enc_before,

@@ -156,6 +156,9 @@ def format_report(report: Mapping) -> str:
             heads = f"{layer['heads_kept']}/{layer['heads_dense']}"
             layer_rows.append((str(layer["layer"]), heads, f"{layer['ffn_kept']}/{layer['ffn_dense']}"))
         lines += _table(layer_rows)
+    hidden = report.get("hidden_size") or {}
+    if hidden and hidden.get("kept") != hidden.get("dense"):
+        lines.append(f"(residual width: {hidden['kept']} of {hidden['dense']} hidden dimensions kept)")
     stages = report.get("stages") or []
     if stages:
         lines += [""]

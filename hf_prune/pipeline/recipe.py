@@ -414,6 +414,8 @@ def compress_recipe(args) -> dict:
                 "cost_model": args.cost_model,
                 "importance": args.importance,
                 "uniform": bool(args.uniform),
+                "drop_layers": bool(args.drop_layers),
+                "prune_hidden": bool(args.prune_hidden),
             },
             {"stage": "evaluate"},
             {"stage": "export", "seq_len": args.seq_len},

@@ -182,6 +182,9 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
                 f"{where}: uniform={entry['uniform']!r} must be true or false (true: the same attention units and "
                 "MLP width in every layer, exported as the family's own config)."
             )
+        for key in ("drop_layers", "prune_hidden"):
+            if not isinstance(entry.get(key, options[key]), bool):
+                raise ValueError(f"{where}: {key}={entry[key]!r} must be true or false.")
         for key in ("num_samples", "tune_samples", "batch_size", "latency_batch_size"):
             value = entry.get(key, options[key])
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -65,6 +65,8 @@ STAGE_OPTIONS = {
         "cost_model": "flops",
         "importance": "fisher",
         "uniform": False,
+        "drop_layers": False,  # the search may remove whole layers
+        "prune_hidden": False,  # the search may narrow the residual stream (encoders)
         "latency_batch_size": 32,
         "calibration_rounds": 4,
         "cost_device": None,  # where timed costs are measured (default: the training device)
@@ -327,6 +329,8 @@ def _prune_to_speedup(ctx: StageContext, args, opts) -> tuple:
         cost_model=str(opts["cost_model"]),
         importance=str(opts["importance"]),
         uniform=bool(opts["uniform"]),
+        drop_layers=bool(opts["drop_layers"]),
+        prune_hidden=bool(opts["prune_hidden"]),
         latency_batch_size=int(opts["latency_batch_size"]),
         calibration_rounds=int(opts["calibration_rounds"]),
         cost_device=opts["cost_device"],
