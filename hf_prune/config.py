@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 PRUNING_METHODS = ("movement", "taylor", "magnitude")
-PRUNING_TARGETS = ("attention", "ffn", "heads_and_ffn")
+PRUNING_TARGETS = ("attention", "ffn", "heads_and_ffn", "hidden")
 FFN_SPARSITY_RULES = ("uniform", "global", "heads")
 SPARSITY_MODES = ("per_layer", "global")
 ATTENTION_GRANULARITIES = ("block", "head")
@@ -111,9 +111,10 @@ class PruningArguments(TrainingArguments):
         default="attention",
         metadata={
             "help": "'attention' (block masks on the Q, K, V and attention output weights; heads whose blocks are "
-            "all masked can then be removed), 'ffn' (FFN intermediate neurons) or 'heads_and_ffn' (whole heads and "
-            "FFN neurons together, under one FLOPs budget set by target_speedup). 'taylor' needs 'ffn' or "
-            "'heads_and_ffn'."
+            "all masked can then be removed), 'ffn' (FFN intermediate neurons), 'heads_and_ffn' (whole heads and "
+            "FFN neurons together, under one FLOPs budget set by target_speedup) or 'hidden' (dimensions of the "
+            "residual stream, one mask shared by every layer; BERT-family encoders). 'taylor' needs 'ffn', "
+            "'heads_and_ffn' or 'hidden'."
         },
     )
     target_sparsity: float | None = field(
@@ -275,8 +276,9 @@ class PruningArguments(TrainingArguments):
             raise ValueError(f"pruning_target={self.pruning_target!r} is not known. Use one of {PRUNING_TARGETS}.")
         if self.pruning_method == "taylor" and self.pruning_target == "attention":
             raise ValueError(
-                "pruning_method='taylor' scores FFN neurons and whole units: set pruning_target='ffn' or "
-                "'heads_and_ffn' (use 'movement' or 'magnitude' for attention blocks)."
+                "pruning_method='taylor' scores FFN neurons, whole units and hidden dimensions: set "
+                "pruning_target='ffn', 'heads_and_ffn' or 'hidden' (use 'movement' or 'magnitude' for attention "
+                "blocks)."
             )
         if self.target_speedup is not None:
             if self.target_sparsity is not None:

@@ -26,6 +26,7 @@ from .distill import causal_lm_distillation_loss, distillation_loss, freeze_teac
 from .export.persistence import load_teacher
 from .models import structure
 from .models.auto import is_causal_lm_class
+from .models.hidden import hidden_width, prune_hidden_dims
 from .models.surgery import prune_ffn_neurons, prune_heads
 from .pruning.builder import build_pruner
 from .pruning.scores import gradients_usable
@@ -246,10 +247,15 @@ class PruningMixin:
         params_before = sum(p.numel() for p in model.parameters())
         heads = pruner.head_masks(model) if hasattr(pruner, "head_masks") else {}
         neurons = pruner.pruned_neurons() if hasattr(pruner, "pruned_neurons") else {}
+        dims = pruner.pruned_dims() if hasattr(pruner, "pruned_dims") else []
         if heads:
             prune_heads(model, heads)
         if neurons:
             prune_ffn_neurons(model, neurons)
+        if hasattr(pruner, "remove_hooks"):  # the masked form (hooks) gives way to the removed dimensions
+            pruner.remove_hooks()
+        if dims:
+            prune_hidden_dims(model, dims)
         self.pruner = None
         self.callback_handler.remove_callback(_PruningCallback)
         self.model_wrapped = self.model
@@ -263,6 +269,8 @@ class PruningMixin:
             "params_after": sum(p.numel() for p in model.parameters()),
             "pruned_heads": {int(k): v for k, v in heads.items()},
             "pruned_neurons": {int(k): len(v) for k, v in neurons.items()},
+            "pruned_hidden_dims": len(dims),
+            "hidden_after": hidden_width(model),
         }
         logger.info(
             "Pruned %d heads and %d FFN neurons: %d -> %d parameters.",

@@ -195,3 +195,53 @@ def test_hidden_search_refusals():
                          importance="activation")  # fmt: skip
     with pytest.raises(ValueError, match="uniform=False"):
         prune_to_speedup(tiny_model("bert"), TinyDataset(16), 1.5, num_samples=16, prune_hidden=True, uniform=True)
+
+
+# ----------------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("method", ["taylor", "movement", "magnitude"])
+def test_training_with_a_hidden_mask_then_prune_changes_no_output(method, tmp_path):
+    from utils import train_args
+
+    from hf_prune import PruningTrainer
+
+    args = train_args(tmp_path, pruning_method=method, pruning_target="hidden", target_sparsity=0.25,
+                      taylor_iterations=2, taylor_interval_steps=2, max_steps=6, per_device_train_batch_size=8,
+                      pruning_warmup_steps=1, pruning_cooldown_steps=1, pruning_frequency=1)  # fmt: skip
+    trainer = PruningTrainer(model=tiny_model("bert"), args=args, train_dataset=TinyDataset(64))
+    trainer.train()
+    assert trainer.pruner.sparsity() == [0.25]
+    inputs = batch(pad=2)
+    masked = outputs(trainer.model, inputs)
+    summary = trainer.prune()
+    assert summary["pruned_hidden_dims"] == 8 and summary["hidden_after"] == hidden_width(trainer.model) == 24
+    torch.testing.assert_close(outputs(trainer.model, inputs), masked, rtol=1e-5, atol=1e-5)
+    save_pruned(trainer.model, tmp_path / "out")
+    torch.testing.assert_close(outputs(load_pruned(tmp_path / "out"), inputs), masked, rtol=1e-5, atol=1e-5)
+    trainer.train()  # trains on at the new width
+
+
+def test_hidden_pruning_resumes_with_the_same_mask(tmp_path):
+    from transformers import TrainerCallback
+    from utils import train_args
+
+    from hf_prune import PruningTrainer
+
+    def trainer_at(folder):
+        args = train_args(folder, pruning_method="taylor", pruning_target="hidden", target_sparsity=0.25,
+                          taylor_iterations=3, taylor_interval_steps=3, max_steps=12, per_device_train_batch_size=8,
+                          save_strategy="steps", save_steps=4)  # fmt: skip
+        return PruningTrainer(model=tiny_model("bert"), args=args, train_dataset=TinyDataset(64))
+
+    full = trainer_at(tmp_path / "full")
+    full.train()
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 6
+
+    cut = trainer_at(tmp_path / "cut")
+    cut.add_callback(StopAt())
+    cut.train()
+    resumed = trainer_at(tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-4"))
+    assert torch.equal(full.pruner.mask, resumed.pruner.mask) and not bool(full.pruner.mask.all())

@@ -220,3 +220,18 @@ def test_a_recipe_starts_from_a_pruned_export(assets, tmp_path):
     raw["stages"] = [{"stage": "finetune", "args": {"max_steps": 1}}]
     result = run_recipe(raw)
     assert model_shapes(result.model) == model_shapes(model)
+
+
+def test_taylor_hidden_stage_narrows_the_stream_and_the_export_reloads(assets, tmp_path):
+    raw = tiny_recipe(assets, tmp_path / "hidden")
+    raw["stages"] = [
+        {"stage": "finetune", "args": {"max_steps": 2}},
+        {"stage": "taylor_hidden", "args": {"target_sparsity": 0.25, "max_steps": 4, "taylor_iterations": 2,
+                                            "taylor_interval_steps": 2}},
+        {"stage": "export", "seq_len": 16, "batch_sizes": [1], "repeats": 1, "figure": False},
+    ]  # fmt: skip
+    result = run_recipe(raw)
+    summary = read_state(tmp_path / "hidden")["finished"][1]["summary"]
+    assert summary["pruned_hidden_dims"] > 0
+    assert result.report["hidden_size"]["kept"] == summary["hidden_after"] < result.report["hidden_size"]["dense"]
+    assert load_pruned(tmp_path / "hidden" / "final").config.hf_prune_hidden["size"] == summary["hidden_after"]

@@ -1,6 +1,6 @@
-"""Staged recipes: a YAML list of stages (finetune, movement, prune_heads, distill, taylor_ffn, joint_prune,
-prune_to_speedup, evaluate, export, onnx) run one after the other, each result kept under `output_dir/NN-name/`,
-progress in `output_dir/state.json`.
+"""Staged recipes: a YAML list of stages (finetune, movement, prune_heads, distill, taylor_ffn, taylor_hidden,
+joint_prune, prune_to_speedup, evaluate, export, onnx) run one after the other, each result kept under
+`output_dir/NN-name/`, progress in `output_dir/state.json`.
 
 A recipe looks like:
 
@@ -280,6 +280,9 @@ def stage_result_text(record: dict) -> str:
         heads = f"heads {sum(summary['heads_before'])} -> {sum(summary['heads_after'])}, "
         changed = summary["heads_before"] != summary["heads_after"]
         return f"{heads if changed else ''}FFN neurons {sum(summary['ffn_before'])} -> {sum(summary['ffn_after'])}"
+    if record.get("stage") == "taylor_hidden" and "hidden_after" in summary:
+        before = summary["hidden_after"] + summary["pruned_hidden_dims"]
+        return f"hidden dimensions {before} -> {summary['hidden_after']}"
     if "heads_after" in summary:
         return f"heads {sum(summary['heads_before'])} -> {sum(summary['heads_after'])}"
     if "heads_masked" in summary:

@@ -46,12 +46,14 @@ __all__ = [
 ]
 
 STAGE_TYPES = (
-    "finetune", "movement", "prune_heads", "distill", "taylor_ffn", "joint_prune", "prune_to_speedup", "evaluate",
-    "export", "onnx",
+    "finetune", "movement", "prune_heads", "distill", "taylor_ffn", "taylor_hidden", "joint_prune", "prune_to_speedup",
+    "evaluate", "export", "onnx",
 )  # fmt: skip
 # Stages whose result is a new model (the next stage starts from it).
-MODEL_STAGES = ("finetune", "movement", "prune_heads", "distill", "taylor_ffn", "joint_prune", "prune_to_speedup")
-TRAINING_STAGES = ("finetune", "movement", "distill", "taylor_ffn", "joint_prune")
+MODEL_STAGES = (
+    "finetune", "movement", "prune_heads", "distill", "taylor_ffn", "taylor_hidden", "joint_prune", "prune_to_speedup",
+)  # fmt: skip
+TRAINING_STAGES = ("finetune", "movement", "distill", "taylor_ffn", "taylor_hidden", "joint_prune")
 # Stages that need `target_speedup` in their arguments.
 SPEEDUP_STAGES = ("joint_prune", "prune_to_speedup")
 # Stage keys besides `stage`, `name` and `args`, with their defaults.
@@ -95,6 +97,10 @@ STAGE_ARG_RULES = {
     },
     "distill": {"pruning_method": _OFF},
     "taylor_ffn": {"pruning_method": ("taylor", ("taylor",)), "pruning_target": ("ffn", ("ffn",))},
+    "taylor_hidden": {
+        "pruning_method": ("taylor", ("taylor", "movement", "magnitude")),
+        "pruning_target": ("hidden", ("hidden",)),
+    },
     "joint_prune": {
         "pruning_method": ("taylor", ("taylor", "movement")),
         "pruning_target": ("heads_and_ffn", ("heads_and_ffn",)),
@@ -266,8 +272,8 @@ def stage_prune_heads(ctx: StageContext) -> dict:
 
 
 def stage_taylor_ffn(ctx: StageContext) -> dict:
-    """Gradual Taylor pruning of FFN neurons (or, as `joint_prune`, of heads and neurons under one FLOPs budget)
-    with distillation, then their physical removal."""
+    """Gradual Taylor pruning of FFN neurons (as `joint_prune`, of heads and neurons under one FLOPs budget; as
+    `taylor_hidden`, of the residual stream's dimensions) with distillation, then their physical removal."""
     trainer, metrics = _train(ctx)
     summary = trainer.prune()
     summary["pruned_neurons"] = {str(k): v for k, v in summary["pruned_neurons"].items()}
@@ -346,6 +352,7 @@ STAGE_FUNCTIONS = {
     "prune_heads": stage_prune_heads,
     "distill": stage_distill,
     "taylor_ffn": stage_taylor_ffn,
+    "taylor_hidden": stage_taylor_ffn,
     "joint_prune": stage_taylor_ffn,
     "prune_to_speedup": stage_prune_to_speedup,
     "evaluate": stage_evaluate,

@@ -8,6 +8,7 @@ from ..models import structure
 from ..models.adapter import ATTENTION, MLP
 from .block_pruner import BlockMaskPruner, BlockTarget, attention_targets
 from .head_pruner import HeadMaskPruner
+from .hidden_pruner import HiddenMaskPruner
 from .masks import Schedule
 from .neuron_pruner import NeuronMaskPruner, ffn_layer_sparsities
 from .selection import layer_sparsities, resolve_selection
@@ -16,7 +17,9 @@ from .unit_pruner import UnitMaskPruner
 __all__ = ["build_pruner"]
 
 
-def build_pruner(model: nn.Module, args) -> BlockMaskPruner | HeadMaskPruner | NeuronMaskPruner | UnitMaskPruner:
+def build_pruner(
+    model: nn.Module, args
+) -> BlockMaskPruner | HeadMaskPruner | HiddenMaskPruner | NeuronMaskPruner | UnitMaskPruner:
     """The pruner that `args` (a `PruningArguments` with `pruning_method` set) asks for. Validates shapes up front.
 
     Target entries (`pruning_targets` / `pruning_exclude`) are resolved here and logged once as a table.
@@ -42,6 +45,13 @@ def build_pruner(model: nn.Module, args) -> BlockMaskPruner | HeadMaskPruner | N
             )
         uniform = bool(getattr(args, "uniform_shapes", False))
         return UnitMaskPruner(model, method, schedule, args.target_speedup, args.speedup_seq_len, uniform=uniform)
+    if args.pruning_target == "hidden":
+        if entries or exclude:
+            raise ValueError(
+                "pruning_target='hidden' prunes one mask over the residual stream, shared by every layer; "
+                "pruning_targets / pruning_exclude select layers' modules. Remove them."
+            )
+        return HiddenMaskPruner(model, method, schedule, args.target_sparsity)
     if args.pruning_target == "ffn":
         rule = args.ffn_sparsity_rule
         sparsities = ffn_layer_sparsities(model, rule, args.target_sparsity)
