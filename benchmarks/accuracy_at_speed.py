@@ -29,10 +29,18 @@ from its last checkpoint, and rows of different teachers never mix):
   hidden state of student and teacher (over real tokens, weight 1 beside the logits' KL, as TinyBERT and CoFi's
   layer distillation do; pruning keeps the hidden size, so no projection is needed);
 - `joint`: gradual joint pruning of heads and neurons under one FLOPs budget with distillation (`joint_prune`, 60% of
-  the steps), then distillation.
+  the steps), then distillation;
+- `fisher-latency-width`: `fisher-latency-distill` with the search free to narrow the residual stream
+  (`prune_hidden: true`: hidden dimensions by the Fisher of a mask on the stream, CoFi's hidden mask);
+- `fisher-latency-depth`: the same with the search free to drop whole layers (`drop_layers: true`, layers weighed by
+  the Fisher of a gate that skips them). Naive rows at the shapes of a width or depth row drop the same number of
+  layers (the same ones) and narrow the stream to the same width by weight magnitude. Rows past 3x end with an `onnx`
+  stage (fp32 and int8, evaluated and timed).
 
-Without `--targets` / `--rows`, the plan runs every row but `joint` at 2x, and `fisher-latency-distill`, `naive-b`
-and `fisher-latency-nocal` at 3x.
+Without `--targets` / `--rows`, the plan runs every row but `joint` and the width / depth rows at 2x,
+`fisher-latency-distill`, `naive-b` and `fisher-latency-nocal` at 3x, and `fisher-latency-distill`,
+`fisher-latency-width`, `fisher-latency-depth` and `naive-b` at 4x and 6x (`--naive-shapes-from
+fisher-latency-width` gives naive B the width row's shapes).
 Every row ends with `evaluate` (validation_matched, 9,815 pairs) and `export` (FLOPs ratio and CPU latency at batch 1
 and 32 against the teacher, interleaved in one process). Results: `benchmarks/results/accuracy_at_speed.json`; the
 model card of the best row at each target (with its head map and `pruning_report.json`) is copied to
@@ -81,11 +89,13 @@ from stats import mcnemar, retimed_speedups, same_shape_spread  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = (
     "fisher-latency-distill", "naive-b", "naive-a", "staged", "fisher-distill", "fisher-latency-nocal",
-    "fisher-latency-hidden", "joint",
+    "fisher-latency-hidden", "joint", "fisher-latency-width", "fisher-latency-depth",
 )  # fmt: skip
 # The default plan (no --targets / --rows): every row of the comparison at 2x, the naive-B baseline and the best
-# pipeline (and the ablation of its calibration) at 3x. The row giving the naive rows their shapes comes first.
-PLAN = {2.0: ROWS[:7], 3.0: ("fisher-latency-distill", "naive-b", "fisher-latency-nocal")}
+# pipeline (and the ablation of its calibration) at 3x; past 3x, the search also free to narrow the residual stream
+# or to drop layers. The row giving the naive rows their shapes comes first.
+BEYOND = ("fisher-latency-distill", "fisher-latency-width", "fisher-latency-depth", "naive-b")
+PLAN = {2.0: ROWS[:7], 3.0: ("fisher-latency-distill", "naive-b", "fisher-latency-nocal"), 4.0: BEYOND, 6.0: BEYOND}
 HIDDEN_WEIGHT = 1.0  # TinyBERT's weight of the hidden-state MSE beside the logits' KL
 DISTILL = {"distill_alpha": 0.9, "distill_temperature": 2.0}
 
@@ -115,8 +125,10 @@ def base_recipe(model: str, teacher: str, data: Path, max_eval: int | None) -> d
     }
 
 
-def closing_stages() -> list[dict]:
-    return [{"stage": "evaluate"}, {"stage": "export", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10}]
+def closing_stages(target: float = 2.0) -> list[dict]:
+    stages = [{"stage": "evaluate"}, {"stage": "export", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10}]
+    # past 3x the deployed form is part of the goal: ONNX int8 of the export, evaluated and timed with it
+    return stages + ([{"stage": "onnx", "int8": True}] if target > 3.0 else [])
 
 
 def staged_sparsities(teacher, target: float) -> tuple[float, float]:
@@ -138,6 +150,10 @@ def row_stages(row: str, target: float, steps: int, teacher) -> list[dict]:
         prune["cost_model"] = "flops" if row == "fisher-distill" else "latency"
         if row == "fisher-latency-nocal":
             prune["calibration_rounds"] = 0
+        if row == "fisher-latency-width":
+            prune["prune_hidden"] = True
+        if row == "fisher-latency-depth":
+            prune["drop_layers"] = True
         distill = {"max_steps": steps}
         if row == "fisher-latency-hidden":
             distill["distill_hidden_weight"] = HIDDEN_WEIGHT
@@ -252,11 +268,14 @@ def main() -> None:
                 shapes = state["finished"][0]["summary"]
                 start = out / tag / f"{target:g}x" / f"magnitude-as-{args.naive_shapes_from}-{args.steps}"
                 if not (start / "config.json").is_file():
-                    pruned = magnitude_prune(copy.deepcopy(teacher), shapes["heads_after"], shapes["ffn_after"])
+                    hidden, dropped = shapes.get("hidden_after"), shapes.get("dropped_layers") or ()
+                    pruned = magnitude_prune(
+                        copy.deepcopy(teacher), shapes["heads_after"], shapes["ffn_after"], hidden, dropped
+                    )
                     save_pruned(pruned, start, load_tokenizer_by_name(str(teacher_dir)), overwrite=True, card=False)
                 start_model = str(start)
             recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples)
-            recipe["stages"] = row_stages(row, target, args.steps, teacher) + closing_stages()
+            recipe["stages"] = row_stages(row, target, args.steps, teacher) + closing_stages(target)
             began = time.perf_counter()
             run = run_recipe(recipe, output_dir=str(run_dir))
             report = run.report
@@ -274,6 +293,9 @@ def main() -> None:
                 "speedup_b32": report["latency"]["batches"][1]["speedup"],
                 "heads": sum(layer["heads_kept"] for layer in report["layers"]),
                 "ffn": sum(layer["ffn_kept"] for layer in report["layers"]),
+                "layers": sum(not layer.get("removed") for layer in report["layers"]),
+                "hidden": (report.get("hidden_size") or {}).get("kept"),
+                "deployment": report.get("deployment"),
                 "stages": [(s["name"], s["wall_time_s"]) for s in report["stages"]],
                 "wall_s_this_call": round(time.perf_counter() - began, 1),
             }

@@ -33,14 +33,17 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorWithPadding
 
-from hf_prune import prune_ffn_neurons, prune_heads, prune_to_speedup
+from hf_prune import prune_ffn_neurons, prune_heads, prune_hidden_dims, prune_layers, prune_to_speedup
 from hf_prune.export.persistence import load_pruned
 from hf_prune.export.report import build_report
 from hf_prune.models import structure
+from hf_prune.models.auto import get_adapter
+from hf_prune.models.hidden import hidden_width
 from hf_prune.pipeline.data import read_local_file, read_train_files, tokenize_splits
 from hf_prune.pipeline.demo import load_tokenizer_by_name
 from hf_prune.pipeline.evaluation import dataset_metric
 from hf_prune.pipeline.recipe import enable_progress_logging, run_recipe
+from hf_prune.pruning.hidden_pruner import hidden_magnitude
 from hf_prune.pruning.scores import unit_magnitude
 from hf_prune.pruning.units import layer_units
 from hf_prune.utils import update_json_atomic
@@ -74,9 +77,12 @@ def teacher_recipe(data: Path, epochs: float) -> dict:
 
 
 @torch.no_grad()
-def magnitude_prune(model, heads_after: list[int], ffn_after: list[int]):
-    """One-shot magnitude pruning to the given per-layer shapes (a pruned copy is made by the caller): each unit
-    scored by the L1 norm of the weights it owns."""
+def magnitude_prune(model, heads_after: list[int], ffn_after: list[int], hidden_after=None, dropped=()):
+    """One-shot magnitude pruning to the given shapes (a pruned copy is made by the caller): the layers `dropped`
+    removed first (the per-layer shapes are those of the layers kept), each unit scored by the L1 norm of the weights
+    it owns, and the residual stream narrowed to `hidden_after` dimensions of largest L1 norm."""
+    if dropped:
+        prune_layers(model, list(dropped))
     removed = {}
     for kind, after in (("attention", heads_after), ("mlp", ffn_after)):
         removed[kind] = {}
@@ -85,6 +91,11 @@ def magnitude_prune(model, heads_after: list[int], ffn_after: list[int]):
             removed[kind][lu.layer] = order[: lu.count - after[lu.layer]].tolist()
     prune_heads(model, {k: v for k, v in removed["attention"].items() if v})
     prune_ffn_neurons(model, {k: v for k, v in removed["mlp"].items() if v})
+    if hidden_after is not None and hidden_after < hidden_width(model):
+        modules = {role: [model.get_submodule(n) for n in names] for role, names in
+                   get_adapter(model).hidden_modules(model).items()}  # fmt: skip
+        order = torch.argsort(hidden_magnitude(modules))
+        prune_hidden_dims(model, order[: hidden_width(model) - hidden_after].tolist())
     return model
 
 

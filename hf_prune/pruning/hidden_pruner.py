@@ -12,7 +12,7 @@ from .base import ScheduledPruner
 from .masks import Schedule, topk_mask
 from .scores import movement_importance, taylor_importance
 
-__all__ = ["HiddenMaskPruner", "hidden_products"]
+__all__ = ["HiddenMaskPruner", "hidden_products", "hidden_magnitude"]
 
 
 def hidden_products(norms: list[nn.LayerNorm], sources: list[nn.Linear]) -> torch.Tensor:
@@ -31,6 +31,20 @@ def hidden_products(norms: list[nn.LayerNorm], sources: list[nn.Linear]) -> torc
             part = part + linear.bias.detach().float() * linear.bias.grad.detach().float()
         total = part if total is None else total + part
     return total
+
+
+@torch.no_grad()
+def hidden_magnitude(modules: dict[str, list[nn.Module]]) -> torch.Tensor:
+    """Per residual dimension, the L1 norm of every weight that reads or writes it (embedding columns, reader
+    columns, writer and source rows): the magnitude baseline of hidden-dimension pruning.
+
+    Args:
+        modules: `{role: [modules]}` of the stream (the adapter's `hidden_modules`, resolved to modules).
+    """
+    parts = [emb.weight.detach().float().abs().sum(dim=0) for emb in modules["embeddings"]]
+    parts += [lin.weight.detach().float().abs().sum(dim=0) for lin in modules["readers"]]
+    parts += [lin.weight.detach().float().abs().sum(dim=1) for lin in modules["writers"] + modules["sources"]]
+    return torch.stack(parts).sum(dim=0)
 
 
 class HiddenMaskPruner(ScheduledPruner):
@@ -76,21 +90,10 @@ class HiddenMaskPruner(ScheduledPruner):
         self.scores.add_(fn(products).to(self.scores.device))
         self.steps += 1
 
-    @torch.no_grad()
-    def _magnitude(self) -> torch.Tensor:
-        total = torch.zeros_like(self.scores)
-        for emb in self.modules["embeddings"]:
-            total += emb.weight.detach().float().abs().sum(dim=0)
-        for lin in self.modules["readers"]:
-            total += lin.weight.detach().float().abs().sum(dim=0)
-        for lin in self.modules["writers"] + self.modules["sources"]:
-            total += lin.weight.detach().float().abs().sum(dim=1)
-        return total
-
     # ------------------------------------------------------------------------------------------------ masks
     @torch.no_grad()
     def set_fraction(self, fraction: float) -> None:
-        scores = self._magnitude() if self.method == "magnitude" else self.scores / max(self.steps, 1)
+        scores = hidden_magnitude(self.modules) if self.method == "magnitude" else self.scores / max(self.steps, 1)
         self.mask = topk_mask(scores, fraction * self.target, ~self.mask)
         self.last_fraction = fraction
         if self.schedule.kind == "iterative" and self.method != "magnitude":
