@@ -25,9 +25,9 @@ from its last checkpoint, and rows of different teachers never mix):
   Fisher masks as the start, FLOPs as the cost);
 - `fisher-latency-nocal`: the ablation of the calibration: latency unit costs, shapes never timed
   (`calibration_rounds: 0`), then distillation;
-- `fisher-latency-hidden`: `fisher-latency-distill` with layer-wise distillation added: the MSE between every
-  hidden state of student and teacher (over real tokens, weight 1 beside the logits' KL, as TinyBERT and CoFi's
-  layer distillation do; pruning keeps the hidden size, so no projection is needed);
+- `fisher-latency-hidden`: `fisher-latency-distill`'s pruned model distilled with layer-wise distillation added:
+  the MSE between every hidden state of student and teacher (over real tokens, weight 1 beside the logits' KL, as
+  TinyBERT and CoFi's layer distillation do; pruning keeps the hidden size, so no projection is needed);
 - `joint`: gradual joint pruning of heads and neurons under one FLOPs budget with distillation (`joint_prune`, 60% of
   the steps), then distillation;
 - `fisher-latency-width`: `fisher-latency-distill` with the search free to narrow the residual stream
@@ -41,6 +41,12 @@ Without `--targets` / `--rows`, the plan runs every row but `joint` and the widt
 `fisher-latency-distill`, `naive-b` and `fisher-latency-nocal` at 3x, and `fisher-latency-distill`,
 `fisher-latency-width`, `fisher-latency-depth` and `naive-b` at 4x and 6x (`--naive-shapes-from
 fisher-latency-width` gives naive B the width row's shapes).
+Every row trains on the 8,999 training pairs only and is evaluated on the 1,000 extra training pairs (`heldout`: what
+defaults and hyperparameters are chosen on, as the teacher's epochs are) and on validation_matched (what is reported,
+never chosen on). `--seeds 42 43 44` runs every row once per seed (the table adds the mean and spread of each group:
+a difference smaller than the spread decides nothing). `fisher-latency-hidden` is an ablation of one change, the
+distillation: it starts from `fisher-latency-distill`'s pruned model of the same seed (`--free-shapes`: its own
+search instead).
 Every row ends with `evaluate` (validation_matched, 9,815 pairs) and `export` (FLOPs ratio and CPU latency at batch 1
 and 32 against the teacher, interleaved in one process). Results: `benchmarks/results/accuracy_at_speed.json`; the
 model card of the best row at each target (with its head map and `pruning_report.json`) is copied to
@@ -100,18 +106,23 @@ HIDDEN_WEIGHT = 1.0  # TinyBERT's weight of the hidden-state MSE beside the logi
 DISTILL = {"distill_alpha": 0.9, "distill_temperature": 2.0}
 
 
-def base_recipe(model: str, teacher: str, data: Path, max_eval: int | None) -> dict:
+def base_recipe(model: str, teacher: str, data: Path, max_eval: int | None, seed: int = 42) -> dict:
+    # trained on the 8,999 pairs only: the 1,000 extra training pairs are the held-out split defaults are chosen on
+    # (the teacher's epochs too, benchmarks/teacher_curve.py); validation_matched is only reported
     return {
         "model": model,
         "teacher": teacher,
         "task": "mnli",
         "data": {
-            "train_file": [str(data / "train_subset_8999.jsonl"), str(data / "train_subset_extra_1000.jsonl")],
-            "validation_file": str(data / "validation_matched.jsonl"),
+            "train_file": str(data / "train_subset_8999.jsonl"),
+            "validation_file": {
+                "heldout": str(data / "train_subset_extra_1000.jsonl"),
+                "validation_matched": str(data / "validation_matched.jsonl"),
+            },
             "max_seq_length": 128,
             "max_eval_samples": max_eval,
         },
-        "seed": 42,
+        "seed": seed,
         "defaults": {
             "per_device_train_batch_size": 32,
             "per_device_eval_batch_size": 128,
@@ -141,7 +152,9 @@ def staged_sparsities(teacher, target: float) -> tuple[float, float]:
     return min(0.95, share * removed / head_total), min(0.95, (1 - share) * removed / ffn_total)
 
 
-def row_stages(row: str, target: float, steps: int, teacher) -> list[dict]:
+def row_stages(row: str, target: float, steps: int, teacher, fixed_shapes: bool = False) -> list[dict]:
+    if row == "fisher-latency-hidden" and fixed_shapes:  # one change: the distillation, on the best row's shapes
+        return [{"stage": "distill", "args": {"max_steps": steps, "distill_hidden_weight": HIDDEN_WEIGHT}}]
     if row in ("naive-a", "naive-b"):
         args = {"max_steps": steps} if row == "naive-b" else {"max_steps": steps, "distill_alpha": 0.0}
         return [{"stage": "distill" if row == "naive-b" else "finetune", "args": args}]
@@ -210,6 +223,12 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=float, default=None, help="Default: the plan (2x and 3x).")
     parser.add_argument("--rows", nargs="+", default=None, choices=ROWS, help="Default: the plan's rows.")
     parser.add_argument("--steps", type=int, default=626, help="Training steps after the teacher, for every row.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="Seeds of every row (training order).")
+    parser.add_argument(
+        "--free-shapes", action="store_true",
+        help="fisher-latency-hidden runs its own latency search instead of starting from fisher-latency-distill's "
+        "pruned model (by default an ablation changes one thing: the distillation).",
+    )  # fmt: skip
     parser.add_argument("--max-eval-samples", type=int, default=None, help="Default: all of validation_matched.")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy_at_speed.json"))
     parser.add_argument("--cards", default=str(ROOT / "model_cards"), help="Where the best rows' model cards go.")
@@ -250,23 +269,33 @@ def main() -> None:
     else:
         plan = {target: args.rows or ROWS[:5] for target in args.targets or [2.0]}
     for target, rows in plan.items():
-        for row in rows:
+        for row, seed in [(row, seed) for seed in args.seeds for row in rows]:
             shaped = f"{row}-as-{args.naive_shapes_from}" if row.startswith("naive") else row
-            key = f"{tag}/{target:g}x/{shaped}/{args.steps}"
-            run_dir = out / tag / f"{target:g}x" / f"{shaped}-{args.steps}"
+            fixed = row == "fisher-latency-hidden" and not args.free_shapes
+            shaped += "-fixed-shapes" if fixed else ""
+            suffix = "" if seed == 42 else f"-seed{seed}"
+            key = f"{tag}/{target:g}x/{shaped}/{args.steps}{suffix.replace('-', '/')}"
+            run_dir = out / tag / f"{target:g}x" / f"{shaped}-{args.steps}{suffix}"
             if key in results["rows"]:
                 continue
             start_model = str(teacher_dir)
+            if fixed:
+                best = out / tag / f"{target:g}x" / f"{ROWS[0]}-{args.steps}{suffix}"
+                pruned = [p.parent for p in best.glob("*-prune_to_speedup/model/config.json")]
+                if not pruned:
+                    raise SystemExit(f"Run the {ROWS[0]} row at {target:g}x (seed {seed}) first: the ablation "
+                                     "starts from its pruned model.")  # fmt: skip
+                start_model = str(pruned[0])
             if row.startswith("naive"):
                 # the shapes of the retraining-free pruner at this target, reached by weight magnitude in one shot
-                fisher = out / tag / f"{target:g}x" / f"{args.naive_shapes_from}-{args.steps}"
+                fisher = out / tag / f"{target:g}x" / f"{args.naive_shapes_from}-{args.steps}{suffix}"
                 state = json.loads((fisher / "state.json").read_text()) if (fisher / "state.json").is_file() else None
                 if state is None:
                     raise SystemExit(
                         f"Run the {args.naive_shapes_from} row at {target:g}x first: naive rows take its shapes."
                     )
                 shapes = state["finished"][0]["summary"]
-                start = out / tag / f"{target:g}x" / f"magnitude-as-{args.naive_shapes_from}-{args.steps}"
+                start = out / tag / f"{target:g}x" / f"magnitude-as-{args.naive_shapes_from}-{args.steps}{suffix}"
                 if not (start / "config.json").is_file():
                     hidden, dropped = shapes.get("hidden_after"), shapes.get("dropped_layers") or ()
                     pruned = magnitude_prune(
@@ -274,8 +303,8 @@ def main() -> None:
                     )
                     save_pruned(pruned, start, load_tokenizer_by_name(str(teacher_dir)), overwrite=True, card=False)
                 start_model = str(start)
-            recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples)
-            recipe["stages"] = row_stages(row, target, args.steps, teacher) + closing_stages(target)
+            recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples, seed)
+            recipe["stages"] = row_stages(row, target, args.steps, teacher, fixed) + closing_stages(target)
             began = time.perf_counter()
             run = run_recipe(recipe, output_dir=str(run_dir))
             report = run.report
@@ -285,8 +314,12 @@ def main() -> None:
                 "row": row,
                 "shapes_from": args.naive_shapes_from if row.startswith("naive") else None,
                 "steps": args.steps,
+                "seed": seed,
+                "fixed_shapes_from": ROWS[0] if fixed else None,
                 "accuracy": metrics["pruned"]["validation_matched"],
                 "teacher_accuracy": metrics["teacher"]["validation_matched"],
+                "heldout_accuracy": metrics["pruned"].get("heldout"),
+                "teacher_heldout_accuracy": metrics["teacher"].get("heldout"),
                 "teacher": {"dir": str(teacher_dir), "digest": tag},
                 "flops_ratio": report["flops"]["ratio"],
                 "speedup_b1": report["latency"]["batches"][0]["speedup"],
@@ -304,7 +337,7 @@ def main() -> None:
             results = update_json_atomic(
                 results_path, lambda on_disk, new=new: on_disk.setdefault("rows", {}).update(new), {"rows": {}}
             )
-            if row == ROWS[0]:
+            if row == ROWS[0] and seed == args.seeds[0]:
                 publish_card(run_dir / "final", Path(args.cards) / f"minilm-mnli-{target:g}x")
     print(markdown_table(results))
 
@@ -384,15 +417,24 @@ def publish_card(export: Path, card_dir: Path) -> None:
 
 def markdown_table(results: dict) -> str:
     lines = [
-        "| target | row | steps | validation_matched | FLOPs | CPU b1 / b32 | heads | FFN |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| target | row | seed | steps | heldout | validation_matched | FLOPs | CPU b1 / b32 | heads | FFN |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results["rows"].values():
+    groups = {}
+    for key, r in results["rows"].items():
         delta = 100 * (r["accuracy"] - r["teacher_accuracy"])
+        held = r.get("heldout_accuracy")
         lines.append(
-            f"| {r['target_speedup']:g}x | {r['row']} | {r['steps']} | {100 * r['accuracy']:.2f} ({delta:+.2f}) | "
+            f"| {r['target_speedup']:g}x | {r['row']} | {r.get('seed', 42)} | {r['steps']} | "
+            f"{'-' if held is None else f'{100 * held:.2f}'} | {100 * r['accuracy']:.2f} ({delta:+.2f}) | "
             f"{r['flops_ratio']:.2f}x | {r['speedup_b1']:.2f}x / {r['speedup_b32']:.2f}x | {r['heads']} | {r['ffn']} |"
         )
+        groups.setdefault(key.rsplit("/seed", 1)[0], []).append(r)
+    for name, rows in groups.items():
+        if len(rows) > 1:  # several seeds: the mean and the spread a difference has to beat
+            acc = torch.tensor([100 * r["accuracy"] for r in rows], dtype=torch.float64)
+            lines.append(f"\n{name}: {len(rows)} seeds, validation_matched {acc.mean():.2f} +- {acc.std():.2f} "
+                         f"(min {acc.min():.2f}, max {acc.max():.2f})")  # fmt: skip
     for name, test in (results.get("paired") or {}).items():
         lines.append(
             f"\n{name}: {100 * test['accuracy_difference']:+.2f} points (95% CI {100 * test['ci95'][0]:+.2f} to "
