@@ -25,7 +25,8 @@ tuning, physical removal):
   stream) instead of the Fisher;
 - `hf_prune-hybrid-p20`: the Fisher search sizes each layer, Minitron's mean activation norm picks its units
   (`importance="hybrid"`); `hf_prune-hybrid-depth-p20`: the same, the search also free to remove whole layers
-  (`drop_layers=True`);
+  (`drop_layers=True`); `hf_prune-hybrid-p20-3rounds`: hybrid in three rounds; `hf_prune-hybrid-p20-512`: hybrid with
+  512 calibration blocks (256 for the tuning) instead of 128 (64);
 - `hf_prune-prefill1.3/1.5`: 1.3x / 1.5x measured prefill speed (`cost_model="latency"`, batch 1 x 256 tokens,
   calibrated by timing);
 - `hf_prune-decode1.3`: 1.3x measured decode tokens/s (`cost_model="decode"`, batch 1 after 128 tokens, calibrated),
@@ -92,6 +93,9 @@ HF_PRUNE_ROWS = {
     "hf_prune-hybrid-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid"),
     "hf_prune-hybrid-depth-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid",
                                       drop_layers=True),
+    "hf_prune-hybrid-p20-3rounds": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid", rounds=3),
+    "hf_prune-hybrid-p20-512": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid",
+                                    calibration_blocks=512, tune_samples=256),
     "hf_prune-p20-3rounds": dict(target_speedup=1 / 0.8, cost_model="params", rounds=3),
     "hf_prune-p20-no-tune": dict(target_speedup=1 / 0.8, cost_model="params", tune=False),
     "hf_prune-prefill1.3": dict(target_speedup=1.3, cost_model="latency", latency_batch_size=1, seq_len=256),
@@ -304,17 +308,19 @@ def main(argv=None) -> None:
                   "batch_size": 8, **kwargs}  # fmt: skip
         started = time.perf_counter()
         rounds = kwargs.pop("rounds", 1)
+        sample = train[: kwargs.pop("calibration_blocks")] if "calibration_blocks" in kwargs else calibration
+        kwargs["num_samples"] = len(sample)
         if rounds > 1:
             target = kwargs.pop("target_speedup")
-            pruned, summary = prune_in_rounds(dense, calibration, target, rounds, **kwargs)
+            pruned, summary = prune_in_rounds(dense, sample, target, rounds, **kwargs)
         else:
-            pruned, summary = prune_to_speedup(dense, calibration, **kwargs)
+            pruned, summary = prune_to_speedup(dense, sample, **kwargs)
         wall = time.perf_counter() - started
         export(name, pruned)
         keep = ("cost_model", "predicted_speedup", "measured_speedup", "calibration", "wall_time_s", "method")
         keep += ("rounds",)
         record(name, {**evaluate(pruned, tokenizer, val, held_out), "pruning_wall_time_s": wall,
-                      "calibration_tokens": sum(len(b["input_ids"]) for b in calibration),
+                      "calibration_tokens": sum(len(b["input_ids"]) for b in sample),
                       "summary": {k: summary.get(k) for k in keep}})  # fmt: skip
     batches = [pad_collate(0)(calibration[i : i + 8]) for i in range(0, len(calibration), 8)]
     scores = {}
