@@ -1,0 +1,1 @@
+"""The DistilBERT family: its adapter and its remote-code modeling file."""
