@@ -227,11 +227,14 @@ def allocate_with_depth(
         removed = sum(float(head_scores[i][~k].double().sum()) for i, k in zip(kept, hk))
         removed += sum(float(neuron_scores[i][~k].double().sum()) for i, k in zip(kept, nk))
         loss = removed + float(layer_loss.double()[dropped].sum())
-        if best is None or loss < best[0]:
-            best = (loss, dropped, hk, nk)
+        # dropping a layer can leave less to spend than its units cost: such candidates only when none fits
+        spent = sub.flops([int(k.sum()) for k in hk], [int(k.sum()) for k in nk])
+        overshoots = costs.total / spent > target_speedup * 1.02 + 1e-9
+        if best is None or (overshoots, loss) < best[:2]:
+            best = (overshoots, loss, dropped, hk, nk)
     if best is None:
         raise error or ValueError(f"No candidate reaches target_speedup={target_speedup}.")
-    _, dropped, hk, nk = best
+    _, _, dropped, hk, nk = best
     head_keep = [torch.zeros(s.shape, dtype=torch.bool) for s in head_scores]
     neuron_keep = [torch.zeros(s.shape, dtype=torch.bool) for s in neuron_scores]
     for j, i in enumerate(i for i in range(layers) if i not in set(dropped)):
@@ -289,8 +292,12 @@ def allocate_with_width(
         loss = float(hidden_scores.double().cpu()[~keep].sum())
         loss += sum(float(s[~k].double().sum()) for s, k in zip(head_scores, hk))
         loss += sum(float(s[~k].double().sum()) for s, k in zip(neuron_scores, nk))
-        if best is None or loss < best[0]:
-            best = (loss, hk, nk, keep)
+        # a width whose every unit costs less than the target overshoots it: such candidates only when none fits
+        spent = costs.flops([int(k.sum()) for k in hk], [int(k.sum()) for k in nk])
+        overshoots = reference / spent > target_speedup * 1.02 + 1e-9
+        candidate = (overshoots, loss, hk, nk, keep)
+        if best is None or candidate[:2] < best[:2]:
+            best = candidate
     if best is None:
         raise error or ValueError(f"No residual width reaches target_speedup={target_speedup}.")
-    return best[1], best[2], best[3]
+    return best[2], best[3], best[4]
