@@ -6,6 +6,7 @@ from transformers.models.auto import modeling_auto
 
 from .adapter import ArchitectureAdapter
 from .bert.adapter import BertAdapter
+from .deberta.adapter import DebertaV2Adapter
 from .distilbert.adapter import DistilBertAdapter
 from .llama.adapter import LlamaAdapter
 
@@ -53,6 +54,7 @@ def register_adapter(adapter: ArchitectureAdapter, model_types: tuple[str, ...] 
 
 
 register_adapter(BertAdapter())
+register_adapter(DebertaV2Adapter())
 register_adapter(LlamaAdapter())
 register_adapter(DistilBertAdapter())
 

@@ -131,6 +131,10 @@ def hidden_scale(model: nn.Module, scale: torch.Tensor):
 
     def hook(module, args, output):
         s = scale.to(device=output.device, dtype=output.dtype)
+        if s.dim() == 2 and output.dim() == 2:
+            # a table the whole batch shares, without a batch axis (DeBERTa's relative embeddings, normalised): it
+            # takes the examples' mean mask, so each example gets an equal share of the table's gradient
+            return output * s.mean(dim=0)
         return output * (s.view(s.shape[0], *([1] * (output.dim() - 2)), -1) if s.dim() == 2 else s)
 
     handles = []
