@@ -153,3 +153,19 @@ print(json.dumps(out.tolist()))
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     torch.testing.assert_close(torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), expected)
+
+
+def test_hidden_dimensions_then_a_dropped_layer_reload(tmp_path):
+    from utils import batch, tiny_model
+
+    from hf_prune import prune_hidden_dims
+
+    model = tiny_model("bert", num_hidden_layers=3).eval()
+    prune_hidden_dims(model, [0, 5, 7])
+    prune_layers(model, [0])
+    assert all(".layer.2." not in name for names in model.config.hf_prune_hidden.values() if isinstance(names, list)
+               for name in names)  # fmt: skip
+    save_pruned(model, tmp_path / "out")
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "out")(**inputs).logits, model(**inputs).logits)

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import prune_linear_layer
 
 from .adapter import ATTENTION, MLP, UnitGroup, config_get, set_module
 from .auto import ADAPTER_MAPPING, get_adapter
+from .hidden import HIDDEN_KEY
 
 __all__ = [
     "PRUNED_HEADS_KEY",
@@ -193,5 +194,8 @@ def prune_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     setattr(config, KEPT_LAYERS_KEY, [originals[i] for i in keep])
     renumbered = {str(new): removed[str(old)] for new, old in enumerate(keep) if str(old) in removed}
     setattr(config, PRUNED_HEADS_KEY, renumbered)
+    hidden = config_get(config, HIDDEN_KEY)
+    if hidden:  # the modules rebuilt at the kept width are named by layer index: name the layers that are left
+        setattr(config, HIDDEN_KEY, {"size": hidden["size"], **adapter.hidden_modules(model)})
     record_shapes(model)
     return model
