@@ -9,6 +9,7 @@ from .bert.adapter import BertAdapter
 from .deberta.adapter import DebertaV2Adapter
 from .distilbert.adapter import DistilBertAdapter
 from .llama.adapter import LlamaAdapter
+from .modernbert.adapter import ModernBertAdapter
 
 __all__ = [
     "ADAPTER_MAPPING",
@@ -56,6 +57,7 @@ def register_adapter(adapter: ArchitectureAdapter, model_types: tuple[str, ...] 
 register_adapter(BertAdapter())
 register_adapter(DebertaV2Adapter())
 register_adapter(LlamaAdapter())
+register_adapter(ModernBertAdapter())
 register_adapter(DistilBertAdapter())
 
 

@@ -6,6 +6,7 @@ folded into the output projections. Used by `posttrain.search.prune_to_speedup`.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch import nn
@@ -97,17 +98,21 @@ class _Stop(Exception):
     pass
 
 
-def _layer_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[tuple]]:
-    """Each batch's input to the first encoder layer, and the arguments the encoder passes to every layer."""
-    first = structure.get_layers(model)[0]
+def _layer_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+    """Each batch's input to the first layer, and per batch the arguments the model passes to each layer: layers of
+    another attention type (sliding-window or global, as in ModernBERT) get another mask and rotary table."""
+    layers = structure.get_layers(model)
     inputs, extras = [], []
 
-    def hook(module, args, kwargs):
-        inputs.append(args[0])
-        extras.append((args[1:], kwargs))
-        raise _Stop
+    def hook(module, args, kwargs, i):
+        if i == 0:
+            inputs.append(args[0])
+            extras.append([])
+        extras[-1].append((args[1:], kwargs))
+        if i == len(layers) - 1:
+            raise _Stop
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(partial(hook, i=i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         for batch in batches:
             try:
@@ -115,7 +120,8 @@ def _layer_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Ten
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return inputs, extras
 
 
@@ -177,7 +183,7 @@ def _tune_layers(
     student, dense, batches, keeps, first_token_last, held_out, dense_inputs, keep_hidden, dropped
 ) -> list[dict]:
     """The layer-by-layer fit of [`tune_masks`] (`keeps`: the head and neuron keep-masks; `dense_inputs`: the dense
-    model's first-layer inputs and layer arguments per batch)."""
+    model's first-layer inputs and, per batch, each layer's arguments)."""
     adapter = get_adapter(student)
     (keep_heads, keep_neurons), (xd, extras) = keeps, dense_inputs
     # the student's own layer inputs: with hidden dimensions removed, its embeddings are normalised over the kept ones
@@ -195,7 +201,7 @@ def _tune_layers(
     d_attn, d_mlp = layer_units(dense, ATTENTION), layer_units(dense, MLP)
     for layer_idx, (s_layer, d_layer) in enumerate(zip(structure.get_layers(student), structure.get_layers(dense))):
         if layer_idx in dropped:  # the student skips it; the dense model runs it
-            xd = [_call_layer(d_layer, x, extras[b]) for b, x in enumerate(xd)]
+            xd = [_call_layer(d_layer, x, extras[b][layer_idx]) for b, x in enumerate(xd)]
             report.append({"layer": layer_idx, "dropped": True})
             continue
         # the projections the fit reads: the attention and MLP outputs, and the module whose input is the residual
@@ -218,7 +224,7 @@ def _tune_layers(
         seen, handles = _capture(d_lin)
         attn_target, ffn_target, next_d = [], [], []
         for b, x in enumerate(xd):
-            next_d.append(_call_layer(d_layer, x, extras[b]))
+            next_d.append(_call_layer(d_layer, x, extras[b][layer_idx]))
             attn_target.append(d_lin["attention_output"](seen["attention_output"]) + x)
             ffn_target.append(d_lin["ffn_out"](seen["ffn_out"]) + seen["mlp_residual"])
         for h in handles:
@@ -230,7 +236,7 @@ def _tune_layers(
             stats = _Stats(len(heads), w_o.device)
             seen, handles = _capture({"ctx": s_lin["attention_output"]})
             for b, x in enumerate(xs):
-                _call_layer(s_layer, x, extras[b])
+                _call_layer(s_layer, x, extras[b][layer_idx])
                 ctx = seen["ctx"][tokens[b]]  # (tokens, units * width)
                 parts = torch.stack(
                     [ctx[:, _cols(head_slice, h)] @ w_o[:, _cols(head_slice, h)].t() for h in heads]
@@ -254,7 +260,7 @@ def _tune_layers(
             ww = w.t() @ w
             seen, handles = _capture({"act": s_lin["ffn_out"], "res": s_lin["mlp_residual"]})
             for b, x in enumerate(xs):
-                _call_layer(s_layer, x, extras[b])
+                _call_layer(s_layer, x, extras[b][layer_idx])
                 act = seen["act"][tokens[b]][:, kept].double()  # (tokens, k)
                 bias = s_lin["ffn_out"].bias
                 r = (ffn_target[b] - seen["res"] - (bias if bias is not None else 0))[tokens[b]][:, dims].double()
@@ -266,7 +272,7 @@ def _tune_layers(
             if scales is not None:
                 w_down[:, kept] *= scales.to(w_down.dtype)
             entry["neurons"] = {"tuned": scales is not None, "held_out_error": [before, after]}
-        xs = [_call_layer(s_layer, x, extras[b]) for b, x in enumerate(xs)]
+        xs = [_call_layer(s_layer, x, extras[b][layer_idx]) for b, x in enumerate(xs)]
         xd = next_d
         report.append(entry)
     return report

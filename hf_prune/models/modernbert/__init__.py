@@ -1,0 +1,1 @@
+"""The ModernBERT family: its adapter and its remote-code modeling file."""
