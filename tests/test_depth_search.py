@@ -169,3 +169,20 @@ def test_hidden_dimensions_then_a_dropped_layer_reload(tmp_path):
     inputs = batch()
     with torch.no_grad():
         torch.testing.assert_close(load_pruned(tmp_path / "out")(**inputs).logits, model(**inputs).logits)
+
+
+def test_tuning_a_decoder_that_keeps_every_unit_leaves_it_as_it_was():
+    from hf_prune.posttrain.mask_tuning import tune_masks
+    from hf_prune.posttrain.search import pad_collate
+
+    dense = tiny_decoder("mistral").eval()
+    rows = [CausalBlocks(8, length=12)[i] for i in range(8)]
+    for r in rows[::2]:  # padded batches: half the rows are shorter
+        r["attention_mask"] = r["attention_mask"].clone()
+        r["attention_mask"][-3:] = 0
+    batches = [pad_collate(0)(rows[i : i + 4]) for i in (0, 4)] * 3
+    student = copy.deepcopy(dense)
+    keep_heads = [torch.ones(n, dtype=torch.bool) for n in structure.attention_units(dense)]
+    keep_neurons = [torch.ones(n, dtype=torch.bool) for n in structure.ffn_size(dense)]
+    tune_masks(student, dense, batches, keep_heads, keep_neurons, False)
+    torch.testing.assert_close(logits(student), logits(dense), atol=1e-4, rtol=1e-4)

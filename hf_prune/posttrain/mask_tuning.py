@@ -13,7 +13,7 @@ from torch import nn
 
 from ..models import structure
 from ..models.adapter import ATTENTION, MLP, ChannelSlice
-from ..models.auto import get_adapter
+from ..models.auto import get_adapter, is_causal_lm
 from ..models.hidden import hidden_mask
 from ..pruning.units import layer_units
 
@@ -113,10 +113,13 @@ def _layer_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Ten
             raise _Stop
 
     handles = [layer.register_forward_pre_hook(partial(hook, i=i), with_kwargs=True) for i, layer in enumerate(layers)]
+    # no KV cache: the captured arguments are replayed on every layer call, and a cache would grow with each call
+    # (later calls would attend to the keys of earlier ones)
+    extra = {"use_cache": False} if is_causal_lm(model) else {}
     try:
         for batch in batches:
             try:
-                model(**{k: v for k, v in batch.items() if k != "labels"})
+                model(**{k: v for k, v in batch.items() if k != "labels"}, **extra)
             except _Stop:
                 pass
     finally:
