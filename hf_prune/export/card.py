@@ -44,6 +44,7 @@ _PIPELINE_TAGS = {
     "AutoModelForQuestionAnswering": "question-answering",
     "AutoModelForMaskedLM": "fill-mask",
     "AutoModelForCausalLM": "text-generation",
+    "AutoModelForImageClassification": "image-classification",
     "AutoModel": "feature-extraction",
 }
 _GLUE_TASKS = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "ax"}
@@ -54,6 +55,12 @@ _number = functools.partial(format_float, grouped=True)
 
 def _get(config, key, default=None):
     return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+
+
+def _processor(auto_class: str) -> tuple[str, str]:
+    """The class and variable name of what makes the model's inputs: an image model's image processor, else the
+    tokenizer."""
+    return ("AutoImageProcessor", "image_processor") if "Image" in auto_class else ("AutoTokenizer", "tokenizer")
 
 
 def _auto_class(config) -> str:
@@ -305,6 +312,7 @@ def make_model_card(
         layer_rows=rows,
         model_path=repo_id or "path/to/export",
         auto_class=auto_class,
+        processor=_processor(auto_class),
         remote_code=bool(_get(config, "auto_map")),
         stage_rows=[(s["name"], _number(s["wall_time_s"], 1)) for s in stages],
         **_deployment(report, metric_name),

@@ -13,6 +13,7 @@ from ..config import PruningArguments
 from ..export.persistence import load_pruned, load_teacher, save_pruned
 from ..trainer import PruningTrainer
 from .causal_lm import CausalLMCollator, nll_per_example, pad_token_id
+from .images import ImageCollator
 from .metrics import build_compute_metrics
 from .sources import BASE_MODEL_KEY, base_model_name, load_start_model, source_folder
 
@@ -74,6 +75,8 @@ class StageContext:
         return {k: v for k, v in self.splits().items() if k != "train"}
 
     def arguments(self, **overrides) -> PruningArguments:
+        if self.task_spec().is_image_classification:  # the rows' images, which the pixel transform reads, stay
+            overrides.setdefault("remove_unused_columns", False)
         return self.recipe.stage_arguments(self.index, **overrides)
 
     def current_model_dir(self) -> Path | None:
@@ -98,6 +101,8 @@ class StageContext:
         return load_teacher(source) if source is not None else None
 
     def collator(self):
+        if self.task_spec().is_image_classification:  # pixel values of one size: stacked
+            return ImageCollator()
         if self.task_spec().is_causal_lm:  # blocks: input ids padded, labels -100 on padding
             return CausalLMCollator(pad_token_id(self.tokenizer))
         if self.task_spec().is_token_classification:  # pads the per-token labels too (with -100)

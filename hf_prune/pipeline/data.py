@@ -4,9 +4,10 @@ tokenization, all driven by a [`TaskSpec`] (see `tasks.py`).
 Raw splits are `datasets.Dataset`s holding the task's text columns and a `label` column: a label id for
 classification, a float for regression, a list of tag ids (one per word) for token classification. Label names are
 the task's, else those of the dataset's `ClassLabel` feature, else the sorted distinct labels of the training split.
-A causal-LM task's raw splits hold its text column alone (one document per row: see `causal_lm.read_documents`).
+A causal-LM task's raw splits hold its text column alone (one document per row: see `causal_lm.read_documents`); an
+image task's its image column and `label` (local data: folders of one sub-folder per class, see `images.py`).
 `tokenize_splits` turns raw splits into model inputs (a causal LM's: blocks of `block_size` tokens, see
-`causal_lm.py`).
+`causal_lm.py`; an image task's: pixel values made when read, see `images.pixel_splits`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from transformers.utils import logging
 
 from .causal_lm import DEFAULT_BLOCK_SIZE, document_column, join_columns, read_documents, tokenize_text_splits
 from .demo import make_demo_data
+from .images import demo_image_folders, image_label_ids, pixel_splits, read_image_splits
+from .labels import LabelMap, infer_label_names, regression_value
 from .metrics import check_task_metrics
-from .tasks import NLI_LABELS, LabelMap, TaskSpec, infer_label_names, parse_task, regression_value
+from .tasks import NLI_LABELS, TaskSpec, parse_task
 
 logger = logging.get_logger(__name__)
 
@@ -209,6 +212,8 @@ def validation_files(spec) -> dict[str, str]:
 
 def _read_local_splits(spec: TaskSpec, train_file, val_files: dict[str, str]) -> tuple[dict, TaskSpec]:
     """Local training and validation files, with the label names read from the training files when needed."""
+    if spec.is_image_classification:  # folders of one sub-folder per class
+        return read_image_splits(spec, train_file, val_files)
     raws = {}
     if train_file:
         raws["train"] = [(path, _read_raw(path, spec)) for path in train_files(train_file)]
@@ -264,6 +269,7 @@ def _hub_splits(spec: TaskSpec, columns: list[str]) -> tuple:
         raw = load_dataset(*(spec.dataset or ()), **spec.dataset_kwargs)
     except Exception as err:  # network, offline mode, missing cache: all end here
         kinds = "jsonl or txt" if spec.is_causal_lm else "jsonl, csv or tsv"
+        kinds = "folders of one sub-folder per class" if spec.is_image_classification else kinds
         raise ValueError(
             f"Could not load {_dataset_label(spec)} for task {spec.name!r}: {err}. Without Hub access, give local "
             f"files: data.train_file and data.validation_file ({kinds} with {', '.join(columns)})."
@@ -282,7 +288,7 @@ def _hub_splits(spec: TaskSpec, columns: list[str]) -> tuple:
 
 
 def _load_hub(spec: TaskSpec) -> tuple[dict, TaskSpec]:
-    raw, names = _hub_splits(spec, [*spec.text_columns, spec.label_column])
+    raw, names = _hub_splits(spec, [*spec.input_columns, spec.label_column])
     feature = raw[spec.train_split].features[spec.label_column]
     class_names = None if spec.is_regression else _class_names(feature)
     if class_names is not None:
@@ -302,7 +308,7 @@ def _load_hub(spec: TaskSpec) -> tuple[dict, TaskSpec]:
             spec = spec.with_label_names(class_names)
     splits = {}
     for name in names:
-        ds = raw[name].select_columns([*spec.text_columns, spec.label_column])
+        ds = raw[name].select_columns([*spec.input_columns, spec.label_column])
         if spec.label_column != LABEL:
             ds = ds.rename_column(spec.label_column, LABEL)
         if class_names is not None and not spec.is_token_classification:
@@ -311,6 +317,8 @@ def _load_hub(spec: TaskSpec) -> tuple[dict, TaskSpec]:
     numeric = str(getattr(feature, "dtype", None) or "").startswith(("float", "int"))
     if spec.is_regression and numeric:  # float targets as the MSE loss takes them
         return {k: ds.cast_column(LABEL, Value("float32")) for k, ds in splits.items()}, spec
+    if class_names is None and spec.is_image_classification:  # label ids made without reading the images
+        return image_label_ids(splits, spec, _dataset_label(spec))
     if class_names is None:  # labels as values (names, other ids, text scores): turn them into ids like local files
         columns = {k: ds.to_dict() for k, ds in splits.items()}
         spec = _resolve_names(spec, _train_label_values(columns["train"], spec), _dataset_label(spec))
@@ -360,8 +368,9 @@ def load_task(task, data: Mapping | None = None, seed: int = 0) -> tuple[Dataset
         data: the recipe's `data` section: `train_file` (a path or a list of paths, concatenated) and `validation_file`
             (local files override the Hub data; a validation file's split is named after its stem, or give
             `{split: path}`), `max_train_samples`, `max_eval_samples` (random subsets, drawn with `seed`),
-            `demo_train_size` / `demo_eval_size` (demo task). A causal-LM task reads documents (see
-            `causal_lm.read_documents`; the subsets are of documents).
+            `demo_train_size` / `demo_eval_size` (generated tasks). A causal-LM task reads documents (see
+            `causal_lm.read_documents`; the subsets are of documents); an image task folders of one sub-folder per
+            class (see `images.read_image_folder`).
         seed: seed of the subsets and of the demo generator.
 
     Returns:
@@ -372,13 +381,16 @@ def load_task(task, data: Mapping | None = None, seed: int = 0) -> tuple[Dataset
     data = dict(data or {})
     train_file, val_files = data.get("train_file"), validation_files(data.get("validation_file"))
     has_hub = spec.dataset is not None or bool(spec.dataset_kwargs)
-    if spec.generated and not train_file:
+    if spec.generated and spec.is_image_classification and not train_file:  # PNG folders, written once
+        train_file, val_files = demo_image_folders(data, seed)
+    if spec.generated and not spec.is_image_classification and not train_file:
         splits = dict(
             make_demo_data(int(data.get("demo_train_size", 2000)), int(data.get("demo_eval_size", 400)), seed)
         )
     elif not has_hub and not (train_file and val_files):
         named = " and ".join(map(repr, spec.text_columns))
         kinds = f" (jsonl with a {named} column, or txt)" if spec.is_causal_lm else ""
+        kinds = " (folders of one sub-folder per class)" if spec.is_image_classification else kinds
         raise ValueError(
             f"Task {spec.name!r} has no dataset to load: give both data.train_file and data.validation_file{kinds}, "
             "or task.dataset (the arguments of datasets.load_dataset)."
@@ -425,7 +437,8 @@ def tokenize_splits(
 
     Args:
         raw: splits from [`load_task`].
-        tokenizer: the model's tokenizer (a fast one for token classification: words are mapped to tokens).
+        tokenizer: the model's tokenizer (a fast one for token classification: words are mapped to tokens); an
+            image task's image processor.
         max_seq_length: the longest tokenized sequence (not for causal-LM tasks).
         task: the task (default MNLI: premise / hypothesis pairs).
         block_size: a causal-LM task's tokens per block (default 128; see `causal_lm.tokenize_text_splits`).
@@ -434,6 +447,8 @@ def tokenize_splits(
         A `DatasetDict` with `input_ids`, `attention_mask`, `token_type_ids` (when the tokenizer makes them), `labels`.
     """
     spec = _spec(task)
+    if spec.is_image_classification:  # `tokenizer` is the image processor
+        return pixel_splits(raw, tokenizer, spec)
     if spec.is_causal_lm:
         return tokenize_text_splits(
             raw, tokenizer, block_size or DEFAULT_BLOCK_SIZE, document_column(spec.text_columns)

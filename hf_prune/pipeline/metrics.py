@@ -9,24 +9,29 @@ task; with more than two labels it needs `positive_label`, or one of the average
 per metric) when it can load them, and with the functions below when it cannot (offline without a cached copy): the
 definitions are the same (scikit-learn's F1 and Matthews correlation, scipy's Pearson and Spearman, seqeval's default
 entity chunking), so either path gives the same numbers. A causal-LM task's perplexity is computed from per-block
-sums (see `causal_lm.py`), not through `evaluate`.
+sums (see `causal_lm.py`), not through `evaluate`. An image task's predictions are its classes ranked by logit, best
+first (the 5 best); `accuracy` (and every other metric) reads the first, `top5_accuracy` whether the reference is
+among them, computed here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
 from transformers.utils import logging
 
 from .causal_lm import compute_perplexity
-from .tasks import TaskSpec, is_iob_tagging, parse_task
+from .entities import entity_scores, get_entities  # noqa: F401  (seqeval's definitions; importable from here too)
+from .labels import is_iob_tagging
+from .tasks import TaskSpec, parse_task
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "accuracy",
+    "top_k_accuracy",
+    "TOP_K_METRICS",
     "f1_score",
     "F1_AVERAGES",
     "positive_label_id",
@@ -35,8 +40,6 @@ __all__ = [
     "pearson",
     "spearman",
     "mean_squared_error",
-    "get_entities",
-    "entity_scores",
     "LOADED_METRICS",
     "load_evaluate_metric",
     "task_scores",
@@ -47,6 +50,8 @@ __all__ = [
 ENTITY_METRICS = ("f1", "precision", "recall")  # seqeval's, over entity spans
 # The F1 of every class averaged (scikit-learn's `average`), for more than two classes; `f1` is the F1 of one class.
 F1_AVERAGES = {"f1_macro": "macro", "f1_micro": "micro", "f1_weighted": "weighted"}
+# Whether the reference is among the k classes of highest logit (image tasks), and that k.
+TOP_K_METRICS = {"top5_accuracy": 5}
 
 
 # ----------------------------------------------------------------------------------------------------- classification
@@ -54,6 +59,18 @@ def accuracy(predictions, references) -> float:
     """The share of predictions equal to their reference (0 for no examples)."""
     predictions, references = np.asarray(predictions), np.asarray(references)
     return float((predictions == references).mean()) if len(references) else 0.0
+
+
+def top_k_accuracy(ranked, references, k: int = 5) -> float:
+    """The share of examples whose reference is among the first `k` of their ranked classes (0 for no examples).
+
+    Args:
+        ranked: per example, class ids ranked by logit, best first (at least `k` of them, or every class).
+        references: class ids.
+        k: how many of the best classes count.
+    """
+    hits = [int(r) in [int(c) for c in row[:k]] for row, r in zip(ranked, np.asarray(references).tolist())]
+    return float(np.mean(hits)) if hits else 0.0
 
 
 def f1_score(predictions, references, pos_label: int = 1, average: str = "binary") -> float:
@@ -140,63 +157,6 @@ def spearman(predictions, references) -> float:
 def mean_squared_error(predictions, references) -> float:
     x, y = np.asarray(predictions, dtype=np.float64), np.asarray(references, dtype=np.float64)
     return float(((x - y) ** 2).mean()) if len(y) else 0.0
-
-
-# ----------------------------------------------------------------------------------------------------- entities
-def _end_of_chunk(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
-    if prev_tag in ("E", "S"):
-        return True
-    if prev_tag in ("B", "I") and tag in ("B", "S", "O"):
-        return True
-    return prev_tag not in ("O", ".") and prev_type != type_
-
-
-def _start_of_chunk(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
-    if tag in ("B", "S"):
-        return True
-    if prev_tag in ("E", "S", "O") and tag in ("E", "I"):
-        return True
-    return tag not in ("O", ".") and prev_type != type_
-
-
-def get_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
-    """Entity chunks `(type, first, last)` of one tag sequence, as seqeval's default (non-strict) mode reads them.
-
-    IOB1, IOB2 and IOBES tags all work: a chunk starts at `B-`/`S-`, at an `I-`/`E-` after `O` or after another type,
-    and ends before `O`, `B-`, `S-`, a change of type, or after `E-`/`S-`.
-    """
-    chunks, prev_tag, prev_type, begin = [], "O", "", 0
-    for i, chunk in enumerate([*tags, "O"]):
-        tag, type_ = chunk[0], chunk[1:].split("-", maxsplit=1)[-1] or "_"
-        if _end_of_chunk(prev_tag, tag, prev_type, type_):
-            chunks.append((prev_type, begin, i - 1))
-        if _start_of_chunk(prev_tag, tag, prev_type, type_):
-            begin = i
-        prev_tag, prev_type = tag, type_
-    return chunks
-
-
-def entity_scores(references: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]]) -> dict[str, float]:
-    """seqeval's overall scores of tagged sentences: entity-level (micro) precision, recall and F1, token accuracy.
-
-    An entity counts as found when a predicted chunk has the same type, start and end as a reference chunk of the
-    same sentence.
-
-    Args:
-        references / predictions: per sentence, the tag of every word (`"O"`, `"B-PER"`, `"I-PER"`, ...).
-
-    Returns:
-        `{"precision", "recall", "f1", "accuracy"}` (0 where a denominator is 0, as seqeval's `zero_division`).
-    """
-    true = {(s, *e) for s, tags in enumerate(references) for e in get_entities(list(tags))}
-    pred = {(s, *e) for s, tags in enumerate(predictions) for e in get_entities(list(tags))}
-    hits = len(true & pred)
-    precision = hits / len(pred) if pred else 0.0
-    recall = hits / len(true) if true else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    flat_true = [t for tags in references for t in tags]
-    flat_pred = [t for tags in predictions for t in tags]
-    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy(flat_pred, flat_true)}
 
 
 LOCAL_METRICS = {
@@ -311,6 +271,13 @@ def check_task_metrics(task: TaskSpec, warn: bool = False) -> TaskSpec:
             )
     if labels is None:
         return task
+    few = [n for n in names if n in TOP_K_METRICS and len(labels) <= TOP_K_METRICS[n]]
+    if few:
+        raise ValueError(
+            f"task.metrics has {few[0]}, but task {task.name!r} has {len(labels)} classes: the reference is always "
+            f"among the {TOP_K_METRICS[few[0]]} best, so it is always 1. Remove it (it is given by default to image "
+            f"tasks of more than {TOP_K_METRICS[few[0]]} classes)."
+        )
     if task.is_token_classification and task.metrics and not is_iob_tagging(labels):
         entity = [n for n in task.metrics if n in ENTITY_METRICS]
         if entity:
@@ -366,12 +333,15 @@ def task_scores(task, predictions, references) -> dict[str, float]:
     Args:
         task: a `TaskSpec` (its `metric_names`, `glue` and problem type are read).
         predictions / references: class ids or scores per example; tag-name lists per sentence for token
-            classification with entity metrics, flat tag ids otherwise.
+            classification with entity metrics, flat tag ids otherwise; an image task's predictions are per example
+            its classes ranked best first (see [`decode_predictions`]).
 
     Returns:
         `{metric: value}` in the order of `task.metric_names`.
     """
-    names = task.metric_names
+    names, ranked = task.metric_names, None
+    if task.is_image_classification:  # classes ranked best first: the metrics of ids read the best
+        ranked, predictions = predictions, [row[0] for row in predictions]
     if _entity_level(task):
         keys = {n: f"overall_{n}" for n in names}
         out = _through_evaluate("seqeval", None, keys, predictions=predictions, references=references)
@@ -390,6 +360,9 @@ def task_scores(task, predictions, references) -> dict[str, float]:
         return {n: LOCAL_METRICS[n](predictions, references) for n in names}
     scores = {}
     for name in names:
+        if name in TOP_K_METRICS:
+            scores[name] = top_k_accuracy(ranked, references, TOP_K_METRICS[name])
+            continue
         path, key = EVALUATE_MODULES[name]
         preds, refs, kwargs = _metric_inputs(task, name, predictions, references)
         out = _through_evaluate(path, None, {name: key}, predictions=preds, references=refs, **kwargs)
@@ -403,11 +376,15 @@ def _entity_level(task) -> bool:
 
 
 def decode_predictions(task, logits: np.ndarray, labels: np.ndarray) -> tuple[list, list]:
-    """Model outputs -> what the metrics compare: argmax class ids, scores (regression), or for token classification
-    the tags of the words that carry a label (`labels != -100`: the first sub-token of each word)."""
+    """Model outputs -> what the metrics compare: argmax class ids, scores (regression), an image task's 5 best
+    classes per example (best first; every class when it has fewer), or for token classification the tags of the words
+    that carry a label (`labels != -100`: the first sub-token of each word)."""
     if task.is_regression:
         scores = logits.reshape(len(logits), -1)[:, 0] if logits.ndim > 1 else logits
         return scores.astype(np.float64).tolist(), np.asarray(labels, dtype=np.float64).reshape(-1).tolist()
+    if task.is_image_classification:
+        ranked = np.argsort(-logits, axis=-1, kind="stable")[:, : max(TOP_K_METRICS.values())]
+        return ranked.tolist(), np.asarray(labels).tolist()
     ids = np.argmax(logits, axis=-1)
     if not task.is_token_classification:
         return ids.tolist(), np.asarray(labels).tolist()
@@ -447,7 +424,8 @@ def build_compute_metrics(task=None):
         load_evaluate_metric("glue", task.glue)
     else:
         for name in task.metric_names:
-            load_evaluate_metric(EVALUATE_MODULES[name][0])
+            if name in EVALUATE_MODULES:  # top-k accuracy is computed here alone
+                load_evaluate_metric(EVALUATE_MODULES[name][0])
 
     def compute_metrics(eval_pred) -> dict[str, float]:
         logits, labels = eval_pred.predictions, eval_pred.label_ids

@@ -21,12 +21,13 @@ import torch
 import yaml
 
 from ..config import PruningArguments
-from ..export.onnx import MAX_OPSET, MIN_OPSET
 from ..posttrain.search import COST_MODELS, IMPORTANCES
 from .causal_lm import block_size_of
 from .context import CHECKPOINTS_SUBDIR, stage_folder
 from .data import train_files, validation_files
+from .images import check_image_recipe
 from .sources import check_model_source, check_task_model, check_uniform_stages, looks_like_path
+from .stage_outputs import check_onnx_options, check_onnx_order
 from .stages import RUNNER_ARGS, SPEEDUP_STAGES, STAGE_ARG_RULES, STAGE_OPTIONS, STAGE_TYPES
 from .tasks import TaskSpec, parse_task
 
@@ -202,7 +203,7 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
     if kind == "prune_heads" and not 0.0 < float(entry.get("min_masked", 1.0)) <= 1.0:
         raise ValueError(f"{where}: min_masked={entry['min_masked']} must be in (0, 1]; 1 removes fully masked heads.")
     if kind == "onnx":
-        _check_onnx_options(entry, options, where)
+        check_onnx_options(entry, options, where)
     spec = {"stage": kind, "name": name, "args": args}
     spec.update({k: copy.deepcopy(entry.get(k, default)) for k, default in options.items()})
     return spec
@@ -237,40 +238,6 @@ def _check_prune_heads_order(stages: list[dict], i: int) -> None:
         )
 
 
-def _check_onnx_options(entry: Mapping, options: dict, where: str) -> None:
-    value = lambda key: entry.get(key, options[key])  # noqa: E731
-    for key in ("int8", "evaluate"):
-        if not isinstance(value(key), bool):
-            raise ValueError(f"{where}: {key}={value(key)!r} must be true or false.")
-    opset = value("opset")
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"{where}: opset={opset!r} must be an integer from {MIN_OPSET} to {MAX_OPSET}.")
-    sizes = value("batch_sizes")
-    if not isinstance(sizes, (list, tuple)) or not sizes:
-        raise ValueError(f"{where}: batch_sizes={sizes!r} must be a non-empty list of positive integers.")
-    for key, v in (("seq_len", value("seq_len")), ("repeats", value("repeats")), *(("batch_sizes", b) for b in sizes)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{where}: {key}={v!r} must be a positive integer (batch_sizes: a list of them).")
-    if value("path") is not None and not isinstance(value("path"), str):
-        raise ValueError(f"{where}: path={value('path')!r} must be the `path` of an earlier export stage.")
-
-
-def _check_onnx_order(stages: list[dict], i: int) -> None:
-    """An onnx stage converts the folder of an export stage that runs before it."""
-    spec = stages[i]
-    paths = [s["path"] for s in stages[:i] if s["stage"] == "export"]
-    if not paths:
-        raise ValueError(
-            f"Stage {spec['name']!r} (onnx) converts an exported folder to ONNX: put an export stage before it, e.g. "
-            "stages: [..., {stage: export}, {stage: onnx, int8: true}]."
-        )
-    if spec["path"] is not None and spec["path"] not in paths:
-        raise ValueError(
-            f"Stage {spec['name']!r} (onnx) has path={spec['path']!r}, but the export stages before it write "
-            f"{paths}; set path to one of them, or leave it out for the last one."
-        )
-
-
 def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Recipe:
     """Checks a recipe's structure and returns it as a [`Recipe`] (values are checked by `stage_arguments`).
 
@@ -294,6 +261,7 @@ def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Re
     if not task.generated and task.dataset is None and not task.dataset_kwargs:
         if not (data.get("train_file") and data.get("validation_file")):
             kinds = "jsonl or txt" if task.is_causal_lm else "jsonl, csv or tsv"
+            kinds = "folders of one sub-folder per class" if task.is_image_classification else kinds
             raise ValueError(
                 f"Task {task.name!r} names no dataset: give data.train_file and data.validation_file ({kinds}), or "
                 "task.dataset (the arguments of datasets.load_dataset, e.g. [imdb])."
@@ -320,7 +288,7 @@ def validate_recipe(raw: Mapping, source: str | os.PathLike | None = None) -> Re
         if spec["stage"] == "prune_heads":
             _check_prune_heads_order(stages, i)
         if spec["stage"] == "onnx":
-            _check_onnx_order(stages, i)
+            check_onnx_order(stages, i)
         merged = {**defaults, **spec["args"]}
         if spec["stage"] in SPEEDUP_STAGES and merged.get("target_speedup") is None:
             raise ValueError(
@@ -487,10 +455,12 @@ def check_recipe(recipe: Recipe) -> None:
         check_model_source(what, getattr(recipe, what))
     check_task_model(recipe, recipe.task_spec)
     check_uniform_stages(recipe)
+    check_image_recipe(recipe)  # an image task's folders, and the stages it cannot run
     data = recipe.data
     files = [*train_files(data.get("train_file")), *validation_files(data.get("validation_file")).values()]
+    folders = recipe.task_spec.is_image_classification  # whose data are folders, checked above
     for path in filter(None, files):
-        if not os.path.isfile(path):
+        if not (os.path.isdir(path) if folders else os.path.isfile(path)):
             raise FileNotFoundError(
                 f"Data file {path} does not exist. Fix data.train_file / data.validation_file (relative paths in a "
                 "recipe file are resolved against its folder, --set paths against the current directory)."

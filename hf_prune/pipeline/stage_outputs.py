@@ -1,18 +1,20 @@
 """The stages that measure and write: `evaluate` (the task's metrics of teacher and model, a causal LM's perplexity
 included, the teacher's read from its metrics cache when these weights met these splits before), `export` (the pruned
-model with its report and card) and `onnx` (the ONNX forms of an export, measured beside the PyTorch ones).
+model with its report and card) and `onnx` (the ONNX forms of an export, measured beside the PyTorch ones), and the
+checks of an onnx stage's options and place in a recipe.
 """
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Mapping
 from pathlib import Path
 
 from transformers.utils import logging
 
 from ..export.deploy import deployment_rows, speedups, write_deployment
 from ..export.files import ONNX_DIR
-from ..export.onnx import export_onnx, read_export_info
+from ..export.onnx import MAX_OPSET, MIN_OPSET, export_onnx, read_export_info
 from ..export.persistence import save_pruned
 from ..export.report import build_report
 from .causal_lm import block_size_of, perplexity_note
@@ -33,6 +35,8 @@ __all__ = [
     "stage_evaluate",
     "stage_export",
     "stage_onnx",
+    "check_onnx_options",
+    "check_onnx_order",
 ]
 
 
@@ -196,3 +200,39 @@ def stage_onnx(ctx: StageContext) -> dict:
         files = read_export_info(target / ONNX_DIR)["files"]
         summary.update(files=sorted(files.values()), speedups=speedups(deployment))
     return {"model_dir": None, "metrics": {}, "summary": summary, "_model": ctx.load_current_model()}
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+def check_onnx_options(entry: Mapping, options: dict, where: str) -> None:
+    """The options of a recipe's onnx stage (`entry`, defaults `options`) are valid, else a `ValueError` at `where`."""
+    value = lambda key: entry.get(key, options[key])  # noqa: E731
+    for key in ("int8", "evaluate"):
+        if not isinstance(value(key), bool):
+            raise ValueError(f"{where}: {key}={value(key)!r} must be true or false.")
+    opset = value("opset")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"{where}: opset={opset!r} must be an integer from {MIN_OPSET} to {MAX_OPSET}.")
+    sizes = value("batch_sizes")
+    if not isinstance(sizes, (list, tuple)) or not sizes:
+        raise ValueError(f"{where}: batch_sizes={sizes!r} must be a non-empty list of positive integers.")
+    for key, v in (("seq_len", value("seq_len")), ("repeats", value("repeats")), *(("batch_sizes", b) for b in sizes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{where}: {key}={v!r} must be a positive integer (batch_sizes: a list of them).")
+    if value("path") is not None and not isinstance(value("path"), str):
+        raise ValueError(f"{where}: path={value('path')!r} must be the `path` of an earlier export stage.")
+
+
+def check_onnx_order(stages: list[dict], i: int) -> None:
+    """An onnx stage converts the folder of an export stage that runs before it."""
+    spec = stages[i]
+    paths = [s["path"] for s in stages[:i] if s["stage"] == "export"]
+    if not paths:
+        raise ValueError(
+            f"Stage {spec['name']!r} (onnx) converts an exported folder to ONNX: put an export stage before it, e.g. "
+            "stages: [..., {stage: export}, {stage: onnx, int8: true}]."
+        )
+    if spec["path"] is not None and spec["path"] not in paths:
+        raise ValueError(
+            f"Stage {spec['name']!r} (onnx) has path={spec['path']!r}, but the export stages before it write "
+            f"{paths}; set path to one of them, or leave it out for the last one."
+        )

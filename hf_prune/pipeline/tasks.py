@@ -1,8 +1,9 @@
 """Tasks of the staged pipeline: what a recipe's `task` names, how its labels are read, and its metrics.
 
-A task is a [`TaskSpec`]: the text columns (one or two), the label column, the problem type
-(`single_label_classification`, `regression`, `token_classification` or `causal_lm`), the label names, the metrics and
-where the data comes from. [`parse_task`] builds one from a recipe's `task` value:
+A task is a [`TaskSpec`]: the text columns (one or two; an image task's image column instead), the label column, the
+problem type (`single_label_classification`, `regression`, `token_classification`, `causal_lm` or
+`image_classification`), the label names, the metrics and where the data comes from. [`parse_task`] builds one from a
+recipe's `task` value:
 
 ```yaml
 task: glue/sst2          # cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli: load_dataset("nyu-mll/glue", name)
@@ -19,12 +20,17 @@ task:                    # language modeling: text packed into data.block_size b
   problem_type: causal_lm
   text_column: text                     # default text; a .txt file has none (each non-empty line is a document)
   # text_column: [premise, hypothesis]  # several columns: one document per row, their texts joined by a newline
+task:                    # images: a Hub dataset's image column, or folders of one sub-folder per class
+  problem_type: image_classification
+  image_column: image                   # default image; label_column default label
+task: demo_images        # the generated offline image task (see images.py)
 ```
 
 Metrics are those GLUE defines (accuracy; F1 and accuracy for MRPC and QQP; Matthews correlation for CoLA; Pearson and
 Spearman for STS-B) and seqeval's entity-level precision, recall and F1 for token classification. They are computed
 through `evaluate` when it can load them, and with the same definitions here when it cannot (offline): see
-`metrics.py`. A causal-LM task is scored by perplexity (see `causal_lm.py`), lower being better.
+`metrics.py`. A causal-LM task is scored by perplexity (see `causal_lm.py`), lower being better; an image task by
+accuracy, and top-5 accuracy too when it has more than 5 classes.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 from transformers.utils import logging
+
+# the label helpers lived here before labels.py: they stay importable from this module
+from .labels import LabelMap, infer_label_names, is_iob_tagging, regression_value  # noqa: F401
 
 logger = logging.get_logger(__name__)
 
@@ -49,31 +57,34 @@ __all__ = [
     "TaskSpec",
     "parse_task",
     "task_names",
-    "LabelMap",
-    "infer_label_names",
-    "regression_value",
-    "is_iob_tagging",
+    "DEMO_IMAGES_TASK",
 ]
 
-PROBLEM_TYPES = ("single_label_classification", "regression", "token_classification", "causal_lm")
+PROBLEM_TYPES = (
+    "single_label_classification", "regression", "token_classification", "causal_lm", "image_classification",
+)  # fmt: skip
 # The metrics of a problem type when the task names none (the first is the main one), and those it may name.
 DEFAULT_METRICS = {
     "single_label_classification": ("accuracy",),
     "regression": ("pearson", "spearmanr"),
     "token_classification": ("f1", "precision", "recall", "accuracy"),
     "causal_lm": ("perplexity",),
+    "image_classification": ("accuracy",),  # and top5_accuracy with more than 5 classes (TaskSpec.metric_names)
 }
 VALID_METRICS = {
     "single_label_classification": ("accuracy", "f1", "f1_macro", "f1_micro", "f1_weighted", "matthews_correlation"),
     "regression": ("pearson", "spearmanr", "mse"),
     "token_classification": ("f1", "precision", "recall", "accuracy"),
     "causal_lm": ("perplexity",),
+    "image_classification": (
+        "accuracy", "top5_accuracy", "f1_macro", "f1_micro", "f1_weighted", "matthews_correlation",
+    ),  # fmt: skip
 }
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 GLUE_DATASET = "nyu-mll/glue"
 TASK_KEYS = (
     "name", "dataset", "text_columns", "label_column", "problem_type", "label_names", "metrics", "train_split",
-    "validation_splits", "text_column", "positive_label",
+    "validation_splits", "text_column", "positive_label", "image_column",
 )  # fmt: skip
 # Keys of one kind of task that do not apply to the other, and why.
 _NOT_FOR_CAUSAL_LM = {
@@ -84,6 +95,12 @@ _NOT_FOR_CAUSAL_LM = {
 _ONLY_FOR_CAUSAL_LM = (
     "it names the text of a problem_type: causal_lm task; set problem_type: causal_lm for language modeling, or "
     "name this task's text with text_columns: [...] (one or two columns)"
+)
+_IMAGES_HAVE_NO_TEXT = "an image task reads its images from image_column (default image): remove it"
+_NOT_FOR_IMAGES = {"text_columns": _IMAGES_HAVE_NO_TEXT, "text_column": _IMAGES_HAVE_NO_TEXT}
+_ONLY_FOR_IMAGES = (
+    "it names the images of a problem_type: image_classification task; set problem_type: image_classification, or "
+    "remove it"
 )
 
 
@@ -113,7 +130,7 @@ GLUE_TASKS = {
 
 def task_names() -> list[str]:
     """The task names a recipe may give as a string."""
-    return ["demo", *(f"glue/{name}" for name in GLUE_TASKS)]
+    return ["demo", *(f"glue/{name}" for name in GLUE_TASKS), "demo_images"]
 
 
 @dataclass(frozen=True)
@@ -123,10 +140,11 @@ class TaskSpec:
     Args:
         name: the task's name in reports and model cards (`"sst2"`, `"mnli"`, `"demo"`, a dataset id, `"custom"`).
         text_columns: one or two text columns (token classification: one column of word lists; causal LM: its text
-            column, or several whose texts are joined by a newline per row).
+            column, or several whose texts are joined by a newline per row); none for an image task.
         label_column: the column holding the labels (class names or ids, scores, or per-word tags); unused by a
             causal LM, whose labels are its input ids.
-        problem_type: `single_label_classification`, `regression`, `token_classification` or `causal_lm`.
+        problem_type: `single_label_classification`, `regression`, `token_classification`, `causal_lm` or
+            `image_classification`.
         label_names: class (or tag) names in label-id order; None until read from the data. None for regression.
         metrics: metric names, the first being the main one; None for the problem type's defaults. `f1` is the F1
             of one class (`positive_label`, else label id 1 of two); `f1_macro`, `f1_micro`, `f1_weighted` average it.
@@ -138,6 +156,7 @@ class TaskSpec:
         generated: the offline demo task, whose data hf_prune generates.
         positive_label: the name of the class whose F1 `f1` reports (against all the others), or None.
         labels_inferred: whether the label names are the sorted distinct labels of the training data.
+        image_column: an image task's column of images (a Hub dataset's image feature; folders: the file paths).
     """
 
     name: str
@@ -154,6 +173,7 @@ class TaskSpec:
     generated: bool = False
     positive_label: str | None = None
     labels_inferred: bool = False
+    image_column: str | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -166,6 +186,15 @@ class TaskSpec:
     @property
     def is_causal_lm(self) -> bool:
         return self.problem_type == "causal_lm"
+
+    @property
+    def is_image_classification(self) -> bool:
+        return self.problem_type == "image_classification"
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        """The columns a model's inputs are made from: the text columns, or an image task's image column."""
+        return (self.image_column,) if self.is_image_classification else self.text_columns
 
     @property
     def num_labels(self) -> int | None:
@@ -181,12 +210,15 @@ class TaskSpec:
         """The metrics computed on every validation split; the first is the main one.
 
         Token classification reports seqeval's entity scores when the tags are IOB-style (`O`, `B-X`, `I-X`, ...), and
-        token accuracy alone otherwise (e.g. part-of-speech tags), since entity spans mean nothing there.
+        token accuracy alone otherwise (e.g. part-of-speech tags), since entity spans mean nothing there. An image
+        task reports accuracy, then top-5 accuracy when it has more than 5 classes.
         """
         if self.metrics:
             return self.metrics
         if self.is_token_classification and self.label_names is not None and not is_iob_tagging(self.label_names):
             return ("accuracy",)
+        if self.is_image_classification and self.label_names is not None and len(self.label_names) > 5:
+            return ("accuracy", "top5_accuracy")
         return DEFAULT_METRICS[self.problem_type]
 
     @property
@@ -225,7 +257,9 @@ class TaskSpec:
                 f"Set task.text_column to the data's text column or a list of them (now: "
                 f"{', '.join(self.text_columns)}), or give a .txt file (each non-empty line is a document)."
             )
-        needed = ", ".join([*self.text_columns, self.label_column])
+        needed = ", ".join([*self.input_columns, self.label_column])
+        if self.is_image_classification and not self.generated:
+            return f"Set task.image_column and task.label_column to the data's column names (now: {needed})."
         if self.glue or self.generated:
             return f"Task {self.name!r} reads the columns {needed}."
         return f"Set task.text_columns and task.label_column to the data's column names (now: {needed})."
@@ -254,6 +288,16 @@ DEMO_TASK = TaskSpec(
     validation_splits=("validation",),
     generated=True,
 )
+
+
+DEMO_IMAGES_TASK = TaskSpec(
+    name="demo_images",
+    text_columns=(),
+    problem_type="image_classification",
+    validation_splits=("validation",),
+    generated=True,
+    image_column="image",
+)  # its label names are the generated class folders' names (see images.py)
 
 
 def _unknown_task(raw) -> ValueError:
@@ -289,6 +333,15 @@ def _dataset_args(value) -> tuple[tuple | None, dict]:
     return args, {}
 
 
+def _label_names(value) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = _strings(value, "label_names", 2)
+    if len(set(names)) != len(names):
+        raise ValueError(f"task.label_names lists a name twice: {list(names)}.")
+    return names
+
+
 def _parse_mapping(raw: Mapping) -> TaskSpec:
     unknown = [k for k in raw if k not in TASK_KEYS]
     if unknown:
@@ -296,10 +349,16 @@ def _parse_mapping(raw: Mapping) -> TaskSpec:
     problem = raw.get("problem_type", "single_label_classification")
     if problem not in PROBLEM_TYPES:
         raise ValueError(f"task.problem_type={problem!r} is not supported. Valid: {', '.join(PROBLEM_TYPES)}.")
-    wrong = _NOT_FOR_CAUSAL_LM if problem == "causal_lm" else dict.fromkeys(["text_column"], _ONLY_FOR_CAUSAL_LM)
+    if problem == "causal_lm":
+        wrong = {**_NOT_FOR_CAUSAL_LM, "image_column": _ONLY_FOR_IMAGES}
+    elif problem == "image_classification":
+        wrong = _NOT_FOR_IMAGES
+    else:
+        wrong = {"text_column": _ONLY_FOR_CAUSAL_LM, "image_column": _ONLY_FOR_IMAGES}
     for key, why in wrong.items():
         if key in raw:
             raise ValueError(f"task.{key} does not apply to problem_type: {problem}: {why}.")
+    image_column = None
     if problem == "causal_lm":
         column = raw.get("text_column", "text")
         many = isinstance(column, Sequence) and not isinstance(column, str) and len(column) > 0
@@ -311,6 +370,12 @@ def _parse_mapping(raw: Mapping) -> TaskSpec:
         columns, label_column, names = ((column,) if isinstance(column, str) else tuple(column)), "label", None
         if len(set(columns)) != len(columns):
             raise ValueError(f"task.text_column lists a column twice: {list(columns)}.")
+    elif problem == "image_classification":
+        columns, names = (), _label_names(raw.get("label_names"))
+        image_column, label_column = raw.get("image_column", "image"), raw.get("label_column", "label")
+        for key, value in (("image_column", image_column), ("label_column", label_column)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"task.{key} must be a column name, got {value!r}.")
     elif raw.get("text_columns") in (None, "", []):
         raise ValueError(
             "The task mapping has no `text_columns`: name the one or two columns holding the text, e.g. "
@@ -322,12 +387,9 @@ def _parse_mapping(raw: Mapping) -> TaskSpec:
         label_column, names = raw.get("label_column", "label"), raw.get("label_names")
         if not isinstance(label_column, str) or not label_column:
             raise ValueError(f"task.label_column must be a column name, got {label_column!r}.")
-        if names is not None:
-            if problem == "regression":
-                raise ValueError("task.label_names does not apply to regression (one score per example): remove it.")
-            names = _strings(names, "label_names", 2)
-            if len(set(names)) != len(names):
-                raise ValueError(f"task.label_names lists a name twice: {list(names)}.")
+        if names is not None and problem == "regression":
+            raise ValueError("task.label_names does not apply to regression (one score per example): remove it.")
+        names = _label_names(names)
     metrics = raw.get("metrics")
     if metrics is not None:
         metrics = _strings(metrics, "metrics", 1)
@@ -354,6 +416,7 @@ def _parse_mapping(raw: Mapping) -> TaskSpec:
         train_split=str(raw.get("train_split", "train")),
         validation_splits=None if splits is None else _strings(splits, "validation_splits", 1),
         positive_label=None if positive is None else str(positive),
+        image_column=image_column,
     )
 
 
@@ -361,10 +424,11 @@ def parse_task(raw) -> TaskSpec:
     """The [`TaskSpec`] a recipe's `task` value names.
 
     Args:
-        raw: `"demo"`, `"glue/<name>"` or a GLUE name alone (e.g. `"mnli"`), a mapping (`dataset`, `text_columns`,
-            `label_column`, `problem_type`, `label_names`, `metrics`, `positive_label`, `name`, `train_split`,
-            `validation_splits`; for `problem_type: causal_lm`, `text_column`, a name or a list, instead of the text
-            and label keys), or a `TaskSpec` (returned as is).
+        raw: `"demo"`, `"demo_images"`, `"glue/<name>"` or a GLUE name alone (e.g. `"mnli"`), a mapping (`dataset`,
+            `text_columns`, `label_column`, `problem_type`, `label_names`, `metrics`, `positive_label`, `name`,
+            `train_split`, `validation_splits`; for `problem_type: causal_lm`, `text_column`, a name or a list,
+            instead of the text and label keys; for `problem_type: image_classification`, `image_column` instead of
+            `text_columns`), or a `TaskSpec` (returned as is).
 
     Returns:
         The task's spec; label names stay None until the data is read, unless the task fixes them.
@@ -380,110 +444,9 @@ def parse_task(raw) -> TaskSpec:
     name = raw.strip().lower()
     if name == "demo":
         return DEMO_TASK
+    if name == "demo_images":
+        return DEMO_IMAGES_TASK
     glue = name[len("glue/") :] if name.startswith("glue/") else name
     if glue in GLUE_TASKS:
         return _glue_spec(glue)
     raise _unknown_task(raw)
-
-
-# ----------------------------------------------------------------------------------------------------- labels
-def is_iob_tagging(names: Sequence[str]) -> bool:
-    """Whether tag names are entity tags (`O` and `B-`/`I-`/`E-`/`S-` prefixed), so entity scores apply."""
-    prefixed = [n for n in names if n != "O"]
-    return bool(prefixed) and all(len(n) > 2 and n[:2] in ("B-", "I-", "E-", "S-") for n in prefixed)
-
-
-def _int_like(value) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("-").isdigit():
-            return int(text)
-    if isinstance(value, np.integer):
-        return int(value)
-    return None
-
-
-class LabelMap:
-    """Maps raw labels (names, ids, digit strings) to label ids.
-
-    A name matches exactly, else without regard to case. An integer is a label id when the names are not themselves
-    integers (`["neg", "pos"]`: `1` is `pos`); when they are (names read from integer labels such as `[1, 2, 5]`), an
-    integer is matched as a name (`5` is id 2).
-
-    Args:
-        names: the label names in id order.
-    """
-
-    def __init__(self, names: Sequence[str]):
-        self.names = tuple(str(n) for n in names)
-        self.exact = {n: i for i, n in enumerate(self.names)}
-        self.folded = {n.lower(): i for i, n in reversed(list(enumerate(self.names)))}
-        self.numeric = all(_int_like(n) is not None for n in self.names)
-
-    def __call__(self, value, where: str) -> int:
-        text = str(value).strip() if not isinstance(value, float) or not value.is_integer() else str(int(value))
-        if text in self.exact:
-            return self.exact[text]
-        if text.lower() in self.folded:
-            return self.folded[text.lower()]
-        number = _int_like(value)
-        if number is not None and not self.numeric and 0 <= number < len(self.names):
-            return number
-        valid = ", ".join(f"{i} or {n!r}" for i, n in enumerate(self.names))
-        raise ValueError(
-            f"{where} has label {value!r}, which is not a known label. Valid labels: {valid}. Fix the data, drop "
-            "unlabelled rows (e.g. the GLUE test split's -1), or set task.label_names to the labels the data uses."
-        )
-
-
-def infer_label_names(values, where: str) -> tuple[str, ...]:
-    """Label names read from the labels themselves, as transformers' `run_glue.py` does: the sorted distinct values.
-
-    Integers sort by value (`[1, 2, 5]` -> names `"1", "2", "5"`), anything else as text.
-
-    Args:
-        values: every label of the training split (token classification: every tag).
-        where: the data they come from, for the error message.
-
-    Returns:
-        The label names in id order.
-    """
-    distinct = {v for v in values if v is not None and v != ""}
-    if not distinct:
-        raise ValueError(f"{where} holds no labels. Give labelled training data or set task.label_names.")
-    numbers = {v: _int_like(v) for v in distinct}
-    if all(n is not None for n in numbers.values()):
-        names = tuple(str(n) for n in sorted(set(numbers.values())))
-    else:
-        floats = [v for v in distinct if isinstance(v, float)]
-        if floats:
-            raise ValueError(
-                f"{where} has fractional labels (e.g. {floats[0]!r}): for scores set task.problem_type: regression."
-            )
-        names = tuple(sorted({str(v).strip() for v in distinct}))
-    if len(names) < 2:
-        raise ValueError(
-            f"{where} has a single label value {list(names)}: a classifier needs at least two. Check "
-            "task.label_column, or set task.label_names to every label of the task."
-        )
-    return names
-
-
-def regression_value(value, where: str) -> float:
-    """A regression target as a float, or an error naming where it was read."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{where} has label {value!r}, which is not a number: a regression task needs numeric scores. Fix the "
-            "data, or set task.problem_type to single_label_classification for class labels."
-        ) from None
-    if number != number:  # NaN: an unlabelled row
-        raise ValueError(f"{where} has no score (NaN). Drop unlabelled rows.")
-    return number
