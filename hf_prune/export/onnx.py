@@ -163,7 +163,8 @@ def _inputs(model, names: list[str], batch_size: int, seq_len: int, seed: int) -
     are traced and checked."""
     max_len = getattr(model.config, "max_position_embeddings", seq_len + 2) - 2  # roberta offsets its positions
     inputs = dummy_inputs(model, batch_size, min(seq_len, max_len), seed)
-    inputs["attention_mask"][0, -2:] = 0
+    if "attention_mask" in inputs:  # images have none (their adapter's inputs: pixel_values)
+        inputs["attention_mask"][0, -2:] = 0
     if "token_type_ids" in names:
         types = torch.zeros_like(inputs["input_ids"])
         if getattr(model.config, "type_vocab_size", 2) > 1:
@@ -192,13 +193,17 @@ def _check_against_torch(model, path: Path, names: list[str]) -> dict:
     got = OnnxRuntimeModel(path)(**inputs)
     got = got.logits if "logits" in got else got[0]
     diff = float((got - expected).abs().max())
+    first = next(iter(inputs.values()))
+    shape = f"3 x {first.shape[1]} tokens" if first.dim() == 2 else "x".join(str(n) for n in first.shape)
     if not torch.allclose(got, expected, atol=CHECK_TOLERANCE, rtol=CHECK_TOLERANCE):
         raise RuntimeError(
-            f"The ONNX export disagrees with PyTorch (largest difference {diff:.3g}) on a batch of 3 x "
-            f"{inputs['input_ids'].shape[1]} tokens; nothing was written. Try another --opset, or report the model "
-            "type and versions."
+            f"The ONNX export disagrees with PyTorch (largest difference {diff:.3g}) on a batch of {shape}; nothing "
+            "was written. Try another --opset, or report the model type and versions."
         )
-    checked = {"batch_size": 3, "seq_len": int(inputs["input_ids"].shape[1]), "max_abs_diff": diff}
+    checked = {"batch_size": 3}
+    if first.dim() == 2:  # token inputs: a sequence axis (images have a fixed size)
+        checked["seq_len"] = int(first.shape[1])
+    checked["max_abs_diff"] = diff
     if "token_type_ids" in inputs:
         checked["token_type_ids"] = sorted(int(t) for t in inputs["token_type_ids"].unique())
     return checked
@@ -215,7 +220,8 @@ def _export_fp32(folder: Path, path: Path, opset: int, check: bool) -> dict:
         result = model(**sample)
     output = "logits" if "logits" in result else "last_hidden_state"
     out = result[output] if output == "logits" else result[0]
-    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    # token inputs (batch, sequence) are dynamic in both axes; images only in the batch (their size is fixed)
+    axes = {name: {0: "batch", 1: "sequence"} if sample[name].dim() == 2 else {0: "batch"} for name in names}
     axes[output] = {0: "batch", 1: "sequence"} if out.dim() >= 3 else {0: "batch"}
     with warnings.catch_warnings():
         # the exporter's deprecation notice, and tracer notes on shape checks that are constant for an encoder

@@ -92,6 +92,8 @@ def _auto_map(model_type: str, base_name: str) -> dict[str, str]:
     auto_map = {}
     for auto_name, mapping in AUTO_CLASS_MAPPINGS.items():
         target = mapping.get(model_type)
+        if isinstance(target, (list, tuple)):  # several classes of one Auto class (DeiT's two image classifiers)
+            target = base_name if base_name in target else None
         if isinstance(target, str) and (target == base_name or auto_name == "AutoModel"):
             if hasattr(transformers, target):
                 auto_map[auto_name] = f"{MODELING_NAME[:-3]}.Pruned{target}"

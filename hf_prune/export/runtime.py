@@ -68,10 +68,16 @@ class OnnxRuntimeModel:
     def eval(self) -> OnnxRuntimeModel:
         return self
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **unused):
-        """Runs one batch (torch tensors, numpy arrays or lists); other keyword inputs (e.g. `labels`) are ignored."""
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None, **unused):
+        """Runs one batch (torch tensors, numpy arrays or lists) of tokens, or of images (`pixel_values`); other
+        keyword inputs (e.g. `labels`) are ignored."""
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         given = {k: torch.as_tensor(v).detach().to("cpu", torch.int64) for k, v in given.items() if v is not None}
+        if pixel_values is not None:
+            given["pixel_values"] = torch.as_tensor(pixel_values).detach().to("cpu", torch.float32)
+        missing = [n for n in self.input_names if n not in given and (n == "pixel_values" or "input_ids" not in given)]
+        if missing:
+            raise ValueError(f"{self.path} takes {', '.join(self.input_names)}; {', '.join(missing)} not given.")
         types = given.get("token_type_ids")
         if "token_type_ids" not in self.input_names and types is not None and bool(types.any()):
             raise ValueError(f"{self.path} takes no token_type_ids, but non-zero ones were given.")

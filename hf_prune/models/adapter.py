@@ -128,8 +128,8 @@ class ArchitectureAdapter:
     #: whether shapes that are the same in every layer export as the family's own config (no remote code), which
     #: is what `prune_to_speedup(uniform=True)` is for
     uniform_exports_own_config: bool = False
-    #: whether a sequence classifier of the family reads the first token of the last layer alone (BERT's pooler);
-    #: decoders read the last real token
+    #: whether a sequence (or image) classifier of the family reads the first token of the last layer alone (BERT's
+    #: pooler, ViT's class token); decoders read the last real token
     classifier_reads_first_token: bool = False
 
     # ------------------------------------------------------------------------------------------------ where
@@ -194,8 +194,9 @@ class ArchitectureAdapter:
     def hidden_modules(self, model: nn.Module) -> dict[str, list[str]]:
         """Qualified names of the modules on the residual stream, by role (see `hf_prune.models.hidden`):
         `embeddings`, `norms`, `readers` (Linears whose input is the stream), `writers` (Linears whose output is added
-        to it) and `sources` (writers with no LayerNorm after them). Families without hidden-dimension pruning
-        raise a `ValueError` naming the fix."""
+        to it; a Conv2d writes its output channels), `sources` (writers with no LayerNorm after them) and
+        `parameters` (tensors added to the stream, sliced on their last axis: a class token, position embeddings).
+        Families without hidden-dimension pruning raise a `ValueError` naming the fix."""
         raise ValueError(
             f"Hidden dimensions of model_type={model.config.model_type!r} cannot be pruned yet; prune its attention "
             "units, MLP neurons or layers instead."
@@ -218,3 +219,14 @@ class ArchitectureAdapter:
     def model_input_names(self, config) -> list[str]:
         """The inputs of an exported graph, in order."""
         return ["input_ids", "attention_mask"]
+
+    def sequence_length(self, config) -> int | None:
+        """The positions every example has in the layers where the config fixes them (a vision transformer's patches
+        and class tokens), else None: token inputs are as long as their `input_ids`."""
+        return None
+
+    def dummy_inputs(self, config, batch_size: int, seq_len: int, generator: torch.Generator) -> dict | None:
+        """Random inputs of one forward pass, for counting and timing (on the CPU), or None for token inputs:
+        `hf_prune.models.costs.dummy_inputs` then draws `input_ids` of `seq_len` tokens and a full attention mask.
+        A family whose inputs are not tokens (images) draws its own, of the size its config fixes."""
+        return None

@@ -10,6 +10,7 @@ from .deberta.adapter import DebertaV2Adapter
 from .distilbert.adapter import DistilBertAdapter
 from .llama.adapter import LlamaAdapter
 from .modernbert.adapter import ModernBertAdapter
+from .vit.adapter import ViTAdapter
 
 __all__ = [
     "ADAPTER_MAPPING",
@@ -35,6 +36,7 @@ AUTO_CLASS_MAPPINGS = {
     "AutoModelForQuestionAnswering": modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
     "AutoModelForMultipleChoice": modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES,
     "AutoModelForNextSentencePrediction": modeling_auto.MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES,
+    "AutoModelForImageClassification": modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
 }
 
 
@@ -59,6 +61,7 @@ register_adapter(DebertaV2Adapter())
 register_adapter(LlamaAdapter())
 register_adapter(ModernBertAdapter())
 register_adapter(DistilBertAdapter())
+register_adapter(ViTAdapter())
 
 
 def supported_model_types() -> list[str]:
@@ -93,6 +96,7 @@ def auto_class_name(model_type: str, class_name: str) -> str:
     """The transformers Auto class that builds `class_name` for `model_type` (e.g. `AutoModelForCausalLM` for
     `LlamaForCausalLM`), else `"AutoModel"`."""
     for auto_name, mapping in AUTO_CLASS_MAPPINGS.items():
-        if auto_name != "AutoModel" and mapping.get(model_type) == class_name:
+        target = mapping.get(model_type)
+        if auto_name != "AutoModel" and class_name in (target if isinstance(target, (list, tuple)) else (target,)):
             return auto_name
     return "AutoModel"

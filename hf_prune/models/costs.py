@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import structure
 from .adapter import ATTENTION, MLP
-from .auto import get_adapter, is_causal_lm
+from .auto import ADAPTER_MAPPING, get_adapter, is_causal_lm
 from .surgery import prune_ffn_neurons, prune_heads, prune_layers
 
 __all__ = [
@@ -38,8 +38,14 @@ __all__ = [
 
 
 def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random token ids (no special tokens) and a full attention mask, for counting and timing."""
+    """Random token ids (no special tokens) and a full attention mask, for counting and timing; for a family whose
+    inputs are not tokens, its adapter's inputs (a vision transformer's images, of the size its config fixes)."""
     config = model.config
+    device = next(model.parameters()).device
+    adapter = ADAPTER_MAPPING.get(getattr(config, "model_type", None))  # counting needs no registered family
+    own = adapter.dummy_inputs(config, batch_size, seq_len, torch.Generator().manual_seed(seed)) if adapter else None
+    if own is not None:
+        return {k: v.to(device) for k, v in own.items()}
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(
@@ -50,7 +56,6 @@ def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0)
     low = low if low < config.vocab_size else 0
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(low, config.vocab_size, (batch_size, seq_len), generator=g)
-    device = next(model.parameters()).device
     return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
 
 

@@ -10,7 +10,10 @@ names a module path.
 The *masked* model that the physically pruned one equals: every LayerNorm on the stream normalises over the kept
 dimensions only and outputs zero on the removed ones ([`masked_layer_norm`]), and a projection that writes the stream
 without a LayerNorm after it (ELECTRA's `embeddings_project`) has its removed rows zeroed. Projections reading the
-stream then read zeros where the pruned model has no column, so both compute the same function.
+stream then read zeros where the pruned model has no column, so both compute the same function. The stream may also
+be written by a Conv2d (a vision transformer's patch projection: its output channels) and by parameters added to it
+(class tokens, position embeddings: their last axis); like the other writers they need no zeroing where only
+LayerNorms read the stream, and are sliced and rebuilt at the kept width.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ HIDDEN_KEY = "hf_prune_hidden"
 # the original (dense-model) index of every residual dimension kept
 HIDDEN_KEPT_KEY = "hf_prune_hidden_kept"
 # embeddings: columns; norms: weight and bias entries; readers: Linear input columns; writers: Linear output rows;
-# sources: writers whose output is the stream with no LayerNorm after it (zeroed in the masked model)
-HIDDEN_ROLES = ("embeddings", "norms", "readers", "writers", "sources")
+# sources: writers whose output is the stream with no LayerNorm after it (zeroed in the masked model); parameters:
+# tensors added to the stream, sliced on their last axis (writers may be Conv2d: their output channels)
+HIDDEN_ROLES = ("embeddings", "norms", "readers", "writers", "sources", "parameters")
 
 
 def hidden_width(model: nn.Module) -> int:
@@ -157,6 +161,21 @@ def _pruned_embedding(embedding: nn.Embedding, keep_idx: torch.Tensor) -> nn.Emb
     return new
 
 
+def _pruned_conv(conv: nn.Conv2d, keep_idx: torch.Tensor) -> nn.Conv2d:
+    """The Conv2d with only the output channels `keep_idx`."""
+    new = nn.Conv2d(
+        conv.in_channels, len(keep_idx), conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )  # fmt: skip
+    for name in ("weight", "bias"):
+        old = getattr(conv, name)
+        if old is not None:
+            getattr(new, name).data.copy_(old.data[keep_idx.to(old.device)])
+            getattr(new, name).requires_grad_(old.requires_grad)
+    return new
+
+
 def _pruned_norm(norm: nn.LayerNorm, keep_idx: torch.Tensor) -> nn.LayerNorm:
     affine = norm.weight is not None
     new = nn.LayerNorm(
@@ -206,7 +225,13 @@ def prune_hidden_dims(model: nn.Module, dims: Iterable[int]) -> nn.Module:
             set_module(model, name, prune_linear_layer(linear, keep_idx.to(linear.weight.device), dim=1))
         for name in dict.fromkeys(modules["writers"] + modules["sources"]):
             linear = model.get_submodule(name)
-            set_module(model, name, prune_linear_layer(linear, keep_idx.to(linear.weight.device), dim=0))
+            idx = keep_idx.to(linear.weight.device)
+            conv = isinstance(linear, nn.Conv2d)
+            set_module(model, name, _pruned_conv(linear, idx) if conv else prune_linear_layer(linear, idx, dim=0))
+        for name in modules["parameters"]:
+            old = model.get_parameter(name)
+            new = nn.Parameter(old.data.index_select(-1, keep_idx.to(old.device)), requires_grad=old.requires_grad)
+            set_module(model, name, new)
     originals = list(getattr(model.config, HIDDEN_KEPT_KEY, None) or range(width))
     setattr(model.config, HIDDEN_KEPT_KEY, [originals[i] for i in keep_idx.tolist()])
     setattr(model.config, HIDDEN_KEY, {"size": len(keep_idx), **modules})

@@ -1,8 +1,10 @@
 """Questions about one model's prunable structure, answered through its family's adapter: its layers, the unit
-groups of each layer, how many heads and neurons each layer has now, and the qualified names of its projections."""
+groups of each layer, how many heads and neurons each layer has now, the qualified names of its projections, and
+which positions of a batch are real tokens."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .adapter import ATTENTION, MLP, UnitGroup
@@ -19,6 +21,7 @@ __all__ = [
     "layer_of",
     "role_modules",
     "projections",
+    "token_mask",
 ]
 
 
@@ -84,3 +87,21 @@ def projections(model: nn.Module, layer_idx: int, kind: str) -> dict[str, nn.Lin
     adapter = get_adapter(model)
     layer = adapter.layers(model)[layer_idx]
     return {role: adapter.linear(layer, path) for role, path in adapter.roles(kind).items()}
+
+
+def token_mask(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Bool `(batch, positions)`: which positions of the layers' hidden states are real tokens of a collated batch:
+    its `attention_mask`, else every token of its `input_ids`, else every position of inputs whose length the config
+    fixes (a vision transformer's patches and class tokens, [`ArchitectureAdapter.sequence_length`])."""
+    if batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool()
+    if batch.get("input_ids") is not None:
+        return torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    length = get_adapter(model).sequence_length(model.config)
+    first = next((v for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)), None)
+    if length is None or first is None:
+        raise ValueError(
+            f"The batch has no attention_mask or input_ids (its keys: {sorted(batch)}), and the positions of "
+            f"{type(model).__name__} are not fixed by its config: pass tokenized inputs."
+        )
+    return torch.ones(first.shape[0], length, dtype=torch.bool, device=first.device)

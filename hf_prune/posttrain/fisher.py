@@ -128,7 +128,7 @@ def _summed_loss(model: nn.Module, batch: dict, tokens_per_example: float | None
     every example. Every labelled token then weighs the same, as in the token mean the model trains on.
     """
     if tokens_per_example is None:
-        return model(**batch).loss * batch["input_ids"].shape[0]
+        return model(**batch).loss * batch["labels"].shape[0]
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     targets = _scored_tokens(model, batch["labels"]).to(logits.device)
     summed = nn.functional.cross_entropy(
@@ -188,8 +188,8 @@ def mask_gradients(
     model.requires_grad_(False)  # only the masks' gradients are needed
     try:
         for batch in batches:
-            size = batch["input_ids"].shape[0]
-            device = batch["input_ids"].device
+            first = next(v for v in batch.values() if isinstance(v, torch.Tensor))  # tokens, images or labels
+            size, device = first.shape[0], first.device
             hm = [torch.ones(size, h, device=device, requires_grad=True) for h in heads]
             nm = [torch.ones(size, n, device=device, requires_grad=True) for n in neurons]
             dm = torch.ones(size, width, device=device, requires_grad=True)

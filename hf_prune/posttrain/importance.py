@@ -15,12 +15,6 @@ __all__ = ["activation_importance", "magnitude_importance", "layer_importance", 
 LAYER_IMPORTANCE_METHODS = ("cosine", "loss")
 
 
-def _token_mask(batch: dict) -> torch.Tensor:
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    return (torch.ones_like(ids) if mask is None else mask).bool()
-
-
 def _forward(model: nn.Module, batch: dict, labels: bool = False):
     return model(**{k: v for k, v in batch.items() if labels or k != "labels"})
 
@@ -80,7 +74,7 @@ def activation_importance(
     model.eval()
     try:
         for batch in batches:
-            state["mask"] = _token_mask(batch)
+            state["mask"] = structure.token_mask(model, batch)
             state["tokens"] += int(state["mask"].sum())
             _forward(model, batch)
     finally:
@@ -175,7 +169,7 @@ def _block_influence(model, layers, batches) -> torch.Tensor:
     tokens = 0
     try:
         for batch in batches:
-            state["mask"] = _token_mask(batch)
+            state["mask"] = structure.token_mask(model, batch)
             tokens += int(state["mask"].sum())
             _forward(model, batch)
     finally:

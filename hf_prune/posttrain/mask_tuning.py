@@ -192,7 +192,7 @@ def _tune_layers(
     # the student's own layer inputs: with hidden dimensions removed, its embeddings are normalised over the kept ones
     xs = list(xd) if keep_hidden is None else _layer_inputs(student, batches)[0]
     dims = slice(None) if keep_hidden is None else keep_hidden.nonzero().flatten().to(xd[0].device)
-    all_tokens = [b["attention_mask"].bool() for b in batches]
+    all_tokens = [structure.token_mask(student, b) for b in batches]
     first_tokens = []
     for mask in all_tokens:
         first = torch.zeros_like(mask)

@@ -63,7 +63,7 @@ METHODS = {
     "hybrid": "fisher mask search, activation choice within layers (Minitron) and least-squares tuning",
 }
 
-_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "labels")
 
 
 def keep_top(keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ def keep_top(keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------- data
-def _examples(dataset, count: int, seed: int) -> list[dict]:
+def _examples(dataset, count: int, seed: int, main_input: str = "input_ids") -> list[dict]:
     if len(dataset) == 0:
         raise ValueError("The dataset is empty: pass tokenized examples with labels.")
     first = dataset[0]
@@ -92,8 +92,11 @@ def _examples(dataset, count: int, seed: int) -> list[dict]:
             f"The dataset has no `labels` (or `label`) column, but the Fisher information needs the loss: its columns "
             f"are {sorted(first)}. Pass tokenized examples with their labels."
         )
-    if "input_ids" not in first:
-        raise ValueError(f"The dataset has no `input_ids` column (its columns: {sorted(first)}); tokenize it first.")
+    if main_input not in first:  # `input_ids`, or an image model's `pixel_values`
+        raise ValueError(
+            f"The dataset has no `{main_input}` column, which the model takes (its columns: {sorted(first)}); "
+            + ("run the image processor on it first." if main_input == "pixel_values" else "tokenize it first.")
+        )
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
     rows = []
     for i in order:
@@ -105,6 +108,8 @@ def _examples(dataset, count: int, seed: int) -> list[dict]:
 
 def pad_collate(pad_id: int):
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        if "input_ids" not in rows[0]:  # inputs of one size (images): stacked as they are
+            return {key: torch.stack([torch.as_tensor(r[key]) for r in rows]) for key in rows[0]}
         length = max(len(r["input_ids"]) for r in rows)
         batch = {}
         for key in rows[0]:
@@ -125,7 +130,7 @@ def pad_collate(pad_id: int):
 
 def _batches(rows: list[dict], batch_size: int, collate, device) -> list[dict[str, torch.Tensor]]:
     # Similar lengths together: less padding, the same examples.
-    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
+    rows = sorted(rows, key=lambda r: len(r.get("input_ids", ())))
     out = []
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size])
@@ -193,8 +198,11 @@ def _check_uniform_reachable(model, costs, budget: float, target_speedup: float)
         )
 
 
-def _check_samples(rows: list[dict], tune_rows: int, hidden: int, units: int, batch_size: int) -> None:
-    tokens = sum(len(r["input_ids"]) for r in rows[:tune_rows])
+def _check_samples(
+    rows: list[dict], tune_rows: int, hidden: int, units: int, batch_size: int, fixed: int | None = None
+) -> None:
+    # `fixed`: the positions of every example where the config fixes them (images), else the length of `input_ids`
+    tokens = sum(len(r["input_ids"]) if "input_ids" in r else fixed for r in rows[:tune_rows])
     needed = 10 * units
     if tune_rows < 5 or tokens * hidden * 4 // 5 < needed:
         raise ValueError(
@@ -238,8 +246,8 @@ def prune_to_speedup(
 
     Args:
         model: a fine-tuned model of a supported architecture (it is left unchanged; a pruned copy is returned).
-        dataset: tokenized examples with `input_ids` and `labels` (a `datasets.Dataset` or any indexable of dicts);
-            a random sample of `num_samples` of them measures importance.
+        dataset: tokenized examples with `input_ids` (images: `pixel_values`) and `labels` (a `datasets.Dataset` or
+            any indexable of dicts); a random sample of `num_samples` of them measures importance.
         target_speedup: dense FLOPs / pruned FLOPs of one forward pass at `seq_len` tokens (> 1); the result reaches
             it and exceeds it by at most 2%.
         num_samples: examples for the Fisher information (Kwon et al. use 2048).
@@ -338,7 +346,7 @@ def prune_to_speedup(
     _check_some_of_each(reachable, budget, target_speedup, allow_empty_kinds)
     if uniform:
         _check_uniform_reachable(model, reachable, budget, target_speedup)
-    rows = _examples(dataset, num_samples, seed)
+    rows = _examples(dataset, num_samples, seed, getattr(model, "main_input_name", "input_ids"))
     if len(rows) < num_samples:
         logger.warning(
             "The dataset has %d examples, fewer than num_samples=%d: using them all.", len(rows), num_samples
@@ -346,7 +354,8 @@ def prune_to_speedup(
     hidden = hidden_width(model)
     tune_rows = min(tune_samples, len(rows))
     if tune:
-        _check_samples(rows, tune_rows, hidden, max([*costs.heads, *costs.neurons]), batch_size)
+        fixed = get_adapter(model).sequence_length(model.config)
+        _check_samples(rows, tune_rows, hidden, max([*costs.heads, *costs.neurons]), batch_size, fixed)
     device = next(model.parameters()).device
     pad = getattr(model.config, "pad_token_id", None)
     collate = data_collator or pad_collate(pad if isinstance(pad, int) else 0)
@@ -443,9 +452,9 @@ def prune_to_speedup(
     t = time.perf_counter()
     if tune:
         tune_batches = _batches(rows[:tune_rows], batch_size, collate, device)
-        # a sequence classifier of an encoder reads the first token of the last layer alone
+        # a sequence (or image) classifier of an encoder reads the first token of the last layer alone
         first_token = (
-            type(model).__name__.endswith("ForSequenceClassification")
+            type(model).__name__.endswith(("ForSequenceClassification", "ForImageClassification"))
             and get_adapter(model).classifier_reads_first_token
         )
         tuning = tune_masks(student, model, tune_batches, keep_heads, keep_neurons, first_token, seed=seed,

@@ -36,14 +36,19 @@ def hidden_products(norms: list[nn.LayerNorm], sources: list[nn.Linear]) -> torc
 @torch.no_grad()
 def hidden_magnitude(modules: dict[str, list[nn.Module]]) -> torch.Tensor:
     """Per residual dimension, the L1 norm of every weight that reads or writes it (embedding columns, reader
-    columns, writer and source rows): the magnitude baseline of hidden-dimension pruning.
+    columns, writer and source rows or output channels, the last axis of the stream's parameters): the magnitude
+    baseline of hidden-dimension pruning.
 
     Args:
-        modules: `{role: [modules]}` of the stream (the adapter's `hidden_modules`, resolved to modules).
+        modules: `{role: [modules]}` of the stream (the adapter's `hidden_modules`, resolved to modules; the
+            `parameters` role to parameters).
     """
     parts = [emb.weight.detach().float().abs().sum(dim=0) for emb in modules["embeddings"]]
     parts += [lin.weight.detach().float().abs().sum(dim=0) for lin in modules["readers"]]
-    parts += [lin.weight.detach().float().abs().sum(dim=1) for lin in modules["writers"] + modules["sources"]]
+    # flattened: a Conv2d writer's kernel sums into its output channel as a Linear's row does
+    writers = modules["writers"] + modules["sources"]
+    parts += [lin.weight.detach().float().abs().flatten(1).sum(dim=1) for lin in writers]
+    parts += [p.detach().float().abs().reshape(-1, p.shape[-1]).sum(dim=0) for p in modules.get("parameters", [])]
     return torch.stack(parts).sum(dim=0)
 
 
@@ -63,7 +68,10 @@ class HiddenMaskPruner(ScheduledPruner):
 
     def __init__(self, model: nn.Module, method: str, schedule: Schedule, sparsity: float):
         modules = get_adapter(model).hidden_modules(model)
-        self.modules = {role: [model.get_submodule(n) for n in modules.get(role, [])] for role in HIDDEN_ROLES}
+        resolve = {"parameters": model.get_parameter}  # tensors added to the stream (a class token)
+        self.modules = {
+            role: [resolve.get(role, model.get_submodule)(n) for n in modules.get(role, [])] for role in HIDDEN_ROLES
+        }
         self.method, self.schedule, self.target = method, schedule, float(sparsity)
         width = hidden_width(model)
         device = next(model.parameters()).device
