@@ -75,7 +75,7 @@ from hf_prune.models.costs import parameter_unit_costs, prefill_inputs, time_dec
 from hf_prune.pipeline.builtin_models import smollm2_folder
 from hf_prune.pipeline.causal_lm import CausalLMCollator, dataset_perplexity, pack_blocks
 from hf_prune.posttrain.importance import activation_importance, layer_importance, magnitude_importance
-from hf_prune.posttrain.search import pad_collate
+from hf_prune.posttrain.samples import pad_collate
 from hf_prune.utils import update_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent

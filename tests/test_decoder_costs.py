@@ -9,7 +9,7 @@ from utils import VOCAB
 from hf_prune import prune_to_speedup
 from hf_prune.models.costs import count_flops, measured_unit_costs, prefill_inputs, time_decode, unit_costs
 from hf_prune.posttrain.importance import activation_importance, magnitude_importance
-from hf_prune.posttrain.search import pad_collate
+from hf_prune.posttrain.samples import pad_collate
 
 
 def test_prefill_counts_the_output_projection_for_the_last_token_only():

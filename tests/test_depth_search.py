@@ -173,7 +173,7 @@ def test_hidden_dimensions_then_a_dropped_layer_reload(tmp_path):
 
 def test_tuning_a_decoder_that_keeps_every_unit_leaves_it_as_it_was():
     from hf_prune.posttrain.mask_tuning import tune_masks
-    from hf_prune.posttrain.search import pad_collate
+    from hf_prune.posttrain.samples import pad_collate
 
     dense = tiny_decoder("mistral").eval()
     rows = [CausalBlocks(8, length=12)[i] for i in range(8)]

@@ -16,7 +16,7 @@ from hf_prune.models.bert import modeling_hf_prune
 from hf_prune.models.costs import count_flops
 from hf_prune.models.hidden import HIDDEN_KEY, hidden_mask, hidden_width, masked_layer_norm
 from hf_prune.posttrain.mask_tuning import tune_masks
-from hf_prune.posttrain.search import pad_collate
+from hf_prune.posttrain.samples import pad_collate
 
 DROP = [0, 3, 4, 9, 17, 30]
 

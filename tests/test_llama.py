@@ -257,7 +257,8 @@ def test_prune_to_a_share_of_parameters_with_either_importance(importance):
 
 def test_hybrid_importance_keeps_the_fisher_shapes_and_the_most_active_units():
     from hf_prune.posttrain.importance import activation_importance
-    from hf_prune.posttrain.search import keep_top, pad_collate
+    from hf_prune.posttrain.samples import pad_collate
+    from hf_prune.posttrain.search import keep_top
 
     assert keep_top(torch.tensor([True, False, True, False]), torch.tensor([0.1, 3.0, 2.0, 2.0])).tolist() == [
         False, True, True, False,
@@ -277,7 +278,7 @@ def test_hybrid_importance_keeps_the_fisher_shapes_and_the_most_active_units():
 
 def test_activation_and_layer_importance():
     from hf_prune.posttrain.importance import activation_importance, layer_importance
-    from hf_prune.posttrain.search import pad_collate
+    from hf_prune.posttrain.samples import pad_collate
 
     model = tiny_decoder("llama")
     data = CausalBlocks(8)

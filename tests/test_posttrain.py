@@ -13,7 +13,7 @@ from hf_prune.models import structure
 from hf_prune.models.costs import count_flops, unit_costs
 from hf_prune.posttrain.calibration import speedup_estimate
 from hf_prune.posttrain.fisher import mask_fisher, mask_gradients, rearrange_layer, unit_masks
-from hf_prune.posttrain.search import pad_collate
+from hf_prune.posttrain.samples import pad_collate
 from hf_prune.pruning.allocation import allocate_units, speedup_budget
 
 SEQ = 16

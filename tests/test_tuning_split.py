@@ -10,7 +10,7 @@ from utils import VOCAB, mask_removed_units, tiny_model
 from hf_prune.models import structure
 from hf_prune.models.adapter import ATTENTION
 from hf_prune.posttrain.mask_tuning import held_out_batches, tune_masks
-from hf_prune.posttrain.search import pad_collate
+from hf_prune.posttrain.samples import pad_collate
 from hf_prune.pruning.units import layer_units
 
 REMOVED_HEADS, REMOVED_NEURONS = {0: [1, 3], 1: [0]}, {0: list(range(0, 48, 3)), 1: list(range(20))}

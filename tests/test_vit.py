@@ -274,7 +274,7 @@ def test_prune_to_speedup_reaches_the_target(prune_hidden, tmp_path):
 
 def test_activation_importance_and_layer_importance_read_every_patch():
     from hf_prune.posttrain.importance import activation_importance, layer_importance
-    from hf_prune.posttrain.search import pad_collate
+    from hf_prune.posttrain.samples import pad_collate
 
     model, data = tiny_vit(), TinyImages(8)
     batches = [pad_collate(0)([data[i] for i in range(8)])]

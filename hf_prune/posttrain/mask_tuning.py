@@ -190,7 +190,8 @@ def _tune_layers(
     adapter = get_adapter(student)
     (keep_heads, keep_neurons), (xd, extras) = keeps, dense_inputs
     # the student's own layer inputs: with hidden dimensions removed, its embeddings are normalised over the kept ones
-    xs = list(xd) if keep_hidden is None else _layer_inputs(student, batches)[0]
+    # and its own layer arguments (tables on the stream, e.g. DeBERTa's normalised relative embeddings, are narrower)
+    xs, s_extras = (list(xd), extras) if keep_hidden is None else _layer_inputs(student, batches)
     dims = slice(None) if keep_hidden is None else keep_hidden.nonzero().flatten().to(xd[0].device)
     all_tokens = [structure.token_mask(student, b) for b in batches]
     first_tokens = []
@@ -239,7 +240,7 @@ def _tune_layers(
             stats = _Stats(len(heads), w_o.device)
             seen, handles = _capture({"ctx": s_lin["attention_output"]})
             for b, x in enumerate(xs):
-                _call_layer(s_layer, x, extras[b][layer_idx])
+                _call_layer(s_layer, x, s_extras[b][layer_idx])
                 ctx = seen["ctx"][tokens[b]]  # (tokens, units * width)
                 parts = torch.stack(
                     [ctx[:, _cols(head_slice, h)] @ w_o[:, _cols(head_slice, h)].t() for h in heads]
@@ -263,7 +264,7 @@ def _tune_layers(
             ww = w.t() @ w
             seen, handles = _capture({"act": s_lin["ffn_out"], "res": s_lin["mlp_residual"]})
             for b, x in enumerate(xs):
-                _call_layer(s_layer, x, extras[b][layer_idx])
+                _call_layer(s_layer, x, s_extras[b][layer_idx])
                 act = seen["act"][tokens[b]][:, kept].double()  # (tokens, k)
                 bias = s_lin["ffn_out"].bias
                 r = (ffn_target[b] - seen["res"] - (bias if bias is not None else 0))[tokens[b]][:, dims].double()
@@ -275,7 +276,7 @@ def _tune_layers(
             if scales is not None:
                 w_down[:, kept] *= scales.to(w_down.dtype)
             entry["neurons"] = {"tuned": scales is not None, "held_out_error": [before, after]}
-        xs = [_call_layer(s_layer, x, extras[b][layer_idx]) for b, x in enumerate(xs)]
+        xs = [_call_layer(s_layer, x, s_extras[b][layer_idx]) for b, x in enumerate(xs)]
         xd = next_d
         report.append(entry)
     return report

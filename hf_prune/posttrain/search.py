@@ -40,6 +40,7 @@ from .calibration import calibrate
 from .fisher import layer_fisher, mask_fisher, mask_gradients, rearrange_layer
 from .importance import activation_importance
 from .mask_tuning import tune_masks
+from .samples import batches_of, examples, pad_collate
 from .timing import empty_layers, paired_speedups, removed_units, shaped_copy, timing_threads
 from .width import candidate_widths, width_costs
 
@@ -47,7 +48,6 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "keep_top",
-    "pad_collate",
     "COST_MODELS",
     "IMPORTANCES",
     "prune_to_speedup",
@@ -63,8 +63,6 @@ METHODS = {
     "hybrid": "fisher mask search, activation choice within layers (Minitron) and least-squares tuning",
 }
 
-_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "labels")
-
 
 def keep_top(keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """The keep-mask with as many units as `keep` keeps, those of highest `scores` (ties: the lower index).
@@ -79,62 +77,6 @@ def keep_top(keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(scores.double().cpu(), descending=True, stable=True)
     out = torch.zeros_like(keep)
     out[order[: int(keep.sum())].to(keep.device)] = True
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------- data
-def _examples(dataset, count: int, seed: int, main_input: str = "input_ids") -> list[dict]:
-    if len(dataset) == 0:
-        raise ValueError("The dataset is empty: pass tokenized examples with labels.")
-    first = dataset[0]
-    if "labels" not in first and "label" not in first:
-        raise ValueError(
-            f"The dataset has no `labels` (or `label`) column, but the Fisher information needs the loss: its columns "
-            f"are {sorted(first)}. Pass tokenized examples with their labels."
-        )
-    if main_input not in first:  # `input_ids`, or an image model's `pixel_values`
-        raise ValueError(
-            f"The dataset has no `{main_input}` column, which the model takes (its columns: {sorted(first)}); "
-            + ("run the image processor on it first." if main_input == "pixel_values" else "tokenize it first.")
-        )
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    rows = []
-    for i in order:
-        row = dataset[int(i)]
-        row = {("labels" if k == "label" else k): v for k, v in row.items()}
-        rows.append({k: row[k] for k in _INPUT_KEYS if k in row})
-    return rows
-
-
-def pad_collate(pad_id: int):
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        if "input_ids" not in rows[0]:  # inputs of one size (images): stacked as they are
-            return {key: torch.stack([torch.as_tensor(r[key]) for r in rows]) for key in rows[0]}
-        length = max(len(r["input_ids"]) for r in rows)
-        batch = {}
-        for key in rows[0]:
-            if key == "labels":
-                batch[key] = torch.as_tensor([torch.as_tensor(r[key]).tolist() for r in rows])
-                continue
-            fill = pad_id if key == "input_ids" else 0
-            values = [torch.as_tensor(r[key]).tolist() for r in rows]
-            batch[key] = torch.tensor([v + [fill] * (length - len(v)) for v in values])
-        if "attention_mask" not in batch:
-            batch["attention_mask"] = torch.tensor(
-                [[1] * len(r["input_ids"]) + [0] * (length - len(r["input_ids"])) for r in rows]
-            )
-        return batch
-
-    return collate
-
-
-def _batches(rows: list[dict], batch_size: int, collate, device) -> list[dict[str, torch.Tensor]]:
-    # Similar lengths together: less padding, the same examples.
-    rows = sorted(rows, key=lambda r: len(r.get("input_ids", ())))
-    out = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size])
-        out.append({k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS})
     return out
 
 
@@ -346,7 +288,7 @@ def prune_to_speedup(
     _check_some_of_each(reachable, budget, target_speedup, allow_empty_kinds)
     if uniform:
         _check_uniform_reachable(model, reachable, budget, target_speedup)
-    rows = _examples(dataset, num_samples, seed, getattr(model, "main_input_name", "input_ids"))
+    rows = examples(dataset, num_samples, seed, getattr(model, "main_input_name", "input_ids"))
     if len(rows) < num_samples:
         logger.warning(
             "The dataset has %d examples, fewer than num_samples=%d: using them all.", len(rows), num_samples
@@ -359,7 +301,7 @@ def prune_to_speedup(
     device = next(model.parameters()).device
     pad = getattr(model.config, "pad_token_id", None)
     collate = data_collator or pad_collate(pad if isinstance(pad, int) else 0)
-    batches = _batches(rows, batch_size, collate, device)
+    batches = batches_of(rows, batch_size, collate, device)
     times = {}
 
     t = time.perf_counter()
@@ -451,7 +393,7 @@ def prune_to_speedup(
     tuning = []
     t = time.perf_counter()
     if tune:
-        tune_batches = _batches(rows[:tune_rows], batch_size, collate, device)
+        tune_batches = batches_of(rows[:tune_rows], batch_size, collate, device)
         # a sequence (or image) classifier of an encoder reads the first token of the last layer alone
         first_token = (
             type(model).__name__.endswith(("ForSequenceClassification", "ForImageClassification"))
