@@ -188,6 +188,33 @@ def test_pixel_values_are_made_when_read_and_stacked_by_the_collator(tmp_path, v
     assert splits["train"].with_format(None).column_names == ["image", "label", "image_stamp"]
 
 
+def test_hub_datasets_with_an_image_column(tmp_path, vit, monkeypatch):
+    import datasets
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+    from datasets import Image as ImageFeature
+
+    files = sorted(str(f) for f in write_images(tmp_path / "hub", {"a": 2, "b": 2}).rglob("*.png"))
+    features = Features({"img": ImageFeature(), "fine": ClassLabel(names=["ant", "bee"]), "id": Value("int64")})
+    rows = {"img": files, "fine": [0, 0, 1, -1], "id": [0, 1, 2, 3]}  # -1: unlabelled
+    named = {"img": files, "fine": ["bee", "ant", "bee", "ant"]}  # labels as names, images as paths
+    loaded = {
+        "someone/ants": DatasetDict({n: Dataset.from_dict(rows, features=features) for n in ("train", "test")}),
+        "someone/named": DatasetDict({n: Dataset.from_dict(named) for n in ("train", "validation")}),
+    }
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: loaded[args[0]])
+    task = {**IMAGES, "image_column": "img", "label_column": "fine", "dataset": ["someone/ants"]}
+    splits, spec = load_task(task)
+    assert spec.label_names == ("ant", "bee") and list(splits) == ["train", "test"]  # no validation split: test
+    assert splits["train"]["label"] == [0, 0, 1] and splits["train"].column_names == ["img", "label"]
+    pixels = tokenize_splits(splits, load_image_processor(str(vit)), task=spec)
+    assert pixels["test"][2]["pixel_values"].shape == (3, 16, 16)
+    splits, spec = load_task({**task, "dataset": ["someone/named"]})
+    assert spec.label_names == ("ant", "bee") and splits["validation"]["label"] == [1, 0, 1, 0]
+    assert tokenize_splits(splits, load_image_processor(str(vit)), task=spec)["train"][0]["labels"] == 1
+    with pytest.raises(ValueError, match=r"has no column\(s\) \['image'\].*Set task.image_column"):
+        load_task({**IMAGES, "label_column": "fine", "dataset": ["someone/named"]})
+
+
 def test_top5_accuracy_against_hand_computations():
     ranked = [[3, 1, 0, 2, 4], [0, 1, 2, 3, 4], [5, 4, 3, 2, 1]]
     assert top_k_accuracy(ranked, [3, 4, 0], k=5) == pytest.approx(2 / 3)
@@ -241,6 +268,7 @@ def test_finetune_evaluate_export_on_the_generated_task(tmp_path, vit):
     assert (export / "preprocessor_config.json").is_file()
     report = json.loads((export / "pruning_report.json").read_text())
     assert report["metric_name"] == "accuracy" and report["task"] == "demo_images"
+    assert report["flops"]["seq_len"] == 17 == report["latency"]["seq_len"]  # 16 patches and the class token
     assert report["all_metrics"] == scores
     card = (export / "README.md").read_text()
     assert "top5_accuracy" in card and "pipeline_tag: image-classification" in card
@@ -263,6 +291,20 @@ def test_pruning_path_on_the_generated_task(tmp_path, vit):
     pruned = load_pruned(out / "final").eval()
     with torch.no_grad():
         assert pruned(pixel_values=torch.zeros(2, 3, 16, 16)).logits.shape == (2, len(DEMO_IMAGE_CLASSES))
+
+
+@needs_vit
+def test_the_onnx_stage_deploys_an_image_export(tmp_path, vit):
+    out = tmp_path / "run"
+    onnx = {"stage": "onnx", "batch_sizes": [2], "repeats": 1}
+    run_recipe(recipe(vit, out, [{"stage": "finetune"}, EXPORT, onnx], demo_eval_size=8))
+    deployment = json.loads((out / "final" / "pruning_report.json").read_text())["deployment"]
+    assert deployment["seq_len"] == 17 and (out / "final" / "onnx" / "model_int8.onnx").is_file()
+    accuracy = {form["name"]: form["metrics"]["validation"] for form in deployment["forms"]}
+    assert set(accuracy) == {"dense PyTorch fp32", "pruned PyTorch fp32", "pruned ONNX fp32", "pruned ONNX int8"}
+    assert accuracy["pruned ONNX fp32"] == accuracy["pruned PyTorch fp32"]
+    card = (out / "final" / "README.md").read_text()
+    assert "(dynamic batch axis)" in card and 'image_processor(images=[image], return_tensors="np")' in card
 
 
 def test_the_shipped_image_recipe_is_valid():

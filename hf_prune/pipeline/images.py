@@ -307,8 +307,11 @@ class _PixelValues:
 
         images = []
         for value in batch[self.image_column]:
-            image = PILImage.open(value) if isinstance(value, str) else value
-            images.append(image.convert("RGB"))
+            if isinstance(value, str):  # a column of paths rather than images
+                with PILImage.open(value) as image:
+                    images.append(image.convert("RGB"))
+            else:
+                images.append(value.convert("RGB"))
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixels, "labels": batch[_LABEL]}
 

@@ -17,6 +17,7 @@ from ..export.files import ONNX_DIR
 from ..export.onnx import MAX_OPSET, MIN_OPSET, export_onnx, read_export_info
 from ..export.persistence import save_pruned
 from ..export.report import build_report
+from ..models.auto import get_adapter
 from .causal_lm import block_size_of, perplexity_note
 from .context import StageContext
 from .evaluation import split_evaluator
@@ -35,6 +36,7 @@ __all__ = [
     "stage_evaluate",
     "stage_export",
     "stage_onnx",
+    "measured_length",
     "check_onnx_options",
     "check_onnx_order",
 ]
@@ -126,6 +128,13 @@ def _evaluation_record(ctx: StageContext, model) -> dict:
     return {"metrics": main_metric_values(all_metrics, metric), "summary": summary}
 
 
+def measured_length(model, seq_len: int) -> int:
+    """The tokens per sequence a model is measured at: `seq_len`, or the positions its config fixes (an image model's
+    patches and class token), which its measurements then name."""
+    fixed = get_adapter(model).sequence_length(model.config)
+    return seq_len if fixed is None else int(fixed)
+
+
 def stage_evaluate(ctx: StageContext) -> dict:
     """The task's metrics of the teacher and of the current model on every validation split."""
     model = ctx.load_current_model()
@@ -151,7 +160,7 @@ def stage_export(ctx: StageContext) -> dict:
         report = build_report(
             dense,
             model,
-            seq_len=int(opts["seq_len"]),
+            seq_len=measured_length(model, int(opts["seq_len"])),
             batch_sizes=tuple(int(b) for b in opts["batch_sizes"]),
             repeats=int(opts["repeats"]),
             base_model=base_model_name(ctx.recipe),
@@ -186,12 +195,13 @@ def stage_onnx(ctx: StageContext) -> dict:
         teacher_source = ctx.teacher_source()
         batch_size = ctx.arguments().per_device_eval_batch_size
         evaluate = split_evaluator(ctx.eval_splits(), ctx.collator(), batch_size, task)
+        dense = ctx.load_teacher() or load_start_model(ctx.recipe, ctx.tokenizer, task)
         deployment = deployment_rows(
-            ctx.load_teacher() or load_start_model(ctx.recipe, ctx.tokenizer, task),
+            dense,
             target,
             evaluate if opts["evaluate"] else None,
             batch_sizes=tuple(int(b) for b in opts["batch_sizes"]),
-            seq_len=int(opts["seq_len"]),
+            seq_len=measured_length(dense, int(opts["seq_len"])),
             repeats=int(opts["repeats"]),
             dense_path=teacher_source if teacher_source and Path(teacher_source).is_dir() else None,
             metric_name=task.main_metric,
