@@ -15,7 +15,6 @@ from utils import tiny_config
 
 from hf_prune import load_pruned
 from hf_prune.cli import main as cli_main
-from hf_prune.models.auto import ADAPTER_MAPPING
 from hf_prune.pipeline.data import load_task, tokenize_splits
 from hf_prune.pipeline.demo import build_wordlevel_tokenizer
 from hf_prune.pipeline.images import (
@@ -34,9 +33,6 @@ from hf_prune.pipeline.tasks import parse_task
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = {"problem_type": "image_classification"}
-needs_vit = pytest.mark.skipif(
-    "vit" not in ADAPTER_MAPPING, reason="saving and pruning a ViT needs the ViT adapter (hf_prune/models/vit)"
-)
 
 
 @pytest.fixture(autouse=True)
@@ -255,7 +251,6 @@ def test_the_generated_task_is_balanced_noisy_and_fixed_by_the_seed(tmp_path, ca
 
 
 # ----------------------------------------------------------------------------------------------------- recipes
-@needs_vit
 def test_finetune_evaluate_export_on_the_generated_task(tmp_path, vit):
     out = tmp_path / "run"
     result = run_recipe(recipe(vit, out, [{"stage": "finetune"}, {"stage": "evaluate"}, EXPORT]))
@@ -277,7 +272,6 @@ def test_finetune_evaluate_export_on_the_generated_task(tmp_path, vit):
     assert model.config.id2label[0] == "checkerboard" and type(result.model).__name__.endswith("ImageClassification")
 
 
-@needs_vit
 def test_pruning_path_on_the_generated_task(tmp_path, vit):
     out = tmp_path / "run"
     prune = {"stage": "prune_to_speedup", "num_samples": 32, "tune_samples": 32, "batch_size": 16,
@@ -293,7 +287,6 @@ def test_pruning_path_on_the_generated_task(tmp_path, vit):
         assert pruned(pixel_values=torch.zeros(2, 3, 16, 16)).logits.shape == (2, len(DEMO_IMAGE_CLASSES))
 
 
-@needs_vit
 def test_the_onnx_stage_deploys_an_image_export(tmp_path, vit):
     out = tmp_path / "run"
     onnx = {"stage": "onnx", "batch_sizes": [2], "repeats": 1}
@@ -353,7 +346,6 @@ def test_bad_input_is_refused_before_any_work(tmp_path, vit):
     assert not out.exists()
 
 
-@needs_vit
 def test_the_cli_runs_the_image_demo_made_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     overrides = [
