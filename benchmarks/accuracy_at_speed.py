@@ -89,7 +89,7 @@ from hf_prune.utils import recover_interrupted, swap_into_place, temporary_folde
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from posttrain_mnli import DATA, magnitude_prune  # noqa: E402
+from posttrain_mnli import DATA, RUNS, magnitude_prune  # noqa: E402
 from stats import mcnemar, retimed_speedups, same_shape_spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +209,7 @@ def row_stages(row: str, target: float, steps: int, teacher, fixed_shapes: bool 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="runs/accuracy-at-speed")
+    parser.add_argument("--output-dir", default=str(RUNS / "accuracy-at-speed"))
     parser.add_argument(
         "--teacher-dir",
         default=None,
@@ -249,7 +249,7 @@ def main() -> None:
     curve = ROOT / "benchmarks" / "results" / "teacher_curve.json"
     if args.teacher_dir is None:
         chosen = json.loads(curve.read_text())["teacher_dir"] if curve.is_file() else None
-        args.teacher_dir = chosen or "runs/posttrain-mnli/teacher/01-finetune/model"
+        args.teacher_dir = chosen or str(RUNS / "posttrain-mnli" / "teacher" / "01-finetune" / "model")
     teacher_dir = Path(args.teacher_dir).absolute()
     if not (teacher_dir / "config.json").is_file():
         raise SystemExit(f"{teacher_dir} holds no model: run benchmarks/posttrain_mnli.py or pass --teacher-dir.")

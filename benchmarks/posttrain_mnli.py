@@ -50,6 +50,8 @@ from hf_prune.utils import update_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "mnli"
+# run folders (teachers, rows, checkpoints) outside the repository, so a clean checkout keeps them
+RUNS = Path(os.environ.get("HF_PRUNE_RUNS", Path.home() / ".cache" / "hf_prune" / "runs"))
 
 
 def teacher_recipe(data: Path, epochs: float) -> dict:
@@ -101,7 +103,7 @@ def magnitude_prune(model, heads_after: list[int], ffn_after: list[int], hidden_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="runs/posttrain-mnli")
+    parser.add_argument("--output-dir", default=str(RUNS / "posttrain-mnli"))
     parser.add_argument("--data-dir", default=str(DATA))
     parser.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 3.0])
     parser.add_argument("--teacher-epochs", type=float, default=2.0)

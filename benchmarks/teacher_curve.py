@@ -29,7 +29,7 @@ from hf_prune.utils import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from posttrain_mnli import DATA, teacher_recipe  # noqa: E402
+from posttrain_mnli import DATA, RUNS, teacher_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,8 +59,8 @@ def read_curve(stage_dir: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="runs/teacher-curve")
-    parser.add_argument("--teacher-output-dir", default="runs/posttrain-mnli/teacher")
+    parser.add_argument("--output-dir", default=str(RUNS / "teacher-curve"))
+    parser.add_argument("--teacher-output-dir", default=str(RUNS / "posttrain-mnli" / "teacher"))
     parser.add_argument("--data-dir", default=str(DATA))
     parser.add_argument("--max-epochs", type=int, default=5)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "teacher_curve.json"))
