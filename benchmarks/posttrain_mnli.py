@@ -37,8 +37,7 @@ from hf_prune import prune_ffn_neurons, prune_heads, prune_hidden_dims, prune_la
 from hf_prune.export.persistence import load_pruned
 from hf_prune.export.report import build_report
 from hf_prune.models import structure
-from hf_prune.models.auto import get_adapter
-from hf_prune.models.hidden import hidden_width
+from hf_prune.models.hidden import hidden_module_objects, hidden_width
 from hf_prune.pipeline.data import read_local_file, read_train_files, tokenize_splits
 from hf_prune.pipeline.demo import load_tokenizer_by_name
 from hf_prune.pipeline.evaluation import dataset_metric
@@ -94,9 +93,7 @@ def magnitude_prune(model, heads_after: list[int], ffn_after: list[int], hidden_
     prune_heads(model, {k: v for k, v in removed["attention"].items() if v})
     prune_ffn_neurons(model, {k: v for k, v in removed["mlp"].items() if v})
     if hidden_after is not None and hidden_after < hidden_width(model):
-        modules = {role: [model.get_submodule(n) for n in names] for role, names in
-                   get_adapter(model).hidden_modules(model).items()}  # fmt: skip
-        order = torch.argsort(hidden_magnitude(modules))
+        order = torch.argsort(hidden_magnitude(hidden_module_objects(model)))
         prune_hidden_dims(model, order[: hidden_width(model) - hidden_after].tolist())
     return model
 

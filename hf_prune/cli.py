@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Let the search narrow the residual stream (hidden dimensions; BERT-family encoders).",
     )
     compress.add_argument(
+        "--tune-bias",
+        action="store_true",
+        help="The least-squares tuning also fits the output projections' biases (FLAP's bias compensation); adds "
+        "zero biases where the family's config has a flag for them (Llama).",
+    )
+    compress.add_argument(
         "--uniform",
         action="store_true",
         help="The same attention units and MLP width in every layer: a decoder's export is then its family's own "

@@ -1,4 +1,5 @@
 import ast
+import importlib
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ from utils import VOCAB, WITHOUT_HF_PRUNE, batch, tiny_config, tiny_model
 import hf_prune
 from hf_prune import load_pruned, prune_ffn_neurons, prune_heads, save_pruned
 from hf_prune.export.files import export_files
-from hf_prune.models import structure
+from hf_prune.export.persistence import standalone_source
+from hf_prune.models import remote_common, structure
 from hf_prune.models.bert.adapter import BERT_LAYOUT
 
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra"]
@@ -140,6 +142,28 @@ def test_loads_with_transformers_only(tmp_path):
     for arch in ARCHS:
         base = type(tiny_model(arch)).__name__
         assert result[arch] == [f"Pruned{base}", True], (arch, result[arch])
+
+
+FAMILY_MODELING = ("bert", "deberta", "distilbert", "llama", "modernbert", "vit")
+
+
+@pytest.mark.parametrize("family", FAMILY_MODELING)
+def test_every_family_modeling_file_exports_standalone_with_the_shared_part_once(family):
+    module = importlib.import_module(f"hf_prune.models.{family}.modeling_hf_prune")
+    source = standalone_source(module)
+    tree = ast.parse(source)
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    assert imported <= {"__future__", "torch", "transformers"}
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
+    defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+    assert len(defined) == len(set(defined))  # no family repeats a shared function
+    assert {"set_module", "resized", "apply_hidden_width"} <= set(defined)
+    namespace = {}
+    exec(compile(source, "modeling_hf_prune.py", "exec"), namespace)
+    assert namespace["PrunedModelMixin"].__init__ is not None
+    # inside hf_prune the family module uses the very functions the export inlines
+    assert module.resized is remote_common.resized
 
 
 def test_export_contents_tokenizer_report_and_no_pickle(tmp_path):

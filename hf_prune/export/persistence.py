@@ -17,6 +17,7 @@ that fails or is interrupted leaves the previous folder as it was. Nothing is pi
 
 from __future__ import annotations
 
+import ast
 import copy
 import inspect
 import json
@@ -34,6 +35,7 @@ from transformers import AutoModelForSequenceClassification
 from transformers.modeling_utils import unwrap_model
 from transformers.utils import logging
 
+from ..models import remote_common
 from ..models.adapter import ArchitectureAdapter
 from ..models.auto import AUTO_CLASS_MAPPINGS, get_adapter
 from ..models.surgery import prune_ffn_neurons, prune_heads, record_shapes
@@ -100,9 +102,32 @@ def _auto_map(model_type: str, base_name: str) -> dict[str, str]:
     return auto_map
 
 
+def standalone_source(module) -> str:
+    """The source of a family's modeling file with its import of `hf_prune.models.remote_common` replaced by that
+    module's code, so the file imports nothing of hf_prune (it runs as remote code where hf_prune is not installed)."""
+    source = inspect.getsource(module)
+    lines = source.splitlines(keepends=True)
+    name = remote_common.__name__.rpartition(".")[2]
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module == name:
+            break
+    else:
+        return source
+    common = inspect.getsource(remote_common)
+    body = ast.parse(common).body
+    start = body[1].lineno if isinstance(body[0], ast.Expr) else body[0].lineno  # after the module docstring
+    shared = "".join(common.splitlines(keepends=True)[start - 1 :])
+    shared = (
+        f"# ---- shared by the modeling files of every family (hf_prune.models.remote_common)\n{shared.rstrip()}\n"
+        "# ---- end of the shared part\n"
+    )
+    return "".join(lines[: node.lineno - 1]) + shared + "".join(lines[node.end_lineno :])
+
+
 def modeling_source(adapter: ArchitectureAdapter, auto_map: dict[str, str]) -> str:
-    """The remote-code modeling file: the family's modeling file plus one `Pruned<Class>` per class in `auto_map`."""
-    source = inspect.getsource(adapter.modeling_module).rstrip() + "\n"
+    """The remote-code modeling file: the family's modeling file (its shared part inlined, `standalone_source`) plus
+    one `Pruned<Class>` per class in `auto_map`."""
+    source = standalone_source(adapter.modeling_module).rstrip() + "\n"
     classes = sorted({ref.rpartition(".Pruned")[2] for ref in auto_map.values()})
     source += "\n\n# Classes of this export (loaded by the Auto classes through config.json's auto_map).\n"
     source += f"from transformers import {', '.join(classes)}  # noqa: E402\n"

@@ -152,6 +152,14 @@ class ArchitectureAdapter:
         except AttributeError as err:
             raise ValueError(f"{type(layer).__name__} has no submodule {path!r}: {err}") from err
 
+    def name_prefixes(self, model: nn.Module) -> tuple[str, list[str]]:
+        """`(base prefix, [layer prefix, ...])`: the qualified-name prefixes (with their trailing dot, empty for a
+        base model) of the base model and of each of its layers, from which `hidden_modules` names the modules."""
+        base = getattr(model, "base_model", model)
+        names = {id(m): n for n, m in model.named_modules()}
+        prefix = names[id(base)] + "." if names[id(base)] else ""
+        return prefix, [f"{names[id(layer)]}." for layer in self.layers(model)]
+
     # ------------------------------------------------------------------------------------------------ sizes
     def head_dim(self, config) -> int:
         """Width of one attention head (pruning removes whole heads, never head dimensions)."""
@@ -190,6 +198,35 @@ class ArchitectureAdapter:
         """Keeps only the layers `keep` (current indices, in order) and updates what indexes layers (cache indices,
         per-layer config lists, the layer count). Only for adapters with `can_drop_layers`."""
         raise NotImplementedError(f"{type(self).__name__} cannot drop layers.")
+
+    def output_bias_flags(self, config) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """`{kind: (config flag, paths relative to a layer)}`: the config flag that gives the projections of `kind` a
+        bias (Llama's `attention_bias` / `mlp_bias`) and the projections it governs; none by default."""
+        return {}
+
+    def add_output_bias(self, model: nn.Module) -> list[str]:
+        """Gives the output projections of every layer a bias where they have none and the family's config can say so
+        (`output_bias_flags`): zero biases on every projection the flag governs, and the flag set, so the model still
+        loads as its own class. Mask tuning then folds its bias compensation into them.
+
+        Returns:
+            The unit kinds whose output projections have a bias in every layer now.
+        """
+        layers = self.layers(model)
+        for flag, paths in self.output_bias_flags(model.config).values():
+            if getattr(model.config, flag, False):
+                continue
+            for layer in layers:
+                for path in paths:
+                    linear = self.linear(layer, path)
+                    if linear.bias is None:
+                        w = linear.weight
+                        linear.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
+            setattr(model.config, flag, True)
+        if not len(layers):
+            return []
+        outputs = {kind: self.unit_group(layers[0], kind, model.config).output.path for kind in (ATTENTION, MLP)}
+        return [k for k, path in outputs.items() if all(self.linear(layer, path).bias is not None for layer in layers)]
 
     def hidden_modules(self, model: nn.Module) -> dict[str, list[str]]:
         """Qualified names of the modules on the residual stream, by role (see `hf_prune.models.hidden`):

@@ -34,6 +34,7 @@ __all__ = [
     "HIDDEN_KEPT_KEY",
     "HIDDEN_ROLES",
     "hidden_width",
+    "hidden_module_objects",
     "masked_layer_norm",
     "hidden_mask",
     "hidden_scale",
@@ -88,6 +89,14 @@ def _modules(model: nn.Module) -> dict[str, list[str]]:
     adapter = get_adapter(model)
     modules = adapter.hidden_modules(model)
     return {role: list(modules.get(role, [])) for role in HIDDEN_ROLES}
+
+
+def hidden_module_objects(model: nn.Module) -> dict[str, list[nn.Module | nn.Parameter]]:
+    """The adapter's `hidden_modules` resolved: `{role: [modules]}` for every role of `HIDDEN_ROLES` (the tensors of
+    the `parameters` role as `nn.Parameter`s)."""
+    resolve = {"parameters": model.get_parameter}
+    names = _modules(model)
+    return {role: [resolve.get(role, model.get_submodule)(n) for n in names[role]] for role in names}
 
 
 @contextmanager

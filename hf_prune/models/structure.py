@@ -59,8 +59,7 @@ def head_size(model: nn.Module) -> int:
 
 def layer_prefixes(model: nn.Module) -> list[str]:
     """Qualified-name prefix of every layer (`"bert.encoder.layer.3."`), as in `model.named_modules()`."""
-    names = {id(m): n for n, m in model.named_modules()}
-    return [f"{names[id(layer)]}." for layer in get_layers(model)]
+    return get_adapter(model).name_prefixes(model)[1]
 
 
 def layer_of(model: nn.Module, name: str) -> int | None:

@@ -419,6 +419,7 @@ def compress_recipe(args) -> dict:
                 "uniform": bool(args.uniform),
                 "drop_layers": bool(args.drop_layers),
                 "prune_hidden": bool(args.prune_hidden),
+                "tune_bias": bool(args.tune_bias),
             },
             {"stage": "evaluate"},
             {"stage": "export", "seq_len": args.seq_len},

@@ -183,7 +183,7 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
                 f"{where}: uniform={entry['uniform']!r} must be true or false (true: the same attention units and "
                 "MLP width in every layer, exported as the family's own config)."
             )
-        for key in ("drop_layers", "prune_hidden"):
+        for key in ("drop_layers", "prune_hidden", "tune_bias"):
             if not isinstance(entry.get(key, options[key]), bool):
                 raise ValueError(f"{where}: {key}={entry[key]!r} must be true or false.")
         for key in ("num_samples", "tune_samples", "batch_size", "latency_batch_size"):

@@ -49,41 +49,70 @@ def held_out_batches(count: int, seed: int = 0) -> list[int]:
     return sorted(chosen.tolist())
 
 
-def _quadratic(gram, rhs, rr, s) -> float:
-    """`||A s - r||^2` from its normal-equation statistics."""
-    return float(s @ gram @ s - 2 * rhs @ s + rr)
+class _Sums:
+    """Sums over one part of the sample's tokens of the fit's statistics: `A^T A`, `A^T r`, `r^T r`, and for the
+    intercept the sums of each unit's contribution `A` (per unit and dimension), of `r`, and the token count."""
+
+    def __init__(self, k: int, device):
+        self.gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.rhs = torch.zeros(k, dtype=torch.float64, device=device)
+        self.rr = 0.0
+        self.sa = self.sr = None
+        self.n = 0
+
+    def add(self, gram, rhs, rr, sa, sr, n) -> None:
+        self.gram += gram.double()
+        self.rhs += rhs.double()
+        self.rr += float(rr)
+        self.sa = sa.double() if self.sa is None else self.sa + sa.double()
+        self.sr = sr.double() if self.sr is None else self.sr + sr.double()
+        self.n += int(n)
+
+    def error(self, s: torch.Tensor, c: torch.Tensor | None = None) -> float:
+        """`sum_t ||r_t - A_t s - c||^2` from the sums."""
+        err = s @ self.gram @ s - 2 * self.rhs @ s + self.rr
+        if c is not None:
+            err = err - 2 * c @ (self.sr - self.sa.t() @ s) + self.n * (c @ c)
+        return float(err)
 
 
 class _Stats:
     """Normal-equation statistics of the fit and the held-out part of the sample."""
 
     def __init__(self, k: int, device):
-        self.fit = [
-            torch.zeros(k, k, dtype=torch.float64, device=device),
-            torch.zeros(k, dtype=torch.float64, device=device),
-            0.0,
-        ]
-        self.check = [
-            torch.zeros(k, k, dtype=torch.float64, device=device),
-            torch.zeros(k, dtype=torch.float64, device=device),
-            0.0,
-        ]
+        self.fit, self.check = _Sums(k, device), _Sums(k, device)
 
-    def add(self, held_out: bool, gram, rhs, rr) -> None:
-        part = self.check if held_out else self.fit
-        part[0] += gram.double()
-        part[1] += rhs.double()
-        part[2] += float(rr)
+    def add(self, held_out: bool, gram, rhs, rr, sa, sr, n) -> None:
+        (self.check if held_out else self.fit).add(gram, rhs, rr, sa, sr, n)
 
-    def solve(self) -> tuple[torch.Tensor | None, float, float]:
-        """The scales, or None when they do not lower the held-out error; and the held-out errors before / after."""
-        ones = torch.ones_like(self.fit[1])
-        before = _quadratic(*self.check, ones)
-        scales = least_squares_scales(self.fit[0], self.fit[1])
-        after = _quadratic(*self.check, scales)
-        if not torch.isfinite(scales).all() or after >= before:
-            return None, before, before
-        return scales, before, after
+    def solve(self, intercept: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, float, float]:
+        """The scales and, with `intercept`, a constant per dimension fitted with them (FLAP's bias compensation, An
+        et al. 2024, here the least-squares optimum jointly with the scales); each is kept only where it lowers the
+        held-out error. Returns `(scales or None, constant or None, held-out error before, after)`."""
+        ones = torch.ones_like(self.fit.rhs)
+        before = self.check.error(ones)
+        if self.fit.n == 0:
+            return None, None, before, before
+        candidates = []
+        if len(ones):
+            scales = least_squares_scales(self.fit.gram, self.fit.rhs)
+            candidates.append((scales, None))
+        if intercept:
+            # centring over tokens: min_s sum ||(r - rbar) - (A - Abar) s||^2, then c = rbar - Abar s
+            n, fit = self.fit.n, self.fit
+            a_bar, r_bar = fit.sa / n, fit.sr / n
+            if len(ones):
+                scales = least_squares_scales(fit.gram - n * a_bar @ a_bar.t(), fit.rhs - n * a_bar @ r_bar)
+            else:
+                scales = ones
+            candidates.append((scales, r_bar - a_bar.t() @ scales))
+        best = (None, None, before)
+        for scales, c in candidates:
+            finite = torch.isfinite(scales).all() and (c is None or torch.isfinite(c).all())
+            err = self.check.error(scales, c) if finite else float("inf")
+            if err < best[2]:
+                best = (scales, c, err)
+        return best[0], best[1], before, best[2]
 
 
 def _capture(modules: dict[str, nn.Module]):
@@ -150,6 +179,7 @@ def tune_masks(
     seed: int = 0,
     keep_hidden: torch.Tensor | None = None,
     dropped: tuple[int, ...] | list[int] = (),
+    bias: bool = False,
 ) -> list[dict]:
     """Least-squares scales of the kept heads and neurons, layer by layer, folded into the student's weights.
 
@@ -168,10 +198,14 @@ def tune_masks(
             as with them removed ([`hf_prune.models.hidden.hidden_mask`]) and the fit matches the kept dimensions.
         dropped: layers the student will lose whole: it skips them (its input passes on), so the next layer's fit
             makes up for them against the dense model's output of the dropped layer.
+        bias: also fit, jointly with the scales, a constant per output dimension of each attention and MLP block,
+            folded into its output projection's bias (FLAP's bias compensation, An et al. 2024: the mean of what the
+            removed units added), in layers whose output projections have a bias; like the scales it is kept only
+            where it lowers the held-out error.
 
     Returns:
-        Per layer, `{"layer", "heads", "neurons"}` (`heads` / `neurons` where the layer keeps any): whether the
-        scales were kept and the held-out error before and after them.
+        Per layer, `{"layer", "heads", "neurons"}` (`heads` / `neurons` where the layer keeps any, or gets a bias):
+        whether the scales and the bias were kept and the held-out error before and after them.
     """
     checked = set(held_out_batches(len(batches), seed))
     held_out = [i in checked for i in range(len(batches))]
@@ -179,11 +213,11 @@ def tune_masks(
     masked = hidden_mask(student, keep_hidden) if keep_hidden is not None else nullcontext()
     with masked:
         return _tune_layers(student, dense, batches, (keep_heads, keep_neurons), first_token_last, held_out,
-                            (xd, extras), keep_hidden, set(dropped))  # fmt: skip
+                            (xd, extras), keep_hidden, set(dropped), bias)  # fmt: skip
 
 
 def _tune_layers(
-    student, dense, batches, keeps, first_token_last, held_out, dense_inputs, keep_hidden, dropped
+    student, dense, batches, keeps, first_token_last, held_out, dense_inputs, keep_hidden, dropped, intercept
 ) -> list[dict]:
     """The layer-by-layer fit of [`tune_masks`] (`keeps`: the head and neuron keep-masks; `dense_inputs`: the dense
     model's first-layer inputs and, per batch, each layer's arguments)."""
@@ -235,47 +269,54 @@ def _tune_layers(
             h.remove()
         heads = keep_heads[layer_idx].nonzero().flatten().tolist()
         neurons = keep_neurons[layer_idx].nonzero().flatten().tolist()
-        w_o = s_lin["attention_output"].weight
-        if heads:
+        w_o, b_o = s_lin["attention_output"].weight, s_lin["attention_output"].bias
+        # with the intercept, a layer that keeps no head still gets the constant that stands in for them (FLAP)
+        if heads or (intercept and b_o is not None):
             stats = _Stats(len(heads), w_o.device)
             seen, handles = _capture({"ctx": s_lin["attention_output"]})
             for b, x in enumerate(xs):
                 _call_layer(s_layer, x, s_extras[b][layer_idx])
                 ctx = seen["ctx"][tokens[b]]  # (tokens, units * width)
-                parts = torch.stack(
-                    [ctx[:, _cols(head_slice, h)] @ w_o[:, _cols(head_slice, h)].t() for h in heads]
-                )[..., dims]  # (k, tokens, hidden kept)
-                bias = s_lin["attention_output"].bias
-                r = (attn_target[b][tokens[b]] - x[tokens[b]] - (bias if bias is not None else 0))[:, dims]
-                flat = parts.flatten(1).double()
-                stats.add(held_out[b], flat @ flat.t(), flat @ r.flatten().double(), r.double().pow(2).sum())
+                r = (attn_target[b][tokens[b]] - x[tokens[b]] - (b_o if b_o is not None else 0))[:, dims].double()
+                parts = [ctx[:, _cols(head_slice, h)] @ w_o[:, _cols(head_slice, h)].t() for h in heads]
+                parts = torch.stack(parts)[..., dims].double() if heads else r.new_zeros(0, *r.shape)
+                flat = parts.flatten(1)  # (k, tokens * hidden kept)
+                stats.add(held_out[b], flat @ flat.t(), flat @ r.flatten(), r.pow(2).sum(), parts.sum(dim=1),
+                          r.sum(dim=0), r.shape[0])  # fmt: skip
             for h in handles:
                 h.remove()
-            scales, before, after = stats.solve()
+            scales, const, before, after = stats.solve(intercept and b_o is not None)
             if scales is not None:
-                for h, s in zip(heads, scales.tolist()):
-                    w_o[:, _cols(head_slice, h)] *= s
-            entry["heads"] = {"tuned": scales is not None, "held_out_error": [before, after]}
-        w_down = s_lin["ffn_out"].weight
-        if neurons:
+                for h, scale in zip(heads, scales.tolist()):
+                    w_o[:, _cols(head_slice, h)] *= scale
+            if const is not None:
+                b_o[dims] += const.to(b_o.dtype)
+            entry["heads"] = {"tuned": scales is not None and bool(heads), "bias": const is not None,
+                              "held_out_error": [before, after]}  # fmt: skip
+        w_down, b_down = s_lin["ffn_out"].weight, s_lin["ffn_out"].bias
+        if neurons or (intercept and b_down is not None):
             stats = _Stats(len(neurons), w_down.device)
-            kept = torch.tensor(neurons, device=w_down.device)
+            kept = torch.tensor(neurons, device=w_down.device, dtype=torch.long)
             w = w_down[dims][:, kept].double()
             ww = w.t() @ w
             seen, handles = _capture({"act": s_lin["ffn_out"], "res": s_lin["mlp_residual"]})
             for b, x in enumerate(xs):
                 _call_layer(s_layer, x, s_extras[b][layer_idx])
                 act = seen["act"][tokens[b]][:, kept].double()  # (tokens, k)
-                bias = s_lin["ffn_out"].bias
-                r = (ffn_target[b] - seen["res"] - (bias if bias is not None else 0))[tokens[b]][:, dims].double()
-                # A = [act_j * w_j]: A^T A = (act^T act) * (w^T w), A^T r = sum_tokens act * (r @ w)
-                stats.add(held_out[b], (act.t() @ act) * ww, (act * (r @ w)).sum(dim=0), r.pow(2).sum())
+                r = (ffn_target[b] - seen["res"] - (b_down if b_down is not None else 0))[tokens[b]][:, dims].double()
+                # A = [act_j * w_j]: A^T A = (act^T act) * (w^T w), A^T r = sum_tokens act * (r @ w), and the sum of
+                # unit j's contributions over tokens is sum(act_j) * w_j
+                stats.add(held_out[b], (act.t() @ act) * ww, (act * (r @ w)).sum(dim=0), r.pow(2).sum(),
+                          act.sum(dim=0)[:, None] * w.t(), r.sum(dim=0), r.shape[0])  # fmt: skip
             for h in handles:
                 h.remove()
-            scales, before, after = stats.solve()
+            scales, const, before, after = stats.solve(intercept and b_down is not None)
             if scales is not None:
                 w_down[:, kept] *= scales.to(w_down.dtype)
-            entry["neurons"] = {"tuned": scales is not None, "held_out_error": [before, after]}
+            if const is not None:
+                b_down[dims] += const.to(b_down.dtype)
+            entry["neurons"] = {"tuned": scales is not None and bool(neurons), "bias": const is not None,
+                                "held_out_error": [before, after]}  # fmt: skip
         xs = [_call_layer(s_layer, x, s_extras[b][layer_idx]) for b, x in enumerate(xs)]
         xd = next_d
         report.append(entry)

@@ -183,6 +183,7 @@ def prune_to_speedup(
     allow_empty_kinds: bool = False,
     drop_layers: bool = False,
     prune_hidden: bool = False,
+    tune_bias: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Prunes heads and FFN neurons of a fine-tuned model to `target_speedup` times fewer FLOPs, without training.
 
@@ -244,6 +245,13 @@ def prune_to_speedup(
             and keeping the one of least estimated loss ([`hf_prune.pruning.allocation.allocate_with_width`]); the
             dimensions' importance is the Fisher information of a mask on the stream. Needs `importance="fisher"`;
             not with `drop_layers` or `uniform`.
+        tune_bias: the tuning also fits a constant per output dimension of every attention and MLP block, folded into
+            its output projection's bias (FLAP's bias compensation, An et al. 2024, fitted jointly with the scales and
+            kept per layer only where it lowers the held-out error). Where the output projections have no bias and the
+            family's config has a flag for one (Llama's `attention_bias` / `mlp_bias`, ModernBERT's), the flag is set
+            and zero biases are added to the projections it governs, so the export still loads as the family's own
+            class (a few parameters more: about 0.1% on SmolLM2-135M); families without such a flag (Mistral, Qwen2)
+            are tuned without it. Needs `tune`.
 
     Returns:
         `(pruned_model, summary)`: the physically pruned copy, and what was done and measured (FLOPs before / after and
@@ -384,6 +392,9 @@ def prune_to_speedup(
     times["search_s"] += time.perf_counter() - t
 
     student = copy.deepcopy(model)
+    # zero biases where the output projections have none and the config can say so (Llama's attention_bias /
+    # mlp_bias): the tuning folds its compensation into them
+    biased = get_adapter(student).add_output_bias(student) if tune and tune_bias else []
     with torch.no_grad():
         for kind, keeps in ((ATTENTION, keep_heads), (MLP, keep_neurons)):
             for lu, keep in zip(layer_units(student, kind), keeps):
@@ -400,7 +411,7 @@ def prune_to_speedup(
             and get_adapter(model).classifier_reads_first_token
         )
         tuning = tune_masks(student, model, tune_batches, keep_heads, keep_neurons, first_token, seed=seed,
-                            keep_hidden=keep_hidden, dropped=dropped)  # fmt: skip
+                            keep_hidden=keep_hidden, dropped=dropped, bias=tune_bias)  # fmt: skip
     times["tune_s"] = time.perf_counter() - t
 
     pruned_heads, pruned_neurons = removed_units(keep_heads), removed_units(keep_neurons)
@@ -423,6 +434,8 @@ def prune_to_speedup(
         "seq_len": seq_len,
         "num_samples": len(rows),
         "tune_samples": tune_rows if tune else 0,
+        "tune_bias": bool(tune and tune_bias),
+        "biased_outputs": biased,
         "cost_model": _cost_model_name(cost_model, latency_batch_size, seq_len),
         "predicted_speedup": costs.total / predicted,
         "measured_speedup": retimed["speedup"] if retimed else None,

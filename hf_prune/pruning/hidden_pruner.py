@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.auto import get_adapter
-from ..models.hidden import HIDDEN_ROLES, hidden_width, masked_layer_norm
+from ..models.hidden import hidden_module_objects, hidden_width, masked_layer_norm
 from .base import ScheduledPruner
 from .masks import Schedule, topk_mask
 from .scores import movement_importance, taylor_importance
@@ -67,11 +66,7 @@ class HiddenMaskPruner(ScheduledPruner):
     """
 
     def __init__(self, model: nn.Module, method: str, schedule: Schedule, sparsity: float):
-        modules = get_adapter(model).hidden_modules(model)
-        resolve = {"parameters": model.get_parameter}  # tensors added to the stream (a class token)
-        self.modules = {
-            role: [resolve.get(role, model.get_submodule)(n) for n in modules.get(role, [])] for role in HIDDEN_ROLES
-        }
+        self.modules = hidden_module_objects(model)
         self.method, self.schedule, self.target = method, schedule, float(sparsity)
         width = hidden_width(model)
         device = next(model.parameters()).device

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapter import ATTENTION, MLP, ArchitectureAdapter, ChannelSlice, UnitGroup, config_get, set_module
+from ..adapter import ATTENTION, set_module
+from ..layout import LayoutAdapter
 from . import modeling_hf_prune
-from .modeling_hf_prune import FFN_KEY, HEADS_KEY, HIDDEN_KEY, LAYOUT_KEY, EmptySelfAttention
+from .modeling_hf_prune import EmptySelfAttention
 
 __all__ = ["BertAdapter", "BERT_LAYOUT"]
 
@@ -37,16 +38,13 @@ BERT_LAYOUT = {
 }
 
 
-class BertAdapter(ArchitectureAdapter):
+class BertAdapter(LayoutAdapter):
     """Adapter of the BERT encoder layout shared by BERT, RoBERTa, XLM-RoBERTa and ELECTRA in transformers 5."""
 
     model_types = ("bert", "roberta", "xlm-roberta", "electra")
     layout = BERT_LAYOUT
-    attention_roles = {r: BERT_LAYOUT[r] for r in ("query", "key", "value", "attention_output")}
-    mlp_roles = {"ffn_in": BERT_LAYOUT["ffn_in"], "ffn_out": BERT_LAYOUT["ffn_out"]}
     # the self-attention module computes Q/K/V and the scores; the output projection sits beside it
     attention_cost_paths = (BERT_LAYOUT["self_attention"], BERT_LAYOUT["attention_output"])
-    mlp_cost_paths = (BERT_LAYOUT["ffn_in"], BERT_LAYOUT["ffn_out"])
     # post-LayerNorm: the FFN's residual is its own input (the attention block's normalised output)
     mlp_residual_path = BERT_LAYOUT["ffn_in"]
     modeling_module = modeling_hf_prune
@@ -56,35 +54,6 @@ class BertAdapter(ArchitectureAdapter):
     can_drop_layers = True
     # model types whose tokenizers return token_type_ids; roberta and xlm-roberta use one segment only
     token_type_models = ("bert", "electra")
-
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        base = getattr(model, "base_model", model)
-        return self.linear(base, self.layout["layers"])
-
-    def head_dim(self, config) -> int:
-        return config_get(config, "hidden_size") // config_get(config, self.layout["config_heads"])
-
-    def unit_group(self, layer: nn.Module, kind: str, config) -> UnitGroup:
-        if kind == ATTENTION:
-            size = self.head_dim(config)
-            count = self.linear(layer, self.layout["query"]).out_features // size
-            inputs = tuple(ChannelSlice(self.layout[r], 0, size) for r in ("query", "key", "value"))
-            return UnitGroup(ATTENTION, count, inputs, ChannelSlice(self.layout["attention_output"], 1, size))
-        if kind == MLP:
-            count = self.linear(layer, self.layout["ffn_in"]).out_features
-            inputs = (ChannelSlice(self.layout["ffn_in"], 0, 1),)
-            return UnitGroup(MLP, count, inputs, ChannelSlice(self.layout["ffn_out"], 1, 1))
-        raise ValueError(f"Unknown unit kind {kind!r}; use {ATTENTION!r} or {MLP!r}.")
-
-    def dense_shape(self, config) -> tuple[int, int, int]:
-        return tuple(int(config_get(config, self.layout[k])) for k in ("config_layers", "config_heads", "config_ffn"))
-
-    def config_shapes(self, config) -> tuple[list[int], list[int]]:
-        layers, heads, ffn = self.dense_shape(config)
-        return (
-            list(config_get(config, HEADS_KEY) or [heads] * layers),
-            list(config_get(config, FFN_KEY) or [ffn] * layers),
-        )
 
     def resize_units(self, layer: nn.Module, kind: str, count: int, config) -> None:
         if kind != ATTENTION:
@@ -102,13 +71,6 @@ class BertAdapter(ArchitectureAdapter):
             setattr(attn, self.layout["heads_attr"], count)
             setattr(attn, self.layout["all_head_size_attr"], count * size)
 
-    def record_config(self, model: nn.Module) -> None:
-        config = model.config
-        layers = self.layers(model)
-        setattr(config, HEADS_KEY, [self.unit_group(layer, ATTENTION, config).count for layer in layers])
-        setattr(config, FFN_KEY, [self.unit_group(layer, MLP, config).count for layer in layers])
-        setattr(config, LAYOUT_KEY, dict(self.layout))
-
     def drop_layers(self, model: nn.Module, keep: list[int]) -> None:
         base = getattr(model, "base_model", model)
         encoder = base.get_submodule(self.layout["layers"].rpartition(".")[0])
@@ -122,15 +84,13 @@ class BertAdapter(ArchitectureAdapter):
 
     def hidden_modules(self, model: nn.Module) -> dict[str, list[str]]:
         base = getattr(model, "base_model", model)
-        names = {id(m): n for n, m in model.named_modules()}
-        prefix = names[id(base)] + "." if names[id(base)] else ""
+        prefix, layers = self.name_prefixes(model)
         head = _residual_head_readers(model, base)
         tables = ("word_embeddings", "position_embeddings", "token_type_embeddings")
         stream = [f"{prefix}embeddings.{n}" for n in tables if getattr(base.embeddings, n, None) is not None]
         norms, sources = [f"{prefix}embeddings.LayerNorm"], []
         if getattr(base, "embeddings_project", None) is not None:  # ELECTRA with embedding_size != hidden_size:
             stream, norms, sources = [], [], [f"{prefix}embeddings_project"]  # the stream starts at the projection
-        layers = [f"{names[id(layer)]}." for layer in self.layers(model)]
         lay = self.layout
         return {
             "embeddings": stream,
@@ -141,9 +101,6 @@ class BertAdapter(ArchitectureAdapter):
             "writers": [f"{p}{lay[r]}" for p in layers for r in ("attention_output", "ffn_out")],
             "sources": sources,
         }
-
-    def is_pruned_config(self, config_dict: dict) -> bool:
-        return HEADS_KEY in config_dict or FFN_KEY in config_dict or HIDDEN_KEY in config_dict
 
     def model_input_names(self, config) -> list[str]:
         names = ["input_ids", "attention_mask"]

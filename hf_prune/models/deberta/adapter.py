@@ -26,9 +26,11 @@ from __future__ import annotations
 from torch import nn
 from transformers.utils import logging
 
-from ..adapter import ATTENTION, MLP, ArchitectureAdapter, ChannelSlice, UnitGroup, config_get, set_module
+from ..adapter import ATTENTION, config_get, set_module
+from ..layout import LayoutAdapter
+from ..remote_common import HIDDEN_KEY
 from . import modeling_hf_prune
-from .modeling_hf_prune import FFN_KEY, HEADS_KEY, HIDDEN_KEY, LAYOUT_KEY, EmptySelfAttention
+from .modeling_hf_prune import EmptySelfAttention
 
 logger = logging.get_logger(__name__)
 
@@ -57,13 +59,11 @@ DEBERTA_LAYOUT = {
 _ROWS = ("query", "key", "value", "pos_key", "pos_query")
 
 
-class DebertaV2Adapter(ArchitectureAdapter):
+class DebertaV2Adapter(LayoutAdapter):
     """Adapter of DeBERTa-v2 and DeBERTa-v3 (both `model_type="deberta-v2"` in transformers 5)."""
 
     model_types = ("deberta-v2",)
     layout = DEBERTA_LAYOUT
-    attention_roles = {r: DEBERTA_LAYOUT[r] for r in ("query", "key", "value", "attention_output")}
-    mlp_roles = {"ffn_in": DEBERTA_LAYOUT["ffn_in"], "ffn_out": DEBERTA_LAYOUT["ffn_out"]}
     # the self-attention module computes Q/K/V, the position projections and every score; the output projection sits
     # beside it
     attention_cost_paths = (DEBERTA_LAYOUT["self_attention"], DEBERTA_LAYOUT["attention_output"])
@@ -75,40 +75,14 @@ class DebertaV2Adapter(ArchitectureAdapter):
     classifier_reads_first_token = True
     can_drop_layers = True
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        base = getattr(model, "base_model", model)
-        return self.linear(base, self.layout["layers"])
-
     def head_dim(self, config) -> int:
         return config_get(config, "attention_head_size") or (
             config_get(config, "hidden_size") // config_get(config, "num_attention_heads")
         )
 
-    def _row_paths(self, layer: nn.Module) -> list[str]:
+    def row_paths(self, layer: nn.Module) -> list[str]:
         """The projections whose rows a head owns: Q/K/V and the separate position projections the layer has."""
         return [self.layout[r] for r in _ROWS if isinstance(_submodule(layer, self.layout[r]), nn.Linear)]
-
-    def unit_group(self, layer: nn.Module, kind: str, config) -> UnitGroup:
-        if kind == ATTENTION:
-            size = self.head_dim(config)
-            count = self.linear(layer, self.layout["query"]).out_features // size
-            inputs = tuple(ChannelSlice(path, 0, size) for path in self._row_paths(layer))
-            return UnitGroup(ATTENTION, count, inputs, ChannelSlice(self.layout["attention_output"], 1, size))
-        if kind == MLP:
-            count = self.linear(layer, self.layout["ffn_in"]).out_features
-            inputs = (ChannelSlice(self.layout["ffn_in"], 0, 1),)
-            return UnitGroup(MLP, count, inputs, ChannelSlice(self.layout["ffn_out"], 1, 1))
-        raise ValueError(f"Unknown unit kind {kind!r}; use {ATTENTION!r} or {MLP!r}.")
-
-    def dense_shape(self, config) -> tuple[int, int, int]:
-        return tuple(int(config_get(config, self.layout[k])) for k in ("config_layers", "config_heads", "config_ffn"))
-
-    def config_shapes(self, config) -> tuple[list[int], list[int]]:
-        layers, heads, ffn = self.dense_shape(config)
-        return (
-            list(config_get(config, HEADS_KEY) or [heads] * layers),
-            list(config_get(config, FFN_KEY) or [ffn] * layers),
-        )
 
     def resize_units(self, layer: nn.Module, kind: str, count: int, config) -> None:
         if kind != ATTENTION:
@@ -121,13 +95,6 @@ class DebertaV2Adapter(ArchitectureAdapter):
         else:
             setattr(attn, self.layout["heads_attr"], count)
             setattr(attn, self.layout["all_head_size_attr"], count * self.head_dim(config))
-
-    def record_config(self, model: nn.Module) -> None:
-        config = model.config
-        layers = self.layers(model)
-        setattr(config, HEADS_KEY, [self.unit_group(layer, ATTENTION, config).count for layer in layers])
-        setattr(config, FFN_KEY, [self.unit_group(layer, MLP, config).count for layer in layers])
-        setattr(config, LAYOUT_KEY, dict(self.layout))
 
     def drop_layers(self, model: nn.Module, keep: list[int]) -> None:
         encoder = self._encoder(model)
@@ -164,8 +131,7 @@ class DebertaV2Adapter(ArchitectureAdapter):
                 "norm_rel_ebd='layer_norm')."
             )
         base = getattr(model, "base_model", model)
-        names = {id(m): n for n, m in model.named_modules()}
-        prefix = names[id(base)] + "." if names[id(base)] else ""
+        prefix, prefixes = self.name_prefixes(model)
         emb = base.embeddings
         tables = ("word_embeddings", "position_embeddings", "token_type_embeddings")
         stream = [f"{prefix}embeddings.{n}" for n in tables if getattr(emb, n, None) is not None]
@@ -176,21 +142,18 @@ class DebertaV2Adapter(ArchitectureAdapter):
         if encoder.relative_attention:
             stream.append(f"{prefix}encoder.rel_embeddings")
             norms.append(f"{prefix}encoder.LayerNorm")
-        layers = [(names[id(layer)] + ".", layer) for layer in self.layers(model)]
+        layers = list(zip(prefixes, self.layers(model)))
         lay = self.layout
         layer_norms = ("attention.output.LayerNorm", "output.LayerNorm")
         return {
             "embeddings": stream,
             "norms": norms + [f"{p}{n}" for p, _ in layers for n in layer_norms],
-            "readers": [f"{p}{path}" for p, layer in layers for path in self._row_paths(layer)]
+            "readers": [f"{p}{path}" for p, layer in layers for path in self.row_paths(layer)]
             + [f"{p}{lay['ffn_in']}" for p, _ in layers]
             + _head_readers(model, base),
             "writers": writers + [f"{p}{lay[r]}" for p, _ in layers for r in ("attention_output", "ffn_out")],
             "sources": [],
         }
-
-    def is_pruned_config(self, config_dict: dict) -> bool:
-        return HEADS_KEY in config_dict or FFN_KEY in config_dict or HIDDEN_KEY in config_dict
 
     def model_input_names(self, config) -> list[str]:
         # the embeddings have a token-type table only when type_vocab_size > 0 (DeBERTa-v3 has none)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapter import ATTENTION, MLP, ArchitectureAdapter, ChannelSlice, UnitGroup, config_get, set_module
+from ..adapter import ATTENTION, set_module
+from ..layout import LayoutAdapter
 from . import modeling_hf_prune
-from .modeling_hf_prune import DISTILBERT_LAYOUT, FFN_KEY, HEADS_KEY, HIDDEN_KEY, LAYOUT_KEY, EmptyDistilBertAttention
+from .modeling_hf_prune import DISTILBERT_LAYOUT, EmptyDistilBertAttention
 
 __all__ = ["DistilBertAdapter"]
 
@@ -32,13 +33,12 @@ _HEAD_READERS = {
 }
 
 
-class DistilBertAdapter(ArchitectureAdapter):
+class DistilBertAdapter(LayoutAdapter):
     """Adapter of DistilBERT (`model_type="distilbert"`) in transformers 5."""
 
     model_types = ("distilbert",)
     layout = _LAYOUT
-    attention_roles = {r: _LAYOUT[r] for r in ("query", "key", "value", "attention_output")}
-    mlp_roles = {"ffn_in": _LAYOUT["ffn_in"], "ffn_out": _LAYOUT["ffn_out"]}
+    hidden_size_key = "dim"
     # the attention module holds Q/K/V, the scores and the output projection; the FFN module both projections
     attention_cost_paths = (_LAYOUT["self_attention"],)
     mlp_cost_paths = ("ffn",)
@@ -51,35 +51,6 @@ class DistilBertAdapter(ArchitectureAdapter):
     # search weighs removing a layer with the Fisher of a gate on it (posttrain.fisher.layer_gates)
     can_drop_layers = True
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        base = getattr(model, "base_model", model)
-        return self.linear(base, _LAYOUT["layers"])
-
-    def head_dim(self, config) -> int:
-        return config_get(config, "dim") // config_get(config, _LAYOUT["config_heads"])
-
-    def unit_group(self, layer: nn.Module, kind: str, config) -> UnitGroup:
-        if kind == ATTENTION:
-            size = self.head_dim(config)
-            count = self.linear(layer, _LAYOUT["query"]).out_features // size
-            inputs = tuple(ChannelSlice(_LAYOUT[r], 0, size) for r in ("query", "key", "value"))
-            return UnitGroup(ATTENTION, count, inputs, ChannelSlice(_LAYOUT["attention_output"], 1, size))
-        if kind == MLP:
-            count = self.linear(layer, _LAYOUT["ffn_in"]).out_features
-            inputs = (ChannelSlice(_LAYOUT["ffn_in"], 0, 1),)
-            return UnitGroup(MLP, count, inputs, ChannelSlice(_LAYOUT["ffn_out"], 1, 1))
-        raise ValueError(f"Unknown unit kind {kind!r}; use {ATTENTION!r} or {MLP!r}.")
-
-    def dense_shape(self, config) -> tuple[int, int, int]:
-        return tuple(int(config_get(config, _LAYOUT[k])) for k in ("config_layers", "config_heads", "config_ffn"))
-
-    def config_shapes(self, config) -> tuple[list[int], list[int]]:
-        layers, heads, ffn = self.dense_shape(config)
-        return (
-            list(config_get(config, HEADS_KEY) or [heads] * layers),
-            list(config_get(config, FFN_KEY) or [ffn] * layers),
-        )
-
     def resize_units(self, layer: nn.Module, kind: str, count: int, config) -> None:
         if kind != ATTENTION:
             return
@@ -90,13 +61,6 @@ class DistilBertAdapter(ArchitectureAdapter):
         else:
             setattr(attn, _LAYOUT["heads_attr"], count)
 
-    def record_config(self, model: nn.Module) -> None:
-        config = model.config
-        layers = self.layers(model)
-        setattr(config, HEADS_KEY, [self.unit_group(layer, ATTENTION, config).count for layer in layers])
-        setattr(config, FFN_KEY, [self.unit_group(layer, MLP, config).count for layer in layers])
-        setattr(config, LAYOUT_KEY, dict(_LAYOUT))
-
     def drop_layers(self, model: nn.Module, keep: list[int]) -> None:
         transformer = getattr(model, "base_model", model).transformer
         transformer.layer = nn.ModuleList(transformer.layer[i] for i in keep)
@@ -106,10 +70,8 @@ class DistilBertAdapter(ArchitectureAdapter):
 
     def hidden_modules(self, model: nn.Module) -> dict[str, list[str]]:
         base = getattr(model, "base_model", model)
-        names = {id(m): n for n, m in model.named_modules()}
-        prefix = names[id(base)] + "." if names[id(base)] else ""
+        prefix, layers = self.name_prefixes(model)
         head = [] if model is base else _head_readers(model)
-        layers = [f"{names[id(layer)]}." for layer in self.layers(model)]
         return {
             "embeddings": [f"{prefix}embeddings.{n}" for n in ("word_embeddings", "position_embeddings")],
             "norms": [f"{prefix}embeddings.LayerNorm"]
@@ -118,9 +80,6 @@ class DistilBertAdapter(ArchitectureAdapter):
             "writers": [f"{p}{_LAYOUT[r]}" for p in layers for r in ("attention_output", "ffn_out")],
             "sources": [],
         }
-
-    def is_pruned_config(self, config_dict: dict) -> bool:
-        return HEADS_KEY in config_dict or FFN_KEY in config_dict or HIDDEN_KEY in config_dict
 
     def model_input_names(self, config) -> list[str]:
         # DistilBERT has no segment (token type) embeddings

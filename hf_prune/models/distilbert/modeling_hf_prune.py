@@ -1,6 +1,7 @@
-# Self-contained: this file is copied next to every exported model as its remote-code modeling file, so it imports
-# nothing but torch and transformers. It rebuilds the per-layer shapes recorded in config.json before the weights are
-# loaded, so `from_pretrained` loads a pruned model without random init or size-mismatch warnings.
+# Remote code: every export gets this file as its modeling file, with the text of `..remote_common` in place of the
+# import of it, so the export imports nothing but torch and transformers. It rebuilds the per-layer shapes recorded in
+# config.json before the weights are loaded, so `from_pretrained` loads a pruned model without random init or
+# size-mismatch warnings.
 """Rebuilding pruned DistilBERT shapes from a config: per-layer attention heads and FFN widths, and the residual
 width."""
 
@@ -9,11 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LAYOUT_KEY = "hf_prune_layout"
-HEADS_KEY = "layer_num_attention_heads"
-FFN_KEY = "layer_intermediate_sizes"
-# `{"size": kept residual width, role: [qualified module names]}` (written by hf_prune.models.hidden)
-HIDDEN_KEY = "hf_prune_hidden"
+from ..remote_common import (
+    FFN_KEY,
+    HEADS_KEY,
+    HIDDEN_KEY,
+    LAYOUT_KEY,
+    apply_hidden_width,
+    resized,
+    set_layer_ffn,
+    set_module,
+)
 
 # Paths relative to `model.base_model` (layers) and to one layer (the rest), with the attribute and config names of
 # the head count, FFN width and layer count. Written into the `config.json` of every export (LAYOUT_KEY).
@@ -32,18 +38,6 @@ DISTILBERT_LAYOUT = {
     "config_layers": "n_layers",
 }
 _PROJECTIONS = ("q_lin", "k_lin", "v_lin")
-
-
-def resized(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
-    """A new Linear of the wanted shape on the same device / dtype (weights are loaded afterwards); `linear` itself
-    when it already has that shape."""
-    in_features = linear.in_features if in_features is None else in_features
-    out_features = linear.out_features if out_features is None else out_features
-    if (in_features, out_features) == (linear.in_features, linear.out_features):
-        return linear
-    return nn.Linear(
-        in_features, out_features, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype
-    )
 
 
 class EmptyDistilBertAttention(nn.Module):
@@ -103,64 +97,29 @@ class KeptWidthEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(inputs_embeds + self.position_embeddings(position_ids)))
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, module)
-
-
 def set_layer_heads(layer: nn.Module, layout: dict, heads: int, head_size: int) -> None:
     """Gives one layer's attention `heads` heads (new, uninitialised projections when the count changes)."""
     attn = layer.get_submodule(layout["self_attention"])
     if heads == 0:
         if not isinstance(attn, EmptyDistilBertAttention):
-            _set_module(layer, layout["self_attention"], EmptyDistilBertAttention(attn))
+            set_module(layer, layout["self_attention"], EmptyDistilBertAttention(attn))
         return
     width = heads * head_size
     for role in ("query", "key", "value"):
-        _set_module(layer, layout[role], resized(layer.get_submodule(layout[role]), out_features=width))
+        set_module(layer, layout[role], resized(layer.get_submodule(layout[role]), out_features=width))
     out = layout["attention_output"]
-    _set_module(layer, out, resized(layer.get_submodule(out), in_features=width))
+    set_module(layer, out, resized(layer.get_submodule(out), in_features=width))
     # the forward infers the head count from the projections; the attribute is kept true for introspection
     setattr(attn, layout["heads_attr"], heads)
 
 
-def set_layer_ffn(layer: nn.Module, layout: dict, width: int) -> None:
-    """Gives one layer's FFN `width` intermediate neurons."""
-    _set_module(layer, layout["ffn_in"], resized(layer.get_submodule(layout["ffn_in"]), out_features=width))
-    _set_module(layer, layout["ffn_out"], resized(layer.get_submodule(layout["ffn_out"]), in_features=width))
-
-
-def apply_hidden_width(model: nn.Module, config) -> nn.Module:
+def apply_distilbert_hidden_width(model: nn.Module, config) -> nn.Module:
     """Rebuilds the modules on the residual stream at the kept width recorded in `config` (no-op if none). The
     position table (learned or sinusoidal) is rebuilt like any embedding: its kept columns are stored in the weights;
     a sinusoidal one's embeddings module becomes a [`KeptWidthEmbeddings`]."""
-    hidden = getattr(config, HIDDEN_KEY, None)
-    if not hidden:
+    if not getattr(config, HIDDEN_KEY, None):
         return model
-    size = int(hidden["size"])
-    for name in hidden.get("embeddings", []):
-        old = model.get_submodule(name)
-        new = nn.Embedding(old.num_embeddings, size, padding_idx=old.padding_idx, device=old.weight.device,
-                           dtype=old.weight.dtype)  # fmt: skip
-        new.weight.requires_grad_(old.weight.requires_grad)
-        _set_module(model, name, new)
-    for name in hidden.get("norms", []):
-        old = model.get_submodule(name)
-        affine = old.weight is not None
-        new = nn.LayerNorm(
-            size,
-            eps=old.eps,
-            elementwise_affine=affine,
-            bias=old.bias is not None,
-            device=old.weight.device if affine else None,
-            dtype=old.weight.dtype if affine else None,
-        )
-        _set_module(model, name, new)
-    for name in hidden.get("readers", []):
-        _set_module(model, name, resized(model.get_submodule(name), in_features=size))
-    for name in list(hidden.get("writers", [])) + list(hidden.get("sources", [])):
-        _set_module(model, name, resized(model.get_submodule(name), out_features=size))
+    apply_hidden_width(model, config)
     base = getattr(model, "base_model", model)
     if getattr(config, "sinusoidal_pos_embds", False) and not isinstance(base.embeddings, KeptWidthEmbeddings):
         base.embeddings = KeptWidthEmbeddings(base.embeddings)
@@ -182,7 +141,7 @@ def apply_pruned_shapes(model: nn.Module, config) -> nn.Module:
                 set_layer_heads(layer, layout, int(heads[i]), head_size)
             if ffn is not None and ffn[i] != dense_ffn:
                 set_layer_ffn(layer, layout, int(ffn[i]))
-    return apply_hidden_width(model, config)
+    return apply_distilbert_hidden_width(model, config)
 
 
 class PrunedModelMixin:

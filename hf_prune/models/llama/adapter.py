@@ -48,6 +48,16 @@ class LlamaAdapter(ArchitectureAdapter):
     can_drop_layers = True
     uniform_exports_own_config = True
 
+    def output_bias_flags(self, config) -> dict[str, tuple[str, tuple[str, ...]]]:
+        # LlamaConfig has both flags, Qwen3Config the attention one; Mistral's and Qwen2's output projections never
+        # have a bias, so a bias there would need remote code
+        kinds = {"llama": (ATTENTION, MLP), "qwen3": (ATTENTION,)}.get(config_get(config, "model_type"), ())
+        flags = {
+            ATTENTION: ("attention_bias", tuple(f"self_attn.{r}" for r in ("q_proj", "k_proj", "v_proj", "o_proj"))),
+            MLP: ("mlp_bias", tuple(f"mlp.{r}" for r in ("gate_proj", "up_proj", "down_proj"))),
+        }
+        return {k: flags[k] for k in kinds}
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
         base = getattr(model, "base_model", model)
         return base.layers

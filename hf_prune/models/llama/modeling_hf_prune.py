@@ -1,12 +1,15 @@
-# Self-contained: this file is copied next to every exported model as its remote-code modeling file, so it imports
-# nothing but torch and transformers. It rebuilds the per-layer shapes recorded in config.json before the weights are
-# loaded, so `from_pretrained` loads a pruned model without random init or size-mismatch warnings.
+# Remote code: every export gets this file as its modeling file, with the text of `..remote_common` in place of the
+# import of it, so the export imports nothing but torch and transformers. It rebuilds the per-layer shapes recorded in
+# config.json before the weights are loaded, so `from_pretrained` loads a pruned model without random init or
+# size-mismatch warnings.
 """Rebuilding pruned shapes of Llama-family decoders from a config: per-layer key/value groups and MLP widths."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..remote_common import resized
 
 KV_HEADS_KEY = "layer_num_key_value_heads"
 MLP_KEY = "layer_intermediate_sizes"
@@ -42,17 +45,6 @@ class EmptyAttention(nn.Module):
             empty = hidden_states.new_zeros(batch, 0, length, self.head_dim)
             cache.update(empty, empty, self.layer_idx)
         return self.o_proj(hidden_states.new_zeros(batch, length, 0)), None
-
-
-def resized(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
-    """A new Linear of the wanted shape on the same device / dtype (weights are loaded afterwards)."""
-    in_features = linear.in_features if in_features is None else in_features
-    out_features = linear.out_features if out_features is None else out_features
-    if (in_features, out_features) == (linear.in_features, linear.out_features):
-        return linear
-    return nn.Linear(
-        in_features, out_features, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype
-    )
 
 
 def head_dim(config) -> int:

@@ -24,8 +24,9 @@ from torch import nn
 from transformers.utils import logging
 
 from ..adapter import ATTENTION, MLP, ArchitectureAdapter, ChannelSlice, UnitGroup, config_get
+from ..remote_common import FFN_KEY, HEADS_KEY, HIDDEN_KEY
 from . import modeling_hf_prune
-from .modeling_hf_prune import ATTN_NORMS_KEY, FFN_KEY, HEADS_KEY, HIDDEN_KEY, EmptyAttention, check_layout
+from .modeling_hf_prune import ATTN_NORMS_KEY, EmptyAttention, check_layout
 
 logger = logging.get_logger(__name__)
 
@@ -49,6 +50,9 @@ class ModernBertAdapter(ArchitectureAdapter):
     # the flag is the family's, not the model's: a classifier with classifier_pooling="mean" reads every token of the
     # last layer, so tuning fits it on every token (right for both poolings)
     classifier_reads_first_token = False
+
+    def output_bias_flags(self, config) -> dict[str, tuple[str, tuple[str, ...]]]:
+        return {ATTENTION: ("attention_bias", ("attn.Wqkv", "attn.Wo")), MLP: ("mlp_bias", ("mlp.Wi", "mlp.Wo"))}
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         base = getattr(model, "base_model", model)
@@ -126,10 +130,9 @@ class ModernBertAdapter(ArchitectureAdapter):
 
     def hidden_modules(self, model: nn.Module) -> dict[str, list[str]]:
         base = getattr(model, "base_model", model)
-        names = {id(m): n for n, m in model.named_modules()}
-        prefix = names[id(base)] + "." if names[id(base)] else ""
+        prefix, prefixes = self.name_prefixes(model)
         head = _head_readers(model, base)
-        layers = [(f"{names[id(layer)]}.", layer) for layer in self.layers(model)]
+        layers = list(zip(prefixes, self.layers(model)))
         norms = [f"{prefix}embeddings.norm"]
         for p, layer in layers:
             norms += [f"{p}attn_norm"] if isinstance(layer.attn_norm, nn.LayerNorm) else []

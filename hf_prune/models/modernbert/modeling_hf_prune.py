@@ -1,6 +1,7 @@
-# Self-contained: this file is copied next to every exported model as its remote-code modeling file, so it imports
-# nothing but torch and transformers. It rebuilds the per-layer shapes recorded in config.json before the weights are
-# loaded, so `from_pretrained` loads a pruned model without random init or size-mismatch warnings.
+# Remote code: every export gets this file as its modeling file, with the text of `..remote_common` in place of the
+# import of it, so the export imports nothing but torch and transformers. It rebuilds the per-layer shapes recorded in
+# config.json before the weights are loaded, so `from_pretrained` loads a pruned model without random init or
+# size-mismatch warnings.
 """Rebuilding pruned ModernBERT shapes from a config: per-layer attention heads (one fused `Wqkv`), gated MLP widths,
 the attention norm of a first layer that was not the dense model's first, and the residual width."""
 
@@ -9,13 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HEADS_KEY = "layer_num_attention_heads"
-FFN_KEY = "layer_intermediate_sizes"
+from ..remote_common import FFN_KEY, HEADS_KEY, apply_hidden_width, resized
+
 # per layer, whether its attention input is normalised: the dense model's layer 0 has an Identity there (the
 # embeddings' norm stands in), so once it is dropped the new first layer keeps the LayerNorm it was built with
 ATTN_NORMS_KEY = "layer_attn_norms"
-# `{"size": kept residual width, role: [qualified module names]}` (written by hf_prune.models.hidden)
-HIDDEN_KEY = "hf_prune_hidden"
 
 
 def check_layout(attention: nn.Module) -> None:
@@ -56,24 +55,6 @@ class EmptyAttention(nn.Module):
         return self.out_drop(self.Wo(hidden_states.new_zeros(*hidden_states.shape[:-1], 0))), None
 
 
-def resized(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
-    """A new Linear of the wanted shape on the same device / dtype (weights are loaded afterwards); `linear` itself
-    when it has that shape already."""
-    in_features = linear.in_features if in_features is None else in_features
-    out_features = linear.out_features if out_features is None else out_features
-    if (in_features, out_features) == (linear.in_features, linear.out_features):
-        return linear
-    return nn.Linear(
-        in_features, out_features, bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype
-    )
-
-
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, module)
-
-
 def head_dim(config) -> int:
     return config.hidden_size // config.num_attention_heads
 
@@ -105,36 +86,6 @@ def set_attn_norm(layer: nn.Module, config, norm: bool) -> None:
         )
     elif not norm and not isinstance(layer.attn_norm, nn.Identity):
         layer.attn_norm = nn.Identity()
-
-
-def apply_hidden_width(model: nn.Module, config) -> nn.Module:
-    """Rebuilds the modules on the residual stream at the kept width recorded in `config` (no-op if none)."""
-    hidden = getattr(config, HIDDEN_KEY, None)
-    if not hidden:
-        return model
-    size = int(hidden["size"])
-    for name in hidden.get("embeddings", []):
-        old = model.get_submodule(name)
-        new = nn.Embedding(old.num_embeddings, size, padding_idx=old.padding_idx, device=old.weight.device,
-                           dtype=old.weight.dtype)  # fmt: skip
-        _set_module(model, name, new)
-    for name in hidden.get("norms", []):
-        old = model.get_submodule(name)
-        affine = old.weight is not None
-        new = nn.LayerNorm(
-            size,
-            eps=old.eps,
-            elementwise_affine=affine,
-            bias=old.bias is not None,
-            device=old.weight.device if affine else None,
-            dtype=old.weight.dtype if affine else None,
-        )
-        _set_module(model, name, new)
-    for name in hidden.get("readers", []):
-        _set_module(model, name, resized(model.get_submodule(name), in_features=size))
-    for name in list(hidden.get("writers", [])) + list(hidden.get("sources", [])):
-        _set_module(model, name, resized(model.get_submodule(name), out_features=size))
-    return model
 
 
 def apply_pruned_shapes(model: nn.Module, config) -> nn.Module:

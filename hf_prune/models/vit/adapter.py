@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapter import ATTENTION, MLP, ArchitectureAdapter, ChannelSlice, UnitGroup, config_get
+from ..adapter import ATTENTION, config_get
+from ..layout import LayoutAdapter
 from . import modeling_hf_prune
-from .modeling_hf_prune import FFN_KEY, HEADS_KEY, HIDDEN_KEY, LAYOUT_KEY, VIT_LAYOUT, EmptyAttention
+from .modeling_hf_prune import VIT_LAYOUT, EmptyAttention
 
 __all__ = ["ViTAdapter"]
 
@@ -36,13 +37,11 @@ def _pair(value) -> tuple[int, int]:
     return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
 
 
-class ViTAdapter(ArchitectureAdapter):
+class ViTAdapter(LayoutAdapter):
     """Adapter of the transformers 5 layout of ViT and DeiT (`<base>.layers[i].attention.q_proj`, `mlp.fc1`, ...)."""
 
     model_types = ("vit", "deit")
     layout = VIT_LAYOUT
-    attention_roles = {r: VIT_LAYOUT[r] for r in ("query", "key", "value", "attention_output")}
-    mlp_roles = {"ffn_in": VIT_LAYOUT["ffn_in"], "ffn_out": VIT_LAYOUT["ffn_out"]}
     # the attention module holds Q/K/V/O and computes the scores; the MLP module holds fc1 and fc2
     attention_cost_paths = (VIT_LAYOUT["attention"],)
     mlp_cost_paths = (VIT_LAYOUT["ffn_in"], VIT_LAYOUT["ffn_out"])
@@ -53,37 +52,11 @@ class ViTAdapter(ArchitectureAdapter):
     classifier_reads_first_token = True
     can_drop_layers = True
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        base = getattr(model, "base_model", model)
-        return self.linear(base, self.layout["layers"])
-
     def head_dim(self, config) -> int:
         # ViTAttention reads an explicit `head_dim` where the config has one
         return int(config_get(config, "head_dim") or config_get(config, "hidden_size") // config_get(
             config, self.layout["config_heads"]
         ))  # fmt: skip
-
-    def unit_group(self, layer: nn.Module, kind: str, config) -> UnitGroup:
-        if kind == ATTENTION:
-            size = self.head_dim(config)
-            count = self.linear(layer, self.layout["query"]).out_features // size
-            inputs = tuple(ChannelSlice(self.layout[r], 0, size) for r in ("query", "key", "value"))
-            return UnitGroup(ATTENTION, count, inputs, ChannelSlice(self.layout["attention_output"], 1, size))
-        if kind == MLP:
-            count = self.linear(layer, self.layout["ffn_in"]).out_features
-            inputs = (ChannelSlice(self.layout["ffn_in"], 0, 1),)
-            return UnitGroup(MLP, count, inputs, ChannelSlice(self.layout["ffn_out"], 1, 1))
-        raise ValueError(f"Unknown unit kind {kind!r}; use {ATTENTION!r} or {MLP!r}.")
-
-    def dense_shape(self, config) -> tuple[int, int, int]:
-        return tuple(int(config_get(config, self.layout[k])) for k in ("config_layers", "config_heads", "config_ffn"))
-
-    def config_shapes(self, config) -> tuple[list[int], list[int]]:
-        layers, heads, ffn = self.dense_shape(config)
-        return (
-            list(config_get(config, HEADS_KEY) or [heads] * layers),
-            list(config_get(config, FFN_KEY) or [ffn] * layers),
-        )
 
     def resize_units(self, layer: nn.Module, kind: str, count: int, config) -> None:
         if kind != ATTENTION:
@@ -95,13 +68,6 @@ class ViTAdapter(ArchitectureAdapter):
                 layer.set_submodule(path, EmptyAttention(attn))
         else:
             attn.num_attention_heads = count  # informational: the forward infers it from the width
-
-    def record_config(self, model: nn.Module) -> None:
-        config = model.config
-        layers = self.layers(model)
-        setattr(config, HEADS_KEY, [self.unit_group(layer, ATTENTION, config).count for layer in layers])
-        setattr(config, FFN_KEY, [self.unit_group(layer, MLP, config).count for layer in layers])
-        setattr(config, LAYOUT_KEY, dict(self.layout))
 
     def drop_layers(self, model: nn.Module, keep: list[int]) -> None:
         base = getattr(model, "base_model", model)
@@ -116,15 +82,13 @@ class ViTAdapter(ArchitectureAdapter):
 
     def hidden_modules(self, model: nn.Module) -> dict[str, list[str]]:
         base = getattr(model, "base_model", model)
-        names = {id(m): n for n, m in model.named_modules()}
-        prefix = names[id(base)] + "." if names[id(base)] else ""
+        prefix, layers = self.name_prefixes(model)
         embeddings = f"{prefix}embeddings."
         parameters = [
             f"{embeddings}{n}"
             for n in _STREAM_PARAMETERS
             if isinstance(getattr(base.embeddings, n, None), nn.Parameter)
         ]
-        layers = [f"{names[id(layer)]}." for layer in self.layers(model)]
         lay = self.layout
         pooler = getattr(base, "pooler", None)
         return {
@@ -140,9 +104,6 @@ class ViTAdapter(ArchitectureAdapter):
             "sources": [],
             "parameters": parameters,
         }
-
-    def is_pruned_config(self, config_dict: dict) -> bool:
-        return HEADS_KEY in config_dict or FFN_KEY in config_dict or HIDDEN_KEY in config_dict
 
     # ------------------------------------------------------------------------------------------------ inputs
     def model_input_names(self, config) -> list[str]:
