@@ -93,6 +93,7 @@ HF_PRUNE_ROWS = {
     "hf_prune-hybrid-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid"),
     "hf_prune-hybrid-depth-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid",
                                       drop_layers=True),
+    "hf_prune-hybrid-bias-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid", tune_bias=True),
     "hf_prune-hybrid-p20-3rounds": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid", rounds=3),
     "hf_prune-hybrid-p20-512": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid",
                                     calibration_blocks=512, tune_samples=256),
