@@ -63,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         default=None,
         help="The task of the model and its data: glue/<name> (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), "
-        "demo, or causal_lm (text packed into blocks, scored by perplexity). Default: causal_lm for a causal LM "
-        "(read from its config), else mnli; a dataset with its own columns is a recipe's task mapping (hf-prune run).",
+        "demo, causal_lm (text packed into blocks, scored by perplexity) or image_classification (--train-file and "
+        "--validation-file are image folders, one sub-folder per class). Default: causal_lm for a causal LM, "
+        "image_classification for an image model (read from its config), else mnli; a dataset with its own columns "
+        "is a recipe's task mapping (hf-prune run).",
     )
     compress.add_argument(
-        "--train-file", nargs="+", action="extend", default=None, help="Local file(s) to sample from."
+        "--train-file", nargs="+", action="extend", default=None, help="Local file(s) or image folder(s) to sample."
     )
     compress.add_argument(
         "--validation-file", nargs="+", action="extend", default=None, help="Local validation file(s)."

@@ -359,3 +359,32 @@ def test_the_cli_runs_the_image_demo_made_tiny(tmp_path, capsys):
     assert cli_main(argv + [x for o in overrides for x in ("--set", o)]) == 0
     printed = capsys.readouterr().out
     assert "builtin:tiny-vit on demo_images" in printed and "top5_accuracy validation" in printed
+
+
+def test_compress_prunes_an_image_classifier_from_image_folders(tmp_path, capsys):
+    """`hf-prune compress` on a ViT classifier reads the task from its config and the data from image folders."""
+    from transformers import ViTForImageClassification
+
+    classes = {"a": 6, "b": 6, "c": 6}
+    train = write_images(tmp_path / "train", classes)
+    val = write_images(tmp_path / "val", {k: 3 for k in classes})
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=48, id2label=dict(enumerate(classes)),
+                       label2id={c: i for i, c in enumerate(classes)})  # fmt: skip
+    folder = tmp_path / "classifier"
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(folder)
+    out = tmp_path / "run"
+    argv = ["compress", str(folder), "--speedup", "1.3", "--train-file", str(train), "--validation-file", str(val),
+            "--num-samples", "18", "--tune-samples", "18", "--output-dir", str(out)]  # fmt: skip
+    sets = ["stages.export.repeats=1", "stages.export.figure=false", "stages.prune_to_speedup.batch_size=6"]
+    assert cli_main(argv + [x for s in sets for x in ("--set", s)]) == 0
+    report = json.loads((out / "final" / "pruning_report.json").read_text())
+    assert report["flops"]["ratio"] >= 1.3 and report["metric_name"] == "accuracy"
+    pruned = load_pruned(out / "final").eval()
+    with torch.no_grad():
+        assert pruned(pixel_values=torch.zeros(1, 3, 16, 16)).logits.shape == (1, 3)
+    capsys.readouterr()
+    assert cli_main(["compress", str(folder), "--speedup", "1.3", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "needs --train-file and --validation-file: image folders" in capsys.readouterr().err

@@ -239,6 +239,10 @@ class ArchitectureAdapter:
             "units, MLP neurons or layers instead."
         )
 
+    def record_hidden(self, model: nn.Module) -> None:
+        """Called once `hf_prune.models.hidden.prune_hidden_dims` has recorded the kept width (`hf_prune_hidden`):
+        a family whose own config can describe the narrower stream writes it there instead (nothing by default)."""
+
     def empty_layer_is_identity(self, model: nn.Module) -> bool:
         """Whether a layer left with no attention unit and no MLP neuron returns its input unchanged, so that removing
         it whole changes no output (pre-norm residual layers whose output projections have no bias)."""

@@ -36,6 +36,8 @@ __all__ = [
     "hidden_width",
     "hidden_module_objects",
     "masked_layer_norm",
+    "masked_rms_norm",
+    "masked_norm",
     "hidden_mask",
     "hidden_scale",
     "prune_hidden_dims",
@@ -85,6 +87,42 @@ def masked_layer_norm(
     return out * m
 
 
+def masked_rms_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm (Llama's: in float32, the weight applied in the input's dtype) over the kept dimensions of the last
+    axis only, zero on the others: what an RMSNorm of the kept width computes on the kept dimensions.
+
+    Args:
+        x: `(..., hidden)` input.
+        keep: bool `(hidden,)` keep-mask.
+        weight: the norm's weight `(hidden,)` (None when it has none).
+        eps: the norm's epsilon.
+
+    Returns:
+        `(..., hidden)`, zero where `keep` is False.
+    """
+    m = keep.to(device=x.device, dtype=torch.float32)
+    xf = x.float()
+    var = (xf.pow(2) * m).sum(dim=-1, keepdim=True) / m.sum().clamp(min=1)
+    out = (xf * torch.rsqrt(var + eps)).to(x.dtype)
+    if weight is not None:
+        out = weight * out
+    return out * m.to(out.dtype)
+
+
+def _is_layer_norm(module: nn.Module) -> bool:
+    """A LayerNorm (mean and variance), else an RMSNorm (Llama's `variance_epsilon`, or `eps`)."""
+    return isinstance(module, nn.LayerNorm)
+
+
+def masked_norm(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`module` (a LayerNorm or an RMSNorm on the stream) applied to `x` over the kept dimensions only
+    ([`masked_layer_norm`], [`masked_rms_norm`])."""
+    if _is_layer_norm(module):
+        return masked_layer_norm(x, keep, module.weight, module.bias, module.eps)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    return masked_rms_norm(x, keep, getattr(module, "weight", None), eps)
+
+
 def _modules(model: nn.Module) -> dict[str, list[str]]:
     adapter = get_adapter(model)
     modules = adapter.hidden_modules(model)
@@ -113,7 +151,7 @@ def hidden_mask(model: nn.Module, keep: torch.Tensor):
         raise ValueError(f"keep has shape {tuple(keep.shape)}; the model's residual width is {hidden_width(model)}.")
 
     def norm_hook(module, args, output):
-        return masked_layer_norm(args[0], keep, module.weight, module.bias, module.eps)
+        return masked_norm(module, args[0], keep)
 
     def zero_hook(module, args, output):
         return output * keep.to(device=output.device, dtype=output.dtype)
@@ -185,7 +223,12 @@ def _pruned_conv(conv: nn.Conv2d, keep_idx: torch.Tensor) -> nn.Conv2d:
     return new
 
 
-def _pruned_norm(norm: nn.LayerNorm, keep_idx: torch.Tensor) -> nn.LayerNorm:
+def _pruned_norm(norm: nn.Module, keep_idx: torch.Tensor) -> nn.Module:
+    if not _is_layer_norm(norm):  # an RMSNorm reads its width from its input: only its weight is sliced
+        if getattr(norm, "weight", None) is not None:
+            norm.weight = nn.Parameter(norm.weight.data[keep_idx.to(norm.weight.device)].clone(),
+                                       requires_grad=norm.weight.requires_grad)  # fmt: skip
+        return norm
     affine = norm.weight is not None
     new = nn.LayerNorm(
         len(keep_idx), eps=norm.eps, elementwise_affine=affine, bias=norm.bias is not None,
@@ -241,7 +284,18 @@ def prune_hidden_dims(model: nn.Module, dims: Iterable[int]) -> nn.Module:
             old = model.get_parameter(name)
             new = nn.Parameter(old.data.index_select(-1, keep_idx.to(old.device)), requires_grad=old.requires_grad)
             set_module(model, name, new)
+    if getattr(model.config, "tie_word_embeddings", False):
+        _tie_output_embeddings(model)
     originals = list(getattr(model.config, HIDDEN_KEPT_KEY, None) or range(width))
     setattr(model.config, HIDDEN_KEPT_KEY, [originals[i] for i in keep_idx.tolist()])
     setattr(model.config, HIDDEN_KEY, {"size": len(keep_idx), **modules})
+    get_adapter(model).record_hidden(model)
     return model
+
+
+def _tie_output_embeddings(model: nn.Module) -> None:
+    """Ties the output projection to the narrowed input embeddings again (both were sliced alike; the cut made the
+    output projection a copy)."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(inputs, nn.Embedding) and isinstance(outputs, nn.Linear):
+        outputs.weight = inputs.weight

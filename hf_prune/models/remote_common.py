@@ -59,7 +59,8 @@ def set_layer_ffn(layer: nn.Module, layout: dict, width: int) -> None:
 def apply_hidden_width(model: nn.Module, config) -> nn.Module:
     """Rebuilds the modules and parameters on the residual stream at the kept width recorded in `config` (no-op if
     none): embedding tables (their columns), LayerNorms, the Linears that read the stream (input features) or write it
-    (output features; a Conv2d its output channels), and tensors added to the stream (their last axis)."""
+    (output features; a Conv2d its output channels), and tensors added to the stream (their last axis). A tied output
+    projection (`tie_word_embeddings`) is tied to the narrowed input embeddings again."""
     hidden = getattr(config, HIDDEN_KEY, None)
     if not hidden:
         return model
@@ -72,6 +73,10 @@ def apply_hidden_width(model: nn.Module, config) -> nn.Module:
         set_module(model, name, new)
     for name in hidden.get("norms", []):
         old = model.get_submodule(name)
+        if not isinstance(old, nn.LayerNorm):  # an RMSNorm reads its width from its input: only its weight changes
+            w = old.weight
+            old.weight = nn.Parameter(torch.empty(size, device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
+            continue
         affine = old.weight is not None
         new = nn.LayerNorm(size, eps=old.eps, elementwise_affine=affine, bias=old.bias is not None,
                            device=old.weight.device if affine else None, dtype=old.weight.dtype if affine else None)
@@ -88,4 +93,8 @@ def apply_hidden_width(model: nn.Module, config) -> nn.Module:
         old = getattr(owner, leaf)
         new = torch.empty(*old.shape[:-1], size, device=old.device, dtype=old.dtype)
         setattr(owner, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+        if isinstance(inputs, nn.Embedding) and isinstance(outputs, nn.Linear):
+            outputs.weight = inputs.weight
     return model

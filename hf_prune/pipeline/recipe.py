@@ -63,7 +63,13 @@ from .causal_lm import block_size_of
 from .context import StageContext, barrier, stage_folder
 from .data import load_task, tokenize_splits
 from .schema import UNHASHED_KEYS, Recipe, check_recipe, load_recipe, packaged_recipe
-from .sources import check_model_source, check_task_labels, is_causal_lm_source, recipe_tokenizer
+from .sources import (
+    check_model_source,
+    check_task_labels,
+    is_causal_lm_source,
+    is_image_model_source,
+    recipe_tokenizer,
+)
 from .stages import remove_checkpoints, run_stage
 
 logger = logging.get_logger(__name__)
@@ -346,23 +352,24 @@ def cli_run(args) -> int:
 
 
 def _compress_task(args, model: str) -> tuple[str | dict, bool]:
-    """The task of `hf-prune compress`: `--task`, else `causal_lm` for a causal LM (read from its config), else
-    MNLI; a causal-LM task reads `--text-column` of the training files. Returns the task and whether it is a causal
-    LM's."""
+    """The task of `hf-prune compress`: `--task`, else `causal_lm` for a causal LM and `image_classification` for an
+    image model (read from its config), else MNLI; a causal-LM task reads `--text-column` of the training files, an
+    image task reads image folders (one sub-folder per class). Returns the task and whether it is a causal LM's."""
     task = args.task
     if task is None:
         check_model_source("model", model)  # a missing model or package is named before its config is read
-        task = "causal_lm" if is_causal_lm_source(model) else "mnli"
-    if task != "causal_lm":
-        given = [
-            flag for flag, value in (("--text-column", args.text_column), ("--block-size", args.block_size)) if value
-        ]
-        if given:
+        image = is_image_model_source(model)
+        task = "causal_lm" if is_causal_lm_source(model) else "image_classification" if image else "mnli"
+    if task == "image_classification":
+        _refuse_text_flags(args, task)
+        if not (args.train_file and args.validation_file):
             raise ValueError(
-                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to causal LMs (--task causal_lm, "
-                "or a ...ForCausalLM model), not to "
-                f"task {task!r}: remove {'them' if len(given) > 1 else 'it'}."
+                "hf-prune compress on an image model needs --train-file and --validation-file: image folders with "
+                "one sub-folder of images per class (the class names are the sub-folders' names)."
             )
+        return {"problem_type": "image_classification", "name": Path(args.train_file[0]).absolute().name}, False
+    if task != "causal_lm":
+        _refuse_text_flags(args, task)
         return task, False
     if not (args.train_file and args.validation_file):
         raise ValueError(
@@ -373,6 +380,16 @@ def _compress_task(args, model: str) -> tuple[str | dict, bool]:
     task = {"problem_type": "causal_lm", "text_column": columns[0] if len(columns) == 1 else columns}
     task["name"] = Path(args.train_file[0]).absolute().parent.name or "text"  # the data's folder, e.g. mnli
     return task, True
+
+
+def _refuse_text_flags(args, task: str) -> None:
+    """`--text-column` and `--block-size` are for causal LMs only."""
+    given = [flag for flag, value in (("--text-column", args.text_column), ("--block-size", args.block_size)) if value]
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to causal LMs (--task causal_lm, or a "
+            f"...ForCausalLM model), not to task {task!r}: remove {'them' if len(given) > 1 else 'it'}."
+        )
 
 
 def compress_recipe(args) -> dict:
@@ -389,7 +406,7 @@ def compress_recipe(args) -> dict:
     if causal:
         if args.block_size is not None:
             data["block_size"] = args.block_size
-    else:
+    elif not isinstance(task, dict):  # text tasks; images have no sequence length to cut
         data["max_seq_length"] = args.max_seq_length
     if args.train_file:
         data["train_file"] = [str(Path(f).absolute()) for f in args.train_file]

@@ -206,6 +206,16 @@ def is_causal_lm_source(name: str) -> bool:
     return config is not None and _causal_lm_class(config) is not None
 
 
+def is_image_model_source(name: str) -> bool:
+    """Whether a model (folder, Hub id or built-in name) reads images: its family's inputs are `pixel_values`."""
+    if source_folder(name) == "builtin:tiny-vit":
+        return True
+    config = _model_config(name)
+    if not config or config.get("model_type") not in ADAPTER_MAPPING:
+        return False
+    return get_adapter(config).model_input_names(config) == ["pixel_values"]
+
+
 def check_uniform_stages(recipe) -> None:
     """Fails before any work when a `prune_to_speedup` stage asks for `uniform: true` on a model whose family has no
     config of its own for pruned shapes (BERT-style encoders always export per-layer shapes, loaded with remote

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.hidden import hidden_module_objects, hidden_width, masked_layer_norm
+from ..models.hidden import hidden_module_objects, hidden_width, masked_norm
 from .base import ScheduledPruner
 from .masks import Schedule, topk_mask
 from .scores import movement_importance, taylor_importance
@@ -55,7 +55,7 @@ class HiddenMaskPruner(ScheduledPruner):
     """A keep-mask over the residual stream's dimensions, shared by every layer.
 
     While a dimension is masked the model runs as with it removed: its LayerNorms normalise over the kept
-    dimensions (forward hooks, [`hf_prune.models.hidden.masked_layer_norm`]) and the projections that write the
+    dimensions (forward hooks, [`hf_prune.models.hidden.masked_norm`]) and the projections that write the
     stream without a LayerNorm zero it, so `PruningTrainer.prune()` (`prune_hidden_dims`) changes no output.
 
     Args:
@@ -113,7 +113,7 @@ class HiddenMaskPruner(ScheduledPruner):
         def norm_hook(module, args, output):
             if bool(self.mask.all()):
                 return None
-            return masked_layer_norm(args[0], self.mask, module.weight, module.bias, module.eps)
+            return masked_norm(module, args[0], self.mask)
 
         def zero_hook(module, args, output):
             if bool(self.mask.all()):

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..adapter import ATTENTION, MLP, ArchitectureAdapter, ChannelSlice, UnitGroup, config_get
+from ..remote_common import HIDDEN_KEY
 from . import modeling_hf_prune
 from .modeling_hf_prune import KV_HEADS_KEY, MLP_KEY, EmptyAttention
 
@@ -104,8 +105,7 @@ class LlamaAdapter(ArchitectureAdapter):
 
     def record_config(self, model: nn.Module) -> None:
         config = model.config
-        if config_get(config, DENSE_SHAPE_KEY) is None:
-            setattr(config, DENSE_SHAPE_KEY, {k: int(config_get(config, k)) for k in _DENSE_FIELDS})
+        _remember_dense(config)
         config.head_dim = self.head_dim(config)  # explicit: the head count below no longer implies it
         group = self.heads_per_unit(config)
         layers = self.layers(model)
@@ -128,8 +128,34 @@ class LlamaAdapter(ArchitectureAdapter):
         group = self.heads_per_unit(config)
         return _accepts(config, {"num_key_value_heads": units, "num_attention_heads": units * group})
 
+    def record_hidden(self, model: nn.Module) -> None:
+        # a narrower stream that the family's config accepts as its hidden_size is written there (LlamaConfig wants
+        # it to be a multiple of the query heads), so a uniform export still loads without remote code
+        config = model.config
+        _remember_dense(config)
+        size, head_dim = int(config_get(config, HIDDEN_KEY)["size"]), self.head_dim(config)
+        if _accepts(config, {"hidden_size": size, "head_dim": head_dim}):
+            config.head_dim, config.hidden_size = head_dim, size
+            delattr(config, HIDDEN_KEY)
+
+    def hidden_modules(self, model: nn.Module) -> dict[str, list[str]]:
+        # pre-norm: every reader of the stream reads an RMSNorm's output (the masked norms stand for the removed
+        # dimensions), so the embeddings and the output projections need no zeroing; Qwen3's q / k norms act on one
+        # head's width, not on the stream
+        base = getattr(model, "base_model", model)
+        prefix, layers = self.name_prefixes(model)
+        norms = ("input_layernorm", "post_attention_layernorm")
+        readers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+        return {
+            "embeddings": [f"{prefix}embed_tokens"],
+            "norms": [f"{p}{n}" for p in layers for n in norms] + [f"{prefix}norm"],
+            "readers": [f"{p}{r}" for p in layers for r in readers] + _head_readers(model, base),
+            "writers": [f"{p}{r}" for p in layers for r in ("self_attn.o_proj", "mlp.down_proj")],
+            "sources": [],
+        }
+
     def needs_remote_code(self, config) -> bool:
-        return config_get(config, KV_HEADS_KEY) is not None or config_get(config, MLP_KEY) is not None
+        return any(config_get(config, k) is not None for k in (KV_HEADS_KEY, MLP_KEY, HIDDEN_KEY))
 
     def empty_layer_is_identity(self, model: nn.Module) -> bool:
         # pre-norm: x + attention(norm(x)) + mlp(norm(...)); with no units each adds only its output bias
@@ -137,7 +163,7 @@ class LlamaAdapter(ArchitectureAdapter):
         return all(self.linear(layer, path).bias is None for layer in self.layers(model) for path in outputs)
 
     def is_pruned_config(self, config_dict: dict) -> bool:
-        return KV_HEADS_KEY in config_dict or MLP_KEY in config_dict or DENSE_SHAPE_KEY in config_dict
+        return any(k in config_dict for k in (KV_HEADS_KEY, MLP_KEY, DENSE_SHAPE_KEY, HIDDEN_KEY))
 
     def drop_layers(self, model: nn.Module, keep: list[int]) -> None:
         base = getattr(model, "base_model", model)
@@ -150,6 +176,26 @@ class LlamaAdapter(ArchitectureAdapter):
             if values is not None:
                 setattr(config, key, [values[i] for i in keep])
         config.num_hidden_layers = len(keep)
+
+
+def _remember_dense(config) -> None:
+    """Records the dense model's sizes once, before the first pruned shapes replace the family's fields."""
+    if config_get(config, DENSE_SHAPE_KEY) is None:
+        setattr(config, DENSE_SHAPE_KEY, {k: int(config_get(config, k)) for k in _DENSE_FIELDS})
+
+
+def _head_readers(model: nn.Module, base: nn.Module) -> list[str]:
+    """The task head's Linears that read the stream (the final norm's output), or a `ValueError` naming the fix."""
+    if model is base:
+        return []
+    for suffix, head in (("ForCausalLM", "lm_head"), ("ForSequenceClassification", "score"),
+                         ("ForTokenClassification", "score"), ("ForQuestionAnswering", "qa_outputs")):  # fmt: skip
+        if type(model).__name__.endswith(suffix) and isinstance(getattr(model, head, None), nn.Linear):
+            return [head]
+    raise ValueError(
+        f"Hidden dimensions of {type(model).__name__} cannot be pruned: its head is not one hf_prune knows (causal "
+        "LM, sequence or token classification, question answering). Prune its key/value groups, MLP neurons or layers."
+    )
 
 
 def _accepts(config, fields: dict) -> bool:

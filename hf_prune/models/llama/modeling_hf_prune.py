@@ -2,14 +2,15 @@
 # import of it, so the export imports nothing but torch and transformers. It rebuilds the per-layer shapes recorded in
 # config.json before the weights are loaded, so `from_pretrained` loads a pruned model without random init or
 # size-mismatch warnings.
-"""Rebuilding pruned shapes of Llama-family decoders from a config: per-layer key/value groups and MLP widths."""
+"""Rebuilding pruned shapes of Llama-family decoders from a config: per-layer key/value groups and MLP widths, and
+the residual width."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..remote_common import resized
+from ..remote_common import apply_hidden_width, resized
 
 KV_HEADS_KEY = "layer_num_key_value_heads"
 MLP_KEY = "layer_intermediate_sizes"
@@ -74,18 +75,17 @@ def set_layer_mlp(layer: nn.Module, width: int) -> None:
 
 
 def apply_pruned_shapes(model: nn.Module, config) -> nn.Module:
-    """Reshapes `model`'s layers to the per-layer key/value groups and MLP widths recorded in `config`."""
+    """Reshapes `model`'s layers to the per-layer key/value groups and MLP widths recorded in `config`, then the
+    residual width where the config records one that its `hidden_size` could not hold."""
     kv = getattr(config, KV_HEADS_KEY, None)
     widths = getattr(config, MLP_KEY, None)
-    if kv is None and widths is None:
-        return model
     base = getattr(model, "base_model", model)
-    for i, layer in enumerate(base.layers):
+    for i, layer in enumerate(base.layers if kv is not None or widths is not None else []):
         if kv is not None and kv[i] != config.num_key_value_heads:
             set_layer_kv_heads(layer, config, int(kv[i]))
         if widths is not None and widths[i] != config.intermediate_size:
             set_layer_mlp(layer, int(widths[i]))
-    return model
+    return apply_hidden_width(model, config)
 
 
 class PrunedModelMixin:
