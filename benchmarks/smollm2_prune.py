@@ -27,8 +27,9 @@ tuning, physical removal):
   (`importance="hybrid"`); `hf_prune-hybrid-depth-p20`: the same, the search also free to remove whole layers
   (`drop_layers=True`); `hf_prune-hybrid-bias-p20`: the same with the tuning's bias compensation (`tune_bias=True`:
   zero biases added through LlamaConfig's `attention_bias` / `mlp_bias`, fitted with the scales);
-  `hf_prune-hybrid-p20-3rounds`: hybrid in three rounds; `hf_prune-hybrid-p20-512`: hybrid with 512 calibration blocks
-  (256 for the tuning) instead of 128 (64);
+  `hf_prune-width-p20`: the Fisher search also free to narrow the residual stream (`prune_hidden=True`, Minitron's
+  embedding channels); `hf_prune-hybrid-p20-3rounds`: hybrid in three rounds; `hf_prune-hybrid-p20-512`: hybrid
+  with 512 calibration blocks (256 for the tuning) instead of 128 (64);
 - `hf_prune-prefill1.3/1.5`: 1.3x / 1.5x measured prefill speed (`cost_model="latency"`, batch 1 x 256 tokens,
   calibrated by timing);
 - `hf_prune-decode1.3`: 1.3x measured decode tokens/s (`cost_model="decode"`, batch 1 after 128 tokens, calibrated),
@@ -96,6 +97,7 @@ HF_PRUNE_ROWS = {
     "hf_prune-hybrid-depth-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid",
                                       drop_layers=True),
     "hf_prune-hybrid-bias-p20": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid", tune_bias=True),
+    "hf_prune-width-p20": dict(target_speedup=1 / 0.8, cost_model="params", prune_hidden=True),
     "hf_prune-hybrid-p20-3rounds": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid", rounds=3),
     "hf_prune-hybrid-p20-512": dict(target_speedup=1 / 0.8, cost_model="params", importance="hybrid",
                                     calibration_blocks=512, tune_samples=256),

@@ -6,13 +6,17 @@ value head and `num_attention_heads / num_key_value_heads` query heads, so every
 (the group size never changes; transformers infers the head counts from the projections' widths). Qwen3's per-head
 q/k norms act on one head's width and stay whole. An MLP neuron is a row of the gate and up projections and a column
 of the down projection. A layer that keeps no group gets an `EmptyAttention`, a layer that keeps no neuron an MLP of
-zero width (it adds nothing). Whole layers can be removed (depth pruning, as Minitron and ShortGPT do).
+zero width (it adds nothing). Whole layers can be removed (depth pruning, as Minitron and ShortGPT do), and
+dimensions of the residual stream (Minitron's embedding channels): the embeddings' columns, every RMSNorm's weight
+(the masked model normalises over the kept dimensions), the inputs of Q/K/V, gate and up and of the task head (a
+tied output projection stays tied), the outputs of O and down.
 
 Shapes that are the same in every layer are written as the family's own config (`num_key_value_heads`,
 `num_attention_heads`, `intermediate_size`, `num_hidden_layers`, with `head_dim` explicit), so plain
 `from_pretrained` and serving engines, which refuse per-layer sizes, load the export without remote code, when the
 family's config class accepts them (LlamaConfig wants the query heads to divide the hidden size). Other shapes are
-written per layer and rebuilt by the remote-code modeling file. The dense model's sizes are kept in
+written per layer and rebuilt by the remote-code modeling file; a narrower stream is the config's `hidden_size`
+where the config accepts it (a multiple of the query heads), else recorded and rebuilt like the per-layer shapes. The dense model's sizes are kept in
 `hf_prune_dense_shape` for the report and the card.
 """
 
