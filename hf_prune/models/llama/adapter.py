@@ -16,8 +16,8 @@ Shapes that are the same in every layer are written as the family's own config (
 `from_pretrained` and serving engines, which refuse per-layer sizes, load the export without remote code, when the
 family's config class accepts them (LlamaConfig wants the query heads to divide the hidden size). Other shapes are
 written per layer and rebuilt by the remote-code modeling file; a narrower stream is the config's `hidden_size`
-where the config accepts it (a multiple of the query heads), else recorded and rebuilt like the per-layer shapes. The dense model's sizes are kept in
-`hf_prune_dense_shape` for the report and the card.
+where the config accepts it (a multiple of the query heads), else recorded and rebuilt like the per-layer shapes.
+The dense model's sizes are kept in `hf_prune_dense_shape` for the report and the card.
 """
 
 from __future__ import annotations
