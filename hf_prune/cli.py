@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--prune-hidden",
         action="store_true",
-        help="Let the search narrow the residual stream (hidden dimensions; BERT-family encoders).",
+        help="Let the search narrow the residual stream (hidden dimensions, every family).",
     )
     compress.add_argument(
         "--tune-bias",

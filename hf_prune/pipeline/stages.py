@@ -68,7 +68,7 @@ STAGE_OPTIONS = {
         "importance": "fisher",
         "uniform": False,
         "drop_layers": False,  # the search may remove whole layers
-        "prune_hidden": False,  # the search may narrow the residual stream (encoders)
+        "prune_hidden": False,  # the search may narrow the residual stream
         "tune_bias": False,  # the tuning also fits the output projections' biases (FLAP's compensation)
         "latency_batch_size": 32,
         "calibration_rounds": 4,
