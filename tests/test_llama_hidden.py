@@ -108,3 +108,21 @@ def test_the_search_narrows_a_decoder_s_stream():
     assert HEADS == model.config.num_attention_heads  # the input is unchanged
     with torch.no_grad():
         assert torch.isfinite(pruned(**{k: v[None] for k, v in CausalBlocks(1)[0].items()}).loss)
+
+
+def test_training_a_decoder_with_a_hidden_mask_then_prune_changes_no_output(tmp_path):
+    from utils import train_args
+
+    from hf_prune import PruningTrainer
+
+    args = train_args(tmp_path, pruning_method="taylor", pruning_target="hidden", target_sparsity=0.25,
+                      taylor_iterations=2, taylor_interval_steps=2, max_steps=6, per_device_train_batch_size=8,
+                      learning_rate=1e-3)  # fmt: skip
+    trainer = PruningTrainer(model=tiny_decoder("qwen3"), args=args, train_dataset=CausalBlocks(64))
+    trainer.train()
+    assert trainer.pruner.sparsity() == [0.25]
+    masked = logits(trainer.model.eval())
+    summary = trainer.prune()
+    assert summary["hidden_after"] == hidden_width(trainer.model) == 24
+    torch.testing.assert_close(logits(trainer.model.eval()), masked, atol=1e-5, rtol=1e-4)
+    assert trainer.model.lm_head.weight is trainer.model.model.embed_tokens.weight

@@ -56,6 +56,22 @@ def set_layer_ffn(layer: nn.Module, layout: dict, width: int) -> None:
     set_module(layer, layout["ffn_out"], resized(layer.get_submodule(layout["ffn_out"]), in_features=width))
 
 
+def apply_layer_shapes(model: nn.Module, config, layout: dict, set_layer_heads, head_size: int) -> None:
+    """Gives each layer the head count and FFN width recorded in `config` (per-layer lists), where they differ from
+    the dense ones; `set_layer_heads(layer, layout, heads, head_size)` is the family's (what stands in for an
+    attention left without heads differs)."""
+    heads, ffn = getattr(config, HEADS_KEY, None), getattr(config, FFN_KEY, None)
+    if heads is None and ffn is None:
+        return
+    base = getattr(model, "base_model", model)
+    dense_heads, dense_ffn = getattr(config, layout["config_heads"]), getattr(config, layout["config_ffn"])
+    for i, layer in enumerate(base.get_submodule(layout["layers"])):
+        if heads is not None and heads[i] != dense_heads:
+            set_layer_heads(layer, layout, int(heads[i]), head_size)
+        if ffn is not None and ffn[i] != dense_ffn:
+            set_layer_ffn(layer, layout, int(ffn[i]))
+
+
 def apply_hidden_width(model: nn.Module, config) -> nn.Module:
     """Rebuilds the modules and parameters on the residual stream at the kept width recorded in `config` (no-op if
     none): embedding tables (their columns), LayerNorms, the Linears that read the stream (input features) or write it

@@ -20,7 +20,7 @@ def hidden_products(norms: list[nn.LayerNorm], sources: list[nn.Linear]) -> torc
     the loss when a mask on that dimension goes from one to zero (the gradient of `hidden_scale` at one)."""
     total = None
     for norm in norms:
-        for p in (norm.weight, norm.bias):
+        for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
             if p is not None and p.grad is not None:
                 part = p.detach().float() * p.grad.detach().float()
                 total = part if total is None else total + part
@@ -79,7 +79,8 @@ class HiddenMaskPruner(ScheduledPruner):
     def scored_parameters(self) -> list[nn.Parameter]:
         if self.method == "magnitude":
             return []
-        params = [p for n in self.modules["norms"] for p in (n.weight, n.bias) if p is not None]
+        norms = [p for n in self.modules["norms"] for p in (getattr(n, "weight", None), getattr(n, "bias", None))]
+        params = [p for p in norms if p is not None]  # an RMSNorm has no bias
         return params + [p for lin in self.modules["sources"] for p in (lin.weight, lin.bias) if p is not None]
 
     @torch.no_grad()

@@ -10,12 +10,10 @@ import torch
 from torch import nn
 
 from ..remote_common import (
-    FFN_KEY,
-    HEADS_KEY,
     LAYOUT_KEY,
     apply_hidden_width,
+    apply_layer_shapes,
     resized,
-    set_layer_ffn,
     set_module,
 )
 
@@ -68,18 +66,9 @@ def apply_pruned_shapes(model: nn.Module, config) -> nn.Module:
     """Reshapes `model`'s layers to the per-layer head counts and FFN widths recorded in `config`, then the residual
     width (no-op if none)."""
     layout = getattr(config, LAYOUT_KEY, None)
-    heads = getattr(config, HEADS_KEY, None)
-    ffn = getattr(config, FFN_KEY, None)
-    if not layout or (heads is None and ffn is None):
-        return apply_hidden_width(model, config)
-    base = getattr(model, "base_model", model)
-    layers = base.get_submodule(layout["layers"])
-    head_size = config.hidden_size // getattr(config, layout["config_heads"])
-    for i, layer in enumerate(layers):
-        if heads is not None and heads[i] != getattr(config, layout["config_heads"]):
-            set_layer_heads(layer, layout, int(heads[i]), head_size)
-        if ffn is not None and ffn[i] != getattr(config, layout["config_ffn"]):
-            set_layer_ffn(layer, layout, int(ffn[i]))
+    if layout:
+        head_size = config.hidden_size // getattr(config, layout["config_heads"])
+        apply_layer_shapes(model, config, layout, set_layer_heads, head_size)
     return apply_hidden_width(model, config)
 
 

@@ -11,12 +11,10 @@ import torch
 from torch import nn
 
 from ..remote_common import (
-    FFN_KEY,
-    HEADS_KEY,
     LAYOUT_KEY,
     apply_hidden_width,
+    apply_layer_shapes,
     resized,
-    set_layer_ffn,
     set_module,
 )
 
@@ -78,17 +76,8 @@ def apply_pruned_shapes(model: nn.Module, config) -> nn.Module:
     """Reshapes `model`'s layers to the per-layer head counts and FFN widths recorded in `config`, then the residual
     width (no-op if none). Dropped layers need nothing: `num_hidden_layers` is the count kept."""
     layout = getattr(config, LAYOUT_KEY, None)
-    heads = getattr(config, HEADS_KEY, None)
-    ffn = getattr(config, FFN_KEY, None)
-    if not layout or (heads is None and ffn is None):
-        return apply_hidden_width(model, config)
-    base = getattr(model, "base_model", model)
-    size = head_size(config)
-    for i, layer in enumerate(base.get_submodule(layout["layers"])):
-        if heads is not None and heads[i] != config.num_attention_heads:
-            set_layer_heads(layer, layout, int(heads[i]), size)
-        if ffn is not None and ffn[i] != config.intermediate_size:
-            set_layer_ffn(layer, layout, int(ffn[i]))
+    if layout:
+        apply_layer_shapes(model, config, layout, set_layer_heads, head_size(config))
     return apply_hidden_width(model, config)
 
 

@@ -11,13 +11,11 @@ import torch
 from torch import nn
 
 from ..remote_common import (
-    FFN_KEY,
-    HEADS_KEY,
     HIDDEN_KEY,
     LAYOUT_KEY,
     apply_hidden_width,
+    apply_layer_shapes,
     resized,
-    set_layer_ffn,
     set_module,
 )
 
@@ -130,17 +128,7 @@ def apply_pruned_shapes(model: nn.Module, config) -> nn.Module:
     """Reshapes `model`'s layers to the per-layer head counts and FFN widths recorded in `config`, then the residual
     width (no-op if none)."""
     layout = getattr(config, LAYOUT_KEY, None) or DISTILBERT_LAYOUT
-    heads = getattr(config, HEADS_KEY, None)
-    ffn = getattr(config, FFN_KEY, None)
-    if heads is not None or ffn is not None:
-        base = getattr(model, "base_model", model)
-        dense_heads, dense_ffn = getattr(config, layout["config_heads"]), getattr(config, layout["config_ffn"])
-        head_size = config.dim // dense_heads
-        for i, layer in enumerate(base.get_submodule(layout["layers"])):
-            if heads is not None and heads[i] != dense_heads:
-                set_layer_heads(layer, layout, int(heads[i]), head_size)
-            if ffn is not None and ffn[i] != dense_ffn:
-                set_layer_ffn(layer, layout, int(ffn[i]))
+    apply_layer_shapes(model, config, layout, set_layer_heads, config.dim // getattr(config, layout["config_heads"]))
     return apply_distilbert_hidden_width(model, config)
 
 

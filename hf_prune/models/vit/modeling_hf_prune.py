@@ -11,12 +11,10 @@ import torch
 from torch import nn
 
 from ..remote_common import (
-    FFN_KEY,
-    HEADS_KEY,
     LAYOUT_KEY,
     apply_hidden_width,
+    apply_layer_shapes,
     resized,
-    set_layer_ffn,
     set_module,
 )
 
@@ -82,17 +80,8 @@ def apply_pruned_shapes(model: nn.Module, config) -> nn.Module:
     """Reshapes `model`'s layers to the per-layer head counts and MLP widths recorded in `config`, then the residual
     width (no-op if none)."""
     layout = getattr(config, LAYOUT_KEY, None) or VIT_LAYOUT
-    heads = getattr(config, HEADS_KEY, None)
-    ffn = getattr(config, FFN_KEY, None)
-    if heads is not None or ffn is not None:
-        base = getattr(model, "base_model", model)
-        dense_heads = getattr(config, layout["config_heads"])
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // dense_heads
-        for i, layer in enumerate(base.get_submodule(layout["layers"])):
-            if heads is not None and heads[i] != dense_heads:
-                set_layer_heads(layer, layout, int(heads[i]), head_dim)
-            if ffn is not None and ffn[i] != getattr(config, layout["config_ffn"]):
-                set_layer_ffn(layer, layout, int(ffn[i]))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // getattr(config, layout["config_heads"])
+    apply_layer_shapes(model, config, layout, set_layer_heads, head_dim)
     return apply_hidden_width(model, config)
 
 
