@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapter import ATTENTION, set_module
+from ..adapter import ATTENTION, config_get, set_module
 from ..layout import LayoutAdapter
 from . import modeling_hf_prune
 from .modeling_hf_prune import EmptySelfAttention
@@ -104,7 +104,7 @@ class BertAdapter(LayoutAdapter):
 
     def model_input_names(self, config) -> list[str]:
         names = ["input_ids", "attention_mask"]
-        return names + ["token_type_ids"] if config.model_type in self.token_type_models else names
+        return names + ["token_type_ids"] if config_get(config, "model_type") in self.token_type_models else names
 
 
 def _residual_head_readers(model: nn.Module, base: nn.Module) -> list[str]:
