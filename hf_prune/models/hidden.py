@@ -28,6 +28,7 @@ from transformers.pytorch_utils import prune_linear_layer
 
 from .adapter import set_module
 from .auto import get_adapter
+from .remote_common import tie_output_embeddings
 
 __all__ = [
     "HIDDEN_KEY",
@@ -284,18 +285,9 @@ def prune_hidden_dims(model: nn.Module, dims: Iterable[int]) -> nn.Module:
             old = model.get_parameter(name)
             new = nn.Parameter(old.data.index_select(-1, keep_idx.to(old.device)), requires_grad=old.requires_grad)
             set_module(model, name, new)
-    if getattr(model.config, "tie_word_embeddings", False):
-        _tie_output_embeddings(model)
+    tie_output_embeddings(model, model.config)  # the cut made a tied output projection a copy
     originals = list(getattr(model.config, HIDDEN_KEPT_KEY, None) or range(width))
     setattr(model.config, HIDDEN_KEPT_KEY, [originals[i] for i in keep_idx.tolist()])
     setattr(model.config, HIDDEN_KEY, {"size": len(keep_idx), **modules})
     get_adapter(model).record_hidden(model)
     return model
-
-
-def _tie_output_embeddings(model: nn.Module) -> None:
-    """Ties the output projection to the narrowed input embeddings again (both were sliced alike; the cut made the
-    output projection a copy)."""
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if isinstance(inputs, nn.Embedding) and isinstance(outputs, nn.Linear):
-        outputs.weight = inputs.weight

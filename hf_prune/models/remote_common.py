@@ -109,8 +109,14 @@ def apply_hidden_width(model: nn.Module, config) -> nn.Module:
         old = getattr(owner, leaf)
         new = torch.empty(*old.shape[:-1], size, device=old.device, dtype=old.dtype)
         setattr(owner, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+    tie_output_embeddings(model, config)
+    return model
+
+
+def tie_output_embeddings(model: nn.Module, config) -> None:
+    """Ties the output projection to the input embeddings again where `config.tie_word_embeddings` says they are one
+    (once the residual width changed, both were rebuilt or sliced apart)."""
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
         inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
         if isinstance(inputs, nn.Embedding) and isinstance(outputs, nn.Linear):
             outputs.weight = inputs.weight
-    return model

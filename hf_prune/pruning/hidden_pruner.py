@@ -14,14 +14,19 @@ from .scores import movement_importance, taylor_importance
 __all__ = ["HiddenMaskPruner", "hidden_products", "hidden_magnitude"]
 
 
+def _norm_parameters(norm: nn.Module) -> list[nn.Parameter]:
+    """A norm's weight and bias, those it has (an RMSNorm has no bias)."""
+    return [p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if p is not None]
+
+
 def hidden_products(norms: list[nn.LayerNorm], sources: list[nn.Linear]) -> torch.Tensor:
     """Per residual dimension, `sum_s W_s * dL/dW_s` over the parameters that scale it where the stream is written
     (each LayerNorm's weight and bias entry, each source projection's output row and bias): the first-order change of
     the loss when a mask on that dimension goes from one to zero (the gradient of `hidden_scale` at one)."""
     total = None
     for norm in norms:
-        for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
-            if p is not None and p.grad is not None:
+        for p in _norm_parameters(norm):
+            if p.grad is not None:
                 part = p.detach().float() * p.grad.detach().float()
                 total = part if total is None else total + part
     for linear in sources:
@@ -79,8 +84,7 @@ class HiddenMaskPruner(ScheduledPruner):
     def scored_parameters(self) -> list[nn.Parameter]:
         if self.method == "magnitude":
             return []
-        norms = [p for n in self.modules["norms"] for p in (getattr(n, "weight", None), getattr(n, "bias", None))]
-        params = [p for p in norms if p is not None]  # an RMSNorm has no bias
+        params = [p for n in self.modules["norms"] for p in _norm_parameters(n)]
         return params + [p for lin in self.modules["sources"] for p in (lin.weight, lin.bias) if p is not None]
 
     @torch.no_grad()
