@@ -206,12 +206,16 @@ def is_causal_lm_source(name: str) -> bool:
     return config is not None and _causal_lm_class(config) is not None
 
 
+def _source_config(name: str) -> dict:
+    """The `config.json` of a model source as a dict; a built-in model built in code gives the `model_type` it is
+    built as (the tiny ViT, else BERT)."""
+    return _model_config(name) or {"model_type": "vit" if source_folder(name) == "builtin:tiny-vit" else "bert"}
+
+
 def is_image_model_source(name: str) -> bool:
     """Whether a model (folder, Hub id or built-in name) reads images: its family's inputs are `pixel_values`."""
-    if source_folder(name) == "builtin:tiny-vit":
-        return True
-    config = _model_config(name)
-    if not config or config.get("model_type") not in ADAPTER_MAPPING:
+    config = _source_config(name)
+    if config.get("model_type") not in ADAPTER_MAPPING:
         return False
     return get_adapter(config).model_input_names(config) == ["pixel_values"]
 
@@ -223,10 +227,9 @@ def check_uniform_stages(recipe) -> None:
     stages = [s["name"] for s in recipe.stages if s["stage"] == "prune_to_speedup" and s.get("uniform")]
     if not stages:
         return
-    config = _model_config(recipe.model)
-    # a built-in model built in code: BERT, or the tiny ViT
-    model_type = config.get("model_type") if config else "vit" if recipe.model == "builtin:tiny-vit" else "bert"
-    adapter = get_adapter(config or {"model_type": model_type})
+    config = _source_config(recipe.model)
+    model_type = config.get("model_type")
+    adapter = get_adapter(config)
     if not adapter.uniform_exports_own_config:
         families = sorted(t for t, a in ADAPTER_MAPPING.items() if a.uniform_exports_own_config)
         raise ValueError(
