@@ -76,7 +76,13 @@ from hf_prune.export.persistence import load_pruned, save_pruned
 from hf_prune.models import structure
 from hf_prune.models.costs import parameter_unit_costs, prefill_inputs, time_decode, time_interleaved
 from hf_prune.pipeline.builtin_models import smollm2_folder
-from hf_prune.pipeline.causal_lm import CausalLMCollator, dataset_perplexity, pack_blocks
+from hf_prune.pipeline.causal_lm import (
+    SAMPLE_PROMPT,
+    CausalLMCollator,
+    dataset_perplexity,
+    generate_answer,
+    pack_blocks,
+)
 from hf_prune.posttrain.importance import activation_importance, layer_importance, magnitude_importance
 from hf_prune.posttrain.samples import pad_collate
 from hf_prune.utils import update_json_atomic
@@ -84,7 +90,7 @@ from hf_prune.utils import update_json_atomic
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "mnli"
 RESULTS = ROOT / "benchmarks" / "results" / "smollm2_prune.json"
-CHAT = "What is the capital of France? Answer in one sentence."
+CHAT = SAMPLE_PROMPT  # the question the model cards of causal LMs ask
 
 # name: prune_to_speedup arguments (the target and what it means: see the module docstring)
 HF_PRUNE_ROWS = {
@@ -142,21 +148,13 @@ def shapes(model) -> dict:
     }
 
 
-@torch.inference_mode()
-def chat_answer(model, tokenizer) -> str:
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": CHAT}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)  # fmt: skip
-    out = model.generate(**prompt, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
 def evaluate(model, tokenizer, val, held_out) -> dict:
     collator = CausalLMCollator(tokenizer.pad_token_id or 0)
     return {
         "perplexity": dataset_perplexity(model, val, collator),
         "held_out_perplexity": dataset_perplexity(model, held_out, collator),
         "non_embedding_parameters": non_embedding_parameters(model),
-        "chat": chat_answer(model, tokenizer),
+        "chat": generate_answer(model, tokenizer, CHAT),
         **shapes(model),
     }
 

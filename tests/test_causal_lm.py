@@ -19,10 +19,12 @@ from hf_prune import load_pruned
 from hf_prune.cli import main as cli_main
 from hf_prune.export.report_format import format_report
 from hf_prune.pipeline.causal_lm import (
+    SAMPLE_PROMPT,
     CausalLMCollator,
     causal_lm_nll,
     compute_perplexity,
     dataset_perplexity,
+    generate_answer,
     nll_per_example,
     pack_blocks,
     perplexity,
@@ -352,8 +354,17 @@ def test_causal_lm_recipe_end_to_end_reports_teacher_and_student_perplexity(tmp_
     assert cli_main(["report", str(result.export_dir)]) == 0
     printed = capsys.readouterr().out
     assert re.search(row, printed) and "first token" in printed
+    # both models' greedy answers to the sample prompt, in the report, its text and the card
+    sample = report["generation_sample"]
+    teacher_model = load_pruned(result.output_dir / state["finished"][0]["model_dir"])
+    assert sample["prompt"] == SAMPLE_PROMPT and sample["chat_template"] is False
+    assert sample["teacher"] == generate_answer(teacher_model, tokenizer, SAMPLE_PROMPT, sample["max_new_tokens"])
+    assert sample["pruned"] == generate_answer(result.model, tokenizer, SAMPLE_PROMPT, sample["max_new_tokens"])
+    assert f"  pruned: {sample['pruned']!r}" in printed
     card = (result.export_dir / "README.md").read_text()
     assert "### perplexity (lower is better)" in card and f"| validation | {teacher:.4f} | {pruned:.4f} |" in card
+    assert "## Generate" in card and f"| pruned | {sample['pruned']} |" in card
+    assert 'from_pretrained("path/to/export", trust_remote_code=True)' in card  # per-layer shapes: remote code
     assert "pipeline_tag: text-generation" in card and "its first token is not predicted" in card
     # the export reloads, with hf_prune and as the family's class, and gives the run's logits
     ids = torch.tensor([blocks["input_ids"][0]])
@@ -377,3 +388,22 @@ def test_builtin_smollm2_names_its_install_and_reuses_a_converted_folder(tmp_pat
     converted.mkdir()
     (converted / "model.safetensors").write_bytes(b"")  # a folder converted before is used as it is
     assert builtin_models.smollm2_folder(tmp_path) == converted
+
+
+@torch.no_grad()
+def test_generate_answer_puts_the_prompt_in_the_chat_template_and_decodes_greedily():
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {{ eos_token }} {% endfor %}"
+        "{% if add_generation_prompt %}the{% endif %}"
+    )
+    model = tiny_decoder("llama", vocab_size=len(tokenizer)).eval()
+    ids = tokenizer("[BOS] the cat sees the dog [EOS] the", add_special_tokens=False)["input_ids"]
+    prompt_len = len(ids)
+    for _ in range(5):  # greedy by hand: the whole sequence again at every step, no KV cache
+        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        if ids[-1] == tokenizer.eos_token_id:
+            break
+    expected = tokenizer.decode(ids[prompt_len:], skip_special_tokens=True).strip()
+    assert generate_answer(model, tokenizer, "the cat sees the dog", max_new_tokens=5) == expected
+    assert model.training is False

@@ -318,6 +318,7 @@ def make_model_card(
         **_deployment(report, metric_name),
         environment=", ".join(f"{k} {v}" for k, v in env.items()) if env else None,
         repo_id=repo_id,
+        generation=report.get("generation_sample"),
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
 

@@ -242,6 +242,15 @@ def _check_stages(stages: Sequence[Mapping] | None) -> list[dict]:
     return checked
 
 
+def _check_sample(sample: Mapping | None) -> dict | None:
+    if sample is None:
+        return None
+    missing = [k for k in ("prompt", "teacher", "pruned") if not isinstance(sample.get(k), str)]
+    if missing:
+        raise ValueError(f"generation_sample needs the strings 'prompt', 'teacher' and 'pruned'; missing: {missing}.")
+    return dict(sample)
+
+
 def build_report(
     dense_model: nn.Module,
     pruned_model: nn.Module,
@@ -260,6 +269,7 @@ def build_report(
     stages: Sequence[Mapping] | None = None,
     dense_path: str | Path | None = None,
     pruned_path: str | Path | None = None,
+    generation_sample: Mapping | None = None,
 ) -> dict:
     """Measures a dense model and its pruned version on CPU.
 
@@ -281,6 +291,8 @@ def build_report(
         stages: `[{"name": ..., "wall_time_s": ...}, ...]` of the run that produced the pruned model.
         dense_path / pruned_path: folders holding the models' saved weights; when given, file sizes are the sizes of
             their `model*.safetensors` files instead of the bytes of the state dicts.
+        generation_sample: a causal LM's greedy answers to one prompt, `{"prompt", "teacher", "pruned", ...}` (see
+            `hf_prune.pipeline.causal_lm.generation_sample`), stored as given and shown by the model card.
 
     Returns:
         A JSON-serialisable dict (see the module docstring for its sections).
@@ -371,6 +383,7 @@ def build_report(
         "all_metrics": _check_all_metrics(all_metrics),
         "metric_note": None if metric_note is None else str(metric_note),
         "stages": _check_stages(stages),
+        "generation_sample": _check_sample(generation_sample),
         "environment": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -152,6 +152,54 @@ def compute_perplexity(eval_pred) -> dict[str, float]:
     return {CAUSAL_LM_METRIC: perplexity(rows[:, 0].sum(), rows[:, 1].sum())}
 
 
+# ----------------------------------------------------------------------------------------------------- samples
+SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+@torch.inference_mode()
+def generate_answer(model, tokenizer, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 32) -> str:
+    """The greedy answer of a causal LM to one prompt, as a user of its model card would ask it.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer; the prompt goes through its chat template when it has one (an instruct model),
+            else it is the plain start of the text.
+        prompt: the user's message.
+        max_new_tokens: tokens generated after the prompt.
+
+    Returns:
+        The decoded new tokens, special tokens left out, stripped.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = {k: v.to(_device(model)) for k, v in inputs.items()}
+    mode = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tokenizer)
+        )
+    finally:
+        model.train(mode)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def generation_sample(teacher, model, tokenizer, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 32) -> dict:
+    """The dense and the pruned model's greedy answers to one prompt (see [`generate_answer`]), for the report and
+    the model card: perplexity says how much was lost on average, the answer shows whether the model still talks."""
+    return {
+        "prompt": prompt,
+        "max_new_tokens": int(max_new_tokens),
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "teacher": generate_answer(teacher, tokenizer, prompt, max_new_tokens),
+        "pruned": generate_answer(model, tokenizer, prompt, max_new_tokens),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------- batches
 def pad_token_id(tokenizer) -> int:
     """The id padding is written with: the tokenizer's pad token, else its EOS token, else 0 (padding is masked and

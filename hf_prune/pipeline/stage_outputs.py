@@ -18,7 +18,7 @@ from ..export.onnx import MAX_OPSET, MIN_OPSET, export_onnx, read_export_info
 from ..export.persistence import save_pruned
 from ..export.report import build_report
 from ..models.auto import get_adapter
-from .causal_lm import block_size_of, perplexity_note
+from .causal_lm import block_size_of, generation_sample, perplexity_note
 from .context import StageContext
 from .evaluation import split_evaluator
 from .metrics_cache import CACHE_NAME, MetricsCache, cache_key, dataset_digest, model_digest
@@ -154,9 +154,10 @@ def stage_export(ctx: StageContext) -> dict:
         teacher_source = ctx.teacher_source()
         dense = ctx.load_teacher() or load_start_model(ctx.recipe, ctx.tokenizer, task)
         stages = [{"name": r["name"], "stage": r["stage"], "wall_time_s": r["wall_time_s"]} for r in ctx.finished]
-        note = None  # how a causal LM's validation text was cut into blocks for its perplexity
+        note = sample = None  # a causal LM's: how its validation text was cut into blocks, one answer of each model
         if task.is_causal_lm:
             note = perplexity_note(ctx.eval_splits(), block_size_of(ctx.recipe.data, task))
+            sample = generation_sample(dense, model, ctx.tokenizer, opts["sample_prompt"])
         report = build_report(
             dense,
             model,
@@ -173,6 +174,7 @@ def stage_export(ctx: StageContext) -> dict:
             stages=stages,
             dense_path=teacher_source if teacher_source and Path(teacher_source).is_dir() else None,
             pruned_path=ctx.current_model_dir(),
+            generation_sample=sample,
         )
         save_pruned(
             model, target, ctx.tokenizer, report=report, overwrite=True, card=opts["card"], figure=opts["figure"]

@@ -27,6 +27,7 @@ from ..posttrain.search import prune_to_speedup
 from ..pruning.units import layer_units, unit_sums
 from ..trainer import PRUNING_META_NAME, PruningTrainer
 from ..utils import write_json_atomic
+from .causal_lm import SAMPLE_PROMPT
 from .context import CHECKPOINTS_SUBDIR, StageContext, barrier
 from .stage_outputs import stage_evaluate, stage_export, stage_onnx
 
@@ -75,7 +76,15 @@ STAGE_OPTIONS = {
         "cost_device": None,  # where timed costs are measured (default: the training device)
         "cost_threads": None,  # CPU threads while timing (default: every core)
     },
-    "export": {"path": "final", "seq_len": 128, "batch_sizes": [1, 32], "repeats": 10, "card": True, "figure": True},
+    "export": {
+        "path": "final",
+        "seq_len": 128,
+        "batch_sizes": [1, 32],
+        "repeats": 10,
+        "card": True,
+        "figure": True,
+        "sample_prompt": SAMPLE_PROMPT,  # a causal LM's: both models answer it greedily in the report and card
+    },
     # path: the folder of an earlier export stage (default: the last one)
     "onnx": {
         "path": None,
