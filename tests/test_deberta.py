@@ -218,7 +218,9 @@ def test_onnx_gives_pytorch_s_logits_and_int8_runs(kind, tmp_path):
     assert runner.input_names == ["input_ids", "attention_mask"] + (["token_type_ids"] if kind == "separate" else [])
     inputs = inputs_for(model, 3, 9, pad=2)  # neither the traced shape nor the checked one
     expected = outputs(model, inputs)
-    torch.testing.assert_close(runner(**inputs).logits, expected, atol=1e-4, rtol=0)
+    # ONNX Runtime's fp32 kernels differ from torch's by CPU: up to 2e-4 on logits of ~0.2 on an AVX-512 Xeon, with
+    # every graph optimization off too (the kernels, not a fusion)
+    torch.testing.assert_close(runner(**inputs).logits, expected, atol=5e-4, rtol=0)
     int8 = OnnxRuntimeModel(onnx_dir / "model_int8.onnx")(**inputs).logits
     assert int8.shape == expected.shape and torch.isfinite(int8).all()
 
