@@ -156,13 +156,13 @@ def format_report(report: Mapping) -> str:
             heads = f"{layer['heads_kept']}/{layer['heads_dense']}"
             layer_rows.append((str(layer["layer"]), heads, f"{layer['ffn_kept']}/{layer['ffn_dense']}"))
         lines += _table(layer_rows)
+    hidden = report.get("hidden_size") or {}
+    if hidden and hidden.get("kept") != hidden.get("dense"):
+        lines.append(f"(residual width: {hidden['kept']} of {hidden['dense']} hidden dimensions kept)")
     sample = report.get("generation_sample")
     if sample:
         lines += ["", f"Greedy answers to {sample['prompt']!r}:"]
         lines += [f"  {who}: {sample[key]!r}" for who, key in (("dense teacher", "teacher"), ("pruned", "pruned"))]
-    hidden = report.get("hidden_size") or {}
-    if hidden and hidden.get("kept") != hidden.get("dense"):
-        lines.append(f"(residual width: {hidden['kept']} of {hidden['dense']} hidden dimensions kept)")
     stages = report.get("stages") or []
     if stages:
         lines += [""]

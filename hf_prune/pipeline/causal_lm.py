@@ -156,6 +156,10 @@ def compute_perplexity(eval_pred) -> dict[str, float]:
 SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 @torch.inference_mode()
 def generate_answer(model, tokenizer, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 32) -> str:
     """The greedy answer of a causal LM to one prompt, as a user of its model card would ask it.
@@ -170,7 +174,7 @@ def generate_answer(model, tokenizer, prompt: str = SAMPLE_PROMPT, max_new_token
     Returns:
         The decoded new tokens, special tokens left out, stripped.
     """
-    if getattr(tokenizer, "chat_template", None):
+    if _has_chat_template(tokenizer):
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
@@ -194,7 +198,7 @@ def generation_sample(teacher, model, tokenizer, prompt: str = SAMPLE_PROMPT, ma
     return {
         "prompt": prompt,
         "max_new_tokens": int(max_new_tokens),
-        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "chat_template": _has_chat_template(tokenizer),
         "teacher": generate_answer(teacher, tokenizer, prompt, max_new_tokens),
         "pruned": generate_answer(model, tokenizer, prompt, max_new_tokens),
     }
