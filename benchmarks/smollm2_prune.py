@@ -78,13 +78,8 @@ from hf_prune.export.persistence import load_pruned, save_pruned
 from hf_prune.models import structure
 from hf_prune.models.costs import parameter_unit_costs, prefill_inputs, time_decode, time_interleaved
 from hf_prune.pipeline.builtin_models import smollm2_folder
-from hf_prune.pipeline.causal_lm import (
-    SAMPLE_PROMPT,
-    CausalLMCollator,
-    dataset_perplexity,
-    generate_answer,
-    pack_blocks,
-)
+from hf_prune.pipeline.causal_lm import CausalLMCollator, dataset_perplexity, pack_blocks
+from hf_prune.pipeline.generation import SAMPLE_PROMPT, chat_documents, generate_answer, teacher_answers
 from hf_prune.posttrain.importance import activation_importance, layer_importance, magnitude_importance
 from hf_prune.posttrain.samples import pad_collate
 from hf_prune.utils import update_json_atomic
@@ -132,6 +127,53 @@ def blocks_of(path: Path, tokenizer, count: int | None, block_size: int) -> list
     blocks = pack_blocks(docs, block_size, eos_id=tokenizer.eos_token_id)[:count]
     return [{"input_ids": torch.tensor(b), "attention_mask": torch.ones(len(b), dtype=torch.long),
              "labels": torch.tensor(b)} for b in blocks]  # fmt: skip
+
+
+# Sequence-level distillation text (Kim & Rush, 2016): instructions over MNLI training sentences, answered greedily by
+# the dense model through its chat template. The model cards' question is not among them.
+CHAT_INSTRUCTIONS = (
+    "Rewrite this sentence in simpler words: {premise}",
+    "What is this sentence about? Answer in one sentence.\n{premise}",
+    "Does the second sentence follow from the first? Answer yes or no, then explain briefly.\nFirst: {premise}\n"
+    "Second: {hypothesis}",
+    "Write one question that this sentence answers: {premise}",
+    "Continue this text with one more sentence: {hypothesis}",
+)
+
+
+def chat_blocks(dense, tokenizer, path: Path, count: int, block_size: int, cache: Path) -> tuple[list[dict], dict]:
+    """`count` blocks of conversations: the i-th training pair under the (i mod 5)-th instruction, the dense model's
+    greedy answer (64 new tokens at most), rendered through the chat template; answers are cached in `cache` (one
+    JSON line per prompt) so an interrupted run resumes."""
+    done = []
+    for line in cache.read_text().splitlines() if cache.exists() else []:
+        try:
+            done.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    pairs = [json.loads(ln) for ln in open(path)]
+    started, per_call = time.perf_counter(), 32
+
+    def token_count() -> int:
+        return sum(len(d) + 1 for d in chat_documents(tokenizer, [r["prompt"] for r in done],
+                                                      [r["answer"] for r in done]))  # fmt: skip
+
+    total = token_count()
+    while total <= (count + 1) * block_size:
+        i = len(done)
+        prompts = [CHAT_INSTRUCTIONS[j % len(CHAT_INSTRUCTIONS)].format(**pairs[j]) for j in range(i, i + per_call)]
+        answers = teacher_answers(dense, tokenizer, prompts, max_new_tokens=64, batch_size=per_call)
+        rows = [{"prompt": q, "answer": a} for q, a in zip(prompts, answers)]
+        with open(cache, "a") as f:  # whole lines only: a line cut by a kill fails to parse and is generated again
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        done += rows
+        total = token_count()
+    docs = chat_documents(tokenizer, [r["prompt"] for r in done], [r["answer"] for r in done])
+    blocks = pack_blocks(docs, block_size, eos_id=tokenizer.eos_token_id)[:count]
+    info = {"conversations": len(done), "blocks": len(blocks), "tokens": sum(len(b) for b in blocks),
+            "generation_wall_time_s": time.perf_counter() - started}  # fmt: skip
+    return [{"input_ids": torch.tensor(b), "attention_mask": torch.ones(len(b), dtype=torch.long),
+             "labels": torch.tensor(b)} for b in blocks], info  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- measures
@@ -263,6 +305,9 @@ def main(argv=None) -> None:
     parser.add_argument("--held-out-blocks", type=int, default=48)
     parser.add_argument("--distill", action="store_true", help="Also run the two distillation rows.")
     parser.add_argument("--distill-tokens", type=int, default=500_000)
+    parser.add_argument("--chat-share", type=float, default=0.0,
+                        help="Share of the distillation blocks that are the dense model's own chat answers to "
+                        "instructions over the training text (rows named +distill-chat); 0: MNLI text only.")
     parser.add_argument("--repeats", type=int, default=7, help="Timed runs per model in the retime.")
     parser.add_argument("--no-retime", action="store_true")
     parser.add_argument("--table", action="store_true", help="Print the results as a markdown table and stop.")
@@ -352,15 +397,26 @@ def main(argv=None) -> None:
     if args.distill and DISTILL_FROM in rows:
         candidates = [f"{k}@{DISTILL_FROM}" for k in ("magnitude", "activation")]
         best = min((c for c in candidates if c in rows), key=lambda c: rows[c]["held_out_perplexity"], default=None)
+        suffix = "+distill-chat" if args.chat_share > 0 else "+distill"
         for source in (DISTILL_FROM, best):
-            name = f"{source}+distill"
+            name = f"{source}{suffix}"
             if source is None or name in rows or not wanted(name):
                 continue
-            out = args.work_dir / name
-            run = distill(args.work_dir / source, dense_dir, train, out, args.distill_tokens, args.seed)
+            out, text, extra = args.work_dir / name, train, {}
+            if args.chat_share > 0:
+                # the same token budget: the chat share of the blocks replaced by conversations
+                needed = math.ceil(args.distill_tokens / (8 * args.block_size)) * 8
+                n_chat = round(args.chat_share * needed)
+                out.mkdir(parents=True, exist_ok=True)
+                chat, info = chat_blocks(dense, tokenizer, DATA / "train_subset_8999.jsonl", n_chat, args.block_size,
+                                         out / "teacher_answers.jsonl")  # fmt: skip
+                text = [train[i % len(train)] for i in range(needed - n_chat)] + chat
+                extra = {"chat_text": {**info, "share": args.chat_share, "mnli_blocks": needed - n_chat}}
+            run = distill(args.work_dir / source, dense_dir, text, out, args.distill_tokens, args.seed)
             model = run.pop("model").eval()
             export(name, model)
-            record(name, {**evaluate(model, tokenizer, val, held_out), **run, "chosen_on": "held_out_perplexity"})
+            record(name, {**evaluate(model, tokenizer, val, held_out), **run, **extra,
+                          "chosen_on": "held_out_perplexity"})  # fmt: skip
     if not args.no_retime:
         folders = {"dense": dense_dir, **{n: args.work_dir / n for n in rows if n != "dense"}}
         folders = {n: p for n, p in folders.items() if (p / "config.json").exists()}

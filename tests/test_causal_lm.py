@@ -19,12 +19,10 @@ from hf_prune import load_pruned
 from hf_prune.cli import main as cli_main
 from hf_prune.export.report_format import format_report
 from hf_prune.pipeline.causal_lm import (
-    SAMPLE_PROMPT,
     CausalLMCollator,
     causal_lm_nll,
     compute_perplexity,
     dataset_perplexity,
-    generate_answer,
     nll_per_example,
     pack_blocks,
     perplexity,
@@ -34,6 +32,7 @@ from hf_prune.pipeline.causal_lm import (
 )
 from hf_prune.pipeline.data import load_task, tokenize_splits
 from hf_prune.pipeline.evaluation import dataset_metric
+from hf_prune.pipeline.generation import SAMPLE_PROMPT, generate_answer
 from hf_prune.pipeline.metrics import build_compute_metrics
 from hf_prune.pipeline.metrics_cache import CACHE_NAME
 from hf_prune.pipeline.recipe import read_state, run_recipe

@@ -47,6 +47,7 @@ __all__ = [
     "compute_perplexity",
     "CausalLMCollator",
     "pad_token_id",
+    "model_device",
     "causal_lm_nll",
     "dataset_perplexity",
     "TEXT_FORMATS",
@@ -152,58 +153,6 @@ def compute_perplexity(eval_pred) -> dict[str, float]:
     return {CAUSAL_LM_METRIC: perplexity(rows[:, 0].sum(), rows[:, 1].sum())}
 
 
-# ----------------------------------------------------------------------------------------------------- samples
-SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
-
-
-def _has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-@torch.inference_mode()
-def generate_answer(model, tokenizer, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 32) -> str:
-    """The greedy answer of a causal LM to one prompt, as a user of its model card would ask it.
-
-    Args:
-        model: a causal LM.
-        tokenizer: its tokenizer; the prompt goes through its chat template when it has one (an instruct model),
-            else it is the plain start of the text.
-        prompt: the user's message.
-        max_new_tokens: tokens generated after the prompt.
-
-    Returns:
-        The decoded new tokens, special tokens left out, stripped.
-    """
-    if _has_chat_template(tokenizer):
-        inputs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-    else:
-        inputs = tokenizer(prompt, return_tensors="pt")
-    inputs = {k: v.to(_device(model)) for k, v in inputs.items()}
-    mode = model.training
-    model.eval()
-    try:
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tokenizer)
-        )
-    finally:
-        model.train(mode)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def generation_sample(teacher, model, tokenizer, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 32) -> dict:
-    """The dense and the pruned model's greedy answers to one prompt (see [`generate_answer`]), for the report and
-    the model card: perplexity says how much was lost on average, the answer shows whether the model still talks."""
-    return {
-        "prompt": prompt,
-        "max_new_tokens": int(max_new_tokens),
-        "chat_template": _has_chat_template(tokenizer),
-        "teacher": generate_answer(teacher, tokenizer, prompt, max_new_tokens),
-        "pruned": generate_answer(model, tokenizer, prompt, max_new_tokens),
-    }
-
-
 # ----------------------------------------------------------------------------------------------------- batches
 def pad_token_id(tokenizer) -> int:
     """The id padding is written with: the tokenizer's pad token, else its EOS token, else 0 (padding is masked and
@@ -241,7 +190,7 @@ class CausalLMCollator:
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     parameters = getattr(model, "parameters", None)
     first = next(iter(parameters()), None) if callable(parameters) else None
     return first.device if first is not None else torch.device("cpu")
@@ -269,7 +218,7 @@ def causal_lm_nll(model, dataset, collator=None, batch_size: int = 8) -> tuple[f
     if collator is None:
         pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         collator = CausalLMCollator(pad if isinstance(pad, int) else 0)
-    device = _device(model)
+    device = model_device(model)
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])

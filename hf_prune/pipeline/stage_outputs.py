@@ -18,9 +18,10 @@ from ..export.onnx import MAX_OPSET, MIN_OPSET, export_onnx, read_export_info
 from ..export.persistence import save_pruned
 from ..export.report import build_report
 from ..models.auto import get_adapter
-from .causal_lm import block_size_of, generation_sample, perplexity_note
+from .causal_lm import block_size_of, perplexity_note
 from .context import StageContext
 from .evaluation import split_evaluator
+from .generation import generation_sample
 from .metrics_cache import CACHE_NAME, MetricsCache, cache_key, dataset_digest, model_digest
 from .sources import base_model_name, load_start_model
 

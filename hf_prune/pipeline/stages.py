@@ -27,8 +27,8 @@ from ..posttrain.search import prune_to_speedup
 from ..pruning.units import layer_units, unit_sums
 from ..trainer import PRUNING_META_NAME, PruningTrainer
 from ..utils import write_json_atomic
-from .causal_lm import SAMPLE_PROMPT
 from .context import CHECKPOINTS_SUBDIR, StageContext, barrier
+from .generation import SAMPLE_PROMPT
 from .stage_outputs import stage_evaluate, stage_export, stage_onnx
 
 logger = logging.get_logger(__name__)
