@@ -292,7 +292,7 @@ def build_report(
         dense_path / pruned_path: folders holding the models' saved weights; when given, file sizes are the sizes of
             their `model*.safetensors` files instead of the bytes of the state dicts.
         generation_sample: a causal LM's greedy answers to one prompt, `{"prompt", "teacher", "pruned", ...}` (see
-            `hf_prune.pipeline.causal_lm.generation_sample`), stored as given and shown by the model card.
+            `hf_prune.pipeline.generation.generation_sample`), stored as given and shown by the model card.
 
     Returns:
         A JSON-serialisable dict (see the module docstring for its sections).
