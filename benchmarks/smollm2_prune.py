@@ -43,7 +43,9 @@ tuning, physical removal):
   parameter count of hf_prune-p20;
 - with `--distill`: `hf_prune-decode1.3+distill` and the baseline at those shapes with the lower held-out perplexity,
   `+distill`, each distilled from the dense model (`T^2 KL` over the vocabulary, `PruningTrainer`) for the same
-  `--distill-tokens`.
+  `--distill-tokens`; with `--chat-share S` (rows `+distill-chat`) a share S of those blocks are conversations
+  instead: instructions over the MNLI training sentences answered greedily by the dense model through its chat
+  template (sequence-level distillation text, cached in the row's folder so an interrupted run resumes).
 
 Every pruned model is exported (`save_pruned`) under `--work-dir`; a final retime loads them all with the dense model
 and times, interleaved in one process: prefill latency (batch 1, 256 tokens, logits of the last token) and decode
