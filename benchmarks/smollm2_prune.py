@@ -126,7 +126,11 @@ def blocks_of(path: Path, tokenizer, count: int | None, block_size: int) -> list
             docs.append(tokenizer(f"{row['premise']}\n{row['hypothesis']}")["input_ids"])
             if count is not None and sum(len(d) + 1 for d in docs) > (count + 1) * block_size:
                 break
-    blocks = pack_blocks(docs, block_size, eos_id=tokenizer.eos_token_id)[:count]
+    return as_examples(pack_blocks(docs, block_size, eos_id=tokenizer.eos_token_id)[:count])
+
+
+def as_examples(blocks: list[list[int]]) -> list[dict]:
+    """Token blocks as causal-LM examples (labels are the input ids)."""
     return [{"input_ids": torch.tensor(b), "attention_mask": torch.ones(len(b), dtype=torch.long),
              "labels": torch.tensor(b)} for b in blocks]  # fmt: skip
 
@@ -155,13 +159,8 @@ def chat_blocks(dense, tokenizer, path: Path, count: int, block_size: int, cache
             break
     pairs = [json.loads(ln) for ln in open(path)]
     started, per_call = time.perf_counter(), 32
-
-    def token_count() -> int:
-        return sum(len(d) + 1 for d in chat_documents(tokenizer, [r["prompt"] for r in done],
-                                                      [r["answer"] for r in done]))  # fmt: skip
-
-    total = token_count()
-    while total <= (count + 1) * block_size:
+    docs = chat_documents(tokenizer, [r["prompt"] for r in done], [r["answer"] for r in done])
+    while sum(len(d) + 1 for d in docs) <= (count + 1) * block_size:
         i = len(done)
         prompts = [CHAT_INSTRUCTIONS[j % len(CHAT_INSTRUCTIONS)].format(**pairs[j]) for j in range(i, i + per_call)]
         answers = teacher_answers(dense, tokenizer, prompts, max_new_tokens=64, batch_size=per_call)
@@ -169,13 +168,11 @@ def chat_blocks(dense, tokenizer, path: Path, count: int, block_size: int, cache
         with open(cache, "a") as f:  # whole lines only: a line cut by a kill fails to parse and is generated again
             f.write("".join(json.dumps(r) + "\n" for r in rows))
         done += rows
-        total = token_count()
-    docs = chat_documents(tokenizer, [r["prompt"] for r in done], [r["answer"] for r in done])
+        docs += chat_documents(tokenizer, prompts, answers)
     blocks = pack_blocks(docs, block_size, eos_id=tokenizer.eos_token_id)[:count]
     info = {"conversations": len(done), "blocks": len(blocks), "tokens": sum(len(b) for b in blocks),
             "generation_wall_time_s": time.perf_counter() - started}  # fmt: skip
-    return [{"input_ids": torch.tensor(b), "attention_mask": torch.ones(len(b), dtype=torch.long),
-             "labels": torch.tensor(b)} for b in blocks], info  # fmt: skip
+    return as_examples(blocks), info
 
 
 # ----------------------------------------------------------------------------------------------------- measures

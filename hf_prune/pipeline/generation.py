@@ -104,7 +104,6 @@ def chat_documents(tokenizer, prompts: Sequence[str], answers: Sequence[str]) ->
     ]  # fmt: skip
 
 
-@torch.inference_mode()
 def generate_answer(model, tokenizer, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 32) -> str:
     """The greedy answer of a causal LM to one prompt, as a user of its model card would ask it.
 
@@ -118,15 +117,7 @@ def generate_answer(model, tokenizer, prompt: str = SAMPLE_PROMPT, max_new_token
     Returns:
         The decoded new tokens, special tokens left out, stripped.
     """
-    ids = torch.tensor([_prompt_ids(tokenizer, prompt)], device=model_device(model))
-    mode = model.training
-    model.eval()
-    try:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad_token_id(tokenizer))  # fmt: skip
-    finally:
-        model.train(mode)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return teacher_answers(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]  # one row: no padding
 
 
 def generation_sample(teacher, model, tokenizer, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 32) -> dict:
