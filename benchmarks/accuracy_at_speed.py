@@ -106,6 +106,17 @@ HIDDEN_WEIGHT = 1.0  # TinyBERT's weight of the hidden-state MSE beside the logi
 DISTILL = {"distill_alpha": 0.9, "distill_temperature": 2.0}
 
 
+def row_key(tag: str, target: float, row: str, steps: int, seed: int) -> str:
+    """The results key of a row: `teacher-<digest>/<target>x/<row>/<steps>`, `/seed<N>` added for seeds but 42."""
+    return f"{tag}/{target:g}x/{row}/{steps}" + ("" if seed == 42 else f"/seed{seed}")
+
+
+def row_folder(out: Path, key: str) -> Path:
+    """The run folder of a results key: `out/teacher-<digest>/<target>x/<row>-<steps>[-seed<N>]`."""
+    tag, target, row, steps, *seed = key.split("/")
+    return out / tag / target / "-".join([f"{row}-{steps}", *seed])
+
+
 def base_recipe(model: str, teacher: str, data: Path, max_eval: int | None, seed: int = 42) -> dict:
     # trained on the 8,999 pairs only: the 1,000 extra training pairs are the held-out split defaults are chosen on
     # (the teacher's epochs too, benchmarks/teacher_curve.py); validation_matched is only reported
@@ -257,7 +268,8 @@ def main() -> None:
     tag = f"teacher-{model_digest(teacher)[:8]}"  # rows of different teachers never share a run folder or a key
     data, out = Path(args.data_dir), Path(args.output_dir).absolute()
     if args.paired:
-        paired(results, results_path, out, tag, data, args.paired, (args.targets or [2.0])[0], args.steps)
+        target = (args.targets or [2.0])[0]
+        paired(results, results_path, out, tag, data, args.paired, target, args.steps, args.seeds[0])
         print(markdown_table(results))
         return
     if args.retime:
@@ -273,14 +285,13 @@ def main() -> None:
             shaped = f"{row}-as-{args.naive_shapes_from}" if row.startswith("naive") else row
             fixed = row == "fisher-latency-hidden" and not args.free_shapes
             shaped += "-fixed-shapes" if fixed else ""
-            suffix = "" if seed == 42 else f"-seed{seed}"
-            key = f"{tag}/{target:g}x/{shaped}/{args.steps}{suffix.replace('-', '/')}"
-            run_dir = out / tag / f"{target:g}x" / f"{shaped}-{args.steps}{suffix}"
+            key = row_key(tag, target, shaped, args.steps, seed)
+            run_dir = row_folder(out, key)
             if key in results["rows"]:
                 continue
             start_model = str(teacher_dir)
             if fixed:
-                best = out / tag / f"{target:g}x" / f"{ROWS[0]}-{args.steps}{suffix}"
+                best = row_folder(out, row_key(tag, target, ROWS[0], args.steps, seed))
                 pruned = [p.parent for p in best.glob("*-prune_to_speedup/model/config.json")]
                 if not pruned:
                     raise SystemExit(f"Run the {ROWS[0]} row at {target:g}x (seed {seed}) first: the ablation "
@@ -288,14 +299,15 @@ def main() -> None:
                 start_model = str(pruned[0])
             if row.startswith("naive"):
                 # the shapes of the retraining-free pruner at this target, reached by weight magnitude in one shot
-                fisher = out / tag / f"{target:g}x" / f"{args.naive_shapes_from}-{args.steps}{suffix}"
+                fisher = row_folder(out, row_key(tag, target, args.naive_shapes_from, args.steps, seed))
                 state = json.loads((fisher / "state.json").read_text()) if (fisher / "state.json").is_file() else None
                 if state is None:
                     raise SystemExit(
                         f"Run the {args.naive_shapes_from} row at {target:g}x first: naive rows take its shapes."
                     )
                 shapes = state["finished"][0]["summary"]
-                start = out / tag / f"{target:g}x" / f"magnitude-as-{args.naive_shapes_from}-{args.steps}{suffix}"
+                magnitude = f"magnitude-as-{args.naive_shapes_from}"
+                start = row_folder(out, row_key(tag, target, magnitude, args.steps, seed))
                 if not (start / "config.json").is_file():
                     hidden, dropped = shapes.get("hidden_after"), shapes.get("dropped_layers") or ()
                     pruned = magnitude_prune(
@@ -347,8 +359,7 @@ def retime(results: dict, results_path: Path, teacher, out: Path, tag: str, repe
     rows = {key: row for key, row in results["rows"].items() if key.startswith(f"{tag}/")}
     forms, missing = {"teacher": teacher}, []
     for key in rows:
-        _, target, name, steps = key.split("/")
-        export = out / tag / target / f"{name}-{steps}" / "final"
+        export = row_folder(out, key) / "final"
         if (export / "config.json").is_file():
             forms[key] = load_pruned(export).eval()
         else:
@@ -378,13 +389,14 @@ def retime(results: dict, results_path: Path, teacher, out: Path, tag: str, repe
     results.update(update_json_atomic(results_path, record))
 
 
-def paired(results: dict, results_path: Path, out: Path, tag: str, data: Path, rows: list, target: float, steps: int):
+def paired(results: dict, results_path: Path, out: Path, tag: str, data: Path, rows: list, target: float, steps: int,
+           seed: int = 42):  # fmt: skip
     """Evaluates two rows' exports on validation_matched, compares them pair by pair and records the test."""
-    keys = [f"{tag}/{target:g}x/{row}/{steps}" for row in rows]
+    keys = [row_key(tag, target, row, steps, seed) for row in rows]
     missing = [key for key in keys if key not in results["rows"]]
     if missing:
         raise SystemExit(f"No result for {', '.join(missing)}: run those rows first (naive rows as naive-b-as-ROW).")
-    exports = [out / tag / f"{target:g}x" / f"{row}-{steps}" / "final" for row in rows]
+    exports = [row_folder(out, key) / "final" for key in keys]
     tokenizer = load_tokenizer_by_name(str(exports[0]))
     raw = {"validation_matched": read_local_file(data / "validation_matched.jsonl")}
     dataset = tokenize_splits(raw, tokenizer, 128)["validation_matched"]
@@ -398,7 +410,7 @@ def paired(results: dict, results_path: Path, out: Path, tag: str, data: Path, r
             raise SystemExit(f"{key}: {float(r.float().mean()):.4f} here, {results['rows'][key]['accuracy']:.4f} run.")
     test = {"a": keys[0], "b": keys[1], "split": "validation_matched", "test": "McNemar exact, two-sided"}
     test.update(mcnemar(*right))
-    new = {f"{tag}/{target:g}x/{rows[0]}~{rows[1]}/{steps}": test}
+    new = {row_key(tag, target, f"{rows[0]}~{rows[1]}", steps, seed): test}
     results.update(update_json_atomic(results_path, lambda on_disk: on_disk.setdefault("paired", {}).update(new)))
 
 

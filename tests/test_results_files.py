@@ -234,3 +234,18 @@ def test_publish_card_replaces_the_card_folder_in_one_step(tmp_path, monkeypatch
     assert seen and all(seen)
     assert (cards / "README.md").read_text() == "card 2"
     assert [p.name for p in cards.parent.iterdir()] == ["minilm-2x"]
+
+
+def test_row_keys_name_their_run_folders_with_and_without_seeds(tmp_path):
+    module = _accuracy_at_speed()
+    key = module.row_key("teacher-abc", 2.0, "naive-b-as-fisher-latency-distill", 626, 43)
+    assert key == "teacher-abc/2x/naive-b-as-fisher-latency-distill/626/seed43"
+    folder = module.row_folder(tmp_path, key)
+    assert folder == tmp_path / "teacher-abc" / "2x" / "naive-b-as-fisher-latency-distill-626-seed43"
+    key = module.row_key("teacher-abc", 3.0, "fisher-latency-distill", 626, 42)  # seed 42: the keys of earlier runs
+    assert key == "teacher-abc/3x/fisher-latency-distill/626"
+    assert module.row_folder(tmp_path, key) == tmp_path / "teacher-abc" / "3x" / "fisher-latency-distill-626"
+    results = json.loads((ROOT / "benchmarks" / "results" / "accuracy_at_speed.json").read_text())
+    for key, row in results["rows"].items():  # every published key reads back as the row it names
+        seed = row.get("seed", 42)
+        assert module.row_key(key.split("/")[0], row["target_speedup"], key.split("/")[2], row["steps"], seed) == key
