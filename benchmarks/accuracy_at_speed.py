@@ -258,12 +258,16 @@ def main() -> None:
         return
     enable_progress_logging()
     curve = ROOT / "benchmarks" / "results" / "teacher_curve.json"
-    if args.teacher_dir is None:
+    if args.teacher_dir is None:  # the chosen teacher, its folder recorded relative to the runs folder
         chosen = json.loads(curve.read_text())["teacher_dir"] if curve.is_file() else None
-        args.teacher_dir = chosen or str(RUNS / "posttrain-mnli" / "teacher" / "01-finetune" / "model")
+        fallback = RUNS / "posttrain-mnli" / "teacher" / "01-finetune" / "model"
+        args.teacher_dir = str(RUNS / chosen if chosen else fallback)
     teacher_dir = Path(args.teacher_dir).absolute()
     if not (teacher_dir / "config.json").is_file():
-        raise SystemExit(f"{teacher_dir} holds no model: run benchmarks/posttrain_mnli.py or pass --teacher-dir.")
+        raise SystemExit(
+            f"{teacher_dir} holds no model: run benchmarks/teacher_curve.py (--rebuild on a new machine) or pass "
+            "--teacher-dir."
+        )
     teacher = load_pruned(teacher_dir).eval()
     tag = f"teacher-{model_digest(teacher)[:8]}"  # rows of different teachers never share a run folder or a key
     data, out = Path(args.data_dir), Path(args.output_dir).absolute()

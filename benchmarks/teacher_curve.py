@@ -1,6 +1,7 @@
 """How long to fine-tune the dense MiniLM teacher on the shared MNLI pairs, chosen without touching validation_matched.
 
     python benchmarks/teacher_curve.py                 # the curve, then the teacher at the chosen epochs (resumable)
+    python benchmarks/teacher_curve.py --rebuild        # on a new machine: the recorded teacher again, 3 epochs only
     python benchmarks/teacher_curve.py --table
 
 1. The curve: all-MiniLM-L6-v2 fine-tuned on `train_subset_8999.jsonl` for `--max-epochs` epochs, evaluated after
@@ -11,7 +12,14 @@
    held-out accuracy chose it). With `--refit`, a model fine-tuned on all 9,999 pairs for that many epochs instead
    (the recipe of `benchmarks/posttrain_mnli.py`, so a 2-epoch choice reuses that teacher when it exists).
 
-Results (the curve, the choice, the teacher's folder) go to `benchmarks/results/teacher_curve.json`.
+Results (the curve, the choice, the teacher's folder relative to the runs folder, the teacher's digest) go to
+`benchmarks/results/teacher_curve.json`.
+
+`--rebuild` makes the recorded teacher again without the rest of the curve (the teacher is lost with the machine's
+cache, the curve is not): the curve run trains, on its own schedule, only until the checkpoint of the recorded
+epoch, then stops; the held-out accuracies it measured on the way must equal the recorded ones, and the teacher
+made from that checkpoint must have the recorded digest (`teacher_digest`), else it stops with both. The curve run
+stays resumable: the same command without `--rebuild` finishes it.
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ import json
 import sys
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from hf_prune import save_pruned
 from hf_prune.export.persistence import load_pruned
 from hf_prune.pipeline.demo import load_tokenizer_by_name
+from hf_prune.pipeline.metrics_cache import model_digest
 from hf_prune.pipeline.recipe import enable_progress_logging, run_recipe
 from hf_prune.utils import write_json_atomic
 
@@ -57,6 +68,60 @@ def read_curve(stage_dir: Path) -> list[dict]:
     ]
 
 
+class ReachedStep(Exception):
+    """Raised once the checkpoint of a step is on disk: the run stops there and stays resumable."""
+
+
+class StopAfterCheckpoint(TrainerCallback):
+    """Stops training right after the checkpoint of `step` is saved, leaving the learning-rate schedule (and so
+    every step before it) exactly as the whole run has it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise ReachedStep(state.global_step)
+
+
+def teacher_from_checkpoint(stage_dir: Path, step: int, teacher_dir: Path) -> None:
+    """The teacher: the curve run's checkpoint at `step`, saved as a model folder (kept if it is there already)."""
+    if not (teacher_dir / "config.json").is_file():
+        checkpoint = stage_dir / "checkpoints" / f"checkpoint-{step}"
+        save_pruned(load_pruned(checkpoint), teacher_dir, load_tokenizer_by_name("builtin:demo"), card=False)
+
+
+def rebuild(args, data: Path, recorded: dict) -> None:
+    """The recorded teacher again: the curve run up to the chosen epoch's checkpoint, checked against the record."""
+    step = next(p["step"] for p in recorded["curve"] if round(p["epoch"]) == recorded["chosen_epochs"])
+    stage_dir = Path(args.output_dir) / "01-finetune"
+    if not (stage_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file():
+        try:
+            run_recipe(curve_recipe(data, recorded["max_epochs"]), output_dir=args.output_dir,
+                       callbacks=[StopAfterCheckpoint(step)])  # fmt: skip
+        except ReachedStep:
+            pass
+    measured = [p for p in read_curve(stage_dir) if p["step"] <= step]
+    expected = [p for p in recorded["curve"] if p["step"] <= step]
+    if measured != expected:
+        raise SystemExit(f"The curve differs from the recorded one: measured {measured}, recorded {expected}.")
+    teacher_dir = Path(args.output_dir) / "teacher"
+    teacher_from_checkpoint(stage_dir, step, teacher_dir)
+    digest = model_digest(load_pruned(teacher_dir))
+    if recorded.get("teacher_digest") not in (None, digest):
+        raise SystemExit(f"{teacher_dir} has digest {digest}, the recorded teacher {recorded['teacher_digest']}.")
+    results = {**recorded, "teacher_dir": teacher_folder_name(teacher_dir), "teacher_digest": digest}
+    write_json_atomic(Path(args.results), results)
+    print(json.dumps(results, indent=2))
+
+
+def teacher_folder_name(teacher_dir: Path) -> str:
+    """The teacher's folder as results files record it: relative to the runs folder when inside it (no path of the
+    machine that made it), absolute otherwise."""
+    teacher_dir = teacher_dir.absolute()
+    return str(teacher_dir.relative_to(RUNS)) if teacher_dir.is_relative_to(RUNS) else str(teacher_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=str(RUNS / "teacher-curve"))
@@ -65,6 +130,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=5)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "teacher_curve.json"))
     parser.add_argument("--refit", action="store_true", help="Train the teacher again on all 9,999 pairs.")
+    parser.add_argument("--rebuild", action="store_true", help="The recorded teacher again, checked (see above).")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     results_path = Path(args.results)
@@ -77,6 +143,11 @@ def main() -> None:
         return
     enable_progress_logging()
     data = Path(args.data_dir)
+    if args.rebuild:
+        if not results_path.is_file():
+            raise SystemExit(f"{results_path} records no curve to rebuild the teacher of: run without --rebuild.")
+        rebuild(args, data, json.loads(results_path.read_text()))
+        return
     run = run_recipe(curve_recipe(data, args.max_epochs), output_dir=args.output_dir)
     curve = read_curve(Path(args.output_dir) / run.state["finished"][0]["dir"])
     best = max(curve, key=lambda p: (p["heldout_accuracy"], -p["epoch"]))
@@ -88,9 +159,7 @@ def main() -> None:
     else:
         stage_dir = Path(args.output_dir) / run.state["finished"][0]["dir"]
         teacher_dir = Path(args.output_dir) / "teacher"
-        if not (teacher_dir / "config.json").is_file():
-            checkpoint = stage_dir / "checkpoints" / f"checkpoint-{best['step']}"
-            save_pruned(load_pruned(checkpoint), teacher_dir, load_tokenizer_by_name("builtin:demo"), card=False)
+        teacher_from_checkpoint(stage_dir, best["step"], teacher_dir)
         teacher_train = f"train_subset_8999.jsonl (8,999 pairs), the curve's checkpoint at step {best['step']}"
     results = {
         "model": "sentence-transformers/all-MiniLM-L6-v2",
@@ -100,7 +169,8 @@ def main() -> None:
         "curve": curve,
         "chosen_epochs": epochs,
         "teacher_train": teacher_train,
-        "teacher_dir": str(teacher_dir),
+        "teacher_dir": teacher_folder_name(teacher_dir),
+        "teacher_digest": model_digest(load_pruned(teacher_dir)),
     }
     write_json_atomic(results_path, results)
     print(json.dumps(results, indent=2))

@@ -249,3 +249,42 @@ def test_row_keys_name_their_run_folders_with_and_without_seeds(tmp_path):
     for key, row in results["rows"].items():  # every published key reads back as the row it names
         seed = row.get("seed", 42)
         assert module.row_key(key.split("/")[0], row["target_speedup"], key.split("/")[2], row["steps"], seed) == key
+
+
+def _teacher_curve():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("teacher_curve", ROOT / "benchmarks" / "teacher_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_teacher_rebuild_stops_at_the_chosen_checkpoint_on_the_whole_runs_schedule(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_prune import PruningTrainer
+    from tests.utils import TinyDataset, tiny_model, train_args
+
+    module = _teacher_curve()
+
+    def run(out, callbacks=()):
+        args = train_args(out, num_train_epochs=3, save_strategy="epoch", lr_scheduler_type="linear")
+        data = TinyDataset(32)
+        PruningTrainer(model=tiny_model(), args=args, train_dataset=data, callbacks=list(callbacks)).train()
+
+    run(tmp_path / "whole")  # 3 epochs of 4 steps
+    with pytest.raises(module.ReachedStep):
+        run(tmp_path / "stopped", [module.StopAfterCheckpoint(8)])
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    whole = load_file(tmp_path / "whole" / "checkpoint-8" / "model.safetensors")
+    stopped = load_file(tmp_path / "stopped" / "checkpoint-8" / "model.safetensors")
+    assert whole.keys() == stopped.keys()
+    # the same weights as the whole run's at that step: its learning-rate schedule was not shortened
+    assert all(torch.equal(whole[k], stopped[k]) for k in whole)
+
+
+def test_the_teacher_folder_is_recorded_relative_to_the_runs_folder(tmp_path):
+    module = _teacher_curve()
+    assert module.teacher_folder_name(module.RUNS / "teacher-curve" / "teacher") == "teacher-curve/teacher"
+    assert module.teacher_folder_name(tmp_path / "teacher") == str(tmp_path / "teacher")
