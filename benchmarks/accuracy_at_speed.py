@@ -431,6 +431,22 @@ def publish_card(export: Path, card_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped into place
 
 
+def seed_summary(rows: list[dict]) -> str:
+    """The mean and standard deviation over a row's seeds: validation_matched (min and max), held-out accuracy (over
+    the seeds that recorded it: rows of earlier runs did not) and the batch-32 speedup."""
+
+    def spread(values: list[float], digits: int = 2) -> str:
+        v = torch.tensor(values, dtype=torch.float64)
+        return f"{v.mean():.{digits}f} +- {v.std():.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+
+    acc = [100 * r["accuracy"] for r in rows]
+    text = f"validation_matched {spread(acc)} (min {min(acc):.2f}, max {max(acc):.2f})"
+    held = [100 * r["heldout_accuracy"] for r in rows if r.get("heldout_accuracy") is not None]
+    if held:
+        text += f", heldout {spread(held)} ({len(held)} seeds)"
+    return text + f", CPU b32 {spread([r['speedup_b32'] for r in rows])}x"
+
+
 def markdown_table(results: dict) -> str:
     lines = [
         "| target | row | seed | steps | heldout | validation_matched | FLOPs | CPU b1 / b32 | heads | FFN |",
@@ -448,9 +464,7 @@ def markdown_table(results: dict) -> str:
         groups.setdefault(key.rsplit("/seed", 1)[0], []).append(r)
     for name, rows in groups.items():
         if len(rows) > 1:  # several seeds: the mean and the spread a difference has to beat
-            acc = torch.tensor([100 * r["accuracy"] for r in rows], dtype=torch.float64)
-            lines.append(f"\n{name}: {len(rows)} seeds, validation_matched {acc.mean():.2f} +- {acc.std():.2f} "
-                         f"(min {acc.min():.2f}, max {acc.max():.2f})")  # fmt: skip
+            lines.append(f"\n{name}: {len(rows)} seeds, " + seed_summary(rows))
     for name, test in (results.get("paired") or {}).items():
         lines.append(
             f"\n{name}: {100 * test['accuracy_difference']:+.2f} points (95% CI {100 * test['ci95'][0]:+.2f} to "

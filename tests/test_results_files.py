@@ -288,3 +288,18 @@ def test_the_teacher_folder_is_recorded_relative_to_the_runs_folder(tmp_path):
     module = _teacher_curve()
     assert module.teacher_folder_name(module.RUNS / "teacher-curve" / "teacher") == "teacher-curve/teacher"
     assert module.teacher_folder_name(tmp_path / "teacher") == str(tmp_path / "teacher")
+
+
+def test_seed_summary_gives_mean_and_spread_and_counts_only_seeds_with_held_out_accuracy():
+    summary = _accuracy_at_speed().seed_summary(
+        [
+            {"accuracy": 0.60, "heldout_accuracy": None, "speedup_b32": 2.0},  # an earlier run: no held-out figure
+            {"accuracy": 0.62, "heldout_accuracy": 0.70, "speedup_b32": 2.2},
+            {"accuracy": 0.64, "heldout_accuracy": 0.72, "speedup_b32": 2.4},
+        ]
+    )
+    # sample standard deviations: 2.00 points, 1.41 points (two seeds), 0.20x
+    assert summary == (
+        "validation_matched 62.00 +- 2.00 (min 60.00, max 64.00), heldout 71.00 +- 1.41 (2 seeds), "
+        "CPU b32 2.20 +- 0.20x"
+    )
