@@ -443,7 +443,7 @@ def seed_summary(rows: list[dict]) -> str:
     text = f"validation_matched {spread(acc)} (min {min(acc):.2f}, max {max(acc):.2f})"
     held = [100 * r["heldout_accuracy"] for r in rows if r.get("heldout_accuracy") is not None]
     if held:
-        text += f", heldout {spread(held)} ({len(held)} seeds)"
+        text += f", heldout {spread(held)} ({len(held)} seed{'s' if len(held) > 1 else ''})"
     return text + f", CPU b32 {spread([r['speedup_b32'] for r in rows])}x"
 
 
