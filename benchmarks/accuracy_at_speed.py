@@ -78,6 +78,7 @@ from transformers import DataCollatorWithPadding
 from hf_prune import save_pruned
 from hf_prune.export.persistence import load_pruned
 from hf_prune.export.report import time_forms
+from hf_prune.export.runtime import cpu_info
 from hf_prune.models import structure
 from hf_prune.models.costs import unit_costs
 from hf_prune.pipeline.data import read_local_file, tokenize_splits
@@ -345,6 +346,7 @@ def main() -> None:
                 "layers": sum(not layer.get("removed") for layer in report["layers"]),
                 "hidden": (report.get("hidden_size") or {}).get("kept"),
                 "deployment": report.get("deployment"),
+                "cpu": cpu_info(),  # the machine every timing of the row was taken on
                 "stages": [(s["name"], s["wall_time_s"]) for s in report["stages"]],
                 "wall_s_this_call": round(time.perf_counter() - began, 1),
             }
@@ -380,7 +382,7 @@ def retime(results: dict, results_path: Path, teacher, out: Path, tag: str, repe
             row = on_disk["rows"][key] = retimed_speedups(on_disk["rows"][key], timed[key])
             row["retimed"] = {
                 "at": when, "repeats": repeats, "models_interleaved": len(forms),
-                "torch_threads": torch.get_num_threads(),
+                "torch_threads": torch.get_num_threads(), "cpu": cpu_info(),
                 "teacher_ms": {str(b["batch_size"]): b["ms"] for b in timed["teacher"]},
             }  # fmt: skip
         shapes = {
