@@ -54,7 +54,8 @@ model card of the best row at each target (with its head map and `pruning_report
 
 Each row is timed by its own export stage, at the time it ran; on a shared machine the load of that moment enters
 its speedups. `--retime` times the teacher and every row's export of this teacher again, interleaved in one process
-(median of `--repeats` runs at batch 1 and 32 x 128 tokens), and records those speedups in every row (`retimed`:
+(median of `--repeats` runs at batch 1 and 32 x 128 tokens; with `--present-only`, only the rows whose exports are on
+this machine, the others keeping their earlier retime), and records those speedups in every row (`retimed`:
 when, how, and the speedups of the row's own run kept as `speedup_b1_at_run` / `speedup_b32_at_run`). Rows of
 identical shapes (a naive row and the row it took its shapes from) do the same computation, so the spread of their
 speedups in that one process is the timing noise; it is recorded as `retime_noise` and printed under the table.
@@ -248,6 +249,10 @@ def main() -> None:
     parser.add_argument("--retime", action="store_true", help="Time every row's export again in one process.")
     parser.add_argument("--repeats", type=int, default=20, help="Timed runs per model and batch size (--retime).")
     parser.add_argument(
+        "--present-only", action="store_true",
+        help="--retime only the rows whose exports are under --output-dir (on a machine that has not run them all).",
+    )  # fmt: skip
+    parser.add_argument(
         "--paired", nargs=2, metavar=("ROW_A", "ROW_B"), default=None,
         help="Compare two rows' exports at the first --targets on the same pairs: McNemar's exact test.",
     )  # fmt: skip
@@ -278,7 +283,7 @@ def main() -> None:
         print(markdown_table(results))
         return
     if args.retime:
-        retime(results, results_path, teacher, out, tag, args.repeats)
+        retime(results, results_path, teacher, out, tag, args.repeats, args.present_only)
         print(markdown_table(results))
         return
     if args.targets is None and args.rows is None:
@@ -360,8 +365,11 @@ def main() -> None:
     print(markdown_table(results))
 
 
-def retime(results: dict, results_path: Path, teacher, out: Path, tag: str, repeats: int) -> None:
-    """Times the teacher and the export of every row of `tag` interleaved in one process; records the speedups."""
+def retime(
+    results: dict, results_path: Path, teacher, out: Path, tag: str, repeats: int, present_only: bool = False
+) -> None:
+    """Times the teacher and the export of every row of `tag` (with `present_only`, of those whose exports are
+    under `out`) interleaved in one process; records the speedups."""
     rows = {key: row for key, row in results["rows"].items() if key.startswith(f"{tag}/")}
     forms, missing = {"teacher": teacher}, []
     for key in rows:
@@ -370,10 +378,14 @@ def retime(results: dict, results_path: Path, teacher, out: Path, tag: str, repe
             forms[key] = load_pruned(export).eval()
         else:
             missing.append(key)
-    if missing:
+    if missing and not present_only:
         raise SystemExit(
-            f"No export for {', '.join(missing)} under {out / tag}: rerun those rows, or pass --output-dir."
+            f"No export for {', '.join(missing)} under {out / tag}: rerun those rows, pass --output-dir, or "
+            "--present-only to retime the others."
         )
+    rows = {key: row for key, row in rows.items() if key in forms}
+    if not rows:
+        raise SystemExit(f"No export of any row under {out / tag}: nothing to retime.")
     timed = time_forms(forms, teacher, batch_sizes=(1, 32), seq_len=128, repeats=repeats, warmup=2)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -390,6 +402,8 @@ def retime(results: dict, results_path: Path, teacher, out: Path, tag: str, repe
             for key, model in forms.items()
             if key != "teacher"
         }
+        if on_disk.get("retime_noise"):  # an earlier retime's noise stays with the rows it timed
+            on_disk.setdefault("earlier_retime_noise", []).append(on_disk["retime_noise"])
         on_disk["retime_noise"] = same_shape_spread(shapes, timed, when)
 
     results.update(update_json_atomic(results_path, record))

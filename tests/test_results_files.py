@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from utils import KILLED_BEFORE_REPORT
 
 from hf_prune import utils
@@ -303,3 +304,30 @@ def test_seed_summary_gives_mean_and_spread_and_counts_only_seeds_with_held_out_
         "validation_matched 62.00 +- 2.00 (min 60.00, max 64.00), heldout 71.00 +- 1.41 (2 seeds), "
         "CPU b32 2.20 +- 0.20x"
     )
+
+
+def test_retime_present_only_times_the_rows_whose_exports_are_here_and_keeps_the_others(tmp_path):
+    from hf_prune import save_pruned
+    from tests.utils import tiny_model
+
+    module = _accuracy_at_speed()
+    tag, teacher = "teacher-abc", tiny_model(max_position_embeddings=160).eval()  # the retime times 128 tokens
+    earlier = {"speedup_b1": 1.5, "speedup_b32": 1.6, "retimed": {"at": "earlier"}}
+    here, gone = f"{tag}/2x/fisher-latency-distill/626/seed43", f"{tag}/2x/fisher-latency-distill/626"
+    results = {
+        "rows": {gone: dict(earlier), here: {"speedup_b1": 1.0, "speedup_b32": 1.0}},
+        "retime_noise": {"at": "earlier", "groups": [], "largest_relative_spread": {"b1": 0.01, "b32": 0.02}},
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    export = module.row_folder(tmp_path, here) / "final"
+    save_pruned(tiny_model(seed=1, max_position_embeddings=160), export, card=False)
+    with pytest.raises(SystemExit, match="--present-only"):  # by default a missing export stops the retime
+        module.retime(json.loads(path.read_text()), path, teacher, tmp_path, tag, repeats=1)
+    module.retime(json.loads(path.read_text()), path, teacher, tmp_path, tag, repeats=1, present_only=True)
+    on_disk = json.loads(path.read_text())
+    assert on_disk["rows"][gone] == earlier  # not here: its earlier retime stays
+    row = on_disk["rows"][here]
+    assert row["speedup_b1_at_run"] == 1.0 and row["retimed"]["models_interleaved"] == 2
+    assert row["retimed"]["cpu"]["threads"] == torch.get_num_threads()
+    assert on_disk["earlier_retime_noise"] == [results["retime_noise"]] and on_disk["retime_noise"]["at"] != "earlier"
