@@ -209,12 +209,17 @@ def test_a_folder_swapped_in_is_never_missing(tmp_path, monkeypatch):
     assert False in seen and (target / "README.md").read_text() == "newer"
 
 
-def _accuracy_at_speed():
+def _benchmark(name: str):
+    """A benchmark script imported as a module (its folder on the path, for its sibling imports)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("accuracy_at_speed", ROOT / "benchmarks" / "accuracy_at_speed.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _accuracy_at_speed():
+    return _benchmark("accuracy_at_speed")
 
 
 def test_publish_card_replaces_the_card_folder_in_one_step(tmp_path, monkeypatch):
@@ -253,11 +258,7 @@ def test_row_keys_name_their_run_folders_with_and_without_seeds(tmp_path):
 
 
 def _teacher_curve():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("teacher_curve", ROOT / "benchmarks" / "teacher_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("teacher_curve")
 
 
 def test_the_teacher_rebuild_stops_at_the_chosen_checkpoint_on_the_whole_runs_schedule(tmp_path):
