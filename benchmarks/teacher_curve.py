@@ -33,9 +33,11 @@ from transformers import TrainerCallback
 
 from hf_prune import save_pruned
 from hf_prune.export.persistence import load_pruned
+from hf_prune.pipeline.context import stage_folder
 from hf_prune.pipeline.demo import load_tokenizer_by_name
 from hf_prune.pipeline.metrics_cache import model_digest
 from hf_prune.pipeline.recipe import enable_progress_logging, run_recipe
+from hf_prune.pipeline.schema import load_recipe
 from hf_prune.utils import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,14 +93,24 @@ def teacher_from_checkpoint(stage_dir: Path, step: int, teacher_dir: Path) -> No
         save_pruned(load_pruned(checkpoint), teacher_dir, load_tokenizer_by_name("builtin:demo"), card=False)
 
 
+def curve_teacher_train(step: int) -> str:
+    """What the results record as the teacher's training when the teacher is the curve's checkpoint at `step`."""
+    return f"train_subset_8999.jsonl (8,999 pairs), the curve's checkpoint at step {step}"
+
+
 def rebuild(args, data: Path, recorded: dict) -> None:
     """The recorded teacher again: the curve run up to the chosen epoch's checkpoint, checked against the record."""
     step = next(p["step"] for p in recorded["curve"] if round(p["epoch"]) == recorded["chosen_epochs"])
-    stage_dir = Path(args.output_dir) / "01-finetune"
+    if args.refit or recorded["teacher_train"] != curve_teacher_train(step):
+        raise SystemExit(
+            f"The recorded teacher was trained as {recorded['teacher_train']!r}, not taken from the curve's "
+            "checkpoint: --rebuild makes only a curve checkpoint teacher; run with --refit (without --rebuild)."
+        )
+    recipe = load_recipe(curve_recipe(data, recorded["max_epochs"]), output_dir=args.output_dir)
+    stage_dir = Path(args.output_dir) / stage_folder(1, recipe.stages[0])
     if not (stage_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file():
         try:
-            run_recipe(curve_recipe(data, recorded["max_epochs"]), output_dir=args.output_dir,
-                       callbacks=[StopAfterCheckpoint(step)])  # fmt: skip
+            run_recipe(recipe, callbacks=[StopAfterCheckpoint(step)])
         except ReachedStep:
             pass
     measured = [p for p in read_curve(stage_dir) if p["step"] <= step]
@@ -160,7 +172,7 @@ def main() -> None:
         stage_dir = Path(args.output_dir) / run.state["finished"][0]["dir"]
         teacher_dir = Path(args.output_dir) / "teacher"
         teacher_from_checkpoint(stage_dir, best["step"], teacher_dir)
-        teacher_train = f"train_subset_8999.jsonl (8,999 pairs), the curve's checkpoint at step {best['step']}"
+        teacher_train = curve_teacher_train(best["step"])
     results = {
         "model": "sentence-transformers/all-MiniLM-L6-v2",
         "curve_train": "train_subset_8999.jsonl (8,999 pairs)",

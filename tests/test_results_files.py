@@ -332,3 +332,17 @@ def test_retime_present_only_times_the_rows_whose_exports_are_here_and_keeps_the
     assert row["speedup_b1_at_run"] == 1.0 and row["retimed"]["models_interleaved"] == 2
     assert row["retimed"]["cpu"]["threads"] == torch.get_num_threads()
     assert on_disk["earlier_retime_noise"] == [results["retime_noise"]] and on_disk["retime_noise"]["at"] != "earlier"
+
+
+def test_the_teacher_rebuild_refuses_a_record_whose_teacher_is_not_a_curve_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    module = _teacher_curve()
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "teacher_curve.json").read_text())
+    refit = {**recorded, "teacher_train": "train_subset_8999.jsonl + train_subset_extra_1000.jsonl (9,999 pairs)"}
+    args = SimpleNamespace(refit=False, output_dir=str(tmp_path), results=str(tmp_path / "r.json"))
+    with pytest.raises(SystemExit, match="--refit"):
+        module.rebuild(args, tmp_path, refit)
+    with pytest.raises(SystemExit, match="--refit"):  # asked for both at once
+        module.rebuild(SimpleNamespace(**{**vars(args), "refit": True}), tmp_path, recorded)
+    assert not (tmp_path / "r.json").exists()
