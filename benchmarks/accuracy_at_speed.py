@@ -165,6 +165,25 @@ def staged_sparsities(teacher, target: float) -> tuple[float, float]:
     return min(0.95, share * removed / head_total), min(0.95, (1 - share) * removed / ffn_total)
 
 
+SHAPE_KEYS = ("heads_after", "ffn_after", "hidden_after", "dropped_layers")
+
+
+def pruned_shapes(state: dict) -> dict | None:
+    """The per-layer shapes the first stage of a run chose (`prune_to_speedup`'s summary), None when it chose none
+    (a naive row's first stage trains shapes it was given)."""
+    summary = (state.get("finished") or [{}])[0].get("summary") or {}
+    return {key: summary.get(key) for key in SHAPE_KEYS} if "heads_after" in summary else None
+
+
+def row_shapes(run_dir: Path, row: dict | None) -> dict | None:
+    """The shapes of a row: from its run folder's `state.json` where it is on this machine, else as its results row
+    recorded them; None when neither has them."""
+    state = run_dir / "state.json"
+    if state.is_file():
+        return pruned_shapes(json.loads(state.read_text()))
+    return (row or {}).get("shapes")
+
+
 def row_stages(row: str, target: float, steps: int, teacher, fixed_shapes: bool = False) -> list[dict]:
     if row == "fisher-latency-hidden" and fixed_shapes:  # one change: the distillation, on the best row's shapes
         return [{"stage": "distill", "args": {"max_steps": steps, "distill_hidden_weight": HIDDEN_WEIGHT}}]
@@ -309,13 +328,13 @@ def main() -> None:
                 start_model = str(pruned[0])
             if row.startswith("naive"):
                 # the shapes of the retraining-free pruner at this target, reached by weight magnitude in one shot
-                fisher = row_folder(out, row_key(tag, target, args.naive_shapes_from, args.steps, seed))
-                state = json.loads((fisher / "state.json").read_text()) if (fisher / "state.json").is_file() else None
-                if state is None:
+                source = row_key(tag, target, args.naive_shapes_from, args.steps, seed)
+                shapes = row_shapes(row_folder(out, source), results["rows"].get(source))
+                if shapes is None:
                     raise SystemExit(
-                        f"Run the {args.naive_shapes_from} row at {target:g}x first: naive rows take its shapes."
+                        f"Run the {args.naive_shapes_from} row at {target:g}x (seed {seed}) first: naive rows take "
+                        "its shapes (from its run folder, or from its results row where that recorded them)."
                     )
-                shapes = state["finished"][0]["summary"]
                 magnitude = f"magnitude-as-{args.naive_shapes_from}"
                 start = row_folder(out, row_key(tag, target, magnitude, args.steps, seed))
                 if not (start / "config.json").is_file():
@@ -350,6 +369,8 @@ def main() -> None:
                 "ffn": sum(layer["ffn_kept"] for layer in report["layers"]),
                 "layers": sum(not layer.get("removed") for layer in report["layers"]),
                 "hidden": (report.get("hidden_size") or {}).get("kept"),
+                # the per-layer shapes the pruning chose: naive rows at these shapes need no run folder
+                "shapes": pruned_shapes(run.state),
                 "deployment": report.get("deployment"),
                 "cpu": cpu_info(),  # the machine every timing of the row was taken on
                 "stages": [(s["name"], s["wall_time_s"]) for s in report["stages"]],

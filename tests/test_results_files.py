@@ -257,6 +257,20 @@ def test_row_keys_name_their_run_folders_with_and_without_seeds(tmp_path):
         assert module.row_key(key.split("/")[0], row["target_speedup"], key.split("/")[2], row["steps"], seed) == key
 
 
+def test_naive_rows_take_shapes_from_the_run_folder_else_from_the_recorded_row(tmp_path):
+    module = _accuracy_at_speed()
+    shapes = {"heads_after": [4, 2], "ffn_after": [30, 10], "hidden_after": None, "dropped_layers": []}
+    state = {"finished": [{"stage": "prune_to_speedup", "summary": {**shapes, "heads_before": [4, 4]}}]}
+    assert module.pruned_shapes(state) == shapes
+    assert module.pruned_shapes({"finished": [{"stage": "distill", "summary": {}}]}) is None
+    assert module.pruned_shapes({"finished": []}) is None
+    recorded = {"shapes": {**shapes, "heads_after": [1, 1]}}
+    assert module.row_shapes(tmp_path, recorded) == recorded["shapes"]  # no run folder here: the results row's
+    assert module.row_shapes(tmp_path, {"heads": 6}) is None and module.row_shapes(tmp_path, None) is None
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert module.row_shapes(tmp_path, recorded) == shapes  # the run folder's own state first
+
+
 def _teacher_curve():
     return _benchmark("teacher_curve")
 

@@ -211,7 +211,7 @@ def format_deployment(deployment: Mapping, metric_name: str | None = None) -> li
 
 
 def cpu_text(cpu: Mapping) -> str:
-    """`AMD EPYC 7B13, 2 threads of 4, AVX-512 no, VNNI no, AMX no`: the CPU of a deployment section."""
+    """`AMD EPYC 7B13, 2 threads of 4, AVX-512 no, VNNI no, AMX no, heap steady`: the CPU of a deployment section."""
     if not cpu:
         return "CPU not recorded"
     flags = ", ".join(
@@ -219,7 +219,8 @@ def cpu_text(cpu: Mapping) -> str:
         for label, key in (("AVX-512", "avx512"), ("VNNI", "vnni"), ("AMX", "amx"))
     )
     threads = f"{cpu.get('threads')} threads of {cpu.get('logical_cpus')}"
-    return f"{cpu.get('model') or 'unknown CPU'} ({cpu.get('machine')}), {threads}, {flags}"
+    heap = f", heap {cpu['heap']}" if cpu.get("heap") else ""  # absent in records made before it was held steady
+    return f"{cpu.get('model') or 'unknown CPU'} ({cpu.get('machine')}), {threads}, {flags}{heap}"
 
 
 def deployment_machine_note(deployment: Mapping) -> str | None:

@@ -17,6 +17,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 from transformers.utils import logging
 
+from ..models.heap import heap_regime
+
 logger = logging.get_logger(__name__)
 
 __all__ = ["OnnxRuntimeModel", "require_onnx", "INSTALL_HINT", "cpu_info", "cpu_has_vnni", "INT8_CPU_FLAGS"]
@@ -109,11 +111,12 @@ def cpu_info() -> dict:
     """What this machine's CPU offers the deployed forms, recorded beside every measurement of them.
 
     Returns:
-        `{"model", "machine", "logical_cpus", "threads", "avx512", "vnni", "amx", "flags"}`: the model name from
-        `/proc/cpuinfo` (else `platform.processor()`), the architecture, the logical CPUs of the machine, the threads
-        PyTorch (and ONNX Runtime beside it) runs on, whether it has AVX-512 (`avx512f`), int8 dot products
-        (AVX-512 VNNI or AVX-VNNI) and AMX, and which of `INT8_CPU_FLAGS` it has. The three booleans are None where
-        the flags cannot be read (not Linux, or not x86).
+        `{"model", "machine", "logical_cpus", "threads", "avx512", "vnni", "amx", "flags", "heap"}`: the model name
+        from `/proc/cpuinfo` (else `platform.processor()`), the architecture, the logical CPUs of the machine, the
+        threads PyTorch (and ONNX Runtime beside it) runs on, whether it has AVX-512 (`avx512f`), int8 dot products
+        (AVX-512 VNNI or AVX-VNNI) and AMX, and which of `INT8_CPU_FLAGS` it has. The three booleans are None where the
+        flags cannot be read (not Linux, or not x86); `heap` says whether timings hold the C heap steady (`"steady"`,
+        see `hf_prune.models.heap`) or take it as is.
     """
     text = _cpuinfo()
     names = [line.partition(":")[2].strip() for line in (text or "").splitlines() if line.startswith("model name")]
@@ -129,6 +132,7 @@ def cpu_info() -> dict:
         "vnni": bool(flags & _VNNI_FLAGS) if known else None,
         "amx": bool(flags & _AMX_FLAGS) if known else None,
         "flags": [f for f in INT8_CPU_FLAGS if f in flags],
+        "heap": heap_regime(),
     }
 
 

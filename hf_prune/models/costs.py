@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import structure
 from .adapter import ATTENTION, MLP
 from .auto import ADAPTER_MAPPING, get_adapter, is_causal_lm
+from .heap import steady_heap
 from .surgery import prune_ffn_neurons, prune_heads, prune_layers
 
 __all__ = [
@@ -113,14 +114,15 @@ def time_decode(
         sync()
         return time.perf_counter() - start
 
-    for _ in range(warmup):
-        for model in models:
-            timed(model, new_tokens)
     ones, manys = [[] for _ in models], [[] for _ in models]
-    for _ in range(repeats):
-        for i, model in enumerate(models):
-            ones[i].append(timed(model, 1))
-            manys[i].append(timed(model, new_tokens))
+    with steady_heap():  # timings that do not depend on what the process allocated before (see `heap.py`)
+        for _ in range(warmup):
+            for model in models:
+                timed(model, new_tokens)
+        for _ in range(repeats):
+            for i, model in enumerate(models):
+                ones[i].append(timed(model, 1))
+                manys[i].append(timed(model, new_tokens))
     # the prefill's median, not each run's own: a difference of two single timings doubles their noise
     return [
         [max(t - statistics.median(one), 0.0) * 1000.0 / (new_tokens - 1) for t in many]
@@ -266,17 +268,19 @@ def time_interleaved(models: list[nn.Module], inputs: dict, repeats: int, warmup
     device = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device
     # kernels on an accelerator run asynchronously: without a sync the clock would time their launch only
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        for model in models:
-            model(**inputs)
     times = [[] for _ in models]
-    for _ in range(repeats):
-        for i, model in enumerate(models):
-            sync()
-            start = time.perf_counter()
-            model(**inputs)
-            sync()
-            times[i].append((time.perf_counter() - start) * 1000.0)
+    # the heap held steady: a fresh process and one that trained before time the same shapes alike (see `heap.py`)
+    with steady_heap():
+        for _ in range(warmup):
+            for model in models:
+                model(**inputs)
+        for _ in range(repeats):
+            for i, model in enumerate(models):
+                sync()
+                start = time.perf_counter()
+                model(**inputs)
+                sync()
+                times[i].append((time.perf_counter() - start) * 1000.0)
     return times
 
 
