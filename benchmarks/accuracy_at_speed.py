@@ -361,7 +361,11 @@ def main() -> None:
                 "teacher_accuracy": metrics["teacher"]["validation_matched"],
                 "heldout_accuracy": metrics["pruned"].get("heldout"),
                 "teacher_heldout_accuracy": metrics["teacher"].get("heldout"),
-                "teacher": {"dir": str(teacher_dir), "digest": tag},
+                # the teacher's folder relative to the runs folder where it is there: no path of this machine
+                "teacher": {
+                    "dir": str(teacher_dir.relative_to(RUNS) if teacher_dir.is_relative_to(RUNS) else teacher_dir),
+                    "digest": tag,
+                },
                 "flops_ratio": report["flops"]["ratio"],
                 "speedup_b1": report["latency"]["batches"][0]["speedup"],
                 "speedup_b32": report["latency"]["batches"][1]["speedup"],

@@ -2,12 +2,13 @@
 
 PyTorch's CPU tensors come from the C allocator. With glibc, a freed block at the top of the heap is returned to the
 system once it exceeds the trim threshold, and blocks above the mmap threshold are mapped and unmapped on every
-allocation; both thresholds move with what the process has allocated so far. A forward pass then pays page faults
-for fresh pages on some calls and not on others, and the bigger model (the larger activations) pays more. Measured on
-all-MiniLM-L6-v2 at batch 32 x 128 tokens (2-core AMD EPYC, 2 threads), the same pruned shapes against the dense model
-timed 2.08-2.23x in a fresh process and 2.00-2.06x in the same process after a few training steps; with the heap held
-steady, 1.97-2.03x and 2.02-2.08x: the same within the noise (`benchmarks/heap_regime.py`). A speed target calibrated
-inside a run and checked in a fresh process would otherwise disagree by 10% for no reason of the model's.
+allocation; both thresholds move with what the process has allocated so far. A forward pass then pays page faults for
+fresh pages on some calls and not on others, and the bigger model (the larger activations) pays more. Measured on the
+MiniLM MNLI teacher at batch 32 x 128 tokens against the 2x and 3x shapes of the README's rows (2-core AMD EPYC, 2
+threads; `benchmarks/heap_regime.py`), the same shapes timed 2.17x and 3.33x in a fresh process and 2.08x and 3.04x in
+the same process after 12 training steps; with the heap held steady, 2.00x / 2.97x and 2.00x / 2.98x. A speed target
+calibrated inside a run and checked in a fresh process would otherwise disagree by up to 10% for no reason of the
+model's.
 
 While timing, [`steady_heap`] raises the mmap threshold to glibc's largest dynamic value (32 MiB, what a process
 reaches by itself once it freed such a block) and the trim threshold to 1 GiB, so activations are served from pages
