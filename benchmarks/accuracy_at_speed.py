@@ -59,6 +59,8 @@ this machine, the others keeping their earlier retime), and records those speedu
 when, how, and the speedups of the row's own run kept as `speedup_b1_at_run` / `speedup_b32_at_run`). Rows of
 identical shapes (a naive row and the row it took its shapes from) do the same computation, so the spread of their
 speedups in that one process is the timing noise; it is recorded as `retime_noise` and printed under the table.
+`--rerun` runs rows the results file has already, on a machine without their run folders (the seeded ablations
+need the same seed's pruned model): the new record replaces the row's and keeps the earlier ones (`earlier_runs`).
 `--paired A B` evaluates two rows' exports again on validation_matched (checking each accuracy against its run) and
 records McNemar's exact test on the pairs they disagree on, with a 95% interval of the accuracy difference (`paired`).
 """
@@ -184,6 +186,20 @@ def row_shapes(run_dir: Path, row: dict | None) -> dict | None:
     return (row or {}).get("shapes")
 
 
+def finished_run(run_dir: Path, stages: int) -> bool:
+    """Whether the run folder holds a run that finished all its `stages` (on this machine)."""
+    state = run_dir / "state.json"
+    return state.is_file() and len(json.loads(state.read_text()).get("finished") or []) >= stages
+
+
+def with_earlier(record: dict, earlier: dict | None) -> dict:
+    """`record` of a row run again (`--rerun`), its earlier records kept in order under `earlier_runs`."""
+    if earlier is None:
+        return record
+    previous = {k: v for k, v in earlier.items() if k != "earlier_runs"}
+    return {**record, "earlier_runs": [*earlier.get("earlier_runs", []), previous]}
+
+
 def row_stages(row: str, target: float, steps: int, teacher, fixed_shapes: bool = False) -> list[dict]:
     if row == "fisher-latency-hidden" and fixed_shapes:  # one change: the distillation, on the best row's shapes
         return [{"stage": "distill", "args": {"max_steps": steps, "distill_hidden_weight": HIDDEN_WEIGHT}}]
@@ -261,6 +277,12 @@ def main() -> None:
         help="fisher-latency-hidden runs its own latency search instead of starting from fisher-latency-distill's "
         "pruned model (by default an ablation changes one thing: the distillation).",
     )  # fmt: skip
+    parser.add_argument(
+        "--rerun", action="store_true",
+        help="Run the plan's rows again where the results file has them (a machine without their run folders): the "
+        "new record replaces the row's, the earlier ones kept under its `earlier_runs`; rows rerun on this machine "
+        "already are kept.",
+    )  # fmt: skip
     parser.add_argument("--max-eval-samples", type=int, default=None, help="Default: all of validation_matched.")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy_at_speed.json"))
     parser.add_argument("--cards", default=str(ROOT / "model_cards"), help="Where the best rows' model cards go.")
@@ -316,7 +338,7 @@ def main() -> None:
             shaped += "-fixed-shapes" if fixed else ""
             key = row_key(tag, target, shaped, args.steps, seed)
             run_dir = row_folder(out, key)
-            if key in results["rows"]:
+            if key in results["rows"] and not args.rerun:
                 continue
             start_model = str(teacher_dir)
             if fixed:
@@ -346,10 +368,13 @@ def main() -> None:
                 start_model = str(start)
             recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples, seed)
             recipe["stages"] = row_stages(row, target, args.steps, teacher, fixed) + closing_stages(target)
+            if key in results["rows"] and finished_run(run_dir, len(recipe["stages"])):
+                continue  # rerun on this machine already: its record is the one in the results
             began = time.perf_counter()
             run = run_recipe(recipe, output_dir=str(run_dir))
             report = run.report
             metrics = report["metrics"]
+            earlier = results["rows"].get(key)
             results["rows"][key] = {
                 "target_speedup": target,
                 "row": row,
@@ -381,7 +406,7 @@ def main() -> None:
                 "wall_s_this_call": round(time.perf_counter() - began, 1),
             }
             # read again right before writing: another invocation may have added rows meanwhile
-            new = {key: results["rows"][key]}
+            new = {key: with_earlier(results["rows"][key], earlier)}
             results = update_json_atomic(
                 results_path, lambda on_disk, new=new: on_disk.setdefault("rows", {}).update(new), {"rows": {}}
             )

@@ -271,6 +271,18 @@ def test_naive_rows_take_shapes_from_the_run_folder_else_from_the_recorded_row(t
     assert module.row_shapes(tmp_path, recorded) == shapes  # the run folder's own state first
 
 
+def test_a_rerun_row_keeps_its_earlier_records_and_is_not_run_twice(tmp_path):
+    module = _accuracy_at_speed()
+    first, second, third = {"accuracy": 60.0}, {"accuracy": 61.0}, {"accuracy": 62.0}
+    assert module.with_earlier(first, None) == first
+    rerun = module.with_earlier(second, first)
+    assert rerun == {"accuracy": 61.0, "earlier_runs": [first]}
+    assert module.with_earlier(third, rerun)["earlier_runs"] == [first, {"accuracy": 61.0}]
+    assert not module.finished_run(tmp_path, 3)  # no state: not run here
+    (tmp_path / "state.json").write_text(json.dumps({"finished": [{"stage": "distill"}, {"stage": "evaluate"}]}))
+    assert not module.finished_run(tmp_path, 3) and module.finished_run(tmp_path, 2)
+
+
 def _teacher_curve():
     return _benchmark("teacher_curve")
 
