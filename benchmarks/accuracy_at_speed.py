@@ -513,6 +513,43 @@ def seed_summary(rows: list[dict]) -> str:
     return text + f", CPU b32 {spread([r['speedup_b32'] for r in rows])}x"
 
 
+def deployed_cells(row: dict) -> list[str]:
+    """Batch-32 speedup against the teacher and validation_matched accuracy (change against the teacher) of a row's
+    ONNX fp32 and int8 forms, as its `onnx` stage measured them ("-" where it has none)."""
+    forms = {f["name"]: f for f in (row.get("deployment") or {}).get("forms", [])}
+    cells = []
+    for name in ("pruned ONNX fp32", "pruned ONNX int8"):
+        form = forms.get(name)
+        if form is None:
+            cells += ["-", "-"]
+            continue
+        b32 = next((b["speedup"] for b in form["latency"] if b["batch_size"] == 32), None)
+        accuracy = form["metrics"].get("validation_matched")
+        cells.append("-" if b32 is None else f"{b32:.2f}x")
+        delta = None if accuracy is None else 100 * (accuracy - row["teacher_accuracy"])
+        cells.append("-" if accuracy is None else f"{100 * accuracy:.2f} ({delta:+.2f})")
+    return cells
+
+
+def deployed_table(results: dict) -> str:
+    """The rows past 3x (where layers may be dropped and the residual stream narrowed) and any with deployed forms:
+    layers and width kept, and the ONNX forms' speed and accuracy (`onnx` stage, timed at run time)."""
+    rows = [r for r in results["rows"].values() if r.get("deployment") or r["target_speedup"] > 3.0]
+    if not rows:
+        return ""
+    lines = [
+        "| target | row | seed | layers | hidden | ONNX fp32 b32 | its validation_matched | int8 b32 | its "
+        "validation_matched |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        hidden = "-" if r.get("hidden") is None else r["hidden"]
+        cells = " | ".join(deployed_cells(r))
+        lines.append(f"| {r['target_speedup']:g}x | {r['row']} | {r.get('seed', 42)} | {r.get('layers', '-')} | "
+                     f"{hidden} | {cells} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def markdown_table(results: dict) -> str:
     lines = [
         "| target | row | seed | steps | heldout | validation_matched | FLOPs | CPU b1 / b32 | heads | FFN |",
@@ -537,6 +574,9 @@ def markdown_table(results: dict) -> str:
             f"{100 * test['ci95'][1]:+.2f}), {test['a_only_right']} / {test['b_only_right']} pairs right by one "
             f"only, McNemar p = {test['p_value']:.3g}"
         )
+    deployed = deployed_table(results)
+    if deployed:
+        lines.append("\n" + deployed)
     noise = results.get("retime_noise")
     if noise and noise["groups"]:
         spread = noise["largest_relative_spread"]

@@ -283,6 +283,22 @@ def test_a_rerun_row_keeps_its_earlier_records_and_is_not_run_twice(tmp_path):
     assert not module.finished_run(tmp_path, 3) and module.finished_run(tmp_path, 2)
 
 
+def test_the_deployed_table_reads_each_onnx_form_of_a_row():
+    module = _accuracy_at_speed()
+    forms = [
+        {"name": "pruned ONNX fp32", "metrics": {"validation_matched": 0.63},
+         "latency": [{"batch_size": 1, "speedup": 4.5}, {"batch_size": 32, "speedup": 5.0}]},
+        {"name": "pruned ONNX int8", "latency": [{"batch_size": 32, "speedup": 7.75}], "metrics": {}},
+    ]  # fmt: skip
+    row = {"teacher_accuracy": 0.66, "deployment": {"forms": forms}, "target_speedup": 4.0, "row": "r", "layers": 5,
+           "hidden": 320}  # fmt: skip
+    assert module.deployed_cells(row) == ["5.00x", "63.00 (-3.00)", "7.75x", "-"]
+    assert module.deployed_cells({"teacher_accuracy": 0.66}) == ["-"] * 4
+    table = module.deployed_table({"rows": {"a": row, "b": {**row, "target_speedup": 2.0, "deployment": None}}})
+    assert table.splitlines()[2] == "| 4x | r | 42 | 5 | 320 | 5.00x | 63.00 (-3.00) | 7.75x | - |"
+    assert len(table.splitlines()) == 3  # a 2x row without deployed forms is not in it
+
+
 def _teacher_curve():
     return _benchmark("teacher_curve")
 
