@@ -38,6 +38,7 @@ from hf_prune.pipeline.demo import load_tokenizer_by_name
 from hf_prune.pipeline.metrics_cache import model_digest
 from hf_prune.pipeline.recipe import enable_progress_logging, run_recipe
 from hf_prune.pipeline.schema import load_recipe
+from hf_prune.pipeline.sources import BASE_MODEL_KEY, base_model_name
 from hf_prune.utils import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,11 +87,19 @@ class StopAfterCheckpoint(TrainerCallback):
             raise ReachedStep(state.global_step)
 
 
-def teacher_from_checkpoint(stage_dir: Path, step: int, teacher_dir: Path) -> None:
-    """The teacher: the curve run's checkpoint at `step`, saved as a model folder (kept if it is there already)."""
-    if not (teacher_dir / "config.json").is_file():
+def teacher_from_checkpoint(stage_dir: Path, step: int, teacher_dir: Path, base_model: str) -> None:
+    """The teacher: the curve run's checkpoint at `step`, saved as a model folder (kept if it is there already), its
+    config naming `base_model`, the model the curve run fine-tuned, so that the cards of models pruned from it name
+    that model rather than a folder of this machine."""
+    config = teacher_dir / "config.json"
+    if not config.is_file():
         checkpoint = stage_dir / "checkpoints" / f"checkpoint-{step}"
-        save_pruned(load_pruned(checkpoint), teacher_dir, load_tokenizer_by_name("builtin:demo"), card=False)
+        teacher = load_pruned(checkpoint)
+        setattr(teacher.config, BASE_MODEL_KEY, base_model)
+        save_pruned(teacher, teacher_dir, load_tokenizer_by_name("builtin:demo"), card=False)
+    values = json.loads(config.read_text())
+    if not values.get(BASE_MODEL_KEY):  # a teacher saved before its base was recorded (its weights unchanged)
+        write_json_atomic(config, {**values, BASE_MODEL_KEY: base_model}, sort_keys=True)
 
 
 def curve_teacher_train(step: int) -> str:
@@ -118,7 +127,7 @@ def rebuild(args, data: Path, recorded: dict) -> None:
     if measured != expected:
         raise SystemExit(f"The curve differs from the recorded one: measured {measured}, recorded {expected}.")
     teacher_dir = Path(args.output_dir) / "teacher"
-    teacher_from_checkpoint(stage_dir, step, teacher_dir)
+    teacher_from_checkpoint(stage_dir, step, teacher_dir, base_model_name(recipe))
     digest = model_digest(load_pruned(teacher_dir))
     if recorded.get("teacher_digest") not in (None, digest):
         raise SystemExit(f"{teacher_dir} has digest {digest}, the recorded teacher {recorded['teacher_digest']}.")
@@ -160,7 +169,8 @@ def main() -> None:
             raise SystemExit(f"{results_path} records no curve to rebuild the teacher of: run without --rebuild.")
         rebuild(args, data, json.loads(results_path.read_text()))
         return
-    run = run_recipe(curve_recipe(data, args.max_epochs), output_dir=args.output_dir)
+    recipe = curve_recipe(data, args.max_epochs)
+    run = run_recipe(recipe, output_dir=args.output_dir)
     curve = read_curve(Path(args.output_dir) / run.state["finished"][0]["dir"])
     best = max(curve, key=lambda p: (p["heldout_accuracy"], -p["epoch"]))
     epochs = int(round(best["epoch"]))
@@ -171,7 +181,8 @@ def main() -> None:
     else:
         stage_dir = Path(args.output_dir) / run.state["finished"][0]["dir"]
         teacher_dir = Path(args.output_dir) / "teacher"
-        teacher_from_checkpoint(stage_dir, best["step"], teacher_dir)
+        base = base_model_name(load_recipe(recipe, output_dir=args.output_dir))
+        teacher_from_checkpoint(stage_dir, best["step"], teacher_dir, base)
         teacher_train = curve_teacher_train(best["step"])
     results = {
         "model": "sentence-transformers/all-MiniLM-L6-v2",

@@ -303,6 +303,29 @@ def _teacher_curve():
     return _benchmark("teacher_curve")
 
 
+def test_the_teacher_names_the_model_it_was_fine_tuned_from(tmp_path):
+    from hf_prune.export.persistence import load_pruned
+    from hf_prune.pipeline.metrics_cache import model_digest
+    from hf_prune.pipeline.sources import BASE_MODEL_KEY
+    from tests.utils import tiny_model
+
+    module = _teacher_curve()
+    checkpoint = tmp_path / "stage" / "checkpoints" / "checkpoint-7"
+    tiny_model().save_pretrained(checkpoint)
+    teacher = tmp_path / "teacher"
+    module.teacher_from_checkpoint(tmp_path / "stage", 7, teacher, "org/base-model")
+    assert json.loads((teacher / "config.json").read_text())[BASE_MODEL_KEY] == "org/base-model"
+    digest = model_digest(load_pruned(teacher))
+    assert digest == model_digest(load_pruned(checkpoint))
+    # a teacher saved before the base was recorded gains it, its weights untouched
+    config = json.loads((teacher / "config.json").read_text())
+    del config[BASE_MODEL_KEY]
+    (teacher / "config.json").write_text(json.dumps(config))
+    module.teacher_from_checkpoint(tmp_path / "stage", 7, teacher, "org/base-model")
+    assert json.loads((teacher / "config.json").read_text())[BASE_MODEL_KEY] == "org/base-model"
+    assert model_digest(load_pruned(teacher)) == digest
+
+
 def test_the_teacher_rebuild_stops_at_the_chosen_checkpoint_on_the_whole_runs_schedule(tmp_path):
     import torch
     from safetensors.torch import load_file
