@@ -93,7 +93,7 @@ from hf_prune.utils import recover_interrupted, swap_into_place, temporary_folde
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from posttrain_mnli import DATA, RUNS, magnitude_prune  # noqa: E402
+from posttrain_mnli import DATA, RUNS, magnitude_prune, teacher_folder_name  # noqa: E402
 from stats import mcnemar, retimed_speedups, same_shape_spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,19 +177,23 @@ def pruned_shapes(state: dict) -> dict | None:
     return {key: summary.get(key) for key in SHAPE_KEYS} if "heads_after" in summary else None
 
 
+def run_state(run_dir: Path) -> dict | None:
+    """The `state.json` of a row's run folder, None where the row has not run on this machine."""
+    state = run_dir / "state.json"
+    return json.loads(state.read_text()) if state.is_file() else None
+
+
 def row_shapes(run_dir: Path, row: dict | None) -> dict | None:
     """The shapes of a row: from its run folder's `state.json` where it is on this machine, else as its results row
     recorded them; None when neither has them."""
-    state = run_dir / "state.json"
-    if state.is_file():
-        return pruned_shapes(json.loads(state.read_text()))
-    return (row or {}).get("shapes")
+    state = run_state(run_dir)
+    return pruned_shapes(state) if state is not None else (row or {}).get("shapes")
 
 
 def finished_run(run_dir: Path, stages: int) -> bool:
     """Whether the run folder holds a run that finished all its `stages` (on this machine)."""
-    state = run_dir / "state.json"
-    return state.is_file() and len(json.loads(state.read_text()).get("finished") or []) >= stages
+    state = run_state(run_dir)
+    return state is not None and len(state.get("finished") or []) >= stages
 
 
 def with_earlier(record: dict, earlier: dict | None) -> dict:
@@ -386,11 +390,7 @@ def main() -> None:
                 "teacher_accuracy": metrics["teacher"]["validation_matched"],
                 "heldout_accuracy": metrics["pruned"].get("heldout"),
                 "teacher_heldout_accuracy": metrics["teacher"].get("heldout"),
-                # the teacher's folder relative to the runs folder where it is there: no path of this machine
-                "teacher": {
-                    "dir": str(teacher_dir.relative_to(RUNS) if teacher_dir.is_relative_to(RUNS) else teacher_dir),
-                    "digest": tag,
-                },
+                "teacher": {"dir": teacher_folder_name(teacher_dir), "digest": tag},
                 "flops_ratio": report["flops"]["ratio"],
                 "speedup_b1": report["latency"]["batches"][0]["speedup"],
                 "speedup_b32": report["latency"]["batches"][1]["speedup"],

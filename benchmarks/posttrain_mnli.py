@@ -53,6 +53,13 @@ DATA = ROOT.parent / "shared" / "data" / "mnli"
 RUNS = Path(os.environ.get("HF_PRUNE_RUNS", Path.home() / ".cache" / "hf_prune" / "runs"))
 
 
+def teacher_folder_name(teacher_dir: Path) -> str:
+    """The teacher's folder as results files record it: relative to the runs folder when inside it (no path of the
+    machine that made it), absolute otherwise."""
+    teacher_dir = Path(teacher_dir).absolute()
+    return str(teacher_dir.relative_to(RUNS)) if teacher_dir.is_relative_to(RUNS) else str(teacher_dir)
+
+
 def teacher_recipe(data: Path, epochs: float) -> dict:
     return {
         "description": "all-MiniLM-L6-v2 fine-tuned densely on the 9,999 shared MNLI training pairs.",

@@ -43,7 +43,7 @@ from hf_prune.utils import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from posttrain_mnli import DATA, RUNS, teacher_recipe  # noqa: E402
+from posttrain_mnli import DATA, RUNS, teacher_folder_name, teacher_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,6 +97,7 @@ def teacher_from_checkpoint(stage_dir: Path, step: int, teacher_dir: Path, base_
         teacher = load_pruned(checkpoint)
         setattr(teacher.config, BASE_MODEL_KEY, base_model)
         save_pruned(teacher, teacher_dir, load_tokenizer_by_name("builtin:demo"), card=False)
+        return
     values = json.loads(config.read_text())
     if not values.get(BASE_MODEL_KEY):  # a teacher saved before its base was recorded (its weights unchanged)
         write_json_atomic(config, {**values, BASE_MODEL_KEY: base_model}, sort_keys=True)
@@ -134,13 +135,6 @@ def rebuild(args, data: Path, recorded: dict) -> None:
     results = {**recorded, "teacher_dir": teacher_folder_name(teacher_dir), "teacher_digest": digest}
     write_json_atomic(Path(args.results), results)
     print(json.dumps(results, indent=2))
-
-
-def teacher_folder_name(teacher_dir: Path) -> str:
-    """The teacher's folder as results files record it: relative to the runs folder when inside it (no path of the
-    machine that made it), absolute otherwise."""
-    teacher_dir = teacher_dir.absolute()
-    return str(teacher_dir.relative_to(RUNS)) if teacher_dir.is_relative_to(RUNS) else str(teacher_dir)
 
 
 def main() -> None:
