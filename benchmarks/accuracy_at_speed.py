@@ -173,8 +173,13 @@ SHAPE_KEYS = ("heads_after", "ffn_after", "hidden_after", "dropped_layers")
 def pruned_shapes(state: dict) -> dict | None:
     """The per-layer shapes the first stage of a run chose (`prune_to_speedup`'s summary), None when it chose none
     (a naive row's first stage trains shapes it was given)."""
-    summary = (state.get("finished") or [{}])[0].get("summary") or {}
+    summary = first_summary(state)
     return {key: summary.get(key) for key in SHAPE_KEYS} if "heads_after" in summary else None
+
+
+def first_summary(state: dict) -> dict:
+    """The summary of a run's first stage (the pruning, in every row)."""
+    return (state.get("finished") or [{}])[0].get("summary") or {}
 
 
 def run_state(run_dir: Path) -> dict | None:
@@ -400,6 +405,8 @@ def main() -> None:
                 "hidden": (report.get("hidden_size") or {}).get("kept"),
                 # the per-layer shapes the pruning chose: naive rows at these shapes need no run folder
                 "shapes": pruned_shapes(run.state),
+                # the width / depth candidates the search weighed, with their estimated losses
+                "structure_search": first_summary(run.state).get("structure_search"),
                 "deployment": report.get("deployment"),
                 "cpu": cpu_info(),  # the machine every timing of the row was taken on
                 "stages": [(s["name"], s["wall_time_s"]) for s in report["stages"]],

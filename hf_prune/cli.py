@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Let the search narrow the residual stream (hidden dimensions, every family).",
     )
     compress.add_argument(
+        "--hidden-widths",
+        nargs="+",
+        type=int,
+        default=None,
+        help="With --prune-hidden, the residual widths the search may choose from (one width fixes it).",
+    )
+    compress.add_argument(
         "--tune-bias",
         action="store_true",
         help="The least-squares tuning also fits the output projections' biases (FLAP's bias compensation); adds "

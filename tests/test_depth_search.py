@@ -56,8 +56,15 @@ def test_allocation_drops_a_layer_only_when_it_loses_less():
     # a layer whose removal costs (almost) nothing goes, and frees its fixed cost for the others
     cheap = torch.full((layers,), 1e6)
     cheap[2] = 0.01
-    hk, nk, dropped = allocate_with_depth(head_scores, neuron_scores, costs, 1.6, cheap, allocate)
+    tried = []
+    hk, nk, dropped = allocate_with_depth(head_scores, neuron_scores, costs, 1.6, cheap, allocate, candidates=tried)
     assert dropped == [2] and not hk[2].any() and not nk[2].any()
+    # every depth weighed is recorded with its estimate: none dropped, then [2], then [2] and the next cheapest...
+    assert [c["dropped"] for c in tried][:2] == [[], [2]] and len(tried) == layers
+    weighed = [c for c in tried if "skipped" not in c]
+    assert min(weighed, key=lambda c: c["loss"])["dropped"] == [2]
+    assert tried[1]["structure_loss"] == pytest.approx(0.01) and tried[0]["structure_loss"] == 0.0
+    assert tried[1]["heads"] == sum(int(k.sum()) for k in hk) and tried[1]["predicted_speedup"] >= 1.6 - 1e-9
     kept_cost = costs.flops([int(k.sum()) for k in hk], [int(k.sum()) for k in nk], dropped=dropped)
     assert costs.total / kept_cost >= 1.6 - 1e-9
     # layers that cost more to remove than their units: the search without depth

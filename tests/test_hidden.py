@@ -18,6 +18,7 @@ from hf_prune.models.costs import count_flops
 from hf_prune.models.hidden import HIDDEN_KEY, hidden_mask, hidden_width, masked_layer_norm
 from hf_prune.posttrain.mask_tuning import tune_masks
 from hf_prune.posttrain.samples import pad_collate
+from hf_prune.posttrain.width import candidate_widths
 
 DROP = [0, 3, 4, 9, 17, 30]
 
@@ -178,6 +179,45 @@ def test_the_search_keeps_the_full_width_when_dimensions_cost_more_than_units(mo
                                   prune_hidden=True)  # fmt: skip
     assert summary["hidden_after"] == 32
     assert summary["heads_after"] == plain["heads_after"] and summary["ffn_after"] == plain["ffn_after"]
+
+
+def test_the_search_records_every_width_it_weighed_and_a_fixed_width_is_kept(monkeypatch):
+    import hf_prune.posttrain.search as search
+
+    model = tiny_model("bert").eval()
+    real = search.mask_fisher
+
+    def mask_fisher(grads):  # every hidden dimension far more important than any unit: the search keeps them all
+        scores = real(grads)
+        return [s * 0 + 1e9 for s in scores] if len(grads) == 1 and grads[0].shape[1] == 32 else scores
+
+    monkeypatch.setattr(search, "mask_fisher", mask_fisher)
+    kwargs = dict(num_samples=64, seq_len=12, tune=False, batch_size=16, prune_hidden=True)
+    _, summary = prune_to_speedup(model, TinyDataset(64), 1.3, **kwargs)
+    (searched,) = summary["structure_search"]
+    weighed = [c for c in searched["candidates"] if "skipped" not in c]
+    assert searched["goal"] == 1.3 and [c["width"] for c in searched["candidates"]] == candidate_widths(32)
+    full = next(c for c in weighed if c["width"] == 32)
+    assert full["structure_loss"] == 0.0 and full["heads"] == sum(summary["heads_after"])
+    # the full width won because every narrower candidate's estimate is higher: the dimensions' 1e9 each
+    assert all(c["loss"] > full["loss"] and c["structure_loss"] == 1e9 * (32 - c["width"]) for c in weighed[1:])
+    assert all(c["loss"] == pytest.approx(c["unit_loss"] + c["structure_loss"]) for c in weighed)
+    # a fixed width is taken whatever it loses, and the units fill what is left of the target
+    pruned, fixed = prune_to_speedup(model, TinyDataset(64), 1.3, hidden_widths=[24], **kwargs)
+    assert fixed["hidden_after"] == hidden_width(pruned) == 24
+    assert [c["width"] for c in fixed["structure_search"][0]["candidates"]] == [24]
+    assert sum(fixed["ffn_after"]) > sum(summary["ffn_after"])  # the narrower stream leaves more for neurons
+    ratio = count_flops(model, 12) / count_flops(pruned, 12)
+    assert 1.3 <= ratio <= 1.3 * 1.02 + 1e-9
+
+
+def test_widths_are_checked():
+    with pytest.raises(ValueError, match="pass prune_hidden=True"):
+        prune_to_speedup(tiny_model("bert"), TinyDataset(16), 1.5, num_samples=16, hidden_widths=[16])
+    for bad in ([], [0], [33], [16.5]):
+        with pytest.raises(ValueError, match="integer widths from 1 to the model's residual width"):
+            prune_to_speedup(tiny_model("bert"), TinyDataset(16), 1.5, num_samples=16, prune_hidden=True,
+                             hidden_widths=bad)  # fmt: skip
 
 
 def test_tuning_with_every_dimension_kept_is_the_tuning_without_hidden_masks():

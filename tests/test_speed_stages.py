@@ -43,12 +43,12 @@ def test_compress_cli_prunes_to_the_speedup_and_exports(assets, tmp_path, capsys
     assert "FLOPs without training" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flag", ["--drop-layers", "--prune-hidden"])
-def test_compress_cli_lets_the_search_drop_layers_or_narrow_the_stream(flag, assets, tmp_path):
+@pytest.mark.parametrize("flags", [["--drop-layers"], ["--prune-hidden"], ["--hidden-widths", "24"]])
+def test_compress_cli_lets_the_search_drop_layers_or_narrow_the_stream(flags, assets, tmp_path):
     out = tmp_path / "compressed"
     code = cli_main(
         [
-            "compress", str(assets["model"]), "--speedup", "2.5", flag,
+            "compress", str(assets["model"]), "--speedup", "2.5", *flags,
             "--train-file", str(assets["train"]), "--validation-file", str(assets["validation"]),
             "--output-dir", str(out), "--num-samples", "96", "--tune-samples", "96", "--seq-len", "16",
             "--max-seq-length", "32", "--set", "defaults.per_device_eval_batch_size=16",
@@ -57,8 +57,11 @@ def test_compress_cli_lets_the_search_drop_layers_or_narrow_the_stream(flag, ass
     assert code == 0
     state = read_state(out)
     stage = state["recipe"]["stages"][0]
-    assert stage["drop_layers"] is (flag == "--drop-layers") and stage["prune_hidden"] is (flag == "--prune-hidden")
+    depth = flags[0] == "--drop-layers"
+    assert stage["drop_layers"] is depth and stage["prune_hidden"] is not depth
     summary = state["finished"][0]["summary"]
+    if flags[0] == "--hidden-widths":  # one width named: the stream is narrowed to it
+        assert stage["hidden_widths"] == [24] and summary["hidden_after"] == 24
     report = json.loads((out / "final" / "pruning_report.json").read_text())
     assert 2.5 <= report["flops"]["ratio"] <= 2.5 * 1.02 and summary["hidden_after"] <= summary["hidden_before"]
     assert report["hidden_size"] == {"dense": summary["hidden_before"], "kept": summary["hidden_after"]}
@@ -77,6 +80,13 @@ def test_speed_stages_need_a_target_speedup(assets, tmp_path):
         load_recipe(raw)
     raw["stages"][1] = {"stage": "prune_to_speedup", "drop_layers": "yes", "args": {"target_speedup": 2}}
     with pytest.raises(ValueError, match="drop_layers='yes' must be true or false"):
+        load_recipe(raw)
+    raw["stages"][1] = {"stage": "prune_to_speedup", "hidden_widths": [24], "args": {"target_speedup": 2}}
+    with pytest.raises(ValueError, match="hidden_widths needs prune_hidden: true"):
+        load_recipe(raw)
+    raw["stages"][1] = {"stage": "prune_to_speedup", "prune_hidden": True, "hidden_widths": 24,
+                        "args": {"target_speedup": 2}}  # fmt: skip
+    with pytest.raises(ValueError, match="hidden_widths=24 must be a list of positive integer widths"):
         load_recipe(raw)
     raw["stages"][1] = {"stage": "prune_to_speedup", "calibration_rounds": -1, "args": {"target_speedup": 2}}
     with pytest.raises(ValueError, match="calibration_rounds=-1 must be an integer >= 0"):

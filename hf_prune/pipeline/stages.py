@@ -70,6 +70,7 @@ STAGE_OPTIONS = {
         "uniform": False,
         "drop_layers": False,  # the search may remove whole layers
         "prune_hidden": False,  # the search may narrow the residual stream
+        "hidden_widths": None,  # the widths it may narrow to (default: down to half, in eighths)
         "tune_bias": False,  # the tuning also fits the output projections' biases (FLAP's compensation)
         "latency_batch_size": 32,
         "calibration_rounds": 4,
@@ -347,6 +348,7 @@ def _prune_to_speedup(ctx: StageContext, args, opts) -> tuple:
         uniform=bool(opts["uniform"]),
         drop_layers=bool(opts["drop_layers"]),
         prune_hidden=bool(opts["prune_hidden"]),
+        hidden_widths=opts["hidden_widths"],
         tune_bias=bool(opts["tune_bias"]),
         latency_batch_size=int(opts["latency_batch_size"]),
         calibration_rounds=int(opts["calibration_rounds"]),

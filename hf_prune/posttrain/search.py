@@ -94,6 +94,25 @@ def _check_drop_layers(model, importance: str) -> None:
         )
 
 
+def _check_widths(model, prune_hidden: bool, hidden_widths: list[int] | None) -> list[int] | None:
+    """The residual widths the search tries (None without `prune_hidden`)."""
+    if hidden_widths is not None and not prune_hidden:
+        raise ValueError("hidden_widths names the widths a narrowing search tries: pass prune_hidden=True with it.")
+    if not prune_hidden:
+        return None
+    hidden = hidden_width(model)
+    if hidden_widths is None:
+        return candidate_widths(hidden)
+    widths = list(hidden_widths)
+    bad = [w for w in widths if isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= hidden]
+    if not widths or bad:
+        raise ValueError(
+            f"hidden_widths={hidden_widths!r}: give one or more integer widths from 1 to the model's residual width "
+            f"({hidden}), e.g. [{hidden * 3 // 4}] to fix it."
+        )
+    return widths
+
+
 def _check_prune_hidden(model, importance: str, drop_layers: bool, uniform: bool) -> None:
     get_adapter(model).hidden_modules(model)  # a family or task head without hidden-dimension pruning fails here
     if importance != "fisher":
@@ -183,6 +202,7 @@ def prune_to_speedup(
     allow_empty_kinds: bool = False,
     drop_layers: bool = False,
     prune_hidden: bool = False,
+    hidden_widths: list[int] | None = None,
     tune_bias: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Prunes heads and FFN neurons of a fine-tuned model to `target_speedup` times fewer FLOPs, without training.
@@ -244,7 +264,9 @@ def prune_to_speedup(
             [`hf_prune.models.hidden`]), trying widths down to half ([`hf_prune.posttrain.width.candidate_widths`])
             and keeping the one of least estimated loss ([`hf_prune.pruning.allocation.allocate_with_width`]); the
             dimensions' importance is the Fisher information of a mask on the stream. Needs `importance="fisher"`;
-            not with `drop_layers` or `uniform`.
+            not with `drop_layers` or `uniform`. Every width tried is recorded (`structure_search`).
+        hidden_widths: with `prune_hidden`, the residual widths the search may choose from instead of the default
+            candidates (one width fixes it: the search then spends what is left on units).
         tune_bias: the tuning also fits a constant per output dimension of every attention and MLP block, folded into
             its output projection's bias (FLAP's bias compensation, An et al. 2024, fitted jointly with the scales and
             kept per layer only where it lowers the held-out error). Where the output projections have no bias and the
@@ -275,6 +297,7 @@ def prune_to_speedup(
         _check_drop_layers(model, importance)
     if prune_hidden:
         _check_prune_hidden(model, importance, drop_layers, uniform)
+    widths = _check_widths(model, prune_hidden, hidden_widths)
     flops = unit_costs(model, seq_len)
     timed = cost_model in TIMED_COST_MODELS
     timing_model, timing = model, {}
@@ -336,6 +359,7 @@ def prune_to_speedup(
         rearrange = False
 
     t = time.perf_counter()
+    explored = []  # every width / depth candidate of every search, with its estimated loss: why one won
 
     def search(goal: float) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None, list[int]]:
         # at most 2% over the goal: the kept units may spend down to budget - slack
@@ -345,15 +369,17 @@ def prune_to_speedup(
             allocate = partial(allocate_uniform_units, allowed=accepts, slack=slack / 2)
         else:
             allocate = partial(allocate_units, slack=slack / 2, keep_each=not allow_empty_kinds)
+        if drop_layers or prune_hidden:
+            explored.append({"goal": goal, "candidates": []})
         if drop_layers:
             loss = gate_fisher if gated else layer_fisher(head_grads, neuron_grads)
-            hk, nk, gone = allocate_with_depth(head_fisher, neuron_fisher, costs, goal, loss, allocate)
+            hk, nk, gone = allocate_with_depth(head_fisher, neuron_fisher, costs, goal, loss, allocate,
+                                               candidates=explored[-1]["candidates"])  # fmt: skip
             # a pass-through once empty: every empty layer goes (the chosen ones and any the units left empty)
             return hk, nk, None, (gone if gated else empty_layers(hk, nk))
         if prune_hidden:
-            widths = candidate_widths(hidden)
             return *allocate_with_width(head_fisher, neuron_fisher, hidden_fisher, costs_at, costs.total, goal, widths,
-                                        allocate), []  # fmt: skip
+                                        allocate, candidates=explored[-1]["candidates"]), []  # fmt: skip
         return *allocate(head_fisher, neuron_fisher, costs, speedup_budget(costs, goal)), None, []
 
     keep_heads, keep_neurons, keep_hidden, dropped = search(target_speedup)
@@ -454,6 +480,7 @@ def prune_to_speedup(
         "dropped_layers": dropped,
         "hidden_before": hidden,
         "hidden_after": hidden_width(student),
+        "structure_search": explored or None,
         "tuning": tuning,
         "wall_time_s": {k: round(v, 3) for k, v in times.items()},
     }

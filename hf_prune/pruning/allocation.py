@@ -9,7 +9,14 @@ import torch
 
 from ..models.costs import UnitCosts
 
-__all__ = ["speedup_budget", "allocate_units", "allocate_uniform_units", "allocate_with_depth", "allocate_with_width"]
+__all__ = [
+    "speedup_budget",
+    "allocate_units",
+    "allocate_uniform_units",
+    "allocate_with_depth",
+    "allocate_with_width",
+    "candidate_record",
+]
 
 
 def speedup_budget(costs: UnitCosts, target_speedup: float, reference_flops: float | None = None) -> float:
@@ -176,6 +183,51 @@ def allocate_uniform_units(
     return top(head_scores, h), top(neuron_scores, n)
 
 
+def candidate_record(
+    shape: dict,
+    head_keep: list[torch.Tensor] | None = None,
+    neuron_keep: list[torch.Tensor] | None = None,
+    unit_loss: float | None = None,
+    structure_loss: float | None = None,
+    predicted_speedup: float | None = None,
+    overshoots: bool = False,
+    skipped: str | None = None,
+) -> dict:
+    """One candidate of a width or depth search, as a report shows it.
+
+    Args:
+        shape: what the candidate changes beyond units (`{"width": w}` or `{"dropped": [...]}`).
+        head_keep / neuron_keep: the units it keeps (kept layers only).
+        unit_loss: the estimated loss of the units it removes.
+        structure_loss: the estimated loss of the dimensions or layers it removes.
+        predicted_speedup: its speedup by the cost model.
+        overshoots: whether every unit it keeps still leaves it past the target (chosen only when none fits).
+        skipped: why no units were allocated (the candidate cannot reach the target).
+
+    Returns:
+        `shape` with `heads`, `ffn`, `unit_loss`, `structure_loss`, `loss` (their sum, on the scale of the unit
+        scores: for Fisher scores, twice the predicted increase of the summed loss), `predicted_speedup` and
+        `overshoots`; or with `skipped`.
+    """
+    if skipped is not None:
+        return {**shape, "skipped": skipped}
+    return {
+        **shape,
+        "heads": sum(int(k.sum()) for k in head_keep),
+        "ffn": sum(int(k.sum()) for k in neuron_keep),
+        "unit_loss": unit_loss,
+        "structure_loss": structure_loss,
+        "loss": unit_loss + structure_loss,
+        "predicted_speedup": predicted_speedup,
+        "overshoots": bool(overshoots),
+    }
+
+
+def _note(candidates: list[dict] | None, shape: dict, *args, **kwargs) -> None:
+    if candidates is not None:
+        candidates.append(candidate_record(shape, *args, **kwargs))
+
+
 def allocate_with_depth(
     head_scores: list[torch.Tensor],
     neuron_scores: list[torch.Tensor],
@@ -184,6 +236,7 @@ def allocate_with_depth(
     layer_loss: torch.Tensor,
     allocate: Callable[..., tuple[list[torch.Tensor], list[torch.Tensor]]],
     max_dropped: int | None = None,
+    candidates: list[dict] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
     """Keep-masks that may also remove whole layers, where that loses less than spending the budget on units alone.
 
@@ -202,6 +255,8 @@ def allocate_with_depth(
         allocate: `(head_scores, neuron_scores, costs, budget) -> (head_keep, neuron_keep)`, e.g. `allocate_units`
             with its options bound; a `ValueError` from it skips the candidate.
         max_dropped: the most layers removed (default: all but one).
+        candidates: a list that, when given, gains one record per candidate tried (see [`candidate_record`]), so a
+            report can show why a depth won.
 
     Returns:
         `(head_keep, neuron_keep, dropped)`: per layer (of the model), bool keep-masks (all False in a dropped
@@ -217,19 +272,23 @@ def allocate_with_depth(
         kept = [i for i in range(layers) if i not in set(dropped)]
         sub = costs.without_layers(dropped)
         if allowed - sub.base <= 0:
+            _note(candidates, {"dropped": dropped}, skipped="what the kept layers cannot remove exceeds the target")
             continue
         try:
             heads, neurons = [head_scores[i] for i in kept], [neuron_scores[i] for i in kept]
             hk, nk = allocate(heads, neurons, sub, allowed - sub.base)
         except ValueError as err:
             error = err
+            _note(candidates, {"dropped": dropped}, skipped=str(err))
             continue
         removed = sum(float(head_scores[i][~k].double().sum()) for i, k in zip(kept, hk))
         removed += sum(float(neuron_scores[i][~k].double().sum()) for i, k in zip(kept, nk))
-        loss = removed + float(layer_loss.double()[dropped].sum())
+        structure = float(layer_loss.double()[dropped].sum())
+        loss = removed + structure
         # dropping a layer can leave less to spend than its units cost: such candidates only when none fits
         spent = sub.flops([int(k.sum()) for k in hk], [int(k.sum()) for k in nk])
         overshoots = costs.total / spent > target_speedup * 1.02 + 1e-9
+        _note(candidates, {"dropped": dropped}, hk, nk, removed, structure, costs.total / spent, overshoots)
         if best is None or (overshoots, loss) < best[:2]:
             best = (overshoots, loss, dropped, hk, nk)
     if best is None:
@@ -251,6 +310,7 @@ def allocate_with_width(
     target_speedup: float,
     widths: list[int],
     allocate: Callable[..., tuple[list[torch.Tensor], list[torch.Tensor]]],
+    candidates: list[dict] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Keep-masks that may also narrow the residual stream, where that loses less than spending the target on units
     at the full width (CoFi's hidden dimensions, chosen by the same estimate as the units).
@@ -269,6 +329,8 @@ def allocate_with_width(
         widths: candidate widths (at most the current width).
         allocate: `(head_scores, neuron_scores, costs, budget) -> (head_keep, neuron_keep)`; a `ValueError` from it
             skips the candidate.
+        candidates: a list that, when given, gains one record per width tried (see [`candidate_record`]), so a
+            report can show why a width won.
 
     Returns:
         `(head_keep, neuron_keep, hidden_keep)`: per layer bool keep-masks, and the bool keep-mask `(hidden,)`.
@@ -283,18 +345,22 @@ def allocate_with_width(
         keep[order[:width]] = True
         costs = costs_at(width)
         if allowed - costs.base <= 0:
+            _note(candidates, {"width": width}, skipped="what units cannot remove at this width exceeds the target")
             continue
         try:
             hk, nk = allocate(head_scores, neuron_scores, costs, allowed - costs.base)
         except ValueError as err:
             error = err
+            _note(candidates, {"width": width}, skipped=str(err))
             continue
-        loss = float(hidden_scores.double().cpu()[~keep].sum())
-        loss += sum(float(s[~k].double().sum()) for s, k in zip(head_scores, hk))
-        loss += sum(float(s[~k].double().sum()) for s, k in zip(neuron_scores, nk))
+        structure = float(hidden_scores.double().cpu()[~keep].sum())
+        removed = sum(float(s[~k].double().sum()) for s, k in zip(head_scores, hk))
+        removed += sum(float(s[~k].double().sum()) for s, k in zip(neuron_scores, nk))
+        loss = structure + removed
         # a width whose every unit costs less than the target overshoots it: such candidates only when none fits
         spent = costs.flops([int(k.sum()) for k in hk], [int(k.sum()) for k in nk])
         overshoots = reference / spent > target_speedup * 1.02 + 1e-9
+        _note(candidates, {"width": width}, hk, nk, removed, structure, reference / spent, overshoots)
         candidate = (overshoots, loss, hk, nk, keep)
         if best is None or candidate[:2] < best[:2]:
             best = candidate
