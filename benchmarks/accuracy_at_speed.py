@@ -32,6 +32,8 @@ from its last checkpoint, and rows of different teachers never mix):
   the steps), then distillation;
 - `fisher-latency-width`: `fisher-latency-distill` with the search free to narrow the residual stream
   (`prune_hidden: true`: hidden dimensions by the Fisher of a mask on the stream, CoFi's hidden mask);
+- `fisher-latency-narrow`: the width row with the stream's width fixed at three quarters of the teacher's
+  (`hidden_widths: [288]` on MiniLM's 384): the test of the width search's estimate, which keeps the full width;
 - `fisher-latency-depth`: the same with the search free to drop whole layers (`drop_layers: true`, layers weighed by
   the Fisher of a gate that skips them). Naive rows at the shapes of a width or depth row drop the same number of
   layers (the same ones) and narrow the stream to the same width by weight magnitude. Rows past 3x end with an `onnx`
@@ -99,7 +101,7 @@ from stats import mcnemar, retimed_speedups, same_shape_spread  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = (
     "fisher-latency-distill", "naive-b", "naive-a", "staged", "fisher-distill", "fisher-latency-nocal",
-    "fisher-latency-hidden", "joint", "fisher-latency-width", "fisher-latency-depth",
+    "fisher-latency-hidden", "joint", "fisher-latency-width", "fisher-latency-depth", "fisher-latency-narrow",
 )  # fmt: skip
 # The default plan (no --targets / --rows): every row of the comparison at 2x, the naive-B baseline and the best
 # pipeline (and the ablation of its calibration) at 3x; past 3x, the search also free to narrow the residual stream
@@ -220,8 +222,10 @@ def row_stages(row: str, target: float, steps: int, teacher, fixed_shapes: bool 
         prune["cost_model"] = "flops" if row == "fisher-distill" else "latency"
         if row == "fisher-latency-nocal":
             prune["calibration_rounds"] = 0
-        if row == "fisher-latency-width":
+        if row in ("fisher-latency-width", "fisher-latency-narrow"):
             prune["prune_hidden"] = True
+        if row == "fisher-latency-narrow":
+            prune["hidden_widths"] = [teacher.config.hidden_size * 3 // 4]
         if row == "fisher-latency-depth":
             prune["drop_layers"] = True
         distill = {"max_steps": steps}

@@ -271,6 +271,26 @@ def test_naive_rows_take_shapes_from_the_run_folder_else_from_the_recorded_row(t
     assert module.row_shapes(tmp_path, recorded) == shapes  # the run folder's own state first
 
 
+def test_the_narrow_row_fixes_three_quarters_of_the_teachers_width_in_a_valid_recipe(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_prune.pipeline.schema import load_recipe
+
+    module = _accuracy_at_speed()
+    teacher = SimpleNamespace(config=SimpleNamespace(hidden_size=384))
+    prune, distill = module.row_stages("fisher-latency-narrow", 6.0, 626, teacher)
+    assert prune["prune_hidden"] is True and prune["hidden_widths"] == [288] and prune["cost_model"] == "latency"
+    assert distill == {"stage": "distill", "args": {"max_steps": 626}}
+    width, _ = module.row_stages("fisher-latency-width", 6.0, 626, teacher)
+    assert "hidden_widths" not in width and {**width, "hidden_widths": [288]} == prune  # one change: the fixed width
+    recipe = module.base_recipe("model", "teacher", tmp_path, None)
+    recipe["stages"] = [prune, distill, *module.closing_stages(6.0)]
+    assert load_recipe(recipe)  # the schema accepts the row's stages
+    tried = [{"goal": 6.0, "candidates": [{"width": 288, "loss": 1.0}]}]
+    state = {"finished": [{"stage": "prune_to_speedup", "summary": {"structure_search": tried}}]}
+    assert module.first_summary(state)["structure_search"] == tried and module.first_summary({}) == {}
+
+
 def test_a_rerun_row_keeps_its_earlier_records_and_is_not_run_twice(tmp_path):
     module = _accuracy_at_speed()
     first, second, third = {"accuracy": 60.0}, {"accuracy": 61.0}, {"accuracy": 62.0}
