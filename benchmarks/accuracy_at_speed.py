@@ -203,6 +203,14 @@ def finished_run(run_dir: Path, stages: int) -> bool:
     return state is not None and len(state.get("finished") or []) >= stages
 
 
+def recorded_here(record: dict, state: dict) -> bool:
+    """Whether `record` is the record of the finished run in the row's folder (`state`): a process killed after the
+    run finished but before its record was written leaves the row's earlier record. Records written before rows named
+    their run (`run_created`) are taken as this run's."""
+    created = record.get("run_created")
+    return created is None or created == state.get("created")
+
+
 def with_earlier(record: dict, earlier: dict | None) -> dict:
     """`record` of a row run again (`--rerun`), its earlier records kept in order under `earlier_runs`."""
     if earlier is None:
@@ -381,8 +389,13 @@ def main() -> None:
                 start_model = str(start)
             recipe = base_recipe(start_model, str(teacher_dir), data, args.max_eval_samples, seed)
             recipe["stages"] = row_stages(row, target, args.steps, teacher, fixed) + closing_stages(target)
-            if key in results["rows"] and finished_run(run_dir, len(recipe["stages"])):
+            if (
+                key in results["rows"]
+                and finished_run(run_dir, len(recipe["stages"]))
+                and recorded_here(results["rows"][key], run_state(run_dir))
+            ):
                 continue  # rerun on this machine already: its record is the one in the results
+            # (a run that finished here but whose record was never written resumes with nothing to do: recorded now)
             began = time.perf_counter()
             run = run_recipe(recipe, output_dir=str(run_dir))
             report = run.report
@@ -414,6 +427,7 @@ def main() -> None:
                 "deployment": report.get("deployment"),
                 "cpu": cpu_info(),  # the machine every timing of the row was taken on
                 "stages": [(s["name"], s["wall_time_s"]) for s in report["stages"]],
+                "run_created": run.state.get("created"),  # which run of the row's folder this record is
                 "wall_s_this_call": round(time.perf_counter() - began, 1),
             }
             # read again right before writing: another invocation may have added rows meanwhile

@@ -301,6 +301,11 @@ def test_a_rerun_row_keeps_its_earlier_records_and_is_not_run_twice(tmp_path):
     assert not module.finished_run(tmp_path, 3)  # no state: not run here
     (tmp_path / "state.json").write_text(json.dumps({"finished": [{"stage": "distill"}, {"stage": "evaluate"}]}))
     assert not module.finished_run(tmp_path, 3) and module.finished_run(tmp_path, 2)
+    # a record names the run it came from: an older record beside a newer finished run is not that run's
+    state = {"created": "2026-12-08T00:00:00Z", "finished": []}
+    assert module.recorded_here({"run_created": "2026-12-08T00:00:00Z"}, state)
+    assert not module.recorded_here({"run_created": "2026-12-01T00:00:00Z", "accuracy": 61.0}, state)
+    assert module.recorded_here({"accuracy": 61.0}, state)  # recorded before records named their run
 
 
 def test_the_deployed_table_reads_each_onnx_form_of_a_row():
