@@ -13,6 +13,7 @@ from hf_prune import prune_ffn_neurons, prune_heads, save_pruned
 from hf_prune.export.card import lineage, make_model_card
 from hf_prune.export.persistence import load_teacher, rebuild_card
 from hf_prune.export.report import build_report
+from hf_prune.export.report_format import load_report
 
 BASE = "google-bert/bert-base-uncased"
 QUICK = dict(seq_len=8, batch_sizes=(1,), repeats=1, warmup=0, task="mnli")
@@ -113,3 +114,27 @@ def test_a_card_is_rebuilt_from_its_report_alone(tmp_path):
     assert sorted(p.name for p in published.iterdir()) == ["README.md", "head_map.png", "pruning_report.json"]
     with pytest.raises(FileNotFoundError, match="no pruning_report.json"):
         rebuild_card(tmp_path / "teacher")
+
+
+def test_a_report_names_local_folders_relative_to_its_export(tmp_path):
+    teacher_dir = teacher_folder(tmp_path / "runs" / "teacher", base=BASE)
+    report = build_report(load_teacher(str(teacher_dir)), pruned_student(), dense_path=teacher_dir,
+                          pruned_path=tmp_path / "runs" / "student", **QUICK)  # fmt: skip
+    assert report["dense_path"] == str(teacher_dir)  # in memory: where it is
+    export = save_pruned(pruned_student(), tmp_path / "runs" / "final", report=report, figure=False)
+    written = json.loads((export / "pruning_report.json").read_text())
+    assert str(tmp_path) not in json.dumps(written)  # published with the export: no folder of this machine
+    assert written["dense_path"] == written["lineage"]["teacher"] == "../teacher"
+    assert written["pruned_path"] == "../student"
+    assert load_report(export)["dense_path"] == str(teacher_dir.resolve())  # read back: found again
+    shutil.move(tmp_path / "runs", tmp_path / "moved")  # the run moved as a whole: still found
+    assert load_report(tmp_path / "moved" / "final")["dense_path"] == str((tmp_path / "moved" / "teacher").resolve())
+    # a card folder published without the teacher: the card names it by its own name, its base from the report
+    published = tmp_path / "cards" / "model"
+    published.mkdir(parents=True)
+    for name in ("README.md", "pruning_report.json"):
+        shutil.copy2(tmp_path / "moved" / "final" / name, published / name)
+    rebuild_card(published)
+    card, text = card_of(published)
+    assert card.data.base_model == BASE and "A structurally pruned version of `teacher`" in text and ".." not in text
+    assert json.loads((published / "pruning_report.json").read_text())["dense_path"] == "../teacher"

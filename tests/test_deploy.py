@@ -16,7 +16,7 @@ from hf_prune.export import onnx as onnx_export
 from hf_prune.export import quantize
 from hf_prune.export.deploy import deployment_rows
 from hf_prune.export.onnx import OnnxRuntimeModel, quantized_ops, read_export_info
-from hf_prune.export.report_format import format_report
+from hf_prune.export.report_format import format_report, load_report
 from hf_prune.pipeline.recipe import format_summary, run_recipe
 from hf_prune.pipeline.schema import load_recipe
 
@@ -282,7 +282,10 @@ def test_onnx_stage_exports_measures_and_reports_every_form(assets, tmp_path, ca
     assert accuracy["dense PyTorch fp32"] == pytest.approx(result.report["metrics"]["teacher"]["validation_matched"])
     assert accuracy["pruned PyTorch fp32"] == pytest.approx(result.report["metrics"]["pruned"]["validation_matched"])
     on_disk = json.loads((export / "pruning_report.json").read_text())
-    assert on_disk["deployment"] == deployment and on_disk["flops"] == result.report["flops"]
+    assert load_report(export)["deployment"] == deployment and on_disk["flops"] == result.report["flops"]
+    assert str(tmp_path) not in json.dumps(on_disk)  # the dense model's file named relative to the export
+    dense_file = (export / forms["dense PyTorch fp32"]["file"]).resolve()  # as the export's own files are named
+    assert dense_file == (assets["model"] / "model.safetensors").resolve()
     card = (export / "README.md").read_text()
     assert "## Deploy on CPU" in card and "onnx/model_int8.onnx" in card
     # the CPU beside every form, and the fastest form of this machine, in the report and the card

@@ -95,10 +95,11 @@ def _hub_id(name) -> str | None:
 
 def _local_name(name: str) -> str:
     """A local model folder as a card may name it: relative to the working folder when it lies inside it, else its
-    own name; never an absolute path."""
+    own name; never an absolute path (nor one that climbs out of an export, as a report's paths do where the folder
+    they name is not on this machine)."""
     path = Path(os.path.expanduser(name))
     if not path.is_absolute():
-        return path.as_posix()
+        return path.name if ".." in path.parts else path.as_posix()
     for base in (Path.cwd(), Path.cwd().resolve()):
         if path.is_relative_to(base) and path != base:
             return path.relative_to(base).as_posix()

@@ -29,7 +29,17 @@ from transformers.utils import logging
 
 from ..utils import file_lock, recover_files_together, recover_interrupted, write_files_together
 from . import card as cards
-from .files import CARD_NAME, FIGURE_NAME, ONNX_DIR, ONNX_INT8_NAME, ONNX_NAME, REPORT_NAME, WEIGHTS_NAME
+from .files import (
+    CARD_NAME,
+    FIGURE_NAME,
+    ONNX_DIR,
+    ONNX_INT8_NAME,
+    ONNX_NAME,
+    REPORT_NAME,
+    WEIGHTS_NAME,
+    portable_paths,
+    resolved_paths,
+)
 from .onnx import INFO_VERSION, check_export, check_onnx_source, export_onnx, read_export_info
 from .persistence import load_pruned, load_teacher
 from .quantize import quantize_onnx
@@ -241,8 +251,9 @@ def write_deployment(export_dir: str | os.PathLike, deployment: Mapping) -> dict
         recover_interrupted(path)
         recover_interrupted(card_path)
         report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"format_version": REPORT_VERSION}
+        report = resolved_paths(report, folder)
         report["deployment"] = copy.deepcopy(dict(deployment))
-        text = json.dumps(report, indent=2) + "\n"
+        text = json.dumps(portable_paths(report, folder), indent=2) + "\n"
         files = {}
         if card_path.is_file():
             figure = FIGURE_NAME if (folder / FIGURE_NAME).is_file() else None
@@ -259,7 +270,8 @@ def _dense_model(args, folder: Path) -> tuple[nn.Module | None, Path | None]:
     name = getattr(args, "dense", None)
     if name is None:
         report = folder / REPORT_NAME
-        recorded = json.loads(report.read_text(encoding="utf-8")).get("dense_path") if report.is_file() else None
+        recorded = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
+        recorded = resolved_paths(recorded, folder).get("dense_path")
         if not recorded or not Path(recorded).is_dir():
             return None, None
         name = recorded

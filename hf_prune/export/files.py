@@ -4,6 +4,8 @@ name."""
 
 from __future__ import annotations
 
+import copy
+import os
 from pathlib import Path
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "ONNX_INFO_NAME",
     "BASE_MODEL_CONFIG_KEY",
     "export_files",
+    "portable_paths",
+    "resolved_paths",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -48,3 +52,61 @@ def export_files(folder: str | Path) -> list[str]:
     """Sorted relative paths of the files in an export folder."""
     folder = Path(folder)
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _path_fields(report: dict, files: bool = True):
+    """`(holder, key)` of every local path a report records: the dense and pruned folders, the recipe's model (where
+    it is a folder), the teacher as loaded, and (with `files`) each deployed form's file, which names the export's own
+    files relative to it."""
+    yield report, "base_model"
+    yield report, "dense_path"
+    yield report, "pruned_path"
+    if isinstance(report.get("lineage"), dict):
+        yield report["lineage"], "teacher"
+    for form in (report.get("deployment") or {}).get("forms") or [] if files else []:
+        if isinstance(form, dict):
+            yield form, "file"
+
+
+def portable_paths(report: dict, folder: str | Path) -> dict:
+    """A copy of `report` whose absolute local paths are relative to `folder` (the export it is written into), so a
+    report published with its export names no folder of the machine that made it, and still finds the teacher while
+    the export stays beside its run. Hub ids and relative paths are left as they are (relative ones are taken to be
+    relative to `folder` already: [`resolved_paths`] reads them so).
+
+    Args:
+        report: a report (`hf_prune.export.report.build_report`).
+        folder: the folder the report is written into.
+
+    Returns:
+        The new report (`report` is left unchanged).
+    """
+    out = copy.deepcopy(report)
+    base = os.path.abspath(folder)
+    for holder, key in _path_fields(out):
+        value = holder.get(key)
+        if isinstance(value, str) and os.path.isabs(value):
+            holder[key] = Path(os.path.relpath(value, base)).as_posix()
+    return out
+
+
+def resolved_paths(report: dict, folder: str | Path) -> dict:
+    """A copy of `report` whose folders relative to `folder` (written by [`portable_paths`]) are absolute again, where
+    they exist; the others (Hub ids, folders of another machine) are left as they are, and so are the deployed forms'
+    files (relative to `folder`, as the export's own files are named).
+
+    Args:
+        report: a report read from `folder`.
+        folder: the folder it was read from.
+
+    Returns:
+        The new report (`report` is left unchanged).
+    """
+    out = copy.deepcopy(report)
+    for holder, key in _path_fields(out, files=False):
+        value = holder.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            path = Path(folder) / value
+            if path.exists():
+                holder[key] = str(path.resolve())
+    return out

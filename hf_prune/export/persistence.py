@@ -58,6 +58,8 @@ from .files import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     export_files,
+    portable_paths,
+    resolved_paths,
 )
 
 logger = logging.get_logger(__name__)
@@ -181,8 +183,9 @@ def _write_weights_and_config(model, folder: Path):
 def _write_extras(config, folder: Path, tokenizer, report: dict | None, card: bool, figure: bool) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    if report is not None:
-        (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if report is not None:  # local paths relative to the folder: a published report names no folder of this machine
+        text = json.dumps(portable_paths(report, folder), indent=2) + "\n"
+        (folder / REPORT_NAME).write_text(text, encoding="utf-8")
     figure_name = None
     if figure:
         try:
@@ -452,7 +455,7 @@ def rebuild_card(folder: str | os.PathLike, *, base_model: str | None = None, re
         raise FileNotFoundError(f"{folder} has no {REPORT_NAME}: rebuild_card writes a card from an export's report.")
     with file_lock(report_path):
         recover_files_together(folder)
-        report = json.loads(report_path.read_text(encoding="utf-8"))
+        report = resolved_paths(json.loads(report_path.read_text(encoding="utf-8")), folder)
         if base_model is not None:
             report.setdefault("lineage", {})["base_model"] = base_model
         if (folder / CONFIG_NAME).is_file():
@@ -461,6 +464,7 @@ def rebuild_card(folder: str | os.PathLike, *, base_model: str | None = None, re
             config = _config_from_report(report)
         figure = FIGURE_NAME if (folder / FIGURE_NAME).is_file() else None
         card = cards.make_model_card(report, config, repo_id=repo_id, figure_name=figure)
-        write_files_together({card_path: str(card), report_path: json.dumps(report, indent=2) + "\n"})
+        text = json.dumps(portable_paths(report, folder), indent=2) + "\n"
+        write_files_together({card_path: str(card), report_path: text})
     logger.info("Wrote the model card %s from %s.", card_path, report_path)
     return card_path

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -251,6 +252,15 @@ def _check_sample(sample: Mapping | None) -> dict | None:
     return dict(sample)
 
 
+def _local_path(path: str | Path | None) -> str | None:
+    """A local folder or file as an absolute path (the folder the report is written into then makes it relative to
+    itself: `hf_prune.export.files.portable_paths`); anything else (a Hub id) as given."""
+    if path is None:
+        return None
+    local = os.path.expanduser(str(path))
+    return os.path.abspath(local) if os.path.exists(local) else str(path)
+
+
 def build_report(
     dense_model: nn.Module,
     pruned_model: nn.Module,
@@ -329,10 +339,10 @@ def build_report(
     report = {
         "format_version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "base_model": base_model or getattr(dense.config, "name_or_path", None) or None,
+        "base_model": _local_path(base_model or getattr(dense.config, "name_or_path", None) or None),
         # the dense model as loaded, and the base it records (`hf_prune_base_model`): the model card's lineage
         "lineage": {
-            "teacher": getattr(dense.config, "name_or_path", None) or None,
+            "teacher": _local_path(getattr(dense.config, "name_or_path", None) or None),
             "base_model": getattr(dense.config, "hf_prune_base_model", None),
         },
         "task": task,
@@ -391,8 +401,8 @@ def build_report(
             "platform": platform.platform(),
             "num_threads": torch.get_num_threads(),
         },
-        "dense_path": str(dense_path) if dense_path is not None else None,
-        "pruned_path": str(pruned_path) if pruned_path is not None else None,
+        "dense_path": _local_path(dense_path),
+        "pruned_path": _local_path(pruned_path),
     }
     report["total_wall_time_s"] = sum(s["wall_time_s"] for s in report["stages"]) if report["stages"] else None
     json.dumps(report, allow_nan=True)  # fails here, not at export time, if something is not serialisable

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..utils import format_float, format_int
-from .files import REPORT_NAME
+from .files import REPORT_NAME, resolved_paths
 
 __all__ = [
     "load_report",
@@ -57,7 +57,7 @@ def load_report(folder: str | Path) -> dict:
             "`hf-prune run`, whose export stage writes it."
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return resolved_paths(json.loads(path.read_text(encoding="utf-8")), folder)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); export the model again with save_pruned.") from err
 
