@@ -138,3 +138,25 @@ def test_a_report_names_local_folders_relative_to_its_export(tmp_path):
     card, text = card_of(published)
     assert card.data.base_model == BASE and "A structurally pruned version of `teacher`" in text and ".." not in text
     assert json.loads((published / "pruning_report.json").read_text())["dense_path"] == "../teacher"
+
+
+def test_portable_paths_touch_only_local_absolute_paths(tmp_path):
+    from hf_prune.export.files import portable_paths, resolved_paths
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "runs" / "final").mkdir(parents=True)  # the export the report is written into
+    forms = [{"name": "dense", "file": str(tmp_path / "teacher" / "model.safetensors")},
+             {"name": "pruned", "file": "model.safetensors"}]  # fmt: skip
+    teacher = str(tmp_path / "teacher")
+    report = {"base_model": BASE, "dense_path": teacher, "pruned_path": None,
+              "lineage": {"teacher": teacher, "base_model": BASE}, "deployment": {"forms": forms}}  # fmt: skip
+    written = portable_paths(report, tmp_path / "runs" / "final")
+    assert report["dense_path"] == str(tmp_path / "teacher")  # the argument is left as it was
+    assert written["base_model"] == written["lineage"]["base_model"] == BASE and written["pruned_path"] is None
+    assert written["dense_path"] == written["lineage"]["teacher"] == "../../teacher"
+    files = [f["file"] for f in written["deployment"]["forms"]]
+    assert files == ["../../teacher/model.safetensors", "model.safetensors"]
+    read = resolved_paths(written, tmp_path / "runs" / "final")
+    assert read["dense_path"] == str((tmp_path / "teacher").resolve()) and read["base_model"] == BASE
+    assert read["deployment"] == written["deployment"]  # forms' files stay relative to the export, as its own are
+    assert portable_paths(written, tmp_path / "runs" / "final") == written  # written twice: the same

@@ -86,7 +86,10 @@ def portable_paths(report: dict, folder: str | Path) -> dict:
     for holder, key in _path_fields(out):
         value = holder.get(key)
         if isinstance(value, str) and os.path.isabs(value):
-            holder[key] = Path(os.path.relpath(value, base)).as_posix()
+            try:
+                holder[key] = Path(os.path.relpath(value, base)).as_posix()
+            except ValueError:  # another drive (Windows): no relative path leads there
+                holder[key] = Path(value).name
     return out
 
 
