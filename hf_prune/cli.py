@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=int,
         default=None,
-        help="With --prune-hidden, the residual widths the search may choose from (one width fixes it).",
+        help="The residual widths the search may narrow to (one width fixes it); implies --prune-hidden.",
     )
     compress.add_argument(
         "--tune-bias",

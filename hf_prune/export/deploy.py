@@ -44,7 +44,7 @@ from .onnx import INFO_VERSION, check_export, check_onnx_source, export_onnx, re
 from .persistence import load_pruned, load_teacher
 from .quantize import quantize_onnx
 from .report import REPORT_VERSION, on_cpu, time_forms, weights_bytes
-from .report_format import cpu_text, format_deployment
+from .report_format import cpu_text, format_deployment, load_report
 from .runtime import OnnxRuntimeModel, cpu_info, require_onnx
 
 logger = logging.get_logger(__name__)
@@ -270,8 +270,7 @@ def _dense_model(args, folder: Path) -> tuple[nn.Module | None, Path | None]:
     name = getattr(args, "dense", None)
     if name is None:
         report = folder / REPORT_NAME
-        recorded = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
-        recorded = resolved_paths(recorded, folder).get("dense_path")
+        recorded = load_report(folder).get("dense_path") if report.is_file() else None
         if not recorded or not Path(recorded).is_dir():
             return None, None
         name = recorded

@@ -59,8 +59,8 @@ from .files import (
     WEIGHTS_NAME,
     export_files,
     portable_paths,
-    resolved_paths,
 )
+from .report_format import load_report
 
 logger = logging.get_logger(__name__)
 
@@ -455,7 +455,7 @@ def rebuild_card(folder: str | os.PathLike, *, base_model: str | None = None, re
         raise FileNotFoundError(f"{folder} has no {REPORT_NAME}: rebuild_card writes a card from an export's report.")
     with file_lock(report_path):
         recover_files_together(folder)
-        report = resolved_paths(json.loads(report_path.read_text(encoding="utf-8")), folder)
+        report = load_report(folder)
         if base_model is not None:
             report.setdefault("lineage", {})["base_model"] = base_model
         if (folder / CONFIG_NAME).is_file():

@@ -16,6 +16,7 @@ __all__ = [
     "allocate_with_depth",
     "allocate_with_width",
     "candidate_record",
+    "removed_importance",
 ]
 
 
@@ -223,6 +224,18 @@ def candidate_record(
     }
 
 
+def removed_importance(
+    head_scores: list[torch.Tensor],
+    neuron_scores: list[torch.Tensor],
+    head_keep: list[torch.Tensor],
+    neuron_keep: list[torch.Tensor],
+) -> float:
+    """The estimated loss of the units keep-masks remove: the sum of their scores (for Fisher scores, the diagonal
+    estimate of Kwon et al. 2022)."""
+    removed = sum(float(s[~k].double().sum()) for s, k in zip(head_scores, head_keep))
+    return removed + sum(float(s[~k].double().sum()) for s, k in zip(neuron_scores, neuron_keep))
+
+
 def _note(candidates: list[dict] | None, shape: dict, *args, **kwargs) -> None:
     if candidates is not None:
         candidates.append(candidate_record(shape, *args, **kwargs))
@@ -281,8 +294,7 @@ def allocate_with_depth(
             error = err
             _note(candidates, {"dropped": dropped}, skipped=str(err))
             continue
-        removed = sum(float(head_scores[i][~k].double().sum()) for i, k in zip(kept, hk))
-        removed += sum(float(neuron_scores[i][~k].double().sum()) for i, k in zip(kept, nk))
+        removed = removed_importance(heads, neurons, hk, nk)
         structure = float(layer_loss.double()[dropped].sum())
         loss = removed + structure
         # dropping a layer can leave less to spend than its units cost: such candidates only when none fits
@@ -354,8 +366,7 @@ def allocate_with_width(
             _note(candidates, {"width": width}, skipped=str(err))
             continue
         structure = float(hidden_scores.double().cpu()[~keep].sum())
-        removed = sum(float(s[~k].double().sum()) for s, k in zip(head_scores, hk))
-        removed += sum(float(s[~k].double().sum()) for s, k in zip(neuron_scores, nk))
+        removed = removed_importance(head_scores, neuron_scores, hk, nk)
         loss = structure + removed
         # a width whose every unit costs less than the target overshoots it: such candidates only when none fits
         spent = costs.flops([int(k.sum()) for k in hk], [int(k.sum()) for k in nk])
