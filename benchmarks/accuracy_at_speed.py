@@ -35,9 +35,12 @@ from its last checkpoint, and rows of different teachers never mix):
 - `fisher-latency-narrow`: the width row with the stream's width fixed at three quarters of the teacher's
   (`hidden_widths: [288]` on MiniLM's 384): the test of the width search's estimate, which keeps the full width;
 - `fisher-latency-depth`: the same with the search free to drop whole layers (`drop_layers: true`, layers weighed by
-  the Fisher of a gate that skips them). Naive rows at the shapes of a width or depth row drop the same number of
-  layers (the same ones) and narrow the stream to the same width by weight magnitude. Rows past 3x end with an `onnx`
-  stage (fp32 and int8, evaluated and timed).
+  the Fisher of a gate that skips them);
+- `fisher-latency-shallow`: the depth row with half the teacher's layers kept (`layer_counts: [3]` on MiniLM's 6,
+  the three of least gate Fisher dropped): the test of the depth search's estimate, which keeps every layer at 6x.
+  Naive rows at the shapes of a width or depth row drop the same number of layers (the same ones) and narrow the
+  stream to the same width by weight magnitude. Rows past 3x end with an `onnx` stage (fp32 and int8, evaluated and
+  timed).
 
 Without `--targets` / `--rows`, the plan runs every row but `joint` and the width / depth rows at 2x,
 `fisher-latency-distill`, `naive-b` and `fisher-latency-nocal` at 3x, and `fisher-latency-distill`,
@@ -102,6 +105,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS = (
     "fisher-latency-distill", "naive-b", "naive-a", "staged", "fisher-distill", "fisher-latency-nocal",
     "fisher-latency-hidden", "joint", "fisher-latency-width", "fisher-latency-depth", "fisher-latency-narrow",
+    "fisher-latency-shallow",
 )  # fmt: skip
 # The default plan (no --targets / --rows): every row of the comparison at 2x, the naive-B baseline and the best
 # pipeline (and the ablation of its calibration) at 3x; past 3x, the search also free to narrow the residual stream
@@ -234,8 +238,10 @@ def row_stages(row: str, target: float, steps: int, teacher, fixed_shapes: bool 
             prune["prune_hidden"] = True
         if row == "fisher-latency-narrow":
             prune["hidden_widths"] = [teacher.config.hidden_size * 3 // 4]
-        if row == "fisher-latency-depth":
+        if row in ("fisher-latency-depth", "fisher-latency-shallow"):
             prune["drop_layers"] = True
+        if row == "fisher-latency-shallow":
+            prune["layer_counts"] = [teacher.config.num_hidden_layers // 2]
         distill = {"max_steps": steps}
         if row == "fisher-latency-hidden":
             distill["distill_hidden_weight"] = HIDDEN_WEIGHT

@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--drop-layers", action="store_true", help="Let the search remove whole layers where that loses less."
     )
     compress.add_argument(
+        "--layer-counts",
+        nargs="+",
+        type=int,
+        default=None,
+        help="The numbers of layers the search may keep (one number fixes the depth); implies --drop-layers.",
+    )
+    compress.add_argument(
         "--prune-hidden",
         action="store_true",
         help="Let the search narrow the residual stream (hidden dimensions, every family).",

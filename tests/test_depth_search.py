@@ -73,6 +73,31 @@ def test_allocation_drops_a_layer_only_when_it_loses_less():
     assert dropped == [] and all(torch.equal(a, b) for a, b in zip(hk + nk, plain[0] + plain[1]))
 
 
+def test_a_fixed_depth_drops_that_many_layers_even_where_the_estimate_prefers_none():
+    layers, heads, neurons = 4, 4, 8
+    g = torch.Generator().manual_seed(1)
+    head_scores = [torch.rand(heads, generator=g) + 1 for _ in range(layers)]
+    neuron_scores = [torch.rand(neurons, generator=g) + 1 for _ in range(layers)]
+    model = tiny_decoder("mistral", num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         intermediate_size=neurons)  # fmt: skip
+    costs = parameter_unit_costs(model)
+    layer_loss = torch.tensor([500.0, 300.0, 400.0, 200.0])  # dearer than any units: a free search keeps every layer
+    free = allocate_with_depth(head_scores, neuron_scores, costs, 1.6, layer_loss, allocate_units)
+    assert free[2] == []
+    tried = []
+    hk, nk, dropped = allocate_with_depth(head_scores, neuron_scores, costs, 1.6, layer_loss, allocate_units,
+                                          candidates=tried, layer_counts=[2])  # fmt: skip
+    assert dropped == [1, 3] and [c["dropped"] for c in tried] == [[1, 3]]  # the two of least loss, nothing else
+    assert not any(hk[i].any() or nk[i].any() for i in dropped) and all(hk[i].any() for i in (0, 2))
+    assert tried[0]["structure_loss"] == pytest.approx(500.0)
+    spent = costs.flops([int(k.sum()) for k in hk], [int(k.sum()) for k in nk], dropped=dropped)
+    assert costs.total / spent >= 1.6 - 1e-9
+    # several depths: the one of least estimated loss among them
+    hk, nk, dropped = allocate_with_depth(head_scores, neuron_scores, costs, 1.6, layer_loss, allocate_units,
+                                          layer_counts=[4, 3])  # fmt: skip
+    assert dropped in ([], [3])
+
+
 def test_prune_to_speedup_drops_a_layer_the_fisher_says_is_cheap(monkeypatch, tmp_path):
     import hf_prune.posttrain.search as search
 
@@ -93,6 +118,36 @@ def test_prune_to_speedup_drops_a_layer_the_fisher_says_is_cheap(monkeypatch, tm
     assert 1 / (1.5 * 1.02) <= kept <= 1 / 1.5 + 1e-9
     save_pruned(pruned, tmp_path / "out")
     torch.testing.assert_close(logits(load_pruned(tmp_path / "out")), logits(pruned))
+
+
+def test_layer_counts_fix_the_depth_of_an_encoder(tmp_path):
+    from utils import TinyDataset, batch, tiny_model
+
+    model = tiny_model("bert", num_hidden_layers=3).eval()
+    pruned, summary = prune_to_speedup(model, TinyDataset(64), 1.8, num_samples=64, seq_len=12, tune_samples=64,
+                                       batch_size=16, drop_layers=True, layer_counts=[1])  # fmt: skip
+    assert len(summary["dropped_layers"]) == 2 and len(structure.get_layers(pruned)) == 1
+    assert [c["dropped"] for c in summary["structure_search"][0]["candidates"]] == [summary["dropped_layers"]]
+    save_pruned(pruned, tmp_path / "out")
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "out")(**inputs).logits, pruned(**inputs).logits)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layer_counts": [2]}, "pass drop_layers=True too"),
+        ({"drop_layers": True, "layer_counts": [0]}, r"from 1 to the model's 3, e.g. \[1\]"),
+        ({"drop_layers": True, "layer_counts": [4]}, "from 1 to the model's 3"),
+        ({"drop_layers": True, "layer_counts": []}, "give one or more integer numbers of layers"),
+    ],
+)
+def test_layer_counts_that_cannot_be_kept_are_refused(kwargs, message):
+    from utils import TinyDataset, tiny_model
+
+    with pytest.raises(ValueError, match=message):
+        prune_to_speedup(tiny_model("bert", num_hidden_layers=3), TinyDataset(16), 1.5, num_samples=16, **kwargs)
 
 
 def test_drop_layers_needs_the_fisher():

@@ -271,7 +271,7 @@ def test_naive_rows_take_shapes_from_the_run_folder_else_from_the_recorded_row(t
     assert module.row_shapes(tmp_path, recorded) == shapes  # the run folder's own state first
 
 
-def test_the_narrow_row_fixes_three_quarters_of_the_teachers_width_in_a_valid_recipe(tmp_path):
+def test_the_narrow_and_shallow_rows_fix_the_width_or_the_depth_in_a_valid_recipe(tmp_path):
     from types import SimpleNamespace
 
     from hf_prune.pipeline.schema import load_recipe
@@ -286,6 +286,12 @@ def test_the_narrow_row_fixes_three_quarters_of_the_teachers_width_in_a_valid_re
     recipe = module.base_recipe("model", "teacher", tmp_path, None)
     recipe["stages"] = [prune, distill, *module.closing_stages(6.0)]
     assert load_recipe(recipe)  # the schema accepts the row's stages
+    teacher.config.num_hidden_layers = 6
+    shallow, _ = module.row_stages("fisher-latency-shallow", 6.0, 626, teacher)
+    depth, _ = module.row_stages("fisher-latency-depth", 6.0, 626, teacher)
+    assert depth["drop_layers"] is True and {**depth, "layer_counts": [3]} == shallow  # one change: the fixed depth
+    recipe["stages"] = [shallow, distill, *module.closing_stages(6.0)]
+    assert load_recipe(recipe)
     tried = [{"goal": 6.0, "candidates": [{"width": 288, "loss": 1.0}]}]
     state = {"finished": [{"stage": "prune_to_speedup", "summary": {"structure_search": tried}}]}
     assert module.first_summary(state)["structure_search"] == tried and module.first_summary({}) == {}

@@ -43,7 +43,9 @@ def test_compress_cli_prunes_to_the_speedup_and_exports(assets, tmp_path, capsys
     assert "FLOPs without training" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags", [["--drop-layers"], ["--prune-hidden"], ["--hidden-widths", "24"]])
+@pytest.mark.parametrize(
+    "flags", [["--drop-layers"], ["--layer-counts", "1"], ["--prune-hidden"], ["--hidden-widths", "24"]]
+)
 def test_compress_cli_lets_the_search_drop_layers_or_narrow_the_stream(flags, assets, tmp_path):
     out = tmp_path / "compressed"
     code = cli_main(
@@ -57,9 +59,11 @@ def test_compress_cli_lets_the_search_drop_layers_or_narrow_the_stream(flags, as
     assert code == 0
     state = read_state(out)
     stage = state["recipe"]["stages"][0]
-    depth = flags[0] == "--drop-layers"
+    depth = flags[0] in ("--drop-layers", "--layer-counts")
     assert stage["drop_layers"] is depth and stage["prune_hidden"] is not depth
     summary = state["finished"][0]["summary"]
+    if flags[0] == "--layer-counts":  # one depth named: the model keeps that many layers
+        assert stage["layer_counts"] == [1] and len(summary["heads_after"]) == 1
     if flags[0] == "--hidden-widths":  # one width named: the stream is narrowed to it
         assert stage["hidden_widths"] == [24] and summary["hidden_after"] == 24
     report = json.loads((out / "final" / "pruning_report.json").read_text())
@@ -86,7 +90,14 @@ def test_speed_stages_need_a_target_speedup(assets, tmp_path):
         load_recipe(raw)
     raw["stages"][1] = {"stage": "prune_to_speedup", "prune_hidden": True, "hidden_widths": 24,
                         "args": {"target_speedup": 2}}  # fmt: skip
-    with pytest.raises(ValueError, match="hidden_widths=24 must be a list of positive integer widths"):
+    with pytest.raises(ValueError, match="hidden_widths=24 must be a list of positive integers"):
+        load_recipe(raw)
+    raw["stages"][1] = {"stage": "prune_to_speedup", "layer_counts": [2], "args": {"target_speedup": 2}}
+    with pytest.raises(ValueError, match="layer_counts needs drop_layers: true"):
+        load_recipe(raw)
+    raw["stages"][1] = {"stage": "prune_to_speedup", "drop_layers": True, "layer_counts": [0],
+                        "args": {"target_speedup": 2}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"layer_counts=\[0\] must be a list of positive integers"):
         load_recipe(raw)
     raw["stages"][1] = {"stage": "prune_to_speedup", "calibration_rounds": -1, "args": {"target_speedup": 2}}
     with pytest.raises(ValueError, match="calibration_rounds=-1 must be an integer >= 0"):

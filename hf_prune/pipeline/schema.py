@@ -186,15 +186,19 @@ def _validate_stage(i: int, entry, name: str, valid_args: set[str]) -> dict:
         for key in ("drop_layers", "prune_hidden", "tune_bias"):
             if not isinstance(entry.get(key, options[key]), bool):
                 raise ValueError(f"{where}: {key}={entry[key]!r} must be true or false.")
-        widths = entry.get("hidden_widths")
-        if widths is not None and (
-            not isinstance(widths, list)
-            or not widths
-            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)
+        for key, flag, what in (
+            ("hidden_widths", "prune_hidden", "widths a narrowing search tries"),
+            ("layer_counts", "drop_layers", "numbers of layers a search that drops layers may keep"),
         ):
-            raise ValueError(f"{where}: hidden_widths={widths!r} must be a list of positive integer widths.")
-        if widths is not None and not entry.get("prune_hidden", options["prune_hidden"]):
-            raise ValueError(f"{where}: hidden_widths needs prune_hidden: true (the widths a narrowing search tries).")
+            sizes = entry.get(key)
+            if sizes is not None and (
+                not isinstance(sizes, list)
+                or not sizes
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes)
+            ):
+                raise ValueError(f"{where}: {key}={sizes!r} must be a list of positive integers (the {what}).")
+            if sizes is not None and not entry.get(flag, options[flag]):
+                raise ValueError(f"{where}: {key} needs {flag}: true (the {what}).")
         for key in ("num_samples", "tune_samples", "batch_size", "latency_batch_size"):
             value = entry.get(key, options[key])
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

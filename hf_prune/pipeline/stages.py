@@ -69,6 +69,7 @@ STAGE_OPTIONS = {
         "importance": "fisher",
         "uniform": False,
         "drop_layers": False,  # the search may remove whole layers
+        "layer_counts": None,  # the numbers of layers it may keep (default: any)
         "prune_hidden": False,  # the search may narrow the residual stream
         "hidden_widths": None,  # the widths it may narrow to (default: down to half, in eighths)
         "tune_bias": False,  # the tuning also fits the output projections' biases (FLAP's compensation)
@@ -347,6 +348,7 @@ def _prune_to_speedup(ctx: StageContext, args, opts) -> tuple:
         importance=str(opts["importance"]),
         uniform=bool(opts["uniform"]),
         drop_layers=bool(opts["drop_layers"]),
+        layer_counts=opts["layer_counts"],
         prune_hidden=bool(opts["prune_hidden"]),
         hidden_widths=opts["hidden_widths"],
         tune_bias=bool(opts["tune_bias"]),

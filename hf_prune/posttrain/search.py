@@ -37,12 +37,21 @@ from ..pruning.allocation import (
 )
 from ..pruning.units import layer_units
 from .calibration import calibrate
+from .checks import (
+    check_drop_layers,
+    check_layer_counts,
+    check_prune_hidden,
+    check_samples,
+    check_some_of_each,
+    check_uniform_reachable,
+    check_widths,
+)
 from .fisher import layer_fisher, mask_fisher, mask_gradients, rearrange_layer
 from .importance import activation_importance
 from .mask_tuning import tune_masks
 from .samples import batches_of, examples, pad_collate
 from .timing import empty_layers, paired_speedups, removed_units, shaped_copy, timing_threads
-from .width import candidate_widths, width_costs
+from .width import width_costs
 
 logger = logging.get_logger(__name__)
 
@@ -80,103 +89,12 @@ def keep_top(keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------- calibration
-def _check_drop_layers(model, importance: str) -> None:
-    if not get_adapter(model).can_drop_layers:
-        raise ValueError(
-            f"drop_layers=True needs a family whose layers can be removed; {type(model).__name__} "
-            f"({model.config.model_type}) has not. Prune its units with drop_layers=False."
-        )
-    if importance not in ("fisher", "hybrid"):
-        raise ValueError(
-            f"drop_layers=True weighs layers by the Fisher information of their units: use importance='fisher' or "
-            f"'hybrid', not {importance!r}."
-        )
-
-
-def _check_widths(model, prune_hidden: bool, hidden_widths: list[int] | None) -> list[int] | None:
-    """The residual widths the search tries (None without `prune_hidden`)."""
-    if hidden_widths is not None and not prune_hidden:
-        raise ValueError("hidden_widths names the widths a narrowing search tries: pass prune_hidden=True with it.")
-    if not prune_hidden:
-        return None
-    hidden = hidden_width(model)
-    if hidden_widths is None:
-        return candidate_widths(hidden)
-    widths = list(hidden_widths)
-    bad = [w for w in widths if isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= hidden]
-    if not widths or bad:
-        raise ValueError(
-            f"hidden_widths={hidden_widths!r}: give one or more integer widths from 1 to the model's residual width "
-            f"({hidden}), e.g. [{hidden * 3 // 4}] to fix it."
-        )
-    return widths
-
-
-def _check_prune_hidden(model, importance: str, drop_layers: bool, uniform: bool) -> None:
-    get_adapter(model).hidden_modules(model)  # a family or task head without hidden-dimension pruning fails here
-    if importance != "fisher":
-        raise ValueError(f"prune_hidden=True weighs dimensions by their Fisher information: use importance='fisher', "
-                         f"not {importance!r}.")  # fmt: skip
-    if drop_layers or uniform:
-        raise ValueError("prune_hidden=True searches widths on its own: pass drop_layers=False and uniform=False.")
-
-
-def _check_some_of_each(costs, budget: float, target_speedup: float, allow_empty_kinds: bool) -> None:
-    """Refuses a target that only removing every attention unit or every MLP neuron of the model reaches: a typo in
-    a target would otherwise give a model that predicts a constant."""
-    if allow_empty_kinds:
-        return
-    one_head = min((c for c, h in zip(costs.head, costs.heads) if h > 0), default=0.0)
-    one_neuron = min((c for c, n in zip(costs.neuron, costs.neurons) if n > 0), default=0.0)
-    if one_head + one_neuron > budget + 1e-6:
-        largest = costs.total / (costs.base + one_head + one_neuron)
-        raise ValueError(
-            f"target_speedup={target_speedup} leaves no attention unit or no MLP neuron in the whole model: the "
-            f"largest target that keeps some of each is {largest:.3g}x ({costs.unit}). Ask for less, or pass "
-            "allow_empty_kinds=True if a model without attention (or without MLPs) is what you want."
-        )
-
-
 def _cost_model_name(cost_model: str, batch_size: int, seq_len: int) -> str:
     if cost_model == "latency":
         return f"latency (ms at {batch_size} x {seq_len})"
     if cost_model == "decode":
         return f"decode (ms per token at batch 1 after {seq_len} tokens)"
     return cost_model
-
-
-# ----------------------------------------------------------------------------------------------------- the path
-def _check_uniform_reachable(model, costs, budget: float, target_speedup: float) -> None:
-    accepts = get_adapter(model).accepts_uniform
-    heads = [h for h in range(1, min(costs.heads) + 1) if accepts(model.config, h)]
-    cheapest = heads[0] * sum(costs.head) + sum(costs.neuron) if heads else None
-    if cheapest is None or cheapest > budget + 1e-6:
-        raise ValueError(
-            f"target_speedup={target_speedup} is out of reach with uniform shapes: one attention unit and one MLP "
-            "neuron in every layer (of the head counts the family's config accepts) already cost more. Ask for less, "
-            "or pass uniform=False."
-        )
-
-
-def _check_samples(
-    rows: list[dict], tune_rows: int, hidden: int, units: int, batch_size: int, fixed: int | None = None
-) -> None:
-    # `fixed`: the positions of every example where the config fixes them (images), else the length of `input_ids`
-    tokens = sum(len(r["input_ids"]) if "input_ids" in r else fixed for r in rows[:tune_rows])
-    needed = 10 * units
-    if tune_rows < 5 or tokens * hidden * 4 // 5 < needed:
-        raise ValueError(
-            f"Too few samples for the least-squares mask tuning: {tune_rows} examples ({tokens} tokens) give "
-            f"{tokens * hidden * 4 // 5} equations on the 80% fitted, for up to {units} scales per layer (at least "
-            f"{needed} and 5 examples are needed). Raise num_samples / tune_samples, or pass tune=False."
-        )
-    if -(-tune_rows // batch_size) < 2:
-        raise ValueError(
-            "The least-squares mask tuning needs at least 2 batches (one to fit the scales on, one to check them on); "
-            f"tune_samples={tune_rows} at batch_size={batch_size} gives one. Raise tune_samples or lower batch_size, "
-            "or pass tune=False."
-        )
 
 
 def prune_to_speedup(
@@ -201,6 +119,7 @@ def prune_to_speedup(
     cost_threads: int | None = None,
     allow_empty_kinds: bool = False,
     drop_layers: bool = False,
+    layer_counts: list[int] | None = None,
     prune_hidden: bool = False,
     hidden_widths: list[int] | None = None,
     tune_bias: bool = False,
@@ -260,6 +179,10 @@ def prune_to_speedup(
             (post-LayerNorm encoders) it is the Fisher of a gate that skips it
             ([`hf_prune.posttrain.fisher.layer_gates`]), the chosen layers go and the tuning makes up for them. Needs
             `importance="fisher"` or `"hybrid"`.
+        layer_counts: with `drop_layers`, the numbers of layers the search may keep instead of any from all of them
+            down to one (one number fixes the depth: the search then drops the layers of least estimated loss and
+            spends what is left on units; a pass-through family also loses any layer its units leave empty). Every
+            depth tried is recorded (`structure_search`).
         prune_hidden: let the search also narrow the residual stream (hidden dimensions, shared by every layer: see
             [`hf_prune.models.hidden`]), trying widths down to half ([`hf_prune.posttrain.width.candidate_widths`])
             and keeping the one of least estimated loss ([`hf_prune.pruning.allocation.allocate_with_width`]); the
@@ -294,10 +217,11 @@ def prune_to_speedup(
     if calibration_rounds < 0:
         raise ValueError(f"calibration_rounds={calibration_rounds} must be >= 0 (0 trusts the cost model).")
     if drop_layers:
-        _check_drop_layers(model, importance)
+        check_drop_layers(model, importance)
+    counts = check_layer_counts(model, drop_layers, layer_counts)
     if prune_hidden:
-        _check_prune_hidden(model, importance, drop_layers, uniform)
-    widths = _check_widths(model, prune_hidden, hidden_widths)
+        check_prune_hidden(model, importance, drop_layers, uniform)
+    widths = check_widths(model, prune_hidden, hidden_widths)
     flops = unit_costs(model, seq_len)
     timed = cost_model in TIMED_COST_MODELS
     timing_model, timing = model, {}
@@ -316,9 +240,9 @@ def prune_to_speedup(
     # an unreachable target fails here, before the Fisher pass (with depth: what one layer left could reach)
     reachable = costs.without_layers(range(1, len(costs.head))) if drop_layers else costs
     budget = speedup_budget(reachable, target_speedup, reference_flops=costs.total)
-    _check_some_of_each(reachable, budget, target_speedup, allow_empty_kinds)
+    check_some_of_each(reachable, budget, target_speedup, allow_empty_kinds)
     if uniform:
-        _check_uniform_reachable(model, reachable, budget, target_speedup)
+        check_uniform_reachable(model, reachable, budget, target_speedup)
     rows = examples(dataset, num_samples, seed, getattr(model, "main_input_name", "input_ids"))
     if len(rows) < num_samples:
         logger.warning(
@@ -328,7 +252,7 @@ def prune_to_speedup(
     tune_rows = min(tune_samples, len(rows))
     if tune:
         fixed = get_adapter(model).sequence_length(model.config)
-        _check_samples(rows, tune_rows, hidden, max([*costs.heads, *costs.neurons]), batch_size, fixed)
+        check_samples(rows, tune_rows, hidden, max([*costs.heads, *costs.neurons]), batch_size, fixed)
     device = next(model.parameters()).device
     pad = getattr(model.config, "pad_token_id", None)
     collate = data_collator or pad_collate(pad if isinstance(pad, int) else 0)
@@ -374,7 +298,7 @@ def prune_to_speedup(
         if drop_layers:
             loss = gate_fisher if gated else layer_fisher(head_grads, neuron_grads)
             hk, nk, gone = allocate_with_depth(head_fisher, neuron_fisher, costs, goal, loss, allocate,
-                                               candidates=explored[-1]["candidates"])  # fmt: skip
+                                               candidates=explored[-1]["candidates"], layer_counts=counts)  # fmt: skip
             # a pass-through once empty: every empty layer goes (the chosen ones and any the units left empty)
             return hk, nk, None, (gone if gated else empty_layers(hk, nk))
         if prune_hidden:

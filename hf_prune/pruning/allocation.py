@@ -250,6 +250,7 @@ def allocate_with_depth(
     allocate: Callable[..., tuple[list[torch.Tensor], list[torch.Tensor]]],
     max_dropped: int | None = None,
     candidates: list[dict] | None = None,
+    layer_counts: list[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
     """Keep-masks that may also remove whole layers, where that loses less than spending the budget on units alone.
 
@@ -270,6 +271,9 @@ def allocate_with_depth(
         max_dropped: the most layers removed (default: all but one).
         candidates: a list that, when given, gains one record per candidate tried (see [`candidate_record`]), so a
             report can show why a depth won.
+        layer_counts: the numbers of layers to keep that are tried (default: every number from all of them down to
+            one, or to `layers - max_dropped`); one number fixes the depth, and its candidate is taken even where it
+            overshoots the target.
 
     Returns:
         `(head_keep, neuron_keep, dropped)`: per layer (of the model), bool keep-masks (all False in a dropped
@@ -278,9 +282,10 @@ def allocate_with_depth(
     layers = len(head_scores)
     order = torch.argsort(layer_loss.double().cpu(), stable=True).tolist()
     most = layers - 1 if max_dropped is None else min(max_dropped, layers - 1)
+    tried = range(most + 1) if layer_counts is None else [layers - c for c in layer_counts if 0 < c <= layers]
     allowed = costs.total / target_speedup
     best, error = None, None
-    for d in range(most + 1):
+    for d in tried:
         dropped = sorted(order[:d])
         kept = [i for i in range(layers) if i not in set(dropped)]
         sub = costs.without_layers(dropped)
