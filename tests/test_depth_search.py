@@ -41,14 +41,20 @@ def test_cost_models_say_what_removing_a_layer_saves():
     assert len(timed.layer) == LAYERS and all(0 <= c <= timed.base for c in timed.layer)
 
 
-def test_allocation_drops_a_layer_only_when_it_loses_less():
+def _four_layers(seed: int):
+    """Random unit scores and the parameter costs of a 4-layer decoder (4 heads, 8 neurons a layer)."""
     layers, heads, neurons = 4, 4, 8
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     head_scores = [torch.rand(heads, generator=g) + 1 for _ in range(layers)]
     neuron_scores = [torch.rand(neurons, generator=g) + 1 for _ in range(layers)]
     model = tiny_decoder("mistral", num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          intermediate_size=neurons)  # fmt: skip
-    costs = parameter_unit_costs(model)
+    return head_scores, neuron_scores, parameter_unit_costs(model)
+
+
+def test_allocation_drops_a_layer_only_when_it_loses_less():
+    head_scores, neuron_scores, costs = _four_layers(seed=0)
+    layers = len(head_scores)
 
     def allocate(h, n, c, budget):
         return allocate_units(h, n, c, budget)
@@ -74,13 +80,7 @@ def test_allocation_drops_a_layer_only_when_it_loses_less():
 
 
 def test_a_fixed_depth_drops_that_many_layers_even_where_the_estimate_prefers_none():
-    layers, heads, neurons = 4, 4, 8
-    g = torch.Generator().manual_seed(1)
-    head_scores = [torch.rand(heads, generator=g) + 1 for _ in range(layers)]
-    neuron_scores = [torch.rand(neurons, generator=g) + 1 for _ in range(layers)]
-    model = tiny_decoder("mistral", num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         intermediate_size=neurons)  # fmt: skip
-    costs = parameter_unit_costs(model)
+    head_scores, neuron_scores, costs = _four_layers(seed=1)
     layer_loss = torch.tensor([500.0, 300.0, 400.0, 200.0])  # dearer than any units: a free search keeps every layer
     free = allocate_with_depth(head_scores, neuron_scores, costs, 1.6, layer_loss, allocate_units)
     assert free[2] == []

@@ -40,14 +40,8 @@ def check_widths(model, prune_hidden: bool, hidden_widths: list[int] | None) -> 
     hidden = hidden_width(model)
     if hidden_widths is None:
         return candidate_widths(hidden)
-    widths = list(hidden_widths)
-    bad = [w for w in widths if isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= hidden]
-    if not widths or bad:
-        raise ValueError(
-            f"hidden_widths={hidden_widths!r}: give one or more integer widths from 1 to the model's residual width "
-            f"({hidden}), e.g. [{hidden * 3 // 4}] to fix it."
-        )
-    return widths
+    return _sizes("hidden_widths", hidden_widths, hidden, "integer widths from 1 to the model's residual width "
+                  f"({hidden}), e.g. [{hidden * 3 // 4}] to fix it")  # fmt: skip
 
 
 def check_prune_hidden(model, importance: str, drop_layers: bool, uniform: bool) -> None:
@@ -114,11 +108,14 @@ def check_layer_counts(model, drop_layers: bool, layer_counts: list[int] | None)
     if not drop_layers:
         raise ValueError("layer_counts names the depths a search that drops layers tries: pass drop_layers=True too.")
     layers = len(get_adapter(model).layers(model))
-    counts = list(layer_counts)
-    bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, int) or not 0 < c <= layers]
-    if not counts or bad:
-        raise ValueError(
-            f"layer_counts={layer_counts!r}: give one or more integer numbers of layers to keep, from 1 to the "
-            f"model's {layers}, e.g. [{max(1, layers // 2)}] to fix the depth."
-        )
+    counts = _sizes("layer_counts", layer_counts, layers, f"integer numbers of layers to keep, from 1 to the model's "
+                    f"{layers}, e.g. [{max(1, layers // 2)}] to fix the depth")  # fmt: skip
     return sorted(set(counts), reverse=True)
+
+
+def _sizes(name: str, values, most: int, expected: str) -> list[int]:
+    """`values` as a list of integers from 1 to `most`, else an error that names `expected`."""
+    sizes = list(values)
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= most for n in sizes):
+        raise ValueError(f"{name}={values!r}: give one or more {expected}.")
+    return sizes
