@@ -295,7 +295,13 @@ def main() -> None:
         "--naive-shapes-from", default="fisher-latency-distill", help="The row whose shapes the naive rows prune to."
     )
     parser.add_argument("--data-dir", default=str(DATA))
-    parser.add_argument("--targets", nargs="+", type=float, default=None, help="Default: the plan (2x and 3x).")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        type=float,
+        default=None,
+        help="Default: the plan (2x and 3x). With --retime: only these targets' rows are timed (default: all).",
+    )
     parser.add_argument("--rows", nargs="+", default=None, choices=ROWS, help="Default: the plan's rows.")
     parser.add_argument("--steps", type=int, default=626, help="Training steps after the teacher, for every row.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="Seeds of every row (training order).")
@@ -351,7 +357,7 @@ def main() -> None:
         print(markdown_table(results))
         return
     if args.retime:
-        retime(results, results_path, teacher, out, tag, args.repeats, args.present_only)
+        retime(results, results_path, teacher, out, tag, args.repeats, args.present_only, args.targets)
         print(markdown_table(results))
         return
     if args.targets is None and args.rows is None:
@@ -447,11 +453,19 @@ def main() -> None:
 
 
 def retime(
-    results: dict, results_path: Path, teacher, out: Path, tag: str, repeats: int, present_only: bool = False
+    results: dict,
+    results_path: Path,
+    teacher,
+    out: Path,
+    tag: str,
+    repeats: int,
+    present_only: bool = False,
+    targets: list[float] | None = None,
 ) -> None:
     """Times the teacher and the export of every row of `tag` (with `present_only`, of those whose exports are
-    under `out`) interleaved in one process; records the speedups."""
-    rows = {key: row for key, row in results["rows"].items() if key.startswith(f"{tag}/")}
+    under `out`; with `targets`, of those targets only) interleaved in one process; records the speedups."""
+    prefixes = [f"{tag}/"] if targets is None else [f"{tag}/{target:g}x/" for target in targets]
+    rows = {key: row for key, row in results["rows"].items() if key.startswith(tuple(prefixes))}
     forms, missing = {"teacher": teacher}, []
     for key in rows:
         export = row_folder(out, key) / "final"

@@ -428,6 +428,15 @@ def test_retime_present_only_times_the_rows_whose_exports_are_here_and_keeps_the
     assert row["speedup_b1_at_run"] == 1.0 and row["retimed"]["models_interleaved"] == 2
     assert row["retimed"]["cpu"]["threads"] == torch.get_num_threads()
     assert on_disk["earlier_retime_noise"] == [results["retime_noise"]] and on_disk["retime_noise"]["at"] != "earlier"
+    other = f"{tag}/3x/fisher-latency-distill/626"
+    other_export = module.row_folder(tmp_path, other) / "final"
+    save_pruned(tiny_model(seed=2, max_position_embeddings=160), other_export, card=False)
+    on_disk["rows"][other] = {"speedup_b1": 1.0, "speedup_b32": 1.0}
+    path.write_text(json.dumps(on_disk))
+    module.retime(json.loads(path.read_text()), path, teacher, tmp_path, tag, repeats=1, present_only=True,
+                  targets=[3.0])  # fmt: skip
+    again = json.loads(path.read_text())
+    assert again["rows"][here] == row and again["rows"][other]["retimed"]["models_interleaved"] == 2  # 3x only
 
 
 def test_the_teacher_rebuild_refuses_a_record_whose_teacher_is_not_a_curve_checkpoint(tmp_path):
