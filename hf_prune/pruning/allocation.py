@@ -282,7 +282,9 @@ def allocate_with_depth(
     layers = len(head_scores)
     order = torch.argsort(layer_loss.double().cpu(), stable=True).tolist()
     most = layers - 1 if max_dropped is None else min(max_dropped, layers - 1)
-    tried = range(most + 1) if layer_counts is None else [layers - c for c in layer_counts if 0 < c <= layers]
+    if layer_counts is not None and not all(0 < c <= layers for c in layer_counts):
+        raise ValueError(f"layer_counts={layer_counts!r}: each must keep from 1 to the model's {layers} layers.")
+    tried = range(most + 1) if layer_counts is None else [layers - c for c in layer_counts]
     allowed = costs.total / target_speedup
     best, error = None, None
     for d in tried:
